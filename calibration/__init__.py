@@ -1,0 +1,1 @@
+"""Calibration: JAQ scoring, coefficient search, prompts, CLI."""

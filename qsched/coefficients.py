@@ -1,0 +1,235 @@
+"""Q-Sched coefficients: one (c_x, c_eps) pair per sampling step.
+
+``c_x[i]`` multiplies the sample x_t and ``c_eps[i]`` the model's noise prediction at step i (paper Eq. 4;
+official code: ``sample *= sample_coeff[step_index]``, ``model_output *= model_coeff[step_index]``).
+Identity (all ones) reproduces the stock sampler exactly.
+
+Preset JSON (what ``save``/``load`` read and write)::
+
+    {"format": "qsched-coefficients", "version": 1, "steps": 4,
+     "c_x": [1.012, 0.997, 0.982, 0.967], "c_eps": [0.955, 1.003, 1.051, 1.099],
+     "metadata": {...free-form, e.g. model hash, quant spec, JAQ scores...}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+FORMAT = "qsched-coefficients"
+VERSION = 1
+
+#: Allowed range of every coefficient: 0 < c <= C_MAX. The paper searches [0.8, 1.2]; values far outside
+#: that range do not correct quantization drift, they destroy the image, so anything above C_MAX is
+#: treated as a typo.
+C_MAX = 10.0
+#: Largest number of steps a preset may describe (few-step samplers use 1-8; 1000 is the training grid).
+MAX_STEPS = 1000
+
+
+def _check_value(name: str, i: int, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name}[{i}] must be a number in (0, {C_MAX:g}], got {v!r}")
+    v = float(v)
+    if not math.isfinite(v) or v <= 0.0 or v > C_MAX:
+        raise ValueError(f"{name}[{i}] must be finite and in (0, {C_MAX:g}], got {v!r}")
+    return v
+
+
+def _check_list(name: str, values: Any) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a list of numbers in (0, {C_MAX:g}], got {type(values).__name__}")
+    out = tuple(_check_value(name, i, v) for i, v in enumerate(values))
+    if not 1 <= len(out) <= MAX_STEPS:
+        raise ValueError(f"{name} must have 1..{MAX_STEPS} values (one per step), got {len(out)}")
+    return out
+
+
+def _linspace(start: float, end: float, n: int) -> list[float]:
+    """``torch.linspace(start, end, n)`` in float64 (the official ramps); n == 1 gives [start]."""
+    if n == 1:
+        return [float(start)]
+    return [start + (end - start) * i / (n - 1) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """Per-step Q-Sched coefficients. Construct with lists; values are validated and stored as tuples."""
+
+    c_x: tuple[float, ...]
+    c_eps: tuple[float, ...]
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        c_x = _check_list("c_x", self.c_x)
+        c_eps = _check_list("c_eps", self.c_eps)
+        if len(c_x) != len(c_eps):
+            raise ValueError(f"c_x and c_eps must have the same length (one value per step), got {len(c_x)} and {len(c_eps)}")
+        if not isinstance(self.metadata, Mapping):
+            raise ValueError(f"metadata must be a mapping, got {type(self.metadata).__name__}")
+        object.__setattr__(self, "c_x", c_x)
+        object.__setattr__(self, "c_eps", c_eps)
+        object.__setattr__(self, "metadata", dict(self.metadata))
+
+    # ---- constructors -------------------------------------------------------------------------
+    @classmethod
+    def identity(cls, steps: int) -> "Coefficients":
+        _check_steps(steps)
+        return cls([1.0] * steps, [1.0] * steps)
+
+    @classmethod
+    def ramp(cls, steps: int, x_start: float = 1.0, x_end: float = 1.0, eps_start: float = 1.0,
+             eps_end: float = 1.0) -> "Coefficients":
+        """Linear ramps first step -> last step, as the official ``linspace(start, end, N)`` (Alg. 1, l. 5-6).
+
+        The released search fixes ``x_end = eps_end = 1``; the paper's Algorithm 1 searches all four.
+        """
+        _check_steps(steps)
+        for name, v in (("x_start", x_start), ("x_end", x_end), ("eps_start", eps_start), ("eps_end", eps_end)):
+            _check_value(name, 0, v)
+        return cls(_linspace(float(x_start), float(x_end), steps), _linspace(float(eps_start), float(eps_end), steps))
+
+    @classmethod
+    def parse_list(cls, text: str, steps: int, field_name: str = "values") -> tuple[float, ...]:
+        """Parse a per-step override typed by a user, e.g. ``"1.0, 0.98 0.97;0.96"`` -> 4 floats.
+
+        A single value is broadcast to every step. Errors name ``field_name`` and the allowed values.
+        """
+        if not isinstance(text, str):
+            raise ValueError(f"{field_name} must be text with {steps} comma-separated numbers, got {type(text).__name__}")
+        parts = [p for p in text.replace(";", ",").replace(" ", ",").replace("\n", ",").split(",") if p.strip()]
+        if not parts:
+            raise ValueError(f"{field_name} is empty: give {steps} numbers in (0, {C_MAX:g}] separated by commas")
+        vals = []
+        for i, p in enumerate(parts):
+            try:
+                vals.append(float(p))
+            except ValueError:
+                raise ValueError(f"{field_name}[{i}] = {p.strip()!r} is not a number; allowed: numbers in (0, {C_MAX:g}]") from None
+        if len(vals) == 1:
+            vals = vals * steps
+        if len(vals) != steps:
+            raise ValueError(f"{field_name} has {len(vals)} values but the sampler runs {steps} steps: give 1 or {steps} values")
+        return tuple(_check_value(field_name, i, v) for i, v in enumerate(vals))
+
+    # ---- queries -------------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        return len(self.c_x)
+
+    @property
+    def is_identity(self) -> bool:
+        return all(v == 1.0 for v in self.c_x) and all(v == 1.0 for v in self.c_eps)
+
+    def check_steps(self, steps: int, where: str = "sampler") -> None:
+        """Raise if these coefficients were made for a different number of steps (official bug (n))."""
+        if self.steps != steps:
+            raise ValueError(
+                f"coefficients have {self.steps} steps (len(c_x) = len(c_eps) = {self.steps}) but the {where} runs "
+                f"{steps} steps: make coefficients with steps={steps}")
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def with_metadata(self, **metadata: Any) -> "Coefficients":
+        return Coefficients(self.c_x, self.c_eps, {**self.metadata, **metadata})
+
+    # ---- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {"format": FORMAT, "version": VERSION, "steps": self.steps, "c_x": list(self.c_x),
+             "c_eps": list(self.c_eps)}
+        if self.metadata:
+            d["metadata"] = dict(self.metadata)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Coefficients":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"preset must be a JSON object with keys c_x, c_eps, got {type(d).__name__}")
+        fmt = d.get("format", FORMAT)
+        if fmt != FORMAT:
+            raise ValueError(f"format must be {FORMAT!r}, got {fmt!r}")
+        version = d.get("version", VERSION)
+        if version != VERSION:
+            raise ValueError(f"version must be {VERSION}, got {version!r} (preset written by a newer Q-Sched?)")
+        missing = [k for k in ("c_x", "c_eps") if k not in d]
+        if missing:
+            raise ValueError(f"preset is missing {' and '.join(missing)} (lists of one number per step)")
+        unknown = sorted(set(d) - {"format", "version", "steps", "c_x", "c_eps", "metadata"})
+        if unknown:
+            raise ValueError(f"unknown preset field(s) {unknown}; allowed: format, version, steps, c_x, c_eps, metadata")
+        c = cls(d["c_x"], d["c_eps"], d.get("metadata") or {})
+        if "steps" in d:
+            steps = d["steps"]
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps != c.steps:
+                raise ValueError(f"steps must equal len(c_x) = {c.steps}, got {steps!r}")
+        return c
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Coefficients":
+        try:
+            d = json.loads(text, parse_constant=_reject_constant)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"preset is not valid JSON: {exc}") from None
+        return cls.from_dict(d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the preset atomically: a crash never leaves a half-written or truncated file."""
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Coefficients":
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Q-Sched preset not found: {os.fspath(path)}") from None
+        try:
+            return cls.from_json(text)
+        except ValueError as exc:
+            raise ValueError(f"{os.fspath(path)}: {exc}") from None
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"preset contains {name}; coefficients must be finite numbers in (0, {C_MAX:g}]")
+
+
+def _check_steps(steps: Any) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
+
+
+def as_coefficients(coefficients: "Coefficients | None", steps: int) -> "Coefficients | None":
+    """Validate a sampler's ``coefficients=`` argument against its number of steps (None = stock sampler)."""
+    if coefficients is None:
+        return None
+    if not isinstance(coefficients, Coefficients):
+        raise ValueError(f"coefficients must be a qsched Coefficients or None, got {type(coefficients).__name__}")
+    coefficients.check_steps(steps)
+    return coefficients
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder + fsync + rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+

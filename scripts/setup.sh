@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create (or reuse) ./.venv with CPU torch and everything the pack, its CLI and its tests need.
+# Idempotent: a second run only checks that the install is complete.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${QSCHED_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/pip"
+stamp="$VENV/.qsched-installed"
+want="$(cat constraints.txt requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+# torch first: on CPU machines pip finds the local CPU wheel; the constraints file keeps every later
+# resolve from replacing it with a CUDA build (several GB).
+"$PIP" install -q --disable-pip-version-check torch==2.13.0
+"$PIP" install -q --disable-pip-version-check -c constraints.txt -r requirements-dev.txt
+"$PIP" install -q --disable-pip-version-check -c constraints.txt --no-deps --no-build-isolation -e .
+echo "$want" > "$stamp"
