@@ -27,12 +27,10 @@ class QSchedScheduler:
             raise ValueError(f"coefficients must be a qsched Coefficients, got {type(coefficients).__name__}")
         object.__setattr__(self, "base_scheduler", base_scheduler)
         object.__setattr__(self, "coefficients", coefficients)
-        # Pipelines inspect set_timesteps' signature (e.g. whether it accepts `sigmas`): expose the base one.
-        def set_timesteps(*args, **kwargs):
-            return self._set_timesteps(*args, **kwargs)
-
-        functools.update_wrapper(set_timesteps, base_scheduler.set_timesteps)
-        object.__setattr__(self, "set_timesteps", set_timesteps)
+        # Pipelines inspect these signatures (set_timesteps: `sigmas`/`timesteps`; step: `eta`, `generator`) to
+        # decide what to pass: expose the wrapped scheduler's.
+        for name, impl in (("set_timesteps", self._set_timesteps), ("step", self._step)):
+            object.__setattr__(self, name, _with_signature_of(getattr(base_scheduler, name), impl))
 
     def _set_timesteps(self, *args, **kwargs):
         out = self.base_scheduler.set_timesteps(*args, **kwargs)
@@ -51,7 +49,7 @@ class QSchedScheduler:
             i = int(matches[0])
         return int(i)
 
-    def step(self, model_output, timestep, sample, *args, **kwargs):
+    def _step(self, model_output, timestep, sample, *args, **kwargs):
         c = self.coefficients
         c.check_steps(len(self.base_scheduler.timesteps), where="diffusers scheduler")
         i = self._step_index(timestep)
@@ -71,3 +69,10 @@ class QSchedScheduler:
 
     def __repr__(self) -> str:
         return f"QSchedScheduler({self.base_scheduler.__class__.__name__}, steps={self.coefficients.steps})"
+
+
+def _with_signature_of(original, impl):
+    def forward(*args, **kwargs):
+        return impl(*args, **kwargs)
+
+    return functools.update_wrapper(forward, original)
