@@ -1,0 +1,215 @@
+"""Shared pieces of the metric backends: image checks, preprocessing, model loading and caching.
+
+Images enter every metric in ComfyUI IMAGE layout: a float tensor [B, H, W, 3] in 0..1. Preprocessing
+(resize, crop, CLIP normalisation) runs on tensors, batched, on the scoring device.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .weights import WeightFileError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+RANGE_TOL = 1e-3  # VAE decodes may overshoot 0..1 by float error; anything more is a wrong range
+
+
+def check_images(images: torch.Tensor) -> torch.Tensor:
+    """Validate a ComfyUI IMAGE batch and return it as float32 [B, 3, H, W] in 0..1.
+
+    uint8 batches (0..255) are converted with a warning; every other layout, dtype or range problem raises,
+    so that no image is ever scored silently wrong.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor [B,H,W,3] (ComfyUI IMAGE), got {type(images).__name__}")
+    if images.dim() == 3 and images.shape[-1] == 3:
+        raise ValueError(f"images must be a batch [B,H,W,3]; got one image {tuple(images.shape)}: use images[None]")
+    if images.dim() != 4 or images.shape[-1] != 3:
+        hint = " (this looks channels-first [B,3,H,W]: use images.permute(0, 2, 3, 1))" if (
+            images.dim() == 4 and images.shape[1] == 3) else ""
+        raise ValueError(f"images must be [B,H,W,3] (ComfyUI IMAGE layout), got shape {tuple(images.shape)}{hint}")
+    if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+        raise ValueError(f"empty image batch {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        warnings.warn("uint8 images (0..255) were converted to float 0..1 by dividing by 255", stacklevel=3)
+        x = images.float() / 255.0
+    elif images.is_floating_point():
+        x = images.float()
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("images contain NaN or Inf")
+        lo, hi = float(x.min()), float(x.max())
+        if hi > 1.0 + RANGE_TOL:
+            raise ValueError(
+                f"float images must be in 0..1 (ComfyUI IMAGE); max is {hi:.3g}. This looks like 0..255 pixels: "
+                "divide by 255 first")
+        if lo < -RANGE_TOL:
+            raise ValueError(
+                f"float images must be in 0..1 (ComfyUI IMAGE); min is {lo:.3g}. This looks like -1..1 "
+                "(VAE/diffusers range): use (images + 1) / 2 first")
+        x = x.clamp(0.0, 1.0)
+    else:
+        raise TypeError(f"images must be float (0..1) or uint8 (0..255), got dtype {images.dtype}")
+    return x.permute(0, 3, 1, 2)
+
+
+def normalize(x: torch.Tensor, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic, antialiased (torchvision's tensor Resize), clamped back to 0..1."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0.0, 1.0)
+
+
+def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIP's eval transform: shortest side to ``size`` (bicubic), then a centred ``size`` x ``size`` crop."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = resize(x, (nh, nw))
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return x[..., top:top + size, left:left + size]
+
+
+def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """CUDA + fp16 when available, else CPU + fp32 (CPU half-precision convs are slow or missing)."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+_MODELS: dict[tuple, object] = {}
+
+
+def cached_model(key: tuple, build: Callable[[], object]):
+    """Load each (kind, file, device, dtype) once per process."""
+    if key not in _MODELS:
+        _MODELS[key] = build()
+    return _MODELS[key]
+
+
+def clear_model_cache() -> None:
+    _MODELS.clear()
+
+
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _prepare(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    model = model.to(device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_openai_clip(path: Path, device, dtype, *, expect: str, what: str):
+    """An OpenAI-format CLIP file (TorchScript archive as released, or its plain state dict) via open_clip.
+
+    ``expect`` is "resnet" or "vit": a file of the other family is rejected with a clear error.
+    """
+
+    def build():
+        import open_clip
+        from open_clip.modified_resnet import ModifiedResNet
+
+        if not path.is_file():
+            raise WeightFileError(f"{what}: {path} is not a file (expected an OpenAI CLIP .pt file)")
+        try:
+            model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+        except Exception as exc:  # corrupt, truncated or foreign file: say which and why
+            raise WeightFileError(
+                f"{what}: cannot load {path} as an OpenAI CLIP checkpoint ({type(exc).__name__}: {exc})") from exc
+        is_resnet = isinstance(model.visual, ModifiedResNet)
+        if expect in ("resnet", "vit") and (expect == "resnet") != is_resnet:
+            got = "ResNet" if is_resnet else "ViT"
+            raise WeightFileError(f"{what}: {path} holds a {got} CLIP, but this metric needs a "
+                                  f"{'ResNet (RN50)' if expect == 'resnet' else 'ViT'} CLIP")
+        return _prepare(model, device, dtype)
+
+    return cached_model(("openai", _file_key(path), expect, str(device), dtype), build)
+
+
+def load_open_clip(path: Path, model_name: str, device, dtype, *, what: str):
+    """open_clip architecture ``model_name`` built without any download, then the local checkpoint loaded
+    strictly (open_clip training checkpoints ``{"state_dict": ...}`` and plain state dicts both work)."""
+
+    def build():
+        import open_clip
+
+        if not path.is_file():
+            raise WeightFileError(f"{what}: {path} is not a file")
+        model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+        try:
+            open_clip.load_checkpoint(model, str(path), strict=True)
+        except Exception as exc:
+            raise WeightFileError(
+                f"{what}: {path} is not a loadable {model_name} open_clip checkpoint "
+                f"({type(exc).__name__}: {str(exc)[:500]})") from exc
+        return _prepare(model, device, dtype)
+
+    return cached_model(("open_clip", _file_key(path), model_name, str(device), dtype), build)
+
+
+def open_clip_tokenize(texts: list[str], context_length: int) -> torch.Tensor:
+    """CLIP BPE tokens; prompts longer than the context are cut and keep the end-of-text token last, so the
+    text embedding (taken at EOT) still exists (torchmetrics instead drops EOT for long sDCI prompts)."""
+    from open_clip.tokenizer import tokenize
+
+    return tokenize(list(texts), context_length=context_length)
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def chunks(n: int, batch_size: int):
+    for i in range(0, n, batch_size):
+        yield slice(i, min(n, i + batch_size))
+
+
+class TextCache:
+    """Per-model cache of prompt embeddings: calibration scores the same prompts at every grid point."""
+
+    def __init__(self, encode: Callable[[list[str]], torch.Tensor], max_items: int = 4096):
+        self._encode, self._max, self._store = encode, max_items, {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(t for t in texts if t not in self._store))
+        if len(self._store) + len(missing) > self._max:
+            self._store.clear()
+            missing = list(dict.fromkeys(texts))
+        if missing:
+            for t, e in zip(missing, self._encode(missing)):
+                self._store[t] = e
+        return torch.stack([self._store[t] for t in texts])
+
+
+def check_prompts(prompts, n: int) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts] * n
+    prompts = list(prompts)
+    if len(prompts) == 1 and n > 1:
+        prompts = prompts * n
+    if len(prompts) != n or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"need one prompt string per image (or a single prompt for all): {n} images, "
+                         f"{len(prompts)} prompts")
+    return prompts
+
+
+__all__ = ["check_images", "check_prompts", "normalize", "resize", "resize_center_crop", "default_device_dtype",
+           "cached_model", "clear_model_cache", "load_openai_clip", "load_open_clip", "open_clip_tokenize",
+           "unit", "chunks", "TextCache"]
