@@ -14,22 +14,22 @@ from qsched_pack.qsched.diffusers import QSchedScheduler
 PROMPT = "a photo of a cat sitting on a red chair"
 
 
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sdxl")
-    build_sdxl_pipeline().save_pretrained(d)
-    pipe = StableDiffusionXLPipeline.from_pretrained(d, local_files_only=True)
+def _saved_and_loaded(tmp_path_factory, build, cls):
+    d = tmp_path_factory.mktemp(cls.__name__)
+    build().save_pretrained(d)
+    pipe = cls.from_pretrained(d, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return _saved_and_loaded(tmp_path_factory, build_sdxl_pipeline, StableDiffusionXLPipeline)
 
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
-    d = tmp_path_factory.mktemp("flux")
-    build_flux_pipeline().save_pretrained(d)
-    pipe = FluxPipeline.from_pretrained(d, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _saved_and_loaded(tmp_path_factory, build_flux_pipeline, FluxPipeline)
 
 
 def run(pipe, **kw):
