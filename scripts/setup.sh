@@ -18,5 +18,10 @@ fi
 # resolve from replacing it with a CUDA build (several GB).
 "$PIP" install -q --disable-pip-version-check torch==2.13.0
 "$PIP" install -q --disable-pip-version-check -c constraints.txt -r requirements-dev.txt
+# pyiqa (optional CLIP-IQA backend, non-commercial licence) without its heavy dev/data dependencies, so its
+# backend is tested too; the pack itself never needs it.
+"$PIP" install -q --disable-pip-version-check --no-deps pyiqa==0.1.16 openai-clip==1.0.1
+"$PIP" install -q --disable-pip-version-check -c constraints.txt addict einops future opencv-python-headless \
+    scikit-image scipy sentencepiece
 "$PIP" install -q --disable-pip-version-check -c constraints.txt --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"

@@ -118,13 +118,13 @@ class AQMAP:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
-        x = check_images(images)
+        x = check_images(images, self.device)
         prompts = check_prompts(prompts, x.shape[0])
         g0 = self.text([""])[0]
         out = []
         for s in chunks(x.shape[0], self.batch_size):
             cls = self.image_tokens(x[s])[:, 0]
             for f, prompt in zip(cls, prompts[s]):
-                g = self.text(extract_nouns(prompt, self.nouns)) - g0
+                g = self.text(list(extract_nouns(prompt, self.nouns))) - g0
                 out.append(torch.sigmoid(SHARPNESS * (g @ f)).mean())
         return torch.stack(out).float().cpu()

@@ -77,7 +77,7 @@ class CLIPIQA:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, prompts=None) -> torch.Tensor:
-        x = check_images(images)
+        x = check_images(images, self.device)
         if min(x.shape[-2:]) < MIN_SIZE:
             raise ValueError(f"CLIP-IQA needs images of at least {MIN_SIZE}x{MIN_SIZE}, got {tuple(x.shape[-2:])}")
         return torch.cat([self._run(x[s]) for s in chunks(x.shape[0], self.batch_size)]).float().cpu()

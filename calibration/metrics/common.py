@@ -20,8 +20,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 RANGE_TOL = 1e-3  # VAE decodes may overshoot 0..1 by float error; anything more is a wrong range
 
 
-def check_images(images: torch.Tensor) -> torch.Tensor:
-    """Validate a ComfyUI IMAGE batch and return it as float32 [B, 3, H, W] in 0..1.
+def check_images(images: torch.Tensor, device=None) -> torch.Tensor:
+    """Validate a ComfyUI IMAGE batch and return it as float32 [B, 3, H, W] in 0..1 on ``device``.
 
     uint8 batches (0..255) are converted with a warning; every other layout, dtype or range problem raises,
     so that no image is ever scored silently wrong.
@@ -36,6 +36,8 @@ def check_images(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"images must be [B,H,W,3] (ComfyUI IMAGE layout), got shape {tuple(images.shape)}{hint}")
     if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
         raise ValueError(f"empty image batch {tuple(images.shape)}")
+    if device is not None:  # check and convert where the scoring happens (fast on GPU)
+        images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         warnings.warn("uint8 images (0..255) were converted to float 0..1 by dividing by 255", stacklevel=3)
         x = images.float() / 255.0
@@ -151,7 +153,7 @@ def load_open_clip(path: Path, model_name: str, device, dtype, *, what: str):
 
         if not path.is_file():
             raise WeightFileError(f"{what}: {path} is not a file")
-        model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+        model = open_clip.create_model(model_name, pretrained=None, device=device)  # random init is fast on GPU
         try:
             open_clip.load_checkpoint(model, str(path), strict=True)
         except Exception as exc:

@@ -33,7 +33,7 @@ class HPSv2:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
-        x = check_images(images)
+        x = check_images(images, self.device)
         prompts = check_prompts(prompts, x.shape[0])
         out = []
         for s in chunks(x.shape[0], self.batch_size):

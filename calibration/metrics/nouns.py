@@ -25,7 +25,7 @@ whom who whoever whatever my your his her its our their mine yours hers ours the
 us they them myself yourself himself herself itself ourselves themselves one ones
 of in on at by for with without within into onto upon from to toward towards over under above below beneath
 between among through across along around behind beyond near beside besides against about after before
-during since until till via per like unlike inside outside off out up down than as
+during since until till via per like unlike inside outside off out up down than as next
 and or but nor so yet if then else while when where whereas because although though unless whether
 is are was were be been being am do does did doing done have has had having will would shall should can
 could may might must not very too also just only really quite rather almost more most less least much many
@@ -33,11 +33,12 @@ few several there here how why
 """.split())
 ARTICLES = frozenset("a an the this that these those my your his her its our their some any each every".split())
 WORD = re.compile(r"[A-Za-z][A-Za-z'\-]*|[^\sA-Za-z]")
+TITLE_DOT = re.compile(r"\b(Mr|Mrs|Ms|Dr|St|Prof|Jr|Sr)\.")  # "Mr. Beans" is one phrase
 
 
 def rule_nouns(prompt: str) -> list[str]:
     heads, run, prev = [], [], ""
-    for tok in WORD.findall(prompt):
+    for tok in WORD.findall(TITLE_DOT.sub(r"\1", prompt)):
         low = tok.lower()
         is_word = tok[0].isalpha()
         verb_like = low.endswith(("ing", "ed")) and len(low) > 4 and prev not in ARTICLES
@@ -71,7 +72,13 @@ def spacy_nouns(prompt: str) -> list[str]:
     return nouns
 
 
-def extract_nouns(prompt: str, method: str = "auto") -> list[str]:
+@lru_cache(maxsize=4096)
+def extract_nouns(prompt: str, method: str = "auto") -> tuple[str, ...]:
+    """Head nouns of ``prompt`` (cached: calibration scores the same prompts many times)."""
+    return tuple(_extract(prompt, method))
+
+
+def _extract(prompt: str, method: str) -> list[str]:
     if method == "auto":
         method = "spacy" if importlib.util.find_spec("en_core_web_sm") is not None else "rules"
     if method == "rules":
