@@ -2,5 +2,12 @@
 ComfyUI itself (``comfy``, ``folder_paths``) is imported inside functions only, so the classes can be
 inspected and unit-tested without a ComfyUI install."""
 
+from . import loaders, sampling
+
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+for _module in (sampling, loaders):
+    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,465 @@
+"""Sampling nodes: coefficients, presets, the Q-Sched SAMPLER and SIGMAS, and an all-in-one KSampler.
+
+Thin adapters: the update rules live in ``qsched.samplers`` (one function per sampler, k-diffusion signature, so
+it is the body of a ComfyUI ``KSAMPLER``), the schedules in ``qsched.schedules``, the value type in
+``qsched.coefficients``. ComfyUI modules are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from ..qsched import samplers as qsamplers
+from ..qsched import schedules as qschedules
+from ..qsched.coefficients import C_MAX, MAX_STEPS, Coefficients
+from .common import (CATEGORY_SAMPLING, COEFFICIENTS, PRESET_EXT, QSCHED_FOLDER, NodeInputError, is_flow,
+                     model_sampling_of, preset_names, register_qsched_folder)
+
+SAMPLER_NAMES = ("euler_ancestral", "euler", "tcd", "lcm")
+EPS_ONLY_SAMPLERS = ("tcd",)
+#: "simple" / "sgm_uniform" are ComfyUI's own schedules on the model's sigma table (the paper's timesteps for
+#: SDXL-Turbo, FLUX schnell, and LCM models patched with ModelSamplingDiscrete "lcm"); the family names give the
+#: diffusers schedules of ``qsched.schedules`` (e.g. "tcd": 999, 759, 499, 259 on a plain SDXL/SD1.5 model).
+SCHEDULES = ("simple", "sgm_uniform") + qschedules.FAMILIES
+MAX_UI_STEPS = 100
+
+_SLIDER = {"default": 1.0, "min": 0.5, "max": 1.5, "step": 0.001, "display": "slider"}
+
+
+def _slider(tooltip: str) -> tuple:
+    return ("FLOAT", {**_SLIDER, "tooltip": tooltip})
+
+
+def _steps_input(tooltip: str) -> tuple:
+    return ("INT", {"default": 4, "min": 1, "max": MAX_UI_STEPS, "tooltip": tooltip})
+
+
+_ETA = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                  "Stochasticity. euler_ancestral: ancestral noise (1 = SDXL-Turbo's EulerAncestral). tcd: gamma "
+                  "(0.3 is the TCD default; 0 = deterministic). Ignored by euler and lcm."})
+_COEFFS_OPTIONAL = (COEFFICIENTS, {"tooltip": "Per-step c_x / c_eps from Q-Sched Coefficients or Q-Sched Load Preset. "
+                                              "Leave unconnected for the stock sampler (all coefficients 1)."})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampler and schedule construction (shared with the calibration node)
+# ---------------------------------------------------------------------------------------------------------------
+def qsched_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, *, base="euler_ancestral",
+                  eta=1.0, coefficients=None, node="Q-Sched Sampler"):
+    """The body of the ComfyUI ``KSAMPLER``: picks eps/flow from the model's ``model_sampling`` (CONST → flow)."""
+    ms = model.inner_model.inner_model.model_sampling
+    flow = is_flow(ms)
+    steps = len(sigmas) - 1
+    if coefficients is not None and coefficients.steps != steps:
+        raise NodeInputError(node, "coefficients", (
+            f"the coefficients are for {coefficients.steps} steps but this sampling runs {steps} steps (length of "
+            f"SIGMAS - 1): set steps={steps} on the Q-Sched Coefficients node, or make the schedule "
+            f"{coefficients.steps} steps"))
+    if flow and base in EPS_ONLY_SAMPLERS:
+        raise NodeInputError(node, "sampler", (
+            f"'{base}' works only with eps-prediction models (SD1.5, SDXL, SDXL-Turbo, LCM/TCD/PCM LoRAs), but this "
+            f"MODEL is a flow model (FLUX, SD3): choose sampler 'euler' (FLUX schnell), 'euler_ancestral' or 'lcm'"))
+    fn = qsamplers.SAMPLERS[base]
+    kwargs = {"coefficients": coefficients, "parameterization": "flow" if flow else "eps"}
+    if base in ("euler_ancestral", "tcd"):
+        kwargs["eta"] = eta
+    if base == "tcd":
+        kwargs["alphas_cumprod"] = _alphas_cumprod(ms, node)
+    if base == "lcm":
+        # ComfyUI applies LCM's boundary condition inside the model (ModelSamplingDiscrete "lcm"), as its own
+        # lcm sampler expects; applying it here too would do it twice.
+        kwargs["boundary_condition"] = False
+    return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kwargs)
+
+
+def _alphas_cumprod(model_sampling, node):
+    import torch
+
+    sigmas = getattr(model_sampling, "sigmas", None)
+    if sigmas is None or len(sigmas) != qschedules.NUM_TRAIN_TIMESTEPS:
+        raise NodeInputError(node, "sampler", (
+            "'tcd' needs a model on the 1000-step discrete schedule (SD1.5 / SDXL); this MODEL's sampling has "
+            f"{'no sigma table' if sigmas is None else f'{len(sigmas)} sigmas'} (remove ModelSamplingDiscrete 'lcm' "
+            "or similar patches before a TCD sampler)"))
+    s = sigmas.detach().to("cpu", torch.float64)
+    return 1.0 / (1.0 + s * s)
+
+
+def make_sampler(base: str, eta: float, coefficients, node: str = "Q-Sched Sampler"):
+    import comfy.samplers
+
+    if base not in SAMPLER_NAMES:
+        raise NodeInputError(node, "sampler", f"{base!r} is not one of {', '.join(SAMPLER_NAMES)}")
+    if coefficients is not None and not isinstance(coefficients, Coefficients):
+        raise NodeInputError(node, "coefficients", f"expected {COEFFICIENTS}, got {type(coefficients).__name__}")
+    return comfy.samplers.KSAMPLER(qsched_sample, extra_options={
+        "base": base, "eta": float(eta), "coefficients": coefficients, "node": node})
+
+
+def schedule_sigmas(model, schedule: str, steps: int, denoise: float = 1.0, node: str = "Q-Sched Scheduler"):
+    """``steps + 1`` sigmas (float32, last 0). ``denoise < 1`` keeps the last ``steps`` of a longer schedule, as
+    ComfyUI's KSampler and BasicScheduler do."""
+    import torch
+
+    if schedule not in SCHEDULES:
+        raise NodeInputError(node, "schedule", f"{schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if denoise <= 0.0:
+        return torch.FloatTensor([])
+    total = steps if denoise >= 0.9999 else int(steps / denoise)
+    ms = model_sampling_of(model)
+    if schedule in ("simple", "sgm_uniform"):
+        import comfy.samplers
+
+        sigmas = comfy.samplers.calculate_sigmas(ms, schedule, total).cpu()
+    else:
+        flow = is_flow(ms)
+        if flow != (schedule == "flux_schnell"):
+            kind = "a flow model (FLUX, SD3)" if flow else "an eps-prediction model (SD1.5, SDXL, LCM/TCD/PCM)"
+            fits = "'flux_schnell' or 'simple'" if flow else "'sdxl_turbo', 'lcm', 'tcd', 'pcm' or 'simple'"
+            raise NodeInputError(node, "schedule", f"'{schedule}' does not fit this MODEL, which is {kind}: use {fits}")
+        if flow:
+            sigmas = qschedules.few_step_sigmas(schedule, total)
+        else:
+            sigmas = qschedules.few_step_sigmas(schedule, total, alphas_cumprod=_alphas_cumprod(ms, node).float())
+        sigmas = sigmas.float()
+    return sigmas[-(steps + 1):]
+
+
+def _parse_override(text: str, steps: int, field: str):
+    text = (text or "").strip()
+    if not text:
+        return None
+    return Coefficients.parse_list(text, steps, field)
+
+
+def build_coefficients(steps, c_x_start, c_x_end, c_eps_start, c_eps_end, c_x_override="", c_eps_override="",
+                       node="Q-Sched Coefficients") -> Coefficients:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_UI_STEPS:
+        raise NodeInputError(node, "steps", f"must be an integer in [1, {MAX_UI_STEPS}], got {steps!r}")
+    values = {}
+    for name, v in (("c_x_start", c_x_start), ("c_x_end", c_x_end), ("c_eps_start", c_eps_start),
+                    ("c_eps_end", c_eps_end)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= C_MAX:
+            raise NodeInputError(node, name, f"must be a number in (0, {C_MAX:g}], got {v!r}")
+        values[name] = float(v)
+    ramp = Coefficients.ramp(steps, values["c_x_start"], values["c_x_end"], values["c_eps_start"], values["c_eps_end"])
+    c_x, c_eps = ramp.c_x, ramp.c_eps
+    for name, text in (("c_x_override", c_x_override), ("c_eps_override", c_eps_override)):
+        try:
+            parsed = _parse_override(text, steps, name)
+        except ValueError as exc:
+            raise NodeInputError(node, name, str(exc)) from None
+        if parsed is not None:
+            if name == "c_x_override":
+                c_x = parsed
+            else:
+                c_eps = parsed
+    return Coefficients(c_x, c_eps)
+
+
+def describe(c: Coefficients) -> str:
+    fmt = lambda vs: ", ".join(f"{v:.4g}" for v in vs)  # noqa: E731
+    return f"{c.steps} steps{' (identity)' if c.is_identity else ''}\nc_x:   {fmt(c.c_x)}\nc_eps: {fmt(c.c_eps)}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nodes
+# ---------------------------------------------------------------------------------------------------------------
+class QSchedCoefficients:
+    DESCRIPTION = ("Per-step Q-Sched coefficients: c_x scales the sample and c_eps the model's noise prediction at "
+                   "each step (paper Eq. 4). Linear ramps from start (first step) to end (last step), like the "
+                   "official linspace(start, end, steps). All 1.0 = the stock sampler.")
+    CATEGORY = CATEGORY_SAMPLING
+    RETURN_TYPES = (COEFFICIENTS, "STRING")
+    RETURN_NAMES = ("coefficients", "summary")
+    OUTPUT_TOOLTIPS = ("Coefficients for Q-Sched Sampler / Q-Sched KSampler / Q-Sched Save Preset.",
+                       "The per-step values as text.")
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "steps": _steps_input("Number of sampling steps; must equal the steps of the sampler/scheduler "
+                                      "these coefficients are used with."),
+                "c_x_start": _slider("c_x (sample multiplier) at the first step. <1 shrinks the noisy sample, "
+                                     ">1 grows it. The paper searches 0.8-1.2."),
+                "c_x_end": _slider("c_x at the last step (linear ramp in between). The official search keeps 1.0."),
+                "c_eps_start": _slider("c_eps (noise-prediction multiplier) at the first step. >1 removes more "
+                                       "predicted noise; quantized models often need slightly >1."),
+                "c_eps_end": _slider("c_eps at the last step (linear ramp in between). The official search keeps "
+                                     "1.0."),
+            },
+            "optional": {
+                "c_x_override": ("STRING", {"default": "", "multiline": False, "tooltip":
+                                            "Optional per-step c_x replacing the ramp, e.g. '0.95, 0.97, 0.99, 1.0' "
+                                            "(one number per step, or one number for all). Empty = use the ramp."}),
+                "c_eps_override": ("STRING", {"default": "", "multiline": False, "tooltip":
+                                              "Optional per-step c_eps replacing the ramp, e.g. '1.05, 1.03, 1.01, "
+                                              "1.0'. Empty = use the ramp."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, steps=None, c_x_override=None, c_eps_override=None):
+        # Naming `steps` here turns off ComfyUI's own min/max check for it, so the range is checked here too.
+        if steps is None:
+            return True
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_UI_STEPS:
+            return f"steps must be an integer in [1, {MAX_UI_STEPS}], got {steps!r}"
+        for name, text in (("c_x_override", c_x_override), ("c_eps_override", c_eps_override)):
+            if text is None:
+                continue
+            try:
+                _parse_override(text, steps, name)
+            except ValueError as exc:
+                return f"{name}: {exc}"
+        return True
+
+    def build(self, steps, c_x_start, c_x_end, c_eps_start, c_eps_end, c_x_override="", c_eps_override=""):
+        c = build_coefficients(steps, c_x_start, c_x_end, c_eps_start, c_eps_end, c_x_override, c_eps_override)
+        return (c, describe(c))
+
+
+class QSchedLoadPreset:
+    DESCRIPTION = ("Loads Q-Sched coefficients from a preset JSON in models/qsched/ (written by Q-Sched Save Preset "
+                   "or the calibration). A preset holds one c_x and one c_eps per step.")
+    CATEGORY = CATEGORY_SAMPLING
+    RETURN_TYPES = (COEFFICIENTS, "INT", "STRING")
+    RETURN_NAMES = ("coefficients", "steps", "summary")
+    OUTPUT_TOOLTIPS = ("The preset's coefficients.", "The preset's number of steps: connect it to the sampler's "
+                       "steps so the two always match.", "The per-step values and the preset's metadata as text.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"preset": (preset_names(), {"tooltip": "A preset file in models/qsched/ (*.json). "
+                                                                    "Press 'r' in ComfyUI to refresh the list."})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, preset=None):
+        # Naming `preset` here turns off ComfyUI's combo-membership check: _load covers it (missing file).
+        if preset is None:
+            return True
+        try:
+            _load_preset(preset)
+        except (ValueError, FileNotFoundError) as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, preset):
+        path = _preset_path(preset)
+        return os.path.getmtime(path) if path else float("nan")
+
+    def load(self, preset):
+        c = _load_preset(preset)
+        text = describe(c)
+        if c.metadata:
+            text += "\n" + "\n".join(f"{k}: {v}" for k, v in sorted(c.metadata.items()))
+        return (c, c.steps, text)
+
+
+def _preset_path(name: str):
+    folder_paths = register_qsched_folder()
+    return folder_paths.get_full_path(QSCHED_FOLDER, name)
+
+
+def _load_preset(name: str) -> Coefficients:
+    node = "Q-Sched Load Preset"
+    if not isinstance(name, str) or not name.lower().endswith(PRESET_EXT):
+        raise NodeInputError(node, "preset", f"must name a *{PRESET_EXT} file in models/{QSCHED_FOLDER}/, got {name!r}")
+    path = _preset_path(name)
+    if path is None:
+        raise NodeInputError(node, "preset", f"file {name!r} not found in models/{QSCHED_FOLDER}/ (or the extra "
+                                             f"'{QSCHED_FOLDER}' paths of extra_model_paths.yaml)")
+    try:
+        return Coefficients.load(path)
+    except ValueError as exc:
+        raise NodeInputError(node, "preset", f"malformed preset: {exc}") from None
+
+
+class QSchedSavePreset:
+    DESCRIPTION = "Saves coefficients as a preset JSON in models/qsched/, for Q-Sched Load Preset and for sharing."
+    CATEGORY = CATEGORY_SAMPLING
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("Full path of the written preset.",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "coefficients": (COEFFICIENTS, {"tooltip": "The coefficients to save."}),
+            "name": ("STRING", {"default": "my_preset", "tooltip":
+                                "File name inside models/qsched/ (.json is added). Letters, digits, '-', '_', '.' "
+                                "and '/' for a subfolder."}),
+            "overwrite": ("BOOLEAN", {"default": True, "tooltip": "Replace an existing preset of the same name."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, name=None):
+        if name is None:
+            return True
+        try:
+            _preset_relpath(name)
+        except ValueError as exc:
+            return str(exc)
+        return True
+
+    def save(self, coefficients, name, overwrite):
+        node = "Q-Sched Save Preset"
+        if not isinstance(coefficients, Coefficients):
+            raise NodeInputError(node, "coefficients", f"expected {COEFFICIENTS}, got {type(coefficients).__name__}")
+        rel = _preset_relpath(name)
+        folder_paths = register_qsched_folder()
+        path = os.path.join(folder_paths.get_folder_paths(QSCHED_FOLDER)[0], rel)
+        if os.path.exists(path) and not overwrite:
+            raise NodeInputError(node, "overwrite", f"{path} exists; turn overwrite on or choose another name")
+        coefficients.save(path)
+        return {"ui": {"text": [f"saved {path}\n{describe(coefficients)}"]}, "result": (path,)}
+
+
+def _preset_relpath(name) -> str:
+    import re
+
+    if not isinstance(name, str) or not name.strip():
+        raise NodeInputError("Q-Sched Save Preset", "name", "is empty: give a file name such as 'sdxl_turbo_w4a8'")
+    rel = name.strip()
+    if not rel.lower().endswith(PRESET_EXT):
+        rel += PRESET_EXT
+    parts = rel.replace("\\", "/").split("/")
+    if any(p in ("", ".", "..") for p in parts) or not all(re.fullmatch(r"[A-Za-z0-9_.\-]+", p) for p in parts):
+        raise NodeInputError("Q-Sched Save Preset", "name", (
+            f"{name!r} is not a plain file name: use letters, digits, '-', '_', '.' and '/' between folder names"))
+    return os.path.join(*parts)
+
+
+class QSchedSampler:
+    DESCRIPTION = ("A SAMPLER for SamplerCustom / SamplerCustomAdvanced that applies Q-Sched coefficients at every "
+                   "step. eps or flow (FLUX) is taken from the model. With no coefficients it equals ComfyUI's own "
+                   "euler / euler_ancestral / lcm sampler.")
+    CATEGORY = CATEGORY_SAMPLING
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("Connect to the sampler input of SamplerCustom or SamplerCustomAdvanced.",)
+    FUNCTION = "get_sampler"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "sampler": (list(SAMPLER_NAMES), {"default": "euler_ancestral", "tooltip":
+                            "Base update rule. euler_ancestral: SDXL-Turbo. euler: FLUX schnell (flow Euler). "
+                            "tcd: TCD/PCM LoRAs (eps models only). lcm: LCM models/LoRAs."}),
+                "eta": _ETA,
+            },
+            "optional": {"coefficients": _COEFFS_OPTIONAL},
+        }
+
+    def get_sampler(self, sampler, eta, coefficients=None):
+        return (make_sampler(sampler, eta, coefficients),)
+
+
+class QSchedScheduler:
+    DESCRIPTION = ("SIGMAS for few-step models. 'simple' reproduces the timesteps diffusers uses for SDXL-Turbo "
+                   "(999, 749, 499, 249), FLUX schnell (1, .75, .5, .25) and LCM-patched models; the family "
+                   "schedules (lcm/tcd/pcm: 999, 759, 499, 259) follow diffusers on an unpatched SD/SDXL model.")
+    CATEGORY = CATEGORY_SAMPLING
+    RETURN_TYPES = ("SIGMAS",)
+    OUTPUT_TOOLTIPS = ("Connect to the sigmas input of SamplerCustom or SamplerCustomAdvanced.",)
+    FUNCTION = "get_sigmas"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to sample; its noise schedule (eps or flow) is used."}),
+            "schedule": (list(SCHEDULES), {"default": "simple", "tooltip":
+                         "simple: ComfyUI 'simple' (the paper's timesteps for SDXL-Turbo / FLUX schnell). "
+                         "sdxl_turbo / lcm / tcd / pcm / flux_schnell: the diffusers schedule of that family."}),
+            "steps": _steps_input("Number of steps; must equal the steps of the Q-Sched coefficients."),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                        "1.0 for text-to-image; lower keeps only the last steps (image-to-image)."}),
+        }}
+
+    def get_sigmas(self, model, schedule, steps, denoise):
+        return (schedule_sigmas(model, schedule, steps, denoise),)
+
+
+class QSchedKSampler:
+    DESCRIPTION = ("All-in-one sampler: ComfyUI's KSampler with a Q-Sched sampler and coefficients. With no "
+                   "coefficients (or all 1.0) it gives the same latent as KSampler with the same sampler and the "
+                   "'simple' scheduler.")
+    CATEGORY = CATEGORY_SAMPLING
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The (quantized) model used for denoising."}),
+                "positive": ("CONDITIONING", {"tooltip": "What to include in the image."}),
+                "negative": ("CONDITIONING", {"tooltip": "What to exclude (ignored at cfg 1.0, as with SDXL-Turbo "
+                                                         "and FLUX schnell)."}),
+                "latent_image": ("LATENT", {"tooltip": "The latent to denoise (Empty Latent Image for txt2img)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Seed of the initial noise and of the ancestral noise."}),
+                "steps": _steps_input("Sampling steps (4 for SDXL-Turbo and FLUX schnell in the paper); must "
+                                      "equal the steps of the coefficients."),
+                "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip":
+                                  "Classifier-free guidance. 1.0 for SDXL-Turbo and FLUX schnell (no negative pass)."}),
+                "sampler": (list(SAMPLER_NAMES), {"default": "euler_ancestral", "tooltip":
+                            "euler_ancestral: SDXL-Turbo. euler: FLUX schnell. tcd: TCD/PCM (eps only). lcm: LCM."}),
+                "schedule": (list(SCHEDULES), {"default": "simple", "tooltip":
+                             "simple = ComfyUI 'simple' (paper timesteps for SDXL-Turbo/FLUX schnell); the family "
+                             "names give that family's diffusers schedule."}),
+                "eta": _ETA,
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                            "1.0 for text-to-image; lower for image-to-image."}),
+            },
+            "optional": {"coefficients": _COEFFS_OPTIONAL},
+        }
+
+    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler, schedule, eta, denoise,
+               coefficients=None):
+        import comfy.sample
+        import comfy.utils
+        import latent_preview
+
+        node = "Q-Sched KSampler"
+        if coefficients is not None and coefficients.steps != steps:
+            raise NodeInputError(node, "coefficients", (
+                f"the coefficients are for {coefficients.steps} steps but input 'steps' is {steps}: make them match "
+                "(connect Q-Sched Load Preset's 'steps' output to 'steps', or set steps on Q-Sched Coefficients)"))
+        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        sigmas = schedule_sigmas(model, schedule, steps, denoise, node=node)
+        ksampler = make_sampler(sampler, eta, coefficients, node=node)
+        callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
+        samples = comfy.sample.sample_custom(model, noise, cfg, ksampler, sigmas, positive, negative, latent,
+                                             noise_mask=latent_image.get("noise_mask"), callback=callback,
+                                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        out = latent_image.copy()
+        out["samples"] = samples
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "QSchedCoefficients": QSchedCoefficients,
+    "QSchedLoadPreset": QSchedLoadPreset,
+    "QSchedSavePreset": QSchedSavePreset,
+    "QSchedSampler": QSchedSampler,
+    "QSchedScheduler": QSchedScheduler,
+    "QSchedKSampler": QSchedKSampler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "QSchedCoefficients": "Q-Sched Coefficients",
+    "QSchedLoadPreset": "Q-Sched Load Preset",
+    "QSchedSavePreset": "Q-Sched Save Preset",
+    "QSchedSampler": "Q-Sched Sampler",
+    "QSchedScheduler": "Q-Sched Scheduler",
+    "QSchedKSampler": "Q-Sched KSampler",
+}

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Set up a ComfyUI checkout + its own venv (CPU torch) so a developer can run
+# tests/test_comfyui_integration.py:
+#
+#   scripts/setup_comfyui.sh [COMFY_DIR] [VENV_DIR]
+#   COMFYUI_PATH=COMFY_DIR COMFYUI_PYTHON=VENV_DIR/bin/python .venv/bin/python -m pytest -m comfyui tests/test_comfyui_integration.py
+#
+# Source: COMFYUI_GIT_DIR (a git dir of Comfy-Org/ComfyUI; default: the `fetch` mirror at
+# /work/.mirror/Comfy-Org+ComfyUI/repo), or an existing checkout in COMFY_DIR (then nothing is extracted).
+# Known problems it works around on CPU-only Linux with torch 2.13 (docs/comfyui.md, "Integration test"):
+#  - the mirror lacks one blob (comfy/text_encoders/llama_tokenizer/tokenizer.json): excluded from the archive;
+#  - the only torchvision wheel for torch 2.13 is a CUDA build whose import fails on a CPU torch
+#    ("operator torchvision::nms does not exist"): its two fake-kernel registrations are guarded (sed);
+#  - ComfyUI imports `requests` but does not list it;
+#  - torchaudio has no working wheel for CPU torch 2.13: left out (audio nodes show IMPORT FAILED; harmless).
+# Idempotent: a second run only re-checks that ComfyUI's server modules import.
+set -euo pipefail
+COMFY_DIR=${1:-${COMFYUI_PATH:-/work/comfy}}
+VENV=${2:-${COMFYUI_VENV:-/work/comfy-venv}}
+GIT_DIR=${COMFYUI_GIT_DIR:-/work/.mirror/Comfy-Org+ComfyUI/repo}
+REF=${COMFYUI_REF:-HEAD}
+PY=${PYTHON:-python3}
+TORCH=${COMFYUI_TORCH:-torch==2.13.0}
+TORCHVISION=${COMFYUI_TORCHVISION:-torchvision==0.28.0}
+
+if [ ! -f "$COMFY_DIR/main.py" ]; then
+  [ -d "$GIT_DIR" ] || { echo "no ComfyUI checkout in $COMFY_DIR and no git dir $GIT_DIR (set COMFYUI_GIT_DIR)" >&2; exit 1; }
+  mkdir -p "$COMFY_DIR"
+  # git prints "error: invalid object" for the excluded blob's tree entry on some mirrors; rc is what counts.
+  git -C "$GIT_DIR" archive "$REF" -- . ':(exclude)comfy/text_encoders/llama_tokenizer/tokenizer.json' \
+    | tar -x -C "$COMFY_DIR"
+  [ -f "$COMFY_DIR/main.py" ] || { echo "extraction of $GIT_DIR@$REF into $COMFY_DIR failed" >&2; exit 1; }
+fi
+
+stamp="$VENV/.qsched-comfy-installed"
+want="$(cat "$COMFY_DIR/requirements.txt" | sha256sum | cut -d' ' -f1) $TORCH $TORCHVISION"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  "$VENV/bin/python" -c "import sys; sys.path.insert(0, '$COMFY_DIR'); import torchvision, requests, aiohttp" \
+    && { echo "ComfyUI ready: $COMFY_DIR (python: $VENV/bin/python)"; exit 0; }
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/pip"
+"$PIP" install -q --disable-pip-version-check "$TORCH"
+echo "$TORCH" > "$VENV/constraints.txt"
+grep -vE '^(torch|torchvision|torchaudio)([<>=~ ].*)?$' "$COMFY_DIR/requirements.txt" > "$VENV/req-nontorch.txt"
+# The pack's own runtime requirements go into the same venv (ComfyUI users do `pip install -r requirements.txt`).
+PACK_REQ="$(cd "$(dirname "$0")/.." && pwd)/requirements.txt"
+"$PIP" install -q --disable-pip-version-check -c "$VENV/constraints.txt" -r "$VENV/req-nontorch.txt" \
+  -r "$PACK_REQ" requests "$TORCHVISION"
+TV=$("$VENV/bin/python" -c 'import importlib.util,os;print(os.path.dirname(importlib.util.find_spec("torchvision").origin))')
+if ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
+  sed -i -E 's/^@torch\.library\.register_fake\("torchvision::(nms|qnms)"\)/@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda f: f))/' \
+    "$TV/_meta_registrations.py"
+fi
+"$VENV/bin/python" -c "import torchvision, requests, aiohttp"
+echo "$want" > "$stamp"
+echo "ComfyUI ready: $COMFY_DIR (python: $VENV/bin/python)"

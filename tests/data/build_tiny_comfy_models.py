@@ -1,0 +1,115 @@
+"""Build random-weight model files that a real ComfyUI loads through its own loaders (integration test).
+
+Run with the ComfyUI venv's python from inside the ComfyUI checkout:
+
+    cd $COMFYUI_PATH && $COMFYUI_PYTHON /path/to/build_tiny_comfy_models.py MODELS_DIR
+
+Writes (file names as the example workflows reference them):
+* checkpoints/sd_xl_turbo_1.0_fp16.safetensors: an SD1.5-*architecture* single-file checkpoint (ComfyUI's key layout
+  ``model.diffusion_model.* / cond_stage_model.* / first_stage_model.*``). ComfyUI's detector needs
+  model_channels 320 and context 768, so the UNet is one level deep with one res block (~6 M parameters); the text
+  encoder and VAE have their fixed full sizes (CLIP-L 123 M, VAE 83 M). The sampling math is that of SDXL-Turbo
+  (eps, 1000-step discrete schedule).
+* diffusion_models/flux1-schnell.safetensors: a FLUX-schnell layout model (no guidance_in). ComfyUI fixes
+  hidden 3072 / 24 heads / context 4096 for FLUX files, so it has 1 double block and 0 single blocks (~390 M) and
+  vec_in_dim 2048 (the pooled size of the CLIP-L-only text encoder the test substitutes for T5-XXL, which cannot
+  be made small).
+* text_encoders/clip_l.safetensors (transformers key layout) and vae/ae.safetensors (16 latent channels).
+Weights: normal(0, 1/sqrt(fan_in)), norms 1, biases 0, seeded; stored in float16 (bfloat16 for FLUX).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+MODELS_DIR = sys.argv[1] if __name__ == "__main__" else None
+sys.argv = [sys.argv[0], "--cpu"]
+sys.path.insert(0, os.getcwd())
+
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+
+def init_(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+            elif name.endswith("weight") or name.endswith("scale"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def save(sd: dict, path: str, dtype) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    out = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    save_file(out, path)
+    print(f"wrote {path}: {sum(v.numel() for v in out.values()) / 1e6:.1f} M values", flush=True)
+
+
+def build_clip_l(seed: int) -> dict:
+    from comfy import sd1_clip
+
+    te = sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    init_(te, seed)
+    sd = te.transformer.state_dict()  # keys: text_model.*, text_projection.weight
+    return {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+
+
+def build_vae(z_channels: int, seed: int) -> dict:
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = {"double_z": True, "z_channels": z_channels, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=z_channels)
+    init_(vae, seed)
+    return vae.state_dict()
+
+
+def build_sd_unet(seed: int) -> dict:
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+                     channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+                     transformer_depth_middle=1, context_dim=768, num_heads=8, use_spatial_transformer=True,
+                     use_linear_in_transformer=False, adm_in_channels=None, dtype=torch.float32,
+                     operations=comfy.ops.disable_weight_init)
+    init_(unet, seed)
+    return unet.state_dict()
+
+
+def build_flux(seed: int) -> dict:
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    flux = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=2048, context_in_dim=4096,
+                hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0, axes_dim=[16, 56, 56],
+                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False, dtype=torch.float32,
+                operations=comfy.ops.disable_weight_init)
+    init_(flux, seed)
+    return flux.state_dict()
+
+
+def main(models_dir: str) -> None:
+    clip = build_clip_l(1)
+    ckpt = {f"model.diffusion_model.{k}": v for k, v in build_sd_unet(2).items()}
+    ckpt.update({f"cond_stage_model.transformer.{k}": v for k, v in clip.items()})
+    ckpt.update({f"first_stage_model.{k}": v for k, v in build_vae(4, 3).items()})
+    save(ckpt, os.path.join(models_dir, "checkpoints", "sd_xl_turbo_1.0_fp16.safetensors"), torch.float16)
+    del ckpt
+    save(clip, os.path.join(models_dir, "text_encoders", "clip_l.safetensors"), torch.float16)
+    save(build_vae(16, 4), os.path.join(models_dir, "vae", "ae.safetensors"), torch.float16)
+    save(build_flux(5), os.path.join(models_dir, "diffusion_models", "flux1-schnell.safetensors"), torch.bfloat16)
+
+
+if __name__ == "__main__":
+    main(MODELS_DIR)

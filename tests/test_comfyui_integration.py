@@ -1,0 +1,370 @@
+"""The pack inside a real headless ComfyUI server (runs only when COMFYUI_PATH points at a ComfyUI checkout).
+
+    scripts/setup_comfyui.sh /work/comfy /work/comfy-venv
+    COMFYUI_PATH=/work/comfy COMFYUI_PYTHON=/work/comfy-venv/bin/python \
+        .venv/bin/python -m pytest -m comfyui tests/test_comfyui_integration.py
+
+COMFYUI_PYTHON is the interpreter of ComfyUI's own venv (default: the one running pytest). The server is started
+with ``--extra-model-paths-config``: the pack is loaded from a custom_nodes folder that links to this checkout
+under a name other than ``qsched_pack`` (ComfyUI imports packs by location), and the models are random-weight files
+in ComfyUI's own formats (tests/data/build_tiny_comfy_models.py; ~45 s to build, ~1.7 GB; set
+QSCHED_TINY_MODELS=DIR to build them once and reuse). The example workflows are converted from UI to API format
+with the server's ``/object_info`` input order, shrunk to 64x64 and run. T5-XXL cannot be made small, so in the
+FLUX workflow DualCLIPLoader(clip_l, t5xxl, "flux") is replaced by CLIPLoader(clip_l, "sd3"), which yields the same
+conditioning shapes (context 4096, pooled 2048 = the tiny FLUX model's vec_in_dim).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.comfyui
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+WORKFLOWS = REPO / "workflows"
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+PACK_DIR_NAME = "ComfyUI-QSched"  # not the pip name: proves the pack's imports are relative
+SIZE = 64
+
+if not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "main.py").is_file():
+    pytest.skip("COMFYUI_PATH does not point at a ComfyUI checkout", allow_module_level=True)
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from test_workflows import ui_to_api  # noqa: E402  (tests/ is on sys.path under pytest's default import mode)
+
+
+def find(prompt: dict, class_type: str) -> str:
+    ids = [k for k, v in prompt.items() if v["class_type"] == class_type]
+    assert len(ids) == 1, (class_type, ids)
+    return ids[0]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# server
+# ------------------------------------------------------------------------------------------------------------------
+class Server:
+    def __init__(self, root: Path, models: Path):
+        self.root, self.models = root, models
+        self.output = root / "output"
+        self.log_path = root / "server.log"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        nodes_dir = self.root / "custom_nodes"
+        for d in (nodes_dir, self.output, self.root / "temp", self.root / "user"):
+            d.mkdir()
+        (nodes_dir / PACK_DIR_NAME).symlink_to(REPO, target_is_directory=True)
+        (self.models / "qsched").mkdir(exist_ok=True)
+        yaml = self.root / "extra_model_paths.yaml"
+        yaml.write_text("qsched_test:\n"
+                        f"  base_path: {self.models}\n"
+                        "  checkpoints: checkpoints\n  diffusion_models: diffusion_models\n"
+                        "  text_encoders: text_encoders\n  vae: vae\n  qsched: qsched\n"
+                        f"  custom_nodes: {nodes_dir}\n")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--extra-model-paths-config", str(yaml), "--output-directory", str(self.output),
+             "--temp-directory", str(self.root / "temp"), "--user-directory", str(self.root / "user"),
+             "--disable-metadata"],
+            cwd=COMFYUI_PATH, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                self.get("/system_stats")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI did not answer in 300 s:\n{self.log_text()[-4000:]}")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        self.log.close()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def queue(self, prompt: dict) -> tuple[int, dict]:
+        return self.post("/prompt", {"prompt": prompt, "client_id": "qsched-test", "prompt_id": str(uuid.uuid4())})
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        """Queue, wait, return the /history entry; fails with the server's own error text."""
+        status, body = self.queue(prompt)
+        assert status == 200 and not body.get("node_errors"), f"prompt rejected ({status}): {json.dumps(body)[:3000]}"
+        pid = body["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{pid}")
+            if pid in hist:  # an entry appears once the prompt finished (success, error or interrupt)
+                return hist[pid]
+            time.sleep(0.25)
+        raise AssertionError(f"prompt {pid} did not finish in {timeout} s; log tail:\n{self.log_text()[-3000:]}")
+
+    def latent(self, entry: dict, node_id: str):
+        files = entry["outputs"][node_id]["latents"]
+        assert len(files) == 1
+        f = files[0]
+        path = self.output / f["subfolder"] / f["filename"]
+        return safetensors_torch.load_file(str(path))["latent_tensor"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _error_message(entry: dict) -> str:
+    for kind, data in entry["status"].get("messages", []):
+        if kind == "execution_error":
+            return data["exception_message"]
+    raise AssertionError(f"no execution_error in {entry['status']}")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    cached = os.environ.get("QSCHED_TINY_MODELS")
+    models = Path(cached) if cached else tmp_path_factory.mktemp("models")
+    marker = models / "diffusion_models" / "flux1-schnell.safetensors"
+    if not marker.exists():
+        subprocess.run([COMFYUI_PYTHON, str(DATA / "build_tiny_comfy_models.py"), str(models)], cwd=COMFYUI_PATH,
+                       check=True, timeout=900)
+    return models
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_models):
+    srv = Server(tmp_path_factory.mktemp("comfy"), tiny_models).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def object_info(server) -> dict:
+    return server.get("/object_info")
+
+
+def load_api(name: str, object_info: dict) -> dict:
+    return ui_to_api(json.loads((WORKFLOWS / name).read_text()), object_info)
+
+
+def add_save_latent(prompt: dict, src: str, slot: int = 0, prefix: str = "qs") -> str:
+    nid = str(max(int(k) for k in prompt) + 1)
+    prompt[nid] = {"class_type": "SaveLatent", "inputs": {"samples": [src, slot], "filename_prefix": f"{prefix}_{nid}"}}
+    return nid
+
+
+def set_identity(prompt: dict) -> None:
+    c = prompt[find(prompt, "QSchedCoefficients")]["inputs"]
+    c.update(c_x_start=1.0, c_x_end=1.0, c_eps_start=1.0, c_eps_end=1.0, c_x_override="", c_eps_override="")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# tests
+# ------------------------------------------------------------------------------------------------------------------
+def test_pack_imports_and_registers(server, object_info):
+    log = server.log_text()
+    failed = [line for line in log.splitlines() if "IMPORT FAILED" in line and PACK_DIR_NAME in line]
+    assert not failed, "\n".join(failed) + "\n" + log[-4000:]
+    assert re.search(rf"seconds: .*{re.escape(PACK_DIR_NAME)}", log), log[-4000:]
+    from qsched_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    for name in NODE_CLASS_MAPPINGS:
+        assert name in object_info, name
+        assert object_info[name]["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[name]
+    spec = object_info["QSchedCoefficients"]["input"]["required"]["c_eps_start"][1]
+    assert (spec["min"], spec["max"], spec["step"], spec["display"]) == (0.5, 1.5, 0.001, "slider")
+    templates = server.get("/api/workflow_templates")
+    assert sorted(templates[PACK_DIR_NAME]) == sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+
+
+def test_object_info_snapshot_matches_server(object_info):
+    """tests/data/object_info_core.json (used by the CI workflow checks) must describe this ComfyUI's core nodes."""
+    snapshot = json.loads((DATA / "object_info_core.json").read_text())
+    for name, info in snapshot.items():
+        live = object_info[name]
+        assert live["input_order"] == info["input_order"], name
+        assert live["output"] == info["output"], name
+
+
+def test_ksampler_identity_matches_core_ksampler(server):
+    """Q-Sched KSampler with identity coefficients == core KSampler (same sampler, 'simple' schedule), bit for bit."""
+    for sampler in ("euler_ancestral", "euler", "lcm"):
+        p = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_turbo_1.0_fp16.safetensors"}},
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["1", 1]}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 2}},
+            "5": {"class_type": "KSampler", "inputs": {
+                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 7,
+                "steps": 4, "cfg": 1.5, "sampler_name": sampler, "scheduler": "simple", "denoise": 1.0}},
+            "6": {"class_type": "QSchedCoefficients", "inputs": {
+                "steps": 4, "c_x_start": 1.0, "c_x_end": 1.0, "c_eps_start": 1.0, "c_eps_end": 1.0}},
+            "7": {"class_type": "QSchedKSampler", "inputs": {
+                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 7,
+                "steps": 4, "cfg": 1.5, "sampler": sampler, "schedule": "simple", "eta": 1.0, "denoise": 1.0,
+                "coefficients": ["6", 0]}},
+            "8": {"class_type": "QSchedCoefficients", "inputs": {
+                "steps": 4, "c_x_start": 0.95, "c_x_end": 1.0, "c_eps_start": 1.05, "c_eps_end": 1.0}},
+            "9": {"class_type": "QSchedKSampler", "inputs": {
+                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 7,
+                "steps": 4, "cfg": 1.5, "sampler": sampler, "schedule": "simple", "eta": 1.0, "denoise": 1.0,
+                "coefficients": ["8", 0]}},
+        }
+        core, ident, qs = (add_save_latent(p, n, prefix=f"parity_{sampler}") for n in ("5", "7", "9"))
+        entry = server.run(p)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        a, b, c = (server.latent(entry, n) for n in (core, ident, qs))
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b), f"{sampler}: max |diff| {(a - b).abs().max()}"
+        assert not torch.allclose(a, c), sampler
+
+
+def test_sdxl_turbo_workflow(server, object_info):
+    latents = {}
+    for mode in ("qsched", "identity"):
+        p = load_api("qsched_sdxl_turbo_w4a8.json", object_info)
+        lat = p[find(p, "EmptyLatentImage")]["inputs"]
+        lat.update(width=SIZE, height=SIZE)
+        p[find(p, "SaveImage")]["inputs"]["filename_prefix"] = f"sdxl_{mode}"
+        if mode == "identity":
+            set_identity(p)
+        sl = add_save_latent(p, find(p, "QSchedKSampler"), prefix=f"sdxl_{mode}")
+        entry = server.run(p)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        images = entry["outputs"][find(p, "SaveImage")]["images"]
+        assert len(images) == 1 and (server.output / images[0]["subfolder"] / images[0]["filename"]).is_file()
+        assert "w4a8" in entry["outputs"][find(p, "QSchedCheckpointLoader")]["text"][0]
+        latents[mode] = server.latent(entry, sl)
+    assert latents["qsched"].shape == (1, 4, SIZE // 8, SIZE // 8)
+    assert torch.isfinite(latents["qsched"]).all()
+    assert not torch.allclose(latents["qsched"], latents["identity"])
+
+
+def flux_prompt(object_info, mode: str) -> dict:
+    p = load_api("qsched_flux_schnell_w4a8.json", object_info)
+    dual = find(p, "DualCLIPLoader")
+    p[dual] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "clip_l.safetensors", "type": "sd3"}}
+    p[find(p, "EmptySD3LatentImage")]["inputs"].update(width=SIZE, height=SIZE)
+    p[find(p, "SaveImage")]["inputs"]["filename_prefix"] = f"flux_{mode}"
+    if mode == "identity":
+        set_identity(p)
+    return p
+
+
+def test_flux_schnell_workflow(server, object_info):
+    latents = {}
+    for mode in ("qsched", "identity"):
+        p = flux_prompt(object_info, mode)
+        sl = add_save_latent(p, find(p, "SamplerCustomAdvanced"), prefix=f"flux_{mode}")
+        entry = server.run(p)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        images = entry["outputs"][find(p, "SaveImage")]["images"]
+        assert len(images) == 1 and (server.output / images[0]["subfolder"] / images[0]["filename"]).is_file()
+        latents[mode] = server.latent(entry, sl)
+    assert latents["qsched"].shape == (1, 16, SIZE // 8, SIZE // 8)
+    assert torch.isfinite(latents["qsched"]).all()
+    assert not torch.allclose(latents["qsched"], latents["identity"])
+
+
+# ---- bad input inside a graph: the error names the node input ----------------------------------------------------
+def _rejected(server, prompt) -> str:
+    status, body = server.queue(prompt)
+    assert status == 400, body
+    return json.dumps(body["node_errors"])
+
+
+def test_malformed_preset_is_rejected_naming_the_input(server):
+    (server.models / "qsched" / "broken.json").write_text('{"c_x": [1.0, 0.9], "c_eps": [1.0]}')
+    (server.models / "qsched" / "good.json").write_text(
+        '{"format": "qsched-coefficients", "version": 1, "steps": 2, "c_x": [0.9, 1.0], "c_eps": [1.1, 1.0]}')
+    p = {"1": {"class_type": "QSchedLoadPreset", "inputs": {"preset": "broken.json"}},
+         "2": {"class_type": "QSchedSavePreset", "inputs": {"coefficients": ["1", 0], "name": "copy", "overwrite": True}}}
+    errors = _rejected(server, p)
+    assert "preset" in errors and "same length" in errors, errors
+    p["1"]["inputs"]["preset"] = "missing.json"
+    errors = _rejected(server, p)
+    assert "preset" in errors and "not found" in errors, errors
+    p["1"]["inputs"]["preset"] = "good.json"
+    entry = server.run(p)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = json.loads((server.models / "qsched" / "copy.json").read_text())
+    assert saved["c_x"] == [0.9, 1.0] and saved["c_eps"] == [1.1, 1.0]
+
+
+def test_missing_weight_file_is_rejected_naming_the_input(server):
+    p = {"1": {"class_type": "QSchedCheckpointLoader", "inputs": {
+              "ckpt_name": "no_such_model.safetensors", "precision": "w4a8", "backend": "auto"}},
+         "2": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+         "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
+         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+    errors = _rejected(server, p)
+    assert "ckpt_name" in errors and "no_such_model.safetensors" in errors, errors
+
+
+def test_bad_override_is_rejected_naming_the_input(server):
+    p = {"1": {"class_type": "QSchedCoefficients", "inputs": {
+              "steps": 4, "c_x_start": 1.0, "c_x_end": 1.0, "c_eps_start": 1.0, "c_eps_end": 1.0,
+              "c_x_override": "1.0, abc"}},
+         "2": {"class_type": "QSchedSavePreset", "inputs": {"coefficients": ["1", 0], "name": "x", "overwrite": True}}}
+    errors = _rejected(server, p)
+    assert "c_x_override" in errors and "abc" in errors, errors
+
+
+def test_flow_model_with_eps_only_sampler_names_the_input(server, object_info):
+    p = flux_prompt(object_info, "tcd")
+    p[find(p, "QSchedSampler")]["inputs"]["sampler"] = "tcd"
+    entry = server.run(p)
+    assert entry["status"]["status_str"] == "error"
+    msg = _error_message(entry)
+    assert "Q-Sched Sampler: input 'sampler'" in msg and "flow model" in msg, msg
+
+
+def test_steps_mismatch_names_the_input(server, object_info):
+    p = load_api("qsched_sdxl_turbo_w4a8.json", object_info)
+    p[find(p, "EmptyLatentImage")]["inputs"].update(width=SIZE, height=SIZE)
+    p[find(p, "QSchedCoefficients")]["inputs"]["steps"] = 3
+    entry = server.run(p)
+    assert entry["status"]["status_str"] == "error"
+    msg = _error_message(entry)
+    assert "input 'coefficients'" in msg and "3 steps" in msg, msg
+

@@ -1,0 +1,237 @@
+"""The example workflows (UI format) reference only node types and inputs that exist, with in-range widget values.
+
+Our nodes are checked against their classes, core nodes against tests/data/object_info_core.json (a recorded
+``/object_info`` of ComfyUI v0.3.64; tests/test_comfyui_integration.py checks it still matches a live server).
+No ComfyUI needed. ``ui_to_api`` is also what the integration test uses to queue the workflows.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+CORE = json.loads((Path(__file__).resolve().parent / "data" / "object_info_core.json").read_text())
+VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+#: Combo inputs whose options are the files in a model folder (they differ per install).
+FILE_LIST_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name", "preset"}
+
+
+def is_widget(spec) -> bool:
+    kind, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput", False)
+
+
+def _opts(spec) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """UI-format workflow -> API prompt, as the frontend does: widget values are positional in input order, with one
+    extra frontend-only value after every ``control_after_generate`` widget; links override widgets."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in VIRTUAL_NODES or node.get("mode", 0) in (2, 4):
+            continue
+        info = object_info[node["type"]]
+        order = info["input_order"]["required"] + info["input_order"].get("optional", [])
+        specs = {**info["input"]["required"], **info["input"].get("optional", {})}
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values", []))
+        inputs = {}
+        for name in order:
+            spec = specs[name]
+            if is_widget(spec):
+                if not values:
+                    raise AssertionError(f"node {node['id']} ({node['type']}): no widget value left for {name!r}")
+                inputs[name] = values.pop(0)
+                if _opts(spec).get("control_after_generate"):
+                    values.pop(0)
+            if name in linked:
+                inputs[name] = [str(linked[name][1]), linked[name][2]]
+        if values:
+            raise AssertionError(f"node {node['id']} ({node['type']}): {len(values)} widget values left over: {values}")
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.fixture()
+def folder_paths(monkeypatch, tmp_path):
+    """A stand-in for ComfyUI's ``folder_paths`` module: one folder per key under tmp_path."""
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(tmp_path / "models")
+    fp.folder_names_and_paths = {}
+
+    def add_model_folder_path(name, path, is_default=False):
+        fp.folder_names_and_paths.setdefault(name, ([], set()))[0].append(path)
+
+    def get_folder_paths(name):
+        return list(fp.folder_names_and_paths.get(name, ([str(tmp_path / "models" / name)], set()))[0])
+
+    def get_filename_list(name):
+        out = []
+        for d in get_folder_paths(name):
+            p = Path(d)
+            if p.is_dir():
+                out += sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.is_file())
+        return out
+
+    def get_full_path(name, filename):
+        for d in get_folder_paths(name):
+            f = Path(d) / filename
+            if f.is_file():
+                return str(f)
+        return None
+
+    fp.add_model_folder_path, fp.get_folder_paths = add_model_folder_path, get_folder_paths
+    fp.get_filename_list, fp.get_full_path = get_filename_list, get_full_path
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    return fp
+
+
+def our_object_info() -> dict:
+    """/object_info-like entries for the pack's nodes, built from the classes."""
+    from qsched_pack.nodes import NODE_CLASS_MAPPINGS
+
+    info = {}
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        it = cls.INPUT_TYPES()
+        info[name] = {"input": {k: it.get(k, {}) for k in ("required", "optional")},
+                      "input_order": {k: list(it.get(k, {})) for k in ("required", "optional")},
+                      "output": list(cls.RETURN_TYPES)}
+    return info
+
+
+@pytest.fixture()
+def object_info(folder_paths):
+    return {**CORE, **our_object_info()}
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_there_are_sampling_workflows_for_both_families():
+    names = {p.stem for p in WORKFLOWS}
+    assert {"qsched_sdxl_turbo_w4a8", "qsched_flux_schnell_w4a8"} <= names
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_structure(path, object_info):
+    wf = _load(path)
+    assert wf.get("version") == 0.4 and {"nodes", "links", "last_node_id", "last_link_id"} <= set(wf)
+    ids = [n["id"] for n in wf["nodes"]]
+    assert len(ids) == len(set(ids)) and max(ids) <= wf["last_node_id"]
+    assert max(link[0] for link in wf["links"]) <= wf["last_link_id"]
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    for n in wf["nodes"]:
+        assert n["type"] in object_info or n["type"] in VIRTUAL_NODES, f"unknown node type {n['type']!r}"
+    assert any(n["type"] == "Note" and len(n["widgets_values"][0]) > 80 for n in wf["nodes"]), "needs explaining Notes"
+    for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
+        s, d = by_id[src], by_id[dst]
+        assert s["outputs"][src_slot]["type"] == typ and link_id in s["outputs"][src_slot]["links"]
+        assert object_info[s["type"]]["output"][src_slot] == typ, (s["type"], src_slot, typ)
+        inp = d["inputs"][dst_slot]
+        assert inp["link"] == link_id
+        specs = {**object_info[d["type"]]["input"]["required"], **object_info[d["type"]]["input"].get("optional", {})}
+        assert inp["name"] in specs, f"{d['type']} has no input {inp['name']!r}"
+        assert specs[inp["name"]][0] == typ, (d["type"], inp["name"], specs[inp["name"]][0], typ)
+    for n in wf["nodes"]:
+        if n["type"] in VIRTUAL_NODES:
+            continue
+        info = object_info[n["type"]]
+        required = info["input"]["required"]
+        connected = {i["name"] for i in n["inputs"] if i["link"] is not None}
+        for name, spec in required.items():
+            assert is_widget(spec) or name in connected, f"node {n['id']} {n['type']}: required {name!r} not connected"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_widget_values_in_range(path, object_info):
+    prompt = ui_to_api(_load(path), object_info)
+    for nid, node in prompt.items():
+        info = object_info[node["class_type"]]
+        specs = {**info["input"]["required"], **info["input"].get("optional", {})}
+        for name, value in node["inputs"].items():
+            spec = specs[name]
+            if not is_widget(spec) or isinstance(value, list):
+                continue
+            kind, opts = spec[0], _opts(spec)
+            where = f"node {nid} {node['class_type']}.{name}={value!r}"
+            if isinstance(kind, list):
+                if name not in FILE_LIST_INPUTS:
+                    assert value in kind, where
+                else:
+                    assert isinstance(value, str) and value, where
+            elif kind == "INT":
+                assert isinstance(value, int) and not isinstance(value, bool), where
+                assert opts.get("min", value) <= value <= opts.get("max", value), where
+            elif kind == "FLOAT":
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+                assert opts.get("min", value) <= value <= opts.get("max", value), where
+            elif kind == "STRING":
+                assert isinstance(value, str), where
+            elif kind == "BOOLEAN":
+                assert isinstance(value, bool), where
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_our_nodes_accept_the_workflow_values(path, object_info):
+    """VALIDATE_INPUTS of our nodes says yes, and coefficient steps equal the sampler's steps."""
+    from qsched_pack.nodes import NODE_CLASS_MAPPINGS
+
+    prompt = ui_to_api(_load(path), object_info)
+    steps = {}
+    for nid, node in prompt.items():
+        cls = NODE_CLASS_MAPPINGS.get(node["class_type"])
+        if cls is None:
+            continue
+        validate = getattr(cls, "VALIDATE_INPUTS", None)
+        if validate is not None:
+            args = {k: v for k, v in node["inputs"].items()
+                    if k in inspect.signature(validate).parameters and not isinstance(v, list)}
+            assert validate(**args) is True, (nid, node)
+        if "steps" in node["inputs"]:
+            steps[node["class_type"]] = node["inputs"]["steps"]
+    assert len(set(steps.values())) == 1, f"steps differ between nodes: {steps}"
+
+
+def test_sdxl_turbo_workflow_settings(object_info):
+    p = ui_to_api(_load(REPO / "workflows" / "qsched_sdxl_turbo_w4a8.json"), object_info)
+    by_type = {v["class_type"]: v["inputs"] for v in p.values()}
+    assert by_type["QSchedCheckpointLoader"]["precision"] == "w4a8"
+    ks = by_type["QSchedKSampler"]
+    assert (ks["sampler"], ks["steps"], ks["schedule"], ks["cfg"]) == ("euler_ancestral", 4, "simple", 1.0)
+    assert isinstance(ks["coefficients"], list)
+    lat = by_type["EmptyLatentImage"]
+    assert (lat["width"], lat["height"]) == (512, 512)
+
+
+def test_flux_schnell_workflow_settings(object_info):
+    p = ui_to_api(_load(REPO / "workflows" / "qsched_flux_schnell_w4a8.json"), object_info)
+    by_type = {v["class_type"]: v["inputs"] for v in p.values()}
+    assert by_type["QSchedDiffusionModelLoader"]["precision"] == "w4a8"
+    assert by_type["QSchedSampler"]["sampler"] == "euler" and isinstance(by_type["QSchedSampler"]["coefficients"], list)
+    assert (by_type["QSchedScheduler"]["schedule"], by_type["QSchedScheduler"]["steps"]) == ("simple", 4)
+    lat = by_type["EmptySD3LatentImage"]
+    assert (lat["width"], lat["height"]) == (1024, 1024)
+    assert by_type["DualCLIPLoader"]["type"] == "flux"
+
+
+def test_ui_to_api_rejects_missing_and_extra_widget_values(object_info):
+    wf = _load(REPO / "workflows" / "qsched_sdxl_turbo_w4a8.json")
+    node = next(n for n in wf["nodes"] if n["type"] == "EmptyLatentImage")
+    node["widgets_values"].append(3)
+    with pytest.raises(AssertionError, match="left over"):
+        ui_to_api(wf, object_info)
+    node["widgets_values"] = node["widgets_values"][:1]
+    with pytest.raises(AssertionError, match="no widget value left"):
+        ui_to_api(wf, object_info)
