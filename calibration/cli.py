@@ -1,4 +1,4 @@
-"""``qsched`` command line: demo, and (as they land) sample, calibrate, score, bench."""
+"""``qsched`` command line: demo, calibrate, sample, score (docs/calibration.md)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,263 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image size in pixels, 16-512, multiple of 16 (default 64)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
+    _add_calibrate(sub)
+    _add_sample(sub)
+    _add_score(sub)
     return p
+
+
+# ---- calibrate / sample / score ------------------------------------------------------------------------
+
+FAMILY_CHOICES = ("sdxl_turbo", "flux_schnell", "lcm", "tcd", "pcm")
+
+
+def _positive_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number > 0, got {text!r}") from None
+        if not v > 0 or v != v or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
+        return v
+
+    return parse
+
+
+def _add_model_args(p, steps_default):
+    p.add_argument("--model", required=True,
+                   help="diffusers pipeline folder (model_index.json ...) or a single .safetensors checkpoint")
+    p.add_argument("--config", help="for a single-file checkpoint: a local diffusers folder of the same "
+                                    "architecture (configs, tokenizers, text encoders, VAE); nothing is downloaded")
+    p.add_argument("--family", choices=FAMILY_CHOICES, help="model family (default: from the pipeline)")
+    p.add_argument("--sampler", choices=("euler", "euler_ancestral", "tcd", "lcm"),
+                   help="sampler (default: the family's: sdxl_turbo euler_ancestral, flux_schnell euler, lcm lcm, "
+                        "tcd/pcm tcd)")
+    p.add_argument("--steps", type=_int_range("--steps", 1, 50), default=steps_default,
+                   help="sampling steps" + (f" (default {steps_default})" if steps_default else ""))
+    p.add_argument("--size", type=_int_range("--size", 16, 2048, multiple=16),
+                   help="image height and width in pixels (default: the family's)")
+    p.add_argument("--quant", help="quantization of the denoiser: w8a8, w4a8, w4a4, ... (qsched.quant formats) "
+                                   "or fp16 (none)")
+    p.add_argument("--guidance", type=float, help="LCM w-embedding guidance (default: the family's)")
+    p.add_argument("--eta", type=float, help="TCD gamma / ancestral eta (default: the family's)")
+    p.add_argument("--batch-size", type=_int_range("--batch-size", 1, 256), default=4, help="images per network call")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="network dtype (default: float16 on cuda, float32 on cpu)")
+
+
+def _add_jaq_args(p):
+    p.add_argument("--jaq", choices=("clip", "preference"), default="clip",
+                   help="JAQ variant: clip = CLIPScore + k*CLIP-IQA (LCM/PCM), preference = AQ-MAP + k*HPSv2 "
+                        "(SDXL-Turbo/FLUX) (default clip)")
+    p.add_argument("--k", type=float, default=2.0, help="JAQ weight k of the image-quality term (default 2)")
+    p.add_argument("--jaq-weights", help="folder with the scorer weight files (RN50.pt, ViT-L-14.pt, ViT-B-16.pt, "
+                                         "HPS_v2.1_compressed.pt); default: $QSCHED_MODELS_DIR")
+
+
+def _add_calibrate(sub):
+    from .search import DEFAULT_RANGE, SPACES, STRATEGIES
+
+    c = sub.add_parser("calibrate", help="search Q-Sched coefficients for a (quantized) model; writes a preset")
+    _add_model_args(c, 4)
+    _add_jaq_args(c)
+    c.add_argument("--prompts", help="prompt file (.txt one per line, .yaml mapping like sDCI.yaml, .json list); "
+                                     "default: the project's 20 calibration prompts")
+    c.add_argument("--limit", type=_int_range("--limit", 1, 100000), help="use only the first N prompts")
+    c.add_argument("--space", choices=SPACES, default="start",
+                   help="start: (c_x, c_eps) ramp starts, ends at 1 (released code); start_end: 4-D (paper "
+                        "Algorithm 1); per_step: one value per step (default start)")
+    c.add_argument("--range", nargs=2, type=_positive_float("--range"), metavar=("MIN", "MAX"),
+                   default=list(DEFAULT_RANGE), help="coefficient range (default 0.8 1.2)")
+    c.add_argument("--strategy", choices=STRATEGIES, default="pattern",
+                   help="pattern: lattice pattern search from identity (default); zoom: coarse grid first, then "
+                        "pattern search; grid: exact Algorithm 1")
+    c.add_argument("--points", type=_int_range("--points", 2, 10000),
+                   help="grid values per dimension (default: start 50, start_end 11, per_step 5)")
+    c.add_argument("--budget", type=_int_range("--budget", 1, 10**12), help="maximum number of images")
+    c.add_argument("--seed", type=_int_range("--seed", 0, 2**62), default=42,
+                   help="seed of prompt 0 (prompt i uses seed+i) (default 42)")
+    c.add_argument("--out", default="qsched-calibration",
+                   help="output folder: preset.json, record.jsonl, landscape.png, preview.png")
+    c.add_argument("--resume", action="store_true", help="continue the record in --out (nothing is recomputed)")
+    c.add_argument("--quiet", action="store_true", help="no progress lines")
+    c.set_defaults(func=_calibrate)
+
+
+def _add_sample(sub):
+    s = sub.add_parser("sample", help="generate images with a Q-Sched preset")
+    _add_model_args(s, None)
+    s.add_argument("--preset", required=True, help="preset JSON written by qsched calibrate")
+    s.add_argument("--prompt", action="append", help="prompt (repeatable)")
+    s.add_argument("--prompts", help="prompt file (.txt / .yaml / .json)")
+    s.add_argument("--seed", type=_int_range("--seed", 0, 2**62), default=42)
+    s.add_argument("--compare", action="store_true", help="also write identity (c = 1) images and a side-by-side")
+    s.add_argument("--out", default="qsched-samples", help="output folder")
+    s.set_defaults(func=_sample)
+
+
+def _add_score(sub):
+    s = sub.add_parser("score", help="JAQ (and its components) of image files")
+    s.add_argument("images", nargs="+", help="image files (PNG/JPEG), all the same size")
+    s.add_argument("--prompt", action="append", help="prompt, once for all images or once per image")
+    s.add_argument("--prompts", help="prompt file with one prompt per image")
+    _add_jaq_args(s)
+    s.add_argument("--device", default=None)
+    s.add_argument("--json", help="also write the scores to this JSON file")
+    s.set_defaults(func=_score)
+
+
+def _device_dtype(args):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if str(device).startswith("cuda") else "float32")
+    return device, getattr(torch, dtype)
+
+
+def _build_generator(args, steps, family=None, sampler=None, quant=None):
+    from .generate import DiffusersGenerator, load_pipeline, model_hash
+
+    device, dtype = _device_dtype(args)
+    pipe = load_pipeline(args.model, config=args.config, dtype=dtype, device=device)
+    return DiffusersGenerator(pipe, family=args.family or family, steps=steps, sampler=args.sampler or sampler,
+                              height=args.size, width=args.size, quant=args.quant or quant, guidance=args.guidance,
+                              eta=args.eta, batch_size=args.batch_size, model_file=args.model,
+                              model_hash_value=model_hash(args.model), device=device)
+
+
+def _build_jaq(args):
+    import os
+
+    from .jaq import JAQ, PRESETS
+    from .metrics import SPECS, resolve
+
+    tc, iq = PRESETS[args.jaq]
+    weights = {}
+    for m in (tc, iq):
+        path = None
+        if args.jaq_weights:
+            if not os.path.isdir(args.jaq_weights):
+                raise FileNotFoundError(f"--jaq-weights folder not found: {args.jaq_weights}")
+            found = [os.path.join(args.jaq_weights, f) for f in SPECS[m].filenames
+                     if os.path.exists(os.path.join(args.jaq_weights, f))]
+            path = found[0] if found else os.path.join(args.jaq_weights, SPECS[m].filenames[0])
+        weights[m] = str(resolve(m, path))  # missing file -> error naming it, the folders searched and the source
+    device = getattr(args, "device", None) or "cpu"
+    jaq = JAQ(preset=args.jaq, k=args.k, device=device, weights=weights)
+    config = {"preset": args.jaq, "tc": tc, "iq": iq, "k": float(args.k), "k_on": jaq.k_on,
+              "tc_transform": jaq.tc_transform, "weights": {m: os.path.basename(p) for m, p in weights.items()}}
+    return jaq, config
+
+
+def _calibrate(args) -> int:
+    import os
+
+    from .plots import plot_landscape, preview_grid
+    from .prompts import default_prompts, load_prompts
+    from .runner import ProgressInfo, check_budget
+    from .search import SearchSpace, calibrate, default_points
+
+    prompts = load_prompts(args.prompts, args.limit) if args.prompts else default_prompts()[: args.limit]
+    space = SearchSpace(args.space, args.steps, args.range[0], args.range[1])
+    points = default_points(args.space) if args.points is None else args.points
+    check_budget(space, args.strategy, points, len(prompts), args.budget)  # before loading anything
+    os.makedirs(args.out, exist_ok=True)
+    record = os.path.join(args.out, "record.jsonl")
+    if os.path.exists(record) and not args.resume:
+        raise ValueError(f"{record} exists: pass --resume to continue it, or choose another --out")
+    gen = _build_generator(args, args.steps)
+    jaq, jaq_config = _build_jaq(args)
+
+    def progress(info: ProgressInfo) -> None:
+        if not args.quiet:
+            print(info.line(), file=sys.stderr, flush=True)
+
+    preset = os.path.join(args.out, "preset.json")
+    result = calibrate(gen, jaq, prompts, space=space, strategy=args.strategy, points=args.points, seed=args.seed,
+                       budget=args.budget, record=record, resume=args.resume, preset=preset, progress=progress,
+                       scorer_config=jaq_config)
+    plot_landscape(result, os.path.join(args.out, "landscape.png"))
+    from ..qsched import Coefficients
+
+    seeds = [args.seed + i for i in range(len(prompts))]
+    ident = gen.generate(Coefficients.identity(args.steps), prompts, seeds)
+    best = gen.generate(result.best, prompts, seeds)
+    preview_grid(ident, best, os.path.join(args.out, "preview.png"))
+    print(result.summary())
+    print(f"wrote {preset}, {record}, {os.path.join(args.out, 'landscape.png')}, "
+          f"{os.path.join(args.out, 'preview.png')} (top: identity, bottom: best)")
+    return 0
+
+
+def _sample(args) -> int:
+    import os
+
+    from ..qsched import Coefficients
+    from .plots import preview_grid, save_images
+    from .prompts import load_prompts
+
+    preset = Coefficients.load(args.preset)
+    steps = preset.steps if args.steps is None else args.steps
+    if steps != preset.steps:
+        raise ValueError(f"steps mismatch: the preset {args.preset} has {preset.steps} steps but --steps is "
+                         f"{steps}; allowed: --steps {preset.steps} (or calibrate a preset for {steps} steps)")
+    meta = preset.metadata
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += load_prompts(args.prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: give --prompt TEXT (repeatable) or --prompts FILE")
+    family, sampler = meta.get("family"), meta.get("sampler")
+    if args.family and family and args.family != family:
+        print(f"qsched sample: warning: preset calibrated for family {family!r}, running {args.family!r}",
+              file=sys.stderr)
+    gen = _build_generator(args, steps, family=family if family in FAMILY_CHOICES else None,
+                           sampler=sampler if sampler in ("euler", "euler_ancestral", "tcd", "lcm") else None,
+                           quant=meta.get("quant"))
+    if meta.get("model_hash") and gen.model_hash != meta["model_hash"]:
+        print(f"qsched sample: warning: preset calibrated on model hash {meta['model_hash'][:12]}, this model is "
+              f"{gen.model_hash[:12]}", file=sys.stderr)
+    seeds = [args.seed + i for i in range(len(prompts))]
+    images = gen.generate(preset, prompts, seeds)
+    paths = save_images(images, args.out, "qsched")
+    if args.compare:
+        ident = gen.generate(Coefficients.identity(steps), prompts, seeds)
+        paths += save_images(ident, args.out, "identity")
+        paths.append(preview_grid(ident, images, os.path.join(args.out, "compare.png")))
+    print("\n".join(paths))
+    return 0
+
+
+def _score(args) -> int:
+    import json
+
+    from ..qsched.coefficients import atomic_write_text
+    from .plots import load_images
+    from .prompts import load_prompts
+    from .runner import score_images
+
+    images = load_images(args.images)
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += load_prompts(args.prompts)
+    if len(prompts) == 1:
+        prompts = prompts * len(args.images)
+    if len(prompts) != len(args.images):
+        raise ValueError(f"give one prompt for all images or one per image: {len(args.images)} images, "
+                         f"{len(prompts)} prompts")
+    jaq, config = _build_jaq(args)
+    values, comps = score_images(jaq, images, prompts)
+    rows = [{"image": path, "jaq": v, **{k: comps[k][i] for k in sorted(comps)}}
+            for i, (path, v) in enumerate(zip(args.images, values))]
+    for r in rows:
+        print("\t".join([r["image"]] + [f"{k}={r[k]:.6g}" for k in r if k != "image"]))
+    print(f"mean jaq={sum(values) / len(values):.6g}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"jaq": config, "images": rows}, indent=2) + "\n")
+    return 0
 
 
 def _int_range(name: str, lo: int, hi: int, multiple: int = 1):
@@ -45,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_torchvision_importable()
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"qsched {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -88,3 +88,57 @@ def sdxl_conditioning(pipe, prompt: str, height: int, width: int) -> dict:
 def flux_conditioning(pipe, prompt: str, max_sequence_length: int = 64) -> dict:
     embeds, pooled, txt_ids = pipe.encode_prompt(prompt, prompt_2=None, max_sequence_length=max_sequence_length)
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": txt_ids}
+
+
+# ---- helpers for batched calibration (calibration/generate.py) ------------------------------------------
+
+def guidance_scale_embedding(w: float, embedding_dim: int, dtype=torch.float32) -> torch.Tensor:
+    """LCM's w-embedding (diffusers ``get_guidance_scale_embedding`` of ``w = guidance - 1``), shape [1, dim]."""
+    w = torch.tensor([float(w)]) * 1000.0
+    half = embedding_dim // 2
+    freq = torch.exp(torch.arange(half, dtype=dtype) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = w.to(dtype)[:, None] * freq[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if embedding_dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+def sd_conditioning(pipe, prompt: str, guidance: float | None = None) -> dict:
+    """Encode one prompt with an SD1.5-layout pipeline (one CLIP text encoder, no CFG pass). With a UNet that
+    has ``time_cond_proj_dim`` (LCM), ``guidance`` enters through the w-embedding ``w = guidance - 1``."""
+    embeds, _ = pipe.encode_prompt(prompt, pipe.unet.device, 1, False)
+    cond = {"encoder_hidden_states": embeds}
+    dim = getattr(pipe.unet.config, "time_cond_proj_dim", None)
+    if dim is not None:
+        cond["timestep_cond"] = guidance_scale_embedding((guidance or 1.0) - 1.0, dim, embeds.dtype)
+    return cond
+
+
+def conditioning_for(pipe, prompt: str, height: int, width: int, guidance: float | None = None) -> dict:
+    """Batch-of-one conditioning of ``prompt`` for whichever layout ``pipe`` has (FLUX, SDXL, SD1.5/LCM)."""
+    if getattr(pipe, "transformer", None) is not None:
+        return flux_conditioning(pipe, prompt)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        cond = sdxl_conditioning(pipe, prompt, height, width)
+        dim = getattr(pipe.unet.config, "time_cond_proj_dim", None)
+        if dim is not None:
+            cond["timestep_cond"] = guidance_scale_embedding((guidance or 1.0) - 1.0, dim,
+                                                             cond["encoder_hidden_states"].dtype)
+        return cond
+    return sd_conditioning(pipe, prompt, guidance)
+
+
+def concat_conditioning(conds: list) -> dict:
+    """Stack batch-of-one conditionings along the batch axis (``txt_ids`` is shared and kept once)."""
+    out = {}
+    for k, v in conds[0].items():
+        if k == "txt_ids":
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = concat_conditioning([c[k] for c in conds])
+        elif torch.is_tensor(v):
+            out[k] = torch.cat([c[k] for c in conds])
+        else:
+            out[k] = v
+    return out

@@ -223,6 +223,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; presets are shared files
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -233,3 +234,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             os.unlink(tmp)
         raise
 
+
+
+def _file_mode(path: str) -> int:
+    """Keep an existing file's permissions; a new file gets 0666 minus the umask, like open(path, "w")."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask

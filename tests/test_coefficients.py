@@ -120,6 +120,9 @@ def test_save_load_atomic_and_errors_name_the_file(tmp_path, monkeypatch):
     c.save(path)
     assert Coefficients.load(path) == c
     assert Coefficients.load(path).metadata == {"quant": "w4a8"}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600: presets are shared
     # A crash during the write leaves the previous file intact and no temporary files behind.
     before = path.read_text()
 

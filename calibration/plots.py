@@ -1,0 +1,236 @@
+"""Pictures of a calibration: the search landscape and identity-vs-best previews.
+
+* ``plot_landscape``: 2-D spaces -> heatmap of the mean JAQ over (c_x start, c_eps start) (a full grid fills
+  every cell; an adaptive search shows the cells it visited), identity and best marked; more dimensions ->
+  trace (score per evaluation + running best) and one marginal per coordinate (score against its value).
+  Uses matplotlib when installed, else draws a plainer PNG with PIL.
+* ``preview_grid``: identity (top row) vs best (bottom row) images, one column per calibration prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import torch
+
+
+def _save_png(img, path: str) -> str:
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plot_landscape(result, path: str, *, use_matplotlib: bool | None = None, title: str | None = None) -> str:
+    """Write the landscape PNG of a ``CalibrationResult`` to ``path``; returns the path."""
+    if not result.points:
+        raise ValueError("the calibration result has no evaluated points to plot")
+    mpl = _have_matplotlib() if use_matplotlib is None else use_matplotlib
+    title = title or (f"{result.strategy} over {result.space.kind}: best {result.best_score:.4g}, "
+                      f"identity {result.identity_score:.4g}, {result.images_spent} images")
+    if result.space.dim == 2:
+        return _heatmap_mpl(result, path, title) if mpl else _heatmap_pil(result, path)
+    return _trace_mpl(result, path, title) if mpl else _trace_pil(result, path)
+
+
+def _grid_cells(result):
+    """Unique sorted axis values and a score matrix (NaN where not evaluated) for a 2-D result."""
+    xs = sorted({p.point[0] for p in result.points})
+    es = sorted({p.point[1] for p in result.points})
+    ix, ie = {v: i for i, v in enumerate(xs)}, {v: i for i, v in enumerate(es)}
+    m = torch.full((len(es), len(xs)), float("nan"), dtype=torch.float64)
+    for p in result.points:
+        m[ie[p.point[1]], ix[p.point[0]]] = p.score
+    return xs, es, m
+
+
+def _heatmap_mpl(result, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = result.space.names
+    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=110)
+    pts = result.points
+    full = len(pts) >= 0.9 * len({p.point[0] for p in pts}) * len({p.point[1] for p in pts})
+    if full:
+        xs, es, m = _grid_cells(result)
+        im = ax.pcolormesh(_edges(xs), _edges(es), m.numpy(), shading="flat", cmap="viridis")
+    else:
+        im = ax.scatter([p.point[0] for p in pts], [p.point[1] for p in pts], c=[p.score for p in pts], s=22,
+                        cmap="viridis", edgecolors="none")
+        ax.plot([p.point[0] for p in pts], [p.point[1] for p in pts], color="0.6", lw=0.4, zorder=0)
+    fig.colorbar(im, ax=ax, label="mean JAQ")
+    ax.plot([1.0], [1.0], marker="o", mfc="none", mec="white", ms=10, mew=2, label="identity")
+    ax.plot([result.best_point[0]], [result.best_point[1]], marker="*", color="red", ms=14, label="best")
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
+    ax.set_title(title, fontsize=8)
+    ax.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    out = _save_fig(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _edges(vals):
+    if len(vals) == 1:
+        return [vals[0] - 0.005, vals[0] + 0.005]
+    mids = [(a + b) / 2 for a, b in zip(vals[:-1], vals[1:])]
+    return [vals[0] - (mids[0] - vals[0])] + mids + [vals[-1] + (vals[-1] - mids[-1])]
+
+
+def _trace_mpl(result, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    dim = result.space.dim
+    cols = min(4, dim)
+    rows = 1 + math.ceil(dim / cols)
+    fig = plt.figure(figsize=(3.0 * cols, 2.4 * rows), dpi=100)
+    ax = fig.add_subplot(rows, 1, 1)
+    scores = [p.score for p in result.points]
+    running = [max(scores[: i + 1]) for i in range(len(scores))]
+    ax.plot(scores, ".", ms=3, label="evaluated")
+    ax.plot(running, "-", color="red", label="best so far")
+    ax.axhline(result.identity_score, color="0.4", ls="--", lw=0.8, label="identity")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("mean JAQ")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    for d, name in enumerate(result.space.names):
+        a = fig.add_subplot(rows, cols, cols + d + 1)
+        a.scatter([p.point[d] for p in result.points], scores, s=6, c=range(len(scores)), cmap="viridis")
+        a.axvline(result.best_point[d], color="red", lw=0.8)
+        a.set_xlabel(name, fontsize=8)
+        a.tick_params(labelsize=6)
+    fig.tight_layout()
+    out = _save_fig(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _save_fig(fig, path):
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def _color(t: float) -> tuple[int, int, int]:
+    """Dark blue -> green -> yellow ramp for t in [0, 1]."""
+    t = min(1.0, max(0.0, t))
+    return (int(255 * t ** 1.5), int(40 + 200 * t), int(120 * (1 - t) + 30))
+
+
+def _heatmap_pil(result, path, cell: int = 12):
+    from PIL import Image, ImageDraw
+
+    xs, es, m = _grid_cells(result)
+    finite = m[~m.isnan()]
+    lo, hi = float(finite.min()), float(finite.max())
+    img = Image.new("RGB", (len(xs) * cell, len(es) * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for r in range(len(es)):
+        for c in range(len(xs)):
+            v = float(m[r, c])
+            if math.isnan(v):
+                continue
+            y = (len(es) - 1 - r) * cell  # c_eps grows upwards
+            draw.rectangle([c * cell, y, (c + 1) * cell - 1, y + cell - 1],
+                           fill=_color((v - lo) / (hi - lo) if hi > lo else 0.5))
+    bx, by = xs.index(result.best_point[0]), len(es) - 1 - es.index(result.best_point[1])
+    draw.rectangle([bx * cell, by * cell, (bx + 1) * cell - 1, (by + 1) * cell - 1], outline=(255, 0, 0), width=2)
+    return _save_png(img, path)
+
+
+def _trace_pil(result, path, w: int = 480, h: int = 240):
+    from PIL import Image, ImageDraw
+
+    scores = [p.score for p in result.points]
+    lo, hi = min(scores), max(scores)
+    span = hi - lo or 1.0
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    n = max(1, len(scores) - 1)
+
+    def xy(i, s):
+        return 4 + (w - 8) * i / n, h - 4 - (h - 8) * (s - lo) / span
+
+    for i, s in enumerate(scores):
+        x, y = xy(i, s)
+        draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=(40, 80, 200))
+    running = [max(scores[: i + 1]) for i in range(len(scores))]
+    draw.line([xy(i, s) for i, s in enumerate(running)], fill=(220, 0, 0), width=2)
+    return _save_png(img, path)
+
+
+def preview_grid(identity_images: torch.Tensor, best_images: torch.Tensor, path: str, *, tile: int = 256) -> str:
+    """PNG with identity (top row) and best (bottom row) images [B, H, W, 3] in 0..1, one column per prompt."""
+    from PIL import Image
+
+    if identity_images.shape != best_images.shape or identity_images.ndim != 4 or identity_images.shape[-1] != 3:
+        raise ValueError(f"preview needs two image batches [B, H, W, 3] of the same shape, got "
+                         f"{tuple(identity_images.shape)} and {tuple(best_images.shape)}")
+    b = identity_images.shape[0]
+    h, w = identity_images.shape[1:3]
+    scale = min(1.0, tile / max(h, w))
+    th, tw = max(1, int(h * scale)), max(1, int(w * scale))
+    grid = Image.new("RGB", (b * tw, 2 * th), (0, 0, 0))
+    for row, batch in enumerate((identity_images, best_images)):
+        for i in range(b):
+            arr = (batch[i].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            im = Image.fromarray(arr)
+            if (th, tw) != (h, w):
+                im = im.resize((tw, th), Image.BILINEAR)
+            grid.paste(im, (i * tw, row * th))
+    return _save_png(grid, path)
+
+
+def save_images(images: torch.Tensor, folder: str, prefix: str = "image") -> list[str]:
+    """Write each image of [B, H, W, 3] (0..1) as ``{prefix}_{i:03d}.png``; returns the paths."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for i in range(images.shape[0]):
+        arr = (images[i].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        out.append(_save_png(Image.fromarray(arr), os.path.join(folder, f"{prefix}_{i:03d}.png")))
+    return out
+
+
+def load_images(paths: Sequence[str]) -> torch.Tensor:
+    """PNG/JPEG files of one size -> [B, H, W, 3] float in 0..1."""
+    import numpy as np
+    from PIL import Image
+
+    if not paths:
+        raise ValueError("no image files given")
+    arrs = []
+    for p in paths:
+        try:
+            im = Image.open(p).convert("RGB")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image not found: {p}") from None
+        arrs.append(np.asarray(im, dtype=np.float32) / 255.0)
+    shapes = {a.shape for a in arrs}
+    if len(shapes) != 1:
+        raise ValueError(f"images must all have the same size, got {sorted(shapes)}")
+    return torch.from_numpy(np.stack(arrs))

@@ -1,0 +1,77 @@
+"""Calibration prompts: the project's own 20 and loaders for user files.
+
+The paper calibrates on the first 20 prompts of sDCI (summarised Densely Captioned Images: long,
+multi-sentence descriptions of scenes with several objects). Those captions are not ours to ship, so
+``data/calibration_prompts.txt`` holds 20 original prompts written in the same spirit: one scene each, several
+named objects with colours, materials, positions and lighting. Users can bring their own:
+
+* ``.txt``  one prompt per line; blank lines and lines starting with ``#`` are skipped;
+* ``.yaml`` / ``.yml`` a mapping ``name: prompt`` like ``sDCI.yaml`` (values in file order) or a list;
+* ``.json`` a list of strings (or a mapping ``name: prompt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_FILE = DATA / "calibration_prompts.txt"
+FORMATS = (".txt", ".yaml", ".yml", ".json")
+
+
+def default_prompts() -> list[str]:
+    """The project's 20 calibration prompts."""
+    return load_prompts(DEFAULT_FILE)
+
+
+def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]:
+    """Prompts from a user file (format by extension, see the module docstring); ``limit`` keeps the first N."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() not in FORMATS:
+        raise ValueError(f"{p}: prompt file must end in one of {', '.join(FORMATS)} (got {p.suffix or 'no suffix'!r})")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"prompt file not found: {p}") from None
+    suffix = p.suffix.lower()
+    if suffix == ".txt":
+        prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}: not valid JSON ({exc})") from None
+        prompts = _from_data(data, p)
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{p}: not valid YAML ({exc})") from None
+        prompts = _from_data(data, p)
+    if not prompts:
+        raise ValueError(f"{p}: no prompts found (prompt list is empty)")
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
+        prompts = prompts[:limit]
+    return prompts
+
+
+def _from_data(data, path: Path) -> list[str]:
+    if isinstance(data, dict):
+        items = list(data.items())
+    elif isinstance(data, list):
+        items = list(enumerate(data))
+    else:
+        raise ValueError(f"{path}: expected a list of prompts or a mapping name -> prompt, got "
+                         f"{type(data).__name__}")
+    out = []
+    for key, value in items:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{path}: entry {key!r} must be a non-empty string, got {value!r}")
+        out.append(" ".join(value.split()))
+    return out

@@ -1,0 +1,464 @@
+"""Calibration runner: evaluates the points a search strategy asks for, records every one on disk, resumes.
+
+The record is a JSON-lines file. Line 1 is a header with the run's fingerprint (model file hash, family,
+sampler, steps, quantization, image size, scorer config, prompts, seeds, search space, strategy); every other
+line is one evaluated point (its search coordinates, coefficients, per-prompt JAQ and component scores,
+seconds, images) with a CRC-32 of its content. Each line is written with one ``write`` + ``fsync``.
+
+Kill the process at any moment and run again with ``resume=True``: the strategies are deterministic, so they
+ask for the same points in the same order; recorded points are answered from the record (nothing is
+recomputed) and the final preset is byte-identical to an uninterrupted run (it holds no wall-clock data). A
+half-written last line (the kill landed inside a ``write``) is dropped; any other damage, a header for a
+different model/config, or an unknown format is refused with an error naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..qsched.coefficients import Coefficients, atomic_write_text
+from .search import (BudgetExhausted, CalibrationResult, EvaluatedPoint, SearchSpace, check_points, check_strategy,
+                     default_points, estimate_points, run_strategy, select_best)
+
+RECORD_FORMAT = "qsched-calibration-record"
+RECORD_VERSION = 1
+PRESET_KIND = "qsched-calibration"
+
+
+class RecordError(ValueError):
+    """A calibration record that cannot be resumed (corrupt, foreign, or written by another version)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+
+def _crc(obj: Mapping) -> str:
+    return f"{zlib.crc32(json.dumps(obj, sort_keys=True, separators=(',', ':')).encode()) & 0xFFFFFFFF:08x}"
+
+
+def _line(obj: Mapping) -> str:
+    body = dict(obj)
+    body["crc"] = _crc(obj)
+    return json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def _floats(values) -> list[float]:
+    if torch.is_tensor(values):
+        values = values.detach().float().cpu().reshape(-1).tolist()
+    return [float(v) for v in values]
+
+
+def prompts_digest(prompts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()
+
+
+def scorer_config(scorer, explicit: Mapping | None = None) -> dict:
+    """What identifies a scorer in a record/preset: ``explicit``, ``scorer.config`` or the JAQ fields."""
+    if explicit is not None:
+        return dict(explicit)
+    cfg = getattr(scorer, "config", None)
+    if callable(cfg):
+        cfg = cfg()
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    out: dict[str, Any] = {"class": type(scorer).__name__}
+    for attr in ("k", "k_on", "tc_transform"):
+        if hasattr(scorer, attr):
+            out[attr] = getattr(scorer, attr)
+    for attr in ("tc", "iq"):
+        m = getattr(scorer, attr, None)
+        if m is not None:
+            out[attr] = getattr(m, "name", type(m).__name__)
+    return out
+
+
+def check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: give at least 1 calibration prompt (the paper uses 20)")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompts[{i}] must be a non-empty string, got {p!r}")
+    return prompts
+
+
+def check_seeds(seeds, count: int, seed: int) -> list[int]:
+    if seeds is None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        return [seed + i for i in range(count)]
+    seeds = list(seeds)
+    if len(seeds) != count or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ValueError(f"seeds must be {count} integers >= 0 (one per prompt), got {seeds!r}")
+    return seeds
+
+
+def check_budget(space: SearchSpace, strategy: str, n: int, per_point: int, budget: int | None,
+                 options: Mapping[str, Any] | None = None) -> None:
+    """Refuse, before anything runs, a grid larger than the budget or a budget below an adaptive strategy's
+    first design (identity + coarse grid)."""
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget (maximum images) must be an integer >= 1 or unset, got {budget!r}")
+    options = check_strategy(strategy, options)
+    if strategy == "grid":
+        total = estimate_points(space, strategy, n, options)
+        if total * per_point > budget:
+            raise ValueError(
+                f"budget too small: the grid evaluates {total} points ({n}^{space.dim} grid + identity) x "
+                f"{per_point} prompts = {total * per_point} images, budget is {budget}. Raise --budget to >= "
+                f"{total * per_point}, lower --points, or use --strategy zoom")
+        return
+    first = 1
+    if strategy == "zoom":
+        coarse = options.get("coarse") or (5 if space.dim <= 2 else 3 if space.dim <= 4 else 2)
+        first += min(coarse, n) ** space.dim
+    if first * per_point > budget:
+        raise ValueError(f"budget too small: strategy {strategy!r} needs at least {first} points x {per_point} "
+                         f"prompts = {first * per_point} images before it can choose, budget is {budget}")
+
+
+@dataclass
+class ProgressInfo:
+    points_done: int
+    points_total: int  # exact for grid, an estimate for adaptive strategies
+    images_spent: int
+    images_total: int
+    best_score: float
+    identity_score: float | None
+    elapsed: float  # seconds of this session
+    eta: float | None  # seconds left (None until one new point has been timed)
+    cached: bool  # the last point came from the record
+
+    def line(self) -> str:
+        eta = "?" if self.eta is None else _hms(self.eta)
+        return (f"[{self.points_done}/~{self.points_total} points] "
+                f"images {self.images_spent}/{self.images_total} best {self.best_score:.5g} "
+                f"(identity {self.identity_score if self.identity_score is None else format(self.identity_score, '.5g')}) "
+                f"elapsed {_hms(self.elapsed)} eta {eta}")
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# record file
+
+class Record:
+    """Append-only JSONL record of evaluated points (see the module docstring)."""
+
+    def __init__(self, path: str | None, fingerprint: dict, resume: bool):
+        self.path = None if path is None else os.fspath(path)
+        self.fingerprint = fingerprint
+        self.entries: dict[str, dict] = {}
+        self.order: list[str] = []
+        if self.path is None:
+            return
+        if os.path.exists(self.path):
+            if not resume:
+                raise RecordError(f"{self.path}: a calibration record already exists; pass resume=True (CLI "
+                                  "--resume) to continue it, or choose another record file")
+            self._load()
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            header = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "fingerprint": fingerprint}
+            atomic_write_text(self.path, _line(header))
+
+    @staticmethod
+    def key(point: Sequence[float]) -> str:
+        return json.dumps([float(v) for v in point])
+
+    def _load(self) -> None:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            # the process was killed inside a write: drop the partial line (it was never acknowledged)
+            with open(self.path, "r+b") as f:
+                f.truncate(complete)
+                f.flush()
+                os.fsync(f.fileno())
+            data = data[:complete]
+        lines = data.decode("utf-8", errors="replace").splitlines()
+        if not lines:
+            raise RecordError(f"{self.path}: empty calibration record (no header); delete it to start over")
+        header = self._parse(lines[0], 1)
+        if header.get("format") != RECORD_FORMAT:
+            raise RecordError(f"{self.path}: not a Q-Sched calibration record (format {header.get('format')!r}, "
+                              f"expected {RECORD_FORMAT!r})")
+        if header.get("version") != RECORD_VERSION:
+            raise RecordError(f"{self.path}: record version {header.get('version')!r}, this Q-Sched reads "
+                              f"version {RECORD_VERSION}")
+        theirs = header.get("fingerprint")
+        if theirs != self.fingerprint:
+            diff = _diff(theirs if isinstance(theirs, Mapping) else {}, self.fingerprint)
+            raise RecordError(f"{self.path}: record was made for a different model/config and cannot be resumed; "
+                              f"differs in {diff}. Use another record file or the original settings")
+        for n, text in enumerate(lines[1:], start=2):
+            e = self._parse(text, n)
+            for k in ("point", "c_x", "c_eps", "score", "jaq", "components", "images", "seconds"):
+                if k not in e:
+                    raise RecordError(f"{self.path}: line {n} is corrupt (missing {k!r}); delete the file to "
+                                      "start over")
+            key = self.key(e["point"])
+            if key in self.entries:
+                raise RecordError(f"{self.path}: line {n} is corrupt (point {e['point']} recorded twice)")
+            self.entries[key] = e
+            self.order.append(key)
+
+    def _parse(self, text: str, n: int) -> dict:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            raise RecordError(f"{self.path}: line {n} is corrupt (not JSON); delete the file to start over") from None
+        if not isinstance(obj, dict) or "crc" not in obj:
+            raise RecordError(f"{self.path}: line {n} is corrupt (no checksum); delete the file to start over")
+        crc = obj.pop("crc")
+        if crc != _crc(obj):
+            raise RecordError(f"{self.path}: line {n} is corrupt (checksum mismatch); delete the file to start over")
+        return obj
+
+    def append(self, entry: dict) -> None:
+        key = self.key(entry["point"])
+        self.entries[key] = entry
+        self.order.append(key)
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(_line(entry))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _diff(a: Mapping, b: Mapping, prefix: str = "") -> str:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if va == vb:
+            continue
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out.append(_diff(va, vb, f"{prefix}{k}."))
+        else:
+            sa, sb = json.dumps(va)[:80], json.dumps(vb)[:80]
+            out.append(f"{prefix}{k} (record: {sa}, now: {sb})")
+    return "; ".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# runner
+
+class Runner:
+    """Evaluate points for a strategy: generate with common random numbers, score, record, cache, budget."""
+
+    def __init__(self, generator, scorer, prompts, *, space: SearchSpace, strategy: str = "pattern",
+                 points: int | None = None, seed: int = 42, seeds: Sequence[int] | None = None,
+                 budget: int | None = None, record: str | None = None, resume: bool = False,
+                 progress: Callable[[ProgressInfo], None] | None = None, interrupt: Callable[[], None] | None = None,
+                 scorer_config: Mapping | None = None, strategy_options: Mapping[str, Any] | None = None):
+        self.prompts = check_prompts(prompts)
+        self.seeds = check_seeds(seeds, len(self.prompts), seed)
+        self.space = space
+        self.strategy = strategy
+        self.options = check_strategy(strategy, strategy_options)
+        self.n = default_points(space.kind) if points is None else check_points(points)
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"budget (maximum images) must be an integer >= 1 or unset, got {budget!r}")
+        self.budget = budget
+        self.generator, self.scorer = generator, scorer
+        self.progress, self.interrupt = progress, interrupt
+        per_point = len(self.prompts)
+        self.estimate = estimate_points(space, strategy, self.n, self.options)
+        check_budget(space, strategy, self.n, per_point, budget, self.options)
+        self.scorer_config = scorer_config_ = _scorer_cfg(scorer, scorer_config)
+        self.fingerprint = {
+            "generator": _generator_fingerprint(generator),
+            "scorer": scorer_config_,
+            "prompts": {"count": len(self.prompts), "sha256": prompts_digest(self.prompts)},
+            "seeds": self.seeds,
+            "space": space.to_dict(),
+            "strategy": {"name": strategy, "points": self.n, "options": self.options},
+        }
+        json.dumps(self.fingerprint)  # must be JSON-serialisable (fails early, naming nothing on disk yet)
+        self.record = Record(record, self.fingerprint, resume)
+        self._session_images = 0
+        self._session_seconds = 0.0
+        self._t0 = time.perf_counter()
+        self._evaluated: list[str] = []  # keys in the order the strategy asked for them (first time)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    @property
+    def images_spent(self) -> int:
+        return sum(int(self.record.entries[k]["images"]) for k in self.record.order)
+
+    def _evaluate_one(self, point) -> dict:
+        key = Record.key(point)
+        if key in self.record.entries:
+            return self.record.entries[key]
+        if self.budget is not None and self.images_spent + len(self.prompts) > self.budget:
+            raise BudgetExhausted()
+        if self.interrupt is not None:
+            self.interrupt()
+        coeff = self.space.coefficients(point)
+        t0 = time.perf_counter()
+        images = self.generator.generate(coeff, self.prompts, self.seeds)
+        _check_images(images, len(self.prompts))
+        if self.interrupt is not None:
+            self.interrupt()
+        jaq, comps = score_images(self.scorer, images, self.prompts)
+        seconds = time.perf_counter() - t0
+        if not all(math.isfinite(v) for v in jaq):
+            raise ValueError(f"scorer returned a non-finite JAQ for point {list(point)}: {jaq}")
+        entry = {"point": [float(v) for v in point], "c_x": list(coeff.c_x), "c_eps": list(coeff.c_eps),
+                 "score": math.fsum(jaq) / len(jaq), "jaq": jaq, "components": comps,
+                 "images": len(self.prompts), "seconds": round(seconds, 4)}
+        self.record.append(entry)
+        self._session_images += len(self.prompts)
+        self._session_seconds += seconds
+        return entry
+
+    def evaluate(self, points) -> list[float]:
+        out = []
+        for p in points:
+            key = Record.key(p)
+            cached = key in self.record.entries
+            e = self._evaluate_one(p)
+            if key not in self._evaluated:
+                self._evaluated.append(key)
+            out.append(float(e["score"]))
+            self._report(cached)
+        return out
+
+    def _report(self, cached: bool) -> None:
+        if self.progress is None:
+            return
+        scores = [self.record.entries[k]["score"] for k in self._evaluated]
+        ident = self.record.entries.get(Record.key(self.space.identity))
+        total_pts = max(self.estimate, len(self._evaluated))
+        per_point = len(self.prompts)
+        images_total = total_pts * per_point
+        if self.budget is not None:
+            images_total = min(images_total, self.budget)
+        eta = None
+        if self._session_images:
+            left = max(0, images_total - self.images_spent)
+            eta = left * self._session_seconds / self._session_images
+        self.progress(ProgressInfo(len(self._evaluated), total_pts, self.images_spent, images_total, max(scores),
+                                   None if ident is None else ident["score"], time.perf_counter() - self._t0, eta,
+                                   cached))
+
+    # -- run ----------------------------------------------------------------------------------------
+    def run(self) -> CalibrationResult:
+        stopped = run_strategy(self.space, self.strategy, self.evaluate, self.n, self.options)
+        keys = self._evaluated
+        if not keys:
+            raise ValueError("the image budget does not allow a single point; raise the budget")
+        entries = [self.record.entries[k] for k in keys]
+        pts = [tuple(e["point"]) for e in entries]
+        scores = [e["score"] for e in entries]
+        b = select_best(pts, scores, self.space.identity)
+        ident = self.record.entries.get(Record.key(self.space.identity))
+        evaluated = [EvaluatedPoint(tuple(e["point"]), Coefficients(e["c_x"], e["c_eps"]), e["score"], e["jaq"],
+                                    e["components"], e["seconds"], e["images"]) for e in entries]
+        result = CalibrationResult(best=evaluated[b].coefficients, best_point=pts[b], best_score=scores[b],
+                                   identity_score=float("nan") if ident is None else ident["score"],
+                                   points=evaluated, images_spent=self.images_spent, space=self.space,
+                                   strategy=self.strategy, grid_points=self.n, stopped=stopped)
+        result.best = result.best.with_metadata(**self.preset_metadata(result))
+        return result
+
+    def preset_metadata(self, result: CalibrationResult, extra: Mapping | None = None) -> dict:
+        def means(e):
+            comps = e.get("components", {}) if e else {}
+            return {k: math.fsum(v) / len(v) for k, v in sorted(comps.items()) if v}
+
+        best_e = self.record.entries[Record.key(result.best_point)]
+        ident_e = self.record.entries.get(Record.key(self.space.identity))
+        gen = self.fingerprint["generator"]
+        meta = {
+            "kind": PRESET_KIND,
+            "model": {k: gen.get(k) for k in ("model_hash", "model_file", "family", "sampler", "steps", "quant",
+                                              "height", "width", "dtype") if k in gen},
+            "family": gen.get("family"),
+            "steps": self.space.steps,
+            "sampler": gen.get("sampler"),
+            "quant": gen.get("quant"),
+            "model_hash": gen.get("model_hash"),
+            "jaq": self.scorer_config,
+            "scores": {"identity": {"jaq": ident_e["score"] if ident_e else None, **means(ident_e)},
+                       "best": {"jaq": result.best_score, **means(best_e)}},
+            "images_spent": result.images_spent,
+            "points_evaluated": len(result.points),
+            "search": {"space": self.space.to_dict(), "strategy": self.strategy, "points": self.n,
+                       "options": self.options, "best_point": list(result.best_point), "stopped": result.stopped},
+            "prompts": self.fingerprint["prompts"],
+            "seeds": self.seeds,
+        }
+        if extra:
+            meta.update(dict(extra))
+        return meta
+
+    def write_preset(self, result: CalibrationResult, path: str, extra_metadata: Mapping | None = None) -> str:
+        preset = result.best.with_metadata(**self.preset_metadata(result, extra_metadata))
+        preset.check_steps(self.space.steps, "search space")
+        preset.save(path)  # atomic: temp file + fsync + rename
+        result.best = preset
+        result.preset_path = os.fspath(path)
+        return result.preset_path
+
+
+def score_images(scorer, images: torch.Tensor, prompts: list[str]) -> tuple[list[float], dict[str, list[float]]]:
+    """Per-image JAQ and components from one metric pass: ``components`` then ``combine`` when the scorer
+    has it (``calibration.jaq.JAQ`` does), else ``score`` (which may recompute)."""
+    comps = scorer.components(images, prompts)
+    if not isinstance(comps, Mapping):
+        raise ValueError(f"scorer.components must return a mapping name -> per-image values, got {type(comps).__name__}")
+    if hasattr(scorer, "combine") and "tc" in comps and "iq" in comps:
+        jaq = scorer.combine(comps["tc"], comps["iq"])
+    else:
+        jaq = scorer.score(images, prompts)
+    jaq = _floats(jaq)
+    if len(jaq) != len(prompts):
+        raise ValueError(f"scorer returned {len(jaq)} scores for {len(prompts)} images")
+    out = {}
+    for k, v in comps.items():
+        vals = _floats(v)
+        if len(vals) != len(prompts):
+            raise ValueError(f"scorer component {k!r} has {len(vals)} values for {len(prompts)} images")
+        out[str(k)] = vals
+    return jaq, out
+
+
+def _check_images(images, count: int) -> None:
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] != count or images.shape[-1] != 3:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"generator must return images [B={count}, H, W, 3], got {shape}")
+
+
+def _scorer_cfg(scorer, explicit):
+    cfg = scorer_config(scorer, explicit)
+    try:
+        json.dumps(cfg)
+    except TypeError:
+        raise ValueError(f"scorer config must be JSON-serialisable, got {cfg!r}") from None
+    return cfg
+
+
+def _generator_fingerprint(generator) -> dict:
+    fp = generator.fingerprint() if hasattr(generator, "fingerprint") else {"class": type(generator).__name__}
+    if not isinstance(fp, Mapping):
+        raise ValueError(f"generator.fingerprint() must return a dict, got {type(fp).__name__}")
+    return dict(fp)

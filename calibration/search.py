@@ -1,0 +1,470 @@
+"""Search for Q-Sched coefficients (paper Algorithm 1, done right, plus adaptive strategies).
+
+Search spaces (``SearchSpace.kind``), every value drawn from ``[low, high]`` (default [0.8, 1.2]):
+
+* ``start``     2-D ``(c_x_start, c_eps_start)``; ramps ``linspace(start, 1, steps)`` -- the released search.
+* ``start_end`` 4-D ``(c_x_start, c_x_end, c_eps_start, c_eps_end)`` -- the paper's Algorithm 1 (l. 5-6).
+* ``per_step``  2·steps-D ``(c_x[0..N-1], c_eps[0..N-1])`` -- one free value per step (Theorem 1).
+
+Strategies (all maximise the mean JAQ over the calibration prompts; the paper's ``S̄ < S*`` with ``S* = ∞``
+is a typo for a higher-is-better score, and the released code's lexicographic ``max`` over score lists that
+in effect ranks by CLIPScore is a bug, see notes/method.md §2):
+
+* ``grid``    Algorithm 1 with ``opt`` = a full Cartesian grid: ``n`` points per dimension,
+  ``linspace(low, high, n)``, iterated in ``itertools.product`` order of ``SearchSpace.names`` (for ``start``:
+  outer loop c_x, inner loop c_eps, like the released code). Identity (all ones) is evaluated first, always.
+* ``pattern`` (default) a pattern search on the lattice of the full grid, started from the grid point nearest
+  identity: poll the neighbours at distance ``step``, move to the best one if it beats the incumbent, halve
+  ``step`` when none does, stop at step 1. It only ever evaluates points of the full grid, so it can reach
+  the grid's best exactly; benchmarks/bench_search.py: within 0.5% of the grid's best with <= 7.1% of the
+  grid's images on all 21 objectives (synthetic and tiny pipeline), 1.8% (median) in total.
+* ``zoom``    the same pattern search after a coarse sub-grid of the lattice (a global look first, for
+  landscapes with several maxima); costs more up front (<= 11.6% of a small 15x15 grid to reach 0.5%).
+
+Selection: the highest mean score wins; ties go to identity, then to the point nearest identity, then to
+the point evaluated first. A strategy only talks to an ``evaluate(points) -> scores`` function, so the same
+code runs on synthetic objectives (tests, benchmark) and on the real pipeline through ``runner.Runner``,
+which records, caches and resumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from ..qsched.coefficients import C_MAX, MAX_STEPS, Coefficients
+
+SPACES = ("start", "start_end", "per_step")
+STRATEGIES = ("grid", "zoom", "pattern")
+DEFAULT_RANGE = (0.8, 1.2)
+#: Grid points per dimension when none is given: the shipped official run uses 50 for the 2-D space.
+DEFAULT_POINTS = {"start": 50, "start_end": 11, "per_step": 5}
+#: Axis values are rounded to this many decimals so that the grid point 1.0 is exactly identity and
+#: record keys are stable across platforms (linspace(0.8, 1.2, 5)[2] is 0.9999999999999999 unrounded).
+ROUND = 12
+
+Point = tuple  # tuple[float, ...] in the order of SearchSpace.names
+
+
+def _is_number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Where coefficients are searched. ``point`` tuples follow ``names``."""
+
+    kind: str = "start"
+    steps: int = 4
+    low: float = DEFAULT_RANGE[0]
+    high: float = DEFAULT_RANGE[1]
+
+    def __post_init__(self):
+        if self.kind not in SPACES:
+            raise ValueError(f"space must be one of {', '.join(SPACES)}; got {self.kind!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}")
+        if self.kind == "start_end" and self.steps < 2:
+            raise ValueError("space 'start_end' needs steps >= 2 (with 1 step the end values are never used); "
+                             "use space 'start' or 'per_step'")
+        for name in ("low", "high"):
+            v = getattr(self, name)
+            if not _is_number(v) or not 0.0 < v <= C_MAX:
+                raise ValueError(f"range {name} must be a finite number in (0, {C_MAX:g}], got {v!r}")
+        if not self.low < self.high:
+            raise ValueError(f"range must have low < high (allowed: 0 < low < high <= {C_MAX:g}), "
+                             f"got low={self.low!r}, high={self.high!r}")
+        object.__setattr__(self, "low", float(self.low))
+        object.__setattr__(self, "high", float(self.high))
+
+    @property
+    def dim(self) -> int:
+        return {"start": 2, "start_end": 4, "per_step": 2 * self.steps}[self.kind]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        if self.kind == "start":
+            return ("c_x_start", "c_eps_start")
+        if self.kind == "start_end":
+            return ("c_x_start", "c_x_end", "c_eps_start", "c_eps_end")
+        return tuple(f"c_x[{i}]" for i in range(self.steps)) + tuple(f"c_eps[{i}]" for i in range(self.steps))
+
+    @property
+    def identity(self) -> Point:
+        return (1.0,) * self.dim
+
+    def axis(self, n: int) -> tuple[float, ...]:
+        """``linspace(low, high, n)`` (Algorithm 1's per-parameter values), rounded to ``ROUND`` decimals."""
+        check_points(n)
+        return tuple(round(self.low + (self.high - self.low) * i / (n - 1), ROUND) for i in range(n))
+
+    def grid(self, n: int) -> list[Point]:
+        """Every point of the n^dim grid in Algorithm 1 order (``itertools.product`` over ``names``)."""
+        return list(itertools.product(self.axis(n), repeat=self.dim))
+
+    def grid_size(self, n: int) -> int:
+        check_points(n)
+        return n ** self.dim
+
+    def coefficients(self, point: Sequence[float]) -> Coefficients:
+        p = tuple(float(v) for v in point)
+        if len(p) != self.dim:
+            raise ValueError(f"a point of space {self.kind!r} has {self.dim} values ({', '.join(self.names)}), "
+                             f"got {len(p)}")
+        n = self.steps
+        if self.kind == "start":
+            return Coefficients.ramp(n, p[0], 1.0, p[1], 1.0)
+        if self.kind == "start_end":
+            return Coefficients.ramp(n, p[0], p[1], p[2], p[3])
+        return Coefficients(p[:n], p[n:])
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "steps": self.steps, "low": self.low, "high": self.high}
+
+
+def check_points(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 10_000:
+        raise ValueError(f"points (grid values per dimension) must be an integer in [2, 10000], got {n!r}")
+    return n
+
+
+def default_points(kind: str) -> int:
+    if kind not in DEFAULT_POINTS:
+        raise ValueError(f"space must be one of {', '.join(SPACES)}; got {kind!r}")
+    return DEFAULT_POINTS[kind]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# selection
+
+def distance_to_identity(point: Sequence[float]) -> float:
+    return math.fsum((v - 1.0) ** 2 for v in point)
+
+
+def select_best(points: Sequence[Point], scores: Sequence[float], identity: Point | None = None) -> int:
+    """Index of the best point: highest score; ties -> identity, then nearest identity, then first evaluated."""
+    if not points:
+        raise ValueError("no evaluated points to select from")
+    if len(points) != len(scores):
+        raise ValueError(f"{len(points)} points but {len(scores)} scores")
+    best = max(scores)
+    tied = [i for i, s in enumerate(scores) if s == best]
+    return min(tied, key=lambda i: (0 if identity is not None and tuple(points[i]) == tuple(identity) else 1,
+                                    distance_to_identity(points[i]), i))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# strategies: each is f(space, evaluate, n, **options); evaluate(list of points) -> list of mean scores
+# (already-evaluated points come back from the runner's cache at no cost).
+
+class BudgetExhausted(Exception):
+    """Raised by an evaluate function when the next point would exceed the image budget."""
+
+
+Evaluate = Callable[[Sequence[Point]], list]
+
+
+def strategy_grid(space: SearchSpace, evaluate: Evaluate, n: int) -> None:
+    """Algorithm 1: identity, then the full grid. Points are sent in batches so progress stays fine-grained."""
+    evaluate([space.identity])
+    batch: list[Point] = []
+    for p in itertools.product(space.axis(n), repeat=space.dim):
+        batch.append(p)
+        if len(batch) == 64:
+            evaluate(batch)
+            batch = []
+    if batch:
+        evaluate(batch)
+
+
+class _Lattice:
+    """Index arithmetic on the n^dim grid; caches scores by point so polls are cheap to reason about."""
+
+    def __init__(self, space: SearchSpace, n: int, evaluate: Evaluate):
+        self.space, self.n, self.axis = space, n, space.axis(n)
+        self._evaluate = evaluate
+        self.scores: dict[Point, float] = {}
+        self.order: list[Point] = []
+
+    def point(self, idx: Sequence[int]) -> Point:
+        return tuple(self.axis[i] for i in idx)
+
+    def nearest_index(self, point: Sequence[float]) -> tuple[int, ...]:
+        return tuple(min(range(self.n), key=lambda i: (abs(self.axis[i] - v), i)) for v in point)
+
+    def evaluate(self, points: Sequence[Point]) -> None:
+        todo = []
+        for p in points:
+            if p not in self.scores and p not in todo:
+                todo.append(p)
+        if not todo:
+            return
+        for p, s in zip(todo, self._evaluate(todo)):
+            self.scores[p] = float(s)
+            self.order.append(p)
+
+    def best(self) -> Point:
+        pts = self.order
+        return pts[select_best(pts, [self.scores[p] for p in pts], self.space.identity)]
+
+
+def _moves(dim: int, kind: str):
+    if kind == "full":
+        return [m for m in itertools.product((-1, 0, 1), repeat=dim) if any(m)]
+    moves = [tuple(s if j == k else 0 for j in range(dim)) for k in range(dim) for s in (-1, 1)]
+    if kind == "pairs":  # axis moves plus the 2-coordinate diagonals: follows ridges where c_x and c_eps trade off
+        for a, b in itertools.combinations(range(dim), 2):
+            for sa in (-1, 1):
+                for sb in (-1, 1):
+                    moves.append(tuple(sa if j == a else sb if j == b else 0 for j in range(dim)))
+    return moves
+
+
+def _neighbours(idx: tuple[int, ...], step: int, n: int, kind: str) -> list[tuple[int, ...]]:
+    """Lattice points at distance ``step`` along the moves of ``kind``, clipped to the grid, deduplicated."""
+    out = []
+    for m in _moves(len(idx), kind):
+        q = tuple(min(n - 1, max(0, i + step * d)) for i, d in zip(idx, m))
+        if q != idx and q not in out:
+            out.append(q)
+    return out
+
+
+def _pattern_search(lat: _Lattice, start: tuple[int, ...], step: int, kind: str) -> None:
+    """Poll the neighbours at ``step``; move to the best one if it beats the incumbent, else halve ``step``."""
+    idx = start
+    while True:
+        here = lat.point(idx)
+        cand = [lat.point(q) for q in _neighbours(idx, step, lat.n, kind)]
+        lat.evaluate([here] + cand)
+        best_q, best_s = None, lat.scores[here]
+        for q, p in zip(_neighbours(idx, step, lat.n, kind), cand):
+            if lat.scores[p] > best_s:
+                best_q, best_s = q, lat.scores[p]
+        if best_q is not None:
+            idx = best_q
+        elif step > 1:
+            step = max(1, step // 2)
+        else:
+            return
+
+
+NEIGHBOURHOODS = ("full", "pairs", "axis")
+
+
+def _neighbourhood(dim: int, option) -> str:
+    """Poll pattern: all 3^d - 1 neighbours (default up to 2-D), axis + pairwise diagonals (default above),
+    or the 2d axis moves only."""
+    if option is None:
+        return "full" if dim <= 2 else "pairs"
+    if option not in NEIGHBOURHOODS:
+        raise ValueError(f"neighbourhood must be one of {', '.join(NEIGHBOURHOODS)} or unset, got {option!r}")
+    return option
+
+
+def strategy_zoom(space: SearchSpace, evaluate: Evaluate, n: int, coarse: int | None = None,
+                  neighbourhood: str | None = None) -> None:
+    """Identity + a coarse sub-grid of the n-grid, then a lattice pattern search from its best point."""
+    if coarse is None:
+        coarse = 5 if space.dim <= 2 else 3 if space.dim <= 4 else 2
+    if isinstance(coarse, bool) or not isinstance(coarse, int) or not 2 <= coarse:
+        raise ValueError(f"coarse (coarse-grid points per dimension) must be an integer >= 2, got {coarse!r}")
+    coarse = min(coarse, n)
+    kind = _neighbourhood(space.dim, neighbourhood)
+    lat = _Lattice(space, n, evaluate)
+    lat.evaluate([space.identity])
+    sub = sorted({round(i * (n - 1) / (coarse - 1)) for i in range(coarse)})
+    lat.evaluate([lat.point(q) for q in itertools.product(sub, repeat=space.dim)])
+    step = max(1, (n - 1) // (2 * (coarse - 1)))
+    _pattern_search(lat, lat.nearest_index(lat.best()), step, kind)
+
+
+def strategy_pattern(space: SearchSpace, evaluate: Evaluate, n: int, step: int | None = None,
+                     neighbourhood: str | None = None) -> None:
+    """Lattice pattern search from the grid point nearest identity, initial step a quarter of the range."""
+    step = max(1, (n - 1) // 4) if step is None else step
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step (initial pattern step in grid cells) must be an integer >= 1, got {step!r}")
+    kind = _neighbourhood(space.dim, neighbourhood)
+    lat = _Lattice(space, n, evaluate)
+    lat.evaluate([space.identity])
+    _pattern_search(lat, lat.nearest_index(space.identity), step, kind)
+
+
+STRATEGY_FUNCS = {"grid": strategy_grid, "zoom": strategy_zoom, "pattern": strategy_pattern}
+STRATEGY_OPTIONS = {"grid": (), "zoom": ("coarse", "neighbourhood"), "pattern": ("step", "neighbourhood")}
+
+
+def check_strategy(strategy: str, options: Mapping[str, Any] | None) -> dict:
+    if strategy not in STRATEGY_FUNCS:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(STRATEGY_OPTIONS[strategy]))
+    if unknown:
+        allowed = ", ".join(STRATEGY_OPTIONS[strategy]) or "none"
+        raise ValueError(f"unknown option(s) {unknown} for strategy {strategy!r}; allowed: {allowed}")
+    return options
+
+
+def run_strategy(space: SearchSpace, strategy: str, evaluate: Evaluate, n: int | None = None,
+                 options: Mapping[str, Any] | None = None) -> str:
+    """Run a strategy to completion; return "done" or "budget" (stopped by ``BudgetExhausted``)."""
+    options = check_strategy(strategy, options)
+    n = default_points(space.kind) if n is None else check_points(n)
+    try:
+        STRATEGY_FUNCS[strategy](space, evaluate, n, **options)
+    except BudgetExhausted:
+        return "budget"
+    return "done"
+
+
+def estimate_points(space: SearchSpace, strategy: str, n: int, options: Mapping[str, Any] | None = None) -> int:
+    """Points a run will evaluate: exact for grid; for adaptive strategies a typical count (for the ETA)."""
+    options = check_strategy(strategy, options)
+    if strategy == "grid":
+        return n ** space.dim + 1 - _identity_on_grid(space, n)
+    poll = len(_moves(space.dim, _neighbourhood(space.dim, options.get("neighbourhood"))))
+    levels = max(1, math.ceil(math.log2(max(2, n - 1))))
+    if strategy == "zoom":
+        c = options.get("coarse") or (5 if space.dim <= 2 else 3 if space.dim <= 4 else 2)
+        return 1 + min(c, n) ** space.dim + poll * (levels + 2)
+    return 1 + poll * (levels + 4)
+
+
+def _identity_on_grid(space: SearchSpace, n: int) -> int:
+    return 1 if 1.0 in space.axis(n) else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# synthetic objectives with known optima (tests and benchmarks/bench_search.py)
+
+def _quadratic(opt: Sequence[float], scale: Sequence[float] | None = None, base: float = 1.0):
+    def f(p):
+        s = scale or [1.0] * len(p)
+        return base - math.fsum(w * (v - o) ** 2 for v, o, w in zip(p, opt, s))
+    return f
+
+
+def synthetic_objective(name: str, dim: int) -> Callable[[Point], float]:
+    """Objectives on points of a ``dim``-D space, maximised; the names say their shape.
+
+    * ``bowl``      concave quadratic, optimum at 0.93 / 1.07 alternating.
+    * ``ridge``     correlated valley along c_x ≈ c_eps (as the Q-Sched update couples them).
+    * ``multimodal`` bowl plus a cosine ripple: several local maxima, one global.
+    * ``flat``      constant: every point ties, so selection must return identity.
+    """
+    opt = [0.93 if i % 2 == 0 else 1.07 for i in range(dim)]
+    if name == "bowl":
+        return _quadratic(opt, [1.0 + 0.5 * i for i in range(dim)])
+    if name == "ridge":
+        def f(p):
+            d = [v - o for v, o in zip(p, opt)]
+            along = math.fsum(d) / math.sqrt(dim)
+            across = math.fsum(x * x for x in d) - along * along
+            return 1.0 - 40.0 * across - 0.5 * along * along
+        return f
+    if name == "multimodal":
+        bowl = _quadratic(opt, [4.0] * dim)
+        return lambda p: bowl(p) + 0.01 * math.fsum(math.cos(60.0 * (v - o)) for v, o in zip(p, opt))
+    if name == "flat":
+        return lambda p: 1.0
+    raise ValueError(f"synthetic objective must be one of bowl, ridge, multimodal, flat; got {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# result
+
+@dataclass
+class EvaluatedPoint:
+    point: Point
+    coefficients: Coefficients
+    score: float  # mean JAQ over the calibration prompts
+    per_prompt: list = field(default_factory=list)
+    components: dict = field(default_factory=dict)  # metric name -> per-prompt values
+    seconds: float = 0.0
+    images: int = 0
+
+
+@dataclass
+class CalibrationResult:
+    """What ``calibrate`` returns: the winner, identity's score, every evaluated point, images spent."""
+
+    best: Coefficients
+    best_point: Point
+    best_score: float
+    identity_score: float
+    points: list  # [EvaluatedPoint] in evaluation order
+    images_spent: int
+    space: SearchSpace
+    strategy: str
+    grid_points: int
+    stopped: str  # "done" or "budget"
+    preset_path: str | None = None
+
+    @property
+    def improvement(self) -> float:
+        return self.best_score - self.identity_score
+
+    def summary(self) -> str:
+        return (f"{self.strategy} over {self.space.kind} ({len(self.points)} points, {self.images_spent} images"
+                f"{', stopped by the image budget' if self.stopped == 'budget' else ''}): best JAQ "
+                f"{self.best_score:.6g} vs identity {self.identity_score:.6g} (Δ {self.improvement:+.4g}); "
+                f"c_x = {_fmt(self.best.c_x)}, c_eps = {_fmt(self.best.c_eps)}")
+
+
+def _fmt(vals) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in vals) + "]"
+
+
+def calibrate(generator, scorer, prompts, *, space: "str | SearchSpace" = "start", steps: int | None = None,
+              low: float = DEFAULT_RANGE[0], high: float = DEFAULT_RANGE[1], strategy: str = "pattern",
+              points: int | None = None, seed: int = 42, seeds: Sequence[int] | None = None,
+              budget: int | None = None, record: str | None = None, resume: bool = False,
+              preset: str | None = None, progress=None, interrupt=None, scorer_config: Mapping | None = None,
+              strategy_options: Mapping[str, Any] | None = None, extra_metadata: Mapping | None = None
+              ) -> CalibrationResult:
+    """Find Q-Sched coefficients for ``generator`` (coefficients, prompts, seeds -> images) under ``scorer``.
+
+    ``generator`` follows ``generate.Generator``; ``scorer`` has ``.score(images, prompts)`` and
+    ``.components(images, prompts)`` (e.g. ``calibration.jaq.JAQ``). ``steps`` defaults to the generator's.
+    ``record``: JSONL file of every evaluated point (kill and rerun with ``resume=True``: nothing is recomputed
+    and the result is identical). ``budget``: maximum images (a grid that does not fit is refused before
+    anything runs). ``preset``: where to write the preset JSON (atomically). ``progress(info)`` and
+    ``interrupt()`` are called between points (``interrupt`` stops the run by raising).
+    """
+    from .runner import Runner
+
+    steps = getattr(generator, "steps", None) if steps is None else steps
+    if isinstance(space, SearchSpace):
+        sp = space
+        if steps is not None and sp.steps != steps:
+            raise ValueError(f"steps mismatch: the search space has steps={sp.steps} but the sampler runs "
+                             f"steps={steps}")
+    else:
+        if steps is None:
+            raise ValueError("steps must be given (the generator does not say how many steps it samples)")
+        sp = SearchSpace(space, steps, low, high)
+    gen_steps = getattr(generator, "steps", None)
+    if gen_steps is not None and gen_steps != sp.steps:
+        raise ValueError(f"steps mismatch: search space has steps={sp.steps} but the generator's sampler runs "
+                         f"steps={gen_steps}")
+    runner = Runner(generator, scorer, prompts, space=sp, strategy=strategy, points=points, seed=seed, seeds=seeds,
+                    budget=budget, record=record, resume=resume, progress=progress, interrupt=interrupt,
+                    scorer_config=scorer_config, strategy_options=strategy_options)
+    result = runner.run()
+    if preset is not None:
+        runner.write_preset(result, preset, extra_metadata=extra_metadata)
+    return result
+
+
+def point_of(space: SearchSpace, coefficients: Coefficients) -> Point:
+    """Search coordinates of coefficients made by ``space.coefficients`` (inverse map)."""
+    coefficients.check_steps(space.steps, "search space")
+    cx, ce = coefficients.c_x, coefficients.c_eps
+    if space.kind == "start":
+        return (cx[0], ce[0])
+    if space.kind == "start_end":
+        return (cx[0], cx[-1], ce[0], ce[-1])
+    return tuple(cx) + tuple(ce)
