@@ -16,13 +16,19 @@ from typing import Sequence
 import torch
 
 
-def _save_png(img, path: str) -> str:
+def _atomic_save(path, write) -> str:
+    """write(tmp_path) then rename: a crash never leaves a half-written PNG."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
-    img.save(tmp, format="PNG")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}")
+    write(tmp)
     os.replace(tmp, path)
     return path
+
+
+def _save_png(img, path: str) -> str:
+    return _atomic_save(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def _have_matplotlib() -> bool:
@@ -126,12 +132,7 @@ def _trace_mpl(result, path, title):
 
 
 def _save_fig(fig, path):
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return _atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _color(t: float) -> tuple[int, int, int]:

@@ -13,8 +13,7 @@ import torch
 
 from . import weights as W
 from .clip_encoders import OpenClipEncoder, load_hf_clip
-from .common import (TextCache, check_images, check_prompts, chunks, default_device_dtype, load_open_clip,
-                     load_openai_clip, unit)
+from .common import TextCache, batched_cosine, default_device_dtype, load_open_clip, load_openai_clip, unit
 
 WHAT = W.SPECS["clipscore"].what
 
@@ -38,11 +37,5 @@ class CLIPScore:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
-        x = check_images(images, self.device)
-        prompts = check_prompts(prompts, x.shape[0])
-        out = []
-        for s in chunks(x.shape[0], self.batch_size):
-            img = unit(self.encoder.encode_image(self.encoder.preprocess(x[s].to(self.device))))
-            txt = self.text(prompts[s])
-            out.append(100.0 * (img * txt).sum(-1).clamp(min=0.0))
-        return torch.cat(out).float().cpu()
+        cos = batched_cosine(self.encoder, self.text, images, prompts, self.device, self.batch_size)
+        return 100.0 * cos.clamp(min=0.0)

@@ -215,3 +215,14 @@ def check_prompts(prompts, n: int) -> list[str]:
 __all__ = ["check_images", "check_prompts", "normalize", "resize", "resize_center_crop", "default_device_dtype",
            "cached_model", "clear_model_cache", "load_openai_clip", "load_open_clip", "open_clip_tokenize",
            "unit", "chunks", "TextCache"]
+
+
+def batched_cosine(encoder, text: "TextCache", images: torch.Tensor, prompts, device, batch_size: int) -> torch.Tensor:
+    """cos(unit image feature, unit prompt feature) per image, in batches; float32 on the CPU."""
+    x = check_images(images, device)
+    prompts = check_prompts(prompts, x.shape[0])
+    out = []
+    for s in chunks(x.shape[0], batch_size):
+        img = unit(encoder.encode_image(encoder.preprocess(x[s].to(device))))
+        out.append((img * text(prompts[s])).sum(-1))
+    return torch.cat(out).float().cpu()

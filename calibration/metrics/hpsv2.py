@@ -14,7 +14,7 @@ import torch
 
 from . import weights as W
 from .clip_encoders import OpenClipEncoder
-from .common import TextCache, check_images, check_prompts, chunks, default_device_dtype, load_open_clip, unit
+from .common import TextCache, batched_cosine, default_device_dtype, load_open_clip, unit
 
 WHAT = W.SPECS["hpsv2"].what
 
@@ -33,10 +33,4 @@ class HPSv2:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
-        x = check_images(images, self.device)
-        prompts = check_prompts(prompts, x.shape[0])
-        out = []
-        for s in chunks(x.shape[0], self.batch_size):
-            img = unit(self.encoder.encode_image(self.encoder.preprocess(x[s].to(self.device))))
-            out.append((img * self.text(prompts[s])).sum(-1))
-        return torch.cat(out).float().cpu()
+        return batched_cosine(self.encoder, self.text, images, prompts, self.device, self.batch_size)
