@@ -34,8 +34,10 @@ SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_bloc
                  projection_class_embeddings_input_dim=2816, norm_num_groups=32)
 
 # (label, format, backend)
+# backend "native-unfused": native with the fused W4A8 GEMM switched off (the previous dequantize + cuBLAS path).
 FORMATS = [("bf16", "fp16", "native"), ("w8a8 int8", "w8a8", "native"), ("w8a8-fp8", "w8a8-fp8", "native"),
-           ("w4a8", "w4a8", "native"), ("w4a16", "w4a16", "native"), ("w4a4", "w4a4", "native"),
+           ("w4a8", "w4a8", "native"), ("w4a8 dequant+cuBLAS (previous)", "w4a8", "native-unfused"),
+           ("w4a16", "w4a16", "native"), ("w4a4", "w4a4", "native"),
            ("nf4 (bnb weight-only)", "nf4", "bitsandbytes"), ("w4a8-nf4 (bnb)", "w4a8-nf4", "bitsandbytes"),
            ("w8a8 (bnb LLM.int8)", "w8a8", "bitsandbytes")]
 
@@ -142,7 +144,8 @@ def time_graph(model, inputs, iters=6):
     return statistics.median(times)
 
 
-CATS = (("quant", ("_act_quant", "_dequant_int4", "_int_epilogue", "kdequantize", "kquantize", "int8_vectorwise",
+CATS = (("gemm", ("_w4a8_gemm",)),
+        ("quant", ("_act_quant", "_dequant_int4", "_int_epilogue", "kdequantize", "kquantize", "int8_vectorwise",
                    "dequantize", "quantize")),
         ("attention", ("flash", "fmha", "attention", "cudnn")),
         ("gemm", ("gemm", "sm90_", "cutlass", "xmma", "nvjet", "gemv", "_mm", "wgmma", "igemm", "splitk")))
@@ -172,31 +175,51 @@ def breakdown(model, inputs):
     return cats
 
 
+def _unfuse(model):
+    for mod in model.modules():
+        if hasattr(mod, "fused_w4a8"):
+            mod.fused_w4a8 = False
+
+
 def gemm_bench(quant):
-    """bf16 vs int8 vs fp8 vs w4a8 layers at FLUX shapes (M = 4608 tokens), whole layer incl. quantize kernels."""
+    """bf16 vs int8 vs fp8 vs w4a8 layers at FLUX shapes (M = 4608 tokens), whole layer incl. quantize kernels;
+    then the bare GEMM kernels (activations already quantized)."""
     import copy
+    from importlib import import_module
 
     from torch import nn
     from triton.testing import do_bench
 
+    kernels = import_module(quant.__name__ + ".kernels")
+    qmath = import_module(quant.__name__ + ".qmath")
+
     rows = []
-    for k, n in ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)):
+    for m, k, n in ((4608, 3072, 3072), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 15360, 3072),
+                    (1, 3072, 18432), (77, 2048, 1280)):
         lin = nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(4608, k, device="cuda", dtype=torch.bfloat16)
-        row = {"K": k, "N": n}
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        row = {"M": m, "K": k, "N": n}
         with torch.no_grad():
             row["bf16"] = do_bench(lambda: lin(x), return_mode="median")
             for fmt in ("w8a8", "w8a8-fp8", "w4a8", "w4a16"):
                 q = nn.Sequential(copy.deepcopy(lin))
                 quant.quantize_(q, fmt, "native")
                 row[fmt] = do_bench(lambda: q(x), return_mode="median")
-            xq8 = torch.randint(-127, 127, (4608, k), device="cuda", dtype=torch.int8)
+                if fmt == "w4a8":
+                    _unfuse(q)
+                    row["w4a8 dequant+cuBLAS (previous)"] = do_bench(lambda: q(x), return_mode="median")
+            xq8 = torch.randint(-127, 127, (max(m, 32), k), device="cuda", dtype=torch.int8)  # _int_mm: M > 16
             w8 = torch.randint(-127, 127, (n, k), device="cuda", dtype=torch.int8)
             row["_int_mm only"] = do_bench(lambda: torch._int_mm(xq8, w8.t()), return_mode="median")
             xf8, wf8 = xq8.to(torch.float8_e4m3fn), w8.to(torch.float8_e4m3fn)
-            sa, sb = torch.ones(4608, 1, device="cuda"), torch.ones(1, n, device="cuda")
+            sa, sb = torch.ones(max(m, 32), 1, device="cuda"), torch.ones(1, n, device="cuda")
             row["_scaled_mm only"] = do_bench(lambda: torch._scaled_mm(xf8, wf8.t(), scale_a=sa, scale_b=sb,
                                                                        out_dtype=torch.bfloat16), return_mode="median")
+            codes, ws = qmath.quantize_weight(lin.weight, 4, 64)
+            packed = qmath.pack_int4(codes)
+            xq, xs, _ = kernels.quantize_act_int8(x, 8, True, perm=64)
+            row["w4a8 fused GEMM only"] = do_bench(lambda: kernels.w4a8_gemm(xq, xs, packed, ws, lin.bias,
+                                                                             torch.bfloat16), return_mode="median")
         rows.append(row)
     return rows
 
@@ -215,7 +238,9 @@ def run_model(quant, name, model, inputs_list, formats, profile_step=False):
             m = comfy.shared_copy(model)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            report = quant.quantize_(m, fmt, backend)
+            report = quant.quantize_(m, fmt, backend.replace("-unfused", ""))
+            if backend.endswith("-unfused"):
+                _unfuse(m)
             torch.cuda.synchronize()
             rec["quantize_s"] = time.perf_counter() - t0
             rec["kernels"] = {k: list(report.quantized.values()).count(k) for k in set(report.quantized.values())}
@@ -310,11 +335,12 @@ def main():
     md = [f"GPU: {gpu}; torch {meta['torch']} (CUDA {meta['cuda']}), Triton {meta.get('triton')}; "
           f"command: `{meta['command']}`", table(results, tags)]
     if gemm:
-        cols = [c for c in gemm[0] if c not in ("K", "N")]
-        md += ["\n**Linear layer at FLUX shapes, M = 4608 tokens, ms (× bf16); quantize kernels included**\n",
-               "| K×N | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        md += [f"| {r['K']}×{r['N']} | " + " | ".join(f"{r[c]:.3f} ({r[c] / r['bf16']:.2f}×)" for c in cols) + " |"
-               for r in gemm]
+        cols = [c for c in gemm[0] if c not in ("M", "K", "N")]
+        md += ["\n**Linear layer at FLUX/SDXL shapes, ms (× bf16); layer columns include their quantize kernels; "
+               "`_int_mm`/`_scaled_mm` use M ≥ 32; `w4a8 fused GEMM only` has its activations already quantized**\n",
+               "| M×K×N | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        md += [f"| {r['M']}×{r['K']}×{r['N']} | " + " | ".join(f"{r[c]:.3f} ({r[c] / r['bf16']:.2f}×)" for c in cols)
+               + " |" for r in gemm]
     prof = [r for r in results if "breakdown_ms" in r]
     if prof:
         md += ["\n**Kernel time per step by category (torch profiler, ms; first resolution)**\n",

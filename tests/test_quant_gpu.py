@@ -124,3 +124,145 @@ def test_bnb_cuda_formats():
         quantize_(q, fmt, "bitsandbytes")
         with torch.no_grad():
             assert _rel(q(x), lin(x)) < bound, fmt
+
+
+# ------------------------------------------------------------------------------------------ fused W4A8 GEMM
+def _w4_case(m, n, k, g, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 2
+    w = torch.randn(n, k, device="cuda", generator=gen)
+    codes, ws = qmath.quantize_weight(w, 4, g)
+    return x, codes, ws
+
+
+def _w4_exact(q, xs, codes, ws, bias=None):
+    """float64 reference from the same codes: exact int64 per-group dots, then the scales."""
+    m, k = q.shape
+    n, groups = ws.shape
+    g = k // groups
+    qd, cd, wd = q.double(), codes.double(), ws.double()
+    ref = torch.zeros(m, n, device=q.device, dtype=torch.float64)
+    for i in range(groups):
+        ref += (qd[:, i * g:(i + 1) * g] @ cd[:, i * g:(i + 1) * g].t()) * wd[:, i]
+    ref *= xs.double()
+    return ref if bias is None else ref + bias.double()
+
+
+@pytest.mark.parametrize("k,g", [(3072, 64), (12288, 64), (256, 128), (512, 256)])
+def test_act_quant_perm_layout(tk, k, g):
+    x = torch.randn(45, k, device="cuda", dtype=torch.bfloat16)
+    q, s, _ = tk.quantize_act_int8(x, 8, True)
+    qp, sp, _ = tk.quantize_act_int8(x, 8, True, perm=g)
+    qq = q.reshape(45, k // g, g)
+    assert torch.equal(qp, torch.cat([qq[..., 0::2], qq[..., 1::2]], -1).reshape(45, k)) and torch.equal(s, sp)
+
+
+@pytest.mark.parametrize("m,n,k,g", [(4608, 3072, 3072, 64), (300, 512, 12288, 64), (77, 640, 640, 64),
+                                     (1, 18432, 3072, 64), (33, 96, 256, 128), (5, 64, 512, 256)])
+def test_w4a8_gemm_int32_partials_exact(tk, m, n, k, g):
+    """Unit scales: every group's int8 x int4 dot and their float32 sum are exact (|sum| < 2^24)."""
+    x, codes, _ = _w4_case(m, n, k, g)
+    q, xs, _ = tk.quantize_act_int8(x, 8, True, perm=g)
+    ones = torch.ones(n, k // g, device="cuda", dtype=torch.float16)
+    y = tk.w4a8_gemm(q, torch.ones_like(xs), qmath.pack_int4(codes), ones, None, torch.float32)
+    q0, _, _ = tk.quantize_act_int8(x, 8, True)
+    ref = q0.double() @ codes.double().t()  # exact: integers below 2^53
+    assert torch.equal(y.double(), ref)
+
+
+@pytest.mark.parametrize("m,n,k,g", [(4608, 3072, 3072, 64), (4608, 3072, 12288, 64), (300, 640, 640, 64),
+                                     (1, 9216, 3072, 64), (40, 96, 256, 128)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_w4a8_gemm_matches_exact_reference(tk, m, n, k, g, bias):
+    x, codes, ws = _w4_case(m, n, k, g)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
+    q, xs, _ = tk.quantize_act_int8(x, 8, True, perm=g)
+    q0, _, _ = tk.quantize_act_int8(x, 8, True)
+    packed = qmath.pack_int4(codes)
+    ref = _w4_exact(q0, xs, codes, ws, b)
+    y32 = tk.w4a8_gemm(q, xs, packed, ws, b, torch.float32)
+    y16 = tk.w4a8_gemm(q, xs, packed, ws, b, torch.bfloat16)
+    assert _rel(y32, ref) < 1e-6  # float32 sums of exact int32 group dots
+    assert torch.equal(y16, y32.to(torch.bfloat16))  # the bf16 output is that float32 result, rounded once
+    assert _rel(y16, ref) < 2.5e-3  # = the bf16 rounding of the exact result (measured 1.66e-3)
+
+
+@pytest.mark.parametrize("fmt,kw", [("w4a8", {}), ("w4a4", {}), ("w4a6", {}), ("w4a8", dict(group_size=128))])
+@pytest.mark.parametrize("m", [1, 77, 128, 4096])
+def test_w4a8_layer_fused_vs_dequant_path(fmt, kw, m):
+    """The layer routes through the fused GEMM; it equals that kernel called directly, and the previous dequantize +
+    cuBLAS path up to that path's own bf16 roundings (activations, weights, output: ~1.6e-3 each)."""
+    from qsched_pack.qsched.quant import kernels, layers
+
+    lin = nn.Linear(3072, 1024).cuda().to(torch.bfloat16)
+    q = nn.Sequential(copy.deepcopy(lin))
+    quantize_(q, QuantSpec.parse(fmt, **kw), "native")
+    layer = q[0]
+    layer.fused_w4a8_max_m = 1 << 30  # also run the fused kernel at large M
+    x = torch.randn(m, 3072, device="cuda", dtype=torch.bfloat16)
+    g = layer.in_features // layer.wscale.shape[1]
+    with torch.no_grad():
+        layers._LAST_ACT.clear()
+        y = layer(x)
+        layer.fused_w4a8 = False
+        layers._LAST_ACT.clear()
+        y_old = layer(x)
+    xq, xs, _ = kernels.quantize_act_int8(x, layer.spec.a_bits, True, perm=g)
+    direct = kernels.w4a8_gemm(xq, xs, layer.qweight, layer.wscale, layer.bias, torch.bfloat16)
+    q0, _, _ = kernels.quantize_act_int8(x, layer.spec.a_bits, True)
+    ref = _w4_exact(q0, xs, layer.codes(), layer.wscale, layer.bias)
+    assert torch.equal(y, direct)
+    assert _rel(y, ref) < 2.5e-3  # measured 1.66e-3: the output's bf16 rounding
+    assert _rel(y, y_old) < 4e-3 and _rel(y_old, ref) < 4e-3  # measured 2.5e-3 / 2.3e-3
+
+
+@pytest.mark.parametrize("m,fused", [(1, True), (16, True), (17, False), (4096, False)])
+def test_w4a8_routing_by_token_count(m, fused):
+    from qsched_pack.qsched.quant import kernels, layers
+
+    assert kernels.W4A8_FUSED_MAX_M == 16
+    lin = nn.Linear(1024, 512).cuda().to(torch.bfloat16)
+    q = nn.Sequential(copy.deepcopy(lin))
+    quantize_(q, "w4a8", "native")
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layers._LAST_ACT.clear()
+        y = q(x)
+        q[0].fused_w4a8 = False
+        layers._LAST_ACT.clear()
+        y_old = q(x)
+    assert torch.equal(y, y_old) != fused
+
+
+@pytest.mark.parametrize("fmt,kw", [("w4a8", dict(act_symmetric=False)), ("w4a16", {}), ("w4a8", dict(group_size=32))])
+def test_w4a8_ineligible_layers_keep_dequant_path(fmt, kw):
+    from qsched_pack.qsched.quant import layers
+
+    lin = nn.Linear(512, 256).cuda().to(torch.bfloat16)
+    q = nn.Sequential(copy.deepcopy(lin))
+    quantize_(q, QuantSpec.parse(fmt, **kw), "native")
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layers._LAST_ACT.clear()
+        y = q(x)
+        q[0].fused_w4a8 = False
+        layers._LAST_ACT.clear()
+        assert torch.equal(y, q(x))
+
+
+def test_w4a8_fused_under_cuda_graph(tk):
+    lin = nn.Linear(3072, 3072).cuda().to(torch.bfloat16)
+    q = nn.Sequential(copy.deepcopy(lin))
+    quantize_(q, "w4a8", "native")
+    x = torch.randn(512, 3072, device="cuda", dtype=torch.bfloat16)
+    from qsched_pack.qsched.quant import layers
+
+    with torch.no_grad():
+        ref = q(x)
+        layers._LAST_ACT.clear()  # capture the activation quantize too
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = q(x)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)

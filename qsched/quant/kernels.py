@@ -3,7 +3,10 @@
 * per-token activation quantization (int8 codes + scale [+ zero point], float8 e4m3 codes + scale, or
   quantize-dequantize in place of the input dtype): one program per row, the row kept in registers;
 * int4 weight dequantization (packed nibbles x float16 group scales -> bf16/fp16), one pass;
-* the int32 -> float epilogue of ``torch._int_mm`` (zero-point correction, both scales, bias, output cast).
+* the int32 -> float epilogue of ``torch._int_mm`` (zero-point correction, both scales, bias, output cast);
+* W4A8 GEMM (``w4a8_gemm``): int8 per-token activations x packed int4 group-wise weights in one kernel. The nibbles
+  are unpacked to int8 inside the K loop, each group is one exact int8 tensor-core dot (int32), scaled by its
+  float16 group scale into a float32 accumulator; per-token scale, bias and the output cast in the epilogue.
 
 Semantics equal ``qmath`` (round-half-to-even, float32 division); tests/test_quant_gpu.py checks them there.
 """
@@ -31,8 +34,11 @@ if triton is not None:
 
     @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, z_ptr, K, stride_x, stride_q,
-                          QMAX: tl.constexpr, MODE: tl.constexpr, FAKE: tl.constexpr, BLOCK: tl.constexpr):
+                          QMAX: tl.constexpr, MODE: tl.constexpr, FAKE: tl.constexpr, BLOCK: tl.constexpr,
+                          PERM: tl.constexpr):
         # MODE 0: symmetric int, 1: asymmetric int, 2: float8 e4m3. FAKE: write dequantized values in x's dtype.
+        # PERM > 0: within each group of PERM columns, write the even columns first, then the odd ones (the order in
+        # which w4a8_gemm unpacks the low and high nibbles of a packed weight byte).
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < K
@@ -62,7 +68,11 @@ if triton is not None:
                 out = q.to(tl.float8e4nv).to(tl.float32) * s
             else:
                 out = q
-        tl.store(q_ptr + row * stride_q + offs, out.to(q_ptr.dtype.element_ty), mask=mask)
+        if PERM > 0:
+            dst = (offs // PERM) * PERM + (offs % 2) * (PERM // 2) + (offs % PERM) // 2
+        else:
+            dst = offs
+        tl.store(q_ptr + row * stride_q + dst, out.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row, s)
 
     @triton.jit
@@ -97,8 +107,57 @@ if triton is not None:
             y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _w4a8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, GROUPS, stride_xm, stride_wn,
+                          stride_om, HAS_B: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        # x: int8 codes [M, K], each group of GROUP columns stored even columns first (quantize_act_int8(perm=...)).
+        # w: uint8 [N, K/2], byte j of a row holds column 2j (low nibble) and 2j+1 (high nibble), offset by 8.
+        # ws: float16/float32 [N, GROUPS]. One program: a BLOCK_M x BLOCK_N tile of the output, grouped along M so
+        # that consecutive programs share weight tiles in L2.
+        HALF: tl.constexpr = GROUP // 2
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, HALF)
+        # Out-of-range rows / columns read a valid row (modulo) and are masked at the store: no masks in the loop.
+        am = (rm % M).to(tl.int64)
+        wn = (rn % N).to(tl.int64)
+        a_ptrs = x_ptr + am[:, None] * stride_xm + rk[None, :]
+        w_ptrs = w_ptr + wn[:, None] * stride_wn + rk[None, :]
+        s_ptrs = ws_ptr + wn * GROUPS
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g in range(0, GROUPS):
+            a_even = tl.load(a_ptrs)
+            a_odd = tl.load(a_ptrs + HALF)
+            p = tl.load(w_ptrs)
+            # offset-binary nibble n -> n - 8: flip bit 3 of each nibble, then sign-extend it (arithmetic shifts).
+            t = (p ^ 0x88).to(tl.int8, bitcast=True)
+            w_even = (t << 4) >> 4
+            w_odd = t >> 4
+            part = tl.dot(a_even, tl.trans(w_even), out_dtype=tl.int32)
+            part = tl.dot(a_odd, tl.trans(w_odd), part, out_dtype=tl.int32)
+            sc = tl.load(s_ptrs + g).to(tl.float32)
+            acc += part.to(tl.float32) * sc[None, :]
+            a_ptrs += GROUP
+            w_ptrs += HALF
+        xs = tl.load(xs_ptr + am)
+        y = acc * xs[:, None]
+        if HAS_B:
+            y += tl.load(b_ptr + wn).to(tl.float32)[None, :]
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
-def _act_launch(x2: torch.Tensor, out_dtype, qmax: int, mode: int, fake: bool):
+
+def _act_launch(x2: torch.Tensor, out_dtype, qmax: int, mode: int, fake: bool, perm: int = 0):
     x2 = x2.contiguous()
     m, k = x2.shape
     q = torch.empty((m, k), device=x2.device, dtype=out_dtype)
@@ -107,13 +166,16 @@ def _act_launch(x2: torch.Tensor, out_dtype, qmax: int, mode: int, fake: bool):
     block = triton.next_power_of_2(k)
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
     _act_quant_kernel[(m,)](x2, q, s, z, k, x2.stride(0), q.stride(0), QMAX=qmax, MODE=mode, FAKE=fake,
-                            BLOCK=block, num_warps=warps)
+                            BLOCK=block, PERM=perm, num_warps=warps)
     return q, s, (z if mode == 1 else None)
 
 
-def quantize_act_int8(x2: torch.Tensor, bits: int, symmetric: bool):
-    """-> (int8 codes [M, K], scale [M, 1] fp32, zero [M, 1] fp32 or None)."""
-    return _act_launch(x2, torch.int8, 2 ** (bits - 1) - 1, 0 if symmetric else 1, False)
+def quantize_act_int8(x2: torch.Tensor, bits: int, symmetric: bool, perm: int = 0):
+    """-> (int8 codes [M, K], scale [M, 1] fp32, zero [M, 1] fp32 or None). ``perm``: a group size; the codes of
+    each group of ``perm`` columns are stored even columns first, then odd ones (the layout ``w4a8_gemm`` reads)."""
+    if perm and (x2.shape[1] % perm or perm % 2):
+        raise ValueError(f"invalid perm={perm!r}; allowed: 0 or an even divisor of K={x2.shape[1]}")
+    return _act_launch(x2, torch.int8, 2 ** (bits - 1) - 1, 0 if symmetric else 1, False, perm)
 
 
 def quantize_act_fp8(x2: torch.Tensor):
@@ -143,4 +205,47 @@ def int_mm_epilogue(acc, xs, xz, ws, wsum, bias, dtype) -> torch.Tensor:
     _int_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         acc, xs, xz if xz is not None else xs, ws, wsum if wsum is not None else acc, bias if bias is not None else xs,
         out, m, n, HAS_Z=xz is not None, HAS_B=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    return out
+
+
+# Fused W4A8 GEMM ------------------------------------------------------------------------------------------------
+W4A8_GROUPS = (64, 128, 256)  # group sizes the fused GEMM runs (the int8 dot needs K >= 32 per nibble half)
+# Largest M (tokens) for which QuantLinear routes through the fused GEMM. Measured on an H200 (Triton 3.6), whole
+# layer incl. the activation quantize: M = 1, 3072 -> 18432 (FLUX modulation): fused 0.041 ms vs dequantize + cuBLAS
+# 0.093 ms (bf16 0.042). From M = 77 up it loses: 77 x 2048 -> 1280 0.033 vs 0.014 ms, 128 x 3072 -> 3072 0.047 vs
+# 0.027 ms, and at M = 4608 the GEMM alone is 2.8-3.1x cuBLAS bf16 (per-group int32 -> float32 rescale and in-loop
+# unpack keep the int8 tensor cores waiting; docs/quantization.md has the breakdown). Larger M keeps the dequantize
+# + cuBLAS path.
+W4A8_FUSED_MAX_M = 16
+
+
+def w4a8_config(m: int, n: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages) for an M x N output (fastest of a sweep on an H200)."""
+    if m <= 16:
+        return 16, 32, 8, 4, 4
+    if m <= 128:
+        return 128, 64, 8, 4, 4
+    return 128, 128, 8, 4, 3
+
+
+def w4a8_gemm(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, wscale: torch.Tensor,
+              bias: torch.Tensor | None, dtype, config: tuple | None = None) -> torch.Tensor:
+    """y[M, N] = xs * sum_g wscale[:, g] * (xq_g @ codes_g^T) (+ bias), in ``dtype``.
+
+    ``xq``: int8 [M, K] from ``quantize_act_int8(..., perm=group)``; ``xs``: float32 [M, 1]; ``packed``: uint8
+    [N, K/2] (``qmath.pack_int4``); ``wscale``: [N, K / group] (group = K / wscale.shape[1] in ``W4A8_GROUPS``).
+    Each group's int8 x int4 dot is exact in int32; groups are summed in float32."""
+    m, k = xq.shape
+    n, groups = wscale.shape
+    group = k // groups
+    if group not in W4A8_GROUPS or group * groups != k or packed.shape != (n, k // 2):
+        raise ValueError(f"w4a8_gemm: invalid shapes x={tuple(xq.shape)} packed={tuple(packed.shape)} "
+                         f"wscale={tuple(wscale.shape)}; allowed: group size in {W4A8_GROUPS} dividing K")
+    xq, packed, wscale = xq.contiguous(), packed.contiguous(), wscale.contiguous()
+    out = torch.empty((m, n), device=xq.device, dtype=dtype)
+    bm, bn, gm, warps, stages = config or w4a8_config(m, n)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _w4a8_gemm_kernel[grid](xq, xs.reshape(-1).contiguous(), packed, wscale, bias if bias is not None else wscale,
+                            out, m, n, groups, xq.stride(0), packed.stride(0), out.stride(0), HAS_B=bias is not None,
+                            GROUP=group, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, num_warps=warps, num_stages=stages)
     return out

@@ -6,7 +6,13 @@ scales) and four ways to run it, chosen per layer when the model is quantized:
   then one rescale. Weights of 5..8 bits with one scale per output channel.
 * ``fp8_mm``: float8 e4m3 activations x weights through ``torch._scaled_mm`` with per-token / per-channel scales.
 * ``dequant``: group-wise (4-bit) or weight-only formats: the weight is dequantized to the input dtype right before a
-  float GEMM and activations are quantize-dequantized per token (one fused Triton kernel each on CUDA).
+  float GEMM and activations are quantize-dequantized per token (one fused Triton kernel each on CUDA). On CUDA,
+  packed 4-bit (or narrower) group-wise weights with symmetric int activations of at most 8 bits (w4a8, w4a6, w4a4;
+  groups of 64/128/256) run instead as one fused Triton W4A8 GEMM (``kernels.w4a8_gemm``: int8 activation codes x
+  int4 weight codes, exact int32 per group, float32 group scales) after one activation-quantize kernel, when the
+  call has at most ``fused_w4a8_max_m`` tokens (the GEMV-like calls where it is faster; above that cuBLAS bf16 on
+  the dequantized weight wins, see kernels.W4A8_FUSED_MAX_M). Set ``QuantLinear.fused_w4a8 = False`` (class or
+  instance) to force the dequantize + float GEMM path.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ def _triton():
 
 
 class QuantLinear(nn.Module):
+    fused_w4a8 = True  # CUDA: run eligible ``dequant`` layers through the fused W4A8 Triton GEMM
+    fused_w4a8_max_m: int | None = None  # token count up to which it is used; None: kernels.W4A8_FUSED_MAX_M
+
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, kernel: str, group_size: int | None,
                  qweight: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -85,8 +94,31 @@ class QuantLinear(nn.Module):
         elif self.kernel == "fp8_mm":
             y = self._fp8_mm(x2)
         else:
-            y = F.linear(self._act(x2), self.dequantized_weight(x.dtype), self.bias)
+            tk = _triton() if x2.is_cuda else None
+            group = self._fused_group(x2, tk)
+            if group:
+                y = self._w4a8_fused(x2, tk, group)
+            else:
+                y = F.linear(self._act(x2), self.dequantized_weight(x.dtype), self.bias)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _fused_group(self, x2: torch.Tensor, tk) -> int:
+        """The weight group size if this call runs the fused W4A8 GEMM, else 0."""
+        s = self.spec
+        if (tk is None or not self.fused_w4a8 or not self.packed or s.a_bits > 8 or s.a_dtype != "int"
+                or not s.act_symmetric or x2.dtype not in (torch.bfloat16, torch.float16)):
+            return 0
+        max_m = tk.W4A8_FUSED_MAX_M if self.fused_w4a8_max_m is None else self.fused_w4a8_max_m
+        if x2.shape[0] > max_m:
+            return 0
+        group = self.in_features // self.wscale.shape[1]
+        return group if group in tk.W4A8_GROUPS else 0
+
+    def _w4a8_fused(self, x2: torch.Tensor, tk, group: int) -> torch.Tensor:
+        s = self.spec
+        q, xs, _ = _cached(x2, x2, ("int-perm", s.a_bits, group),
+                           lambda: tk.quantize_act_int8(x2, s.a_bits, True, perm=group))
+        return tk.w4a8_gemm(q, xs, self.qweight, self.wscale, self.bias, x2.dtype)
 
     def _simulated(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
