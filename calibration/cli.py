@@ -1,4 +1,4 @@
-"""``qsched`` command line: demo, calibrate, sample, score (docs/calibration.md)."""
+"""``qsched`` command line: demo, experiment (docs/tiny_world.md), calibrate, sample, score (docs/calibration.md)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,103 @@ import sys
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from . import demo
 
-    run_demo(out_dir=args.out, steps=args.steps, size=args.size, seed=args.seed)
+    tiny_only = {"--quant": args.quant, "--seeds": args.seeds, "--per-prompt": args.per_prompt,
+                 "--points": args.points, "--strategy": args.strategy, "--budget": args.budget,
+                 "--no-budget": args.no_budget or None, "--grid-images": args.grid_images, "--weights": args.weights,
+                 "--guard": args.guard or None}
+    if args.random_models:
+        given = [k for k, v in tiny_only.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to the trained-model demo, not to --random-models")
+        demo.run_random_models_demo(out_dir=args.out, steps=args.steps or 4, size=args.size or 64,
+                                    seed=0 if args.seed is None else args.seed)
+        return 0
+    given = [k for k, v in {"--size": args.size, "--seed": args.seed}.items() if v is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply to --random-models (the trained-model demo takes --seeds)")
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("sklearn") is not None
+    except ValueError:  # sklearn in sys.modules with no spec
+        found = False
+    if not found:
+        raise ValueError("the trained-model demo needs scikit-learn, whose handwritten digits are its data: "
+                         "pip install scikit-learn (or run qsched demo --random-models)")
+    kw = {k: getattr(args, k) for k in ("quant", "seeds", "per_prompt", "points", "strategy", "budget",
+                                         "grid_images") if getattr(args, k) is not None}
+    if args.no_budget:
+        if args.budget is not None:
+            raise ValueError("give --budget or --no-budget, not both")
+        kw["budget"] = None
+    demo.run_demo(out_dir=args.out, steps=args.steps or 4, guard=args.guard, weights=args.weights, **kw)
     return 0
+
+
+def _experiment(args) -> int:
+    from ..qsched.tiny.experiment import from_args
+
+    from_args(args)
+    return 0
+
+
+def _add_demo(sub):
+    from .demo import DEFAULTS as D
+
+    d = sub.add_parser(
+        "demo", help="the trained tiny model: quantize, calibrate Q-Sched with JAQ, evaluate; writes a table, the "
+                     "search landscape and a sample grid (--random-models: every sampler on tiny random models)",
+        description="Trained-model demo (default): quantizes the tiny digit generator shipped with the pack, "
+                    "calibrates Q-Sched with JAQ on the 20 prompts (adaptive search, small image budget) and "
+                    "compares FP32, naive, PTQD and Q-Sched on the reference metrics (Fréchet distance, accuracy) "
+                    "and JAQ. Writes table.md, results.json, landscape.png, grid.png, preset.json into --out.")
+    d.add_argument("--out", default="qsched-demo", help="output folder (default: qsched-demo)")
+    d.add_argument("--steps", type=_int_range("--steps", 1, 8), default=None, help="sampling steps, 1-8 (default 4)")
+    d.add_argument("--quant", help=f"quantization of the denoiser: w8a8, w4a8, w4a4, w4a6, ... (default {D['quant']}: "
+                                   "the setting with a real loss; w8a8/w4a8 lose nothing on this model)")
+    d.add_argument("--seeds", type=_int_range("--seeds", 0, 10**6), nargs="+",
+                   help="seed indices; each one is a fresh set of calibration and evaluation seeds (default 0 1 2)")
+    d.add_argument("--per-prompt", type=_int_range("--per-prompt", 1, 1000),
+                   help=f"evaluation images per prompt (default {D['per_prompt']}; x 20 prompts)")
+    d.add_argument("--points", type=_int_range("--points", 3, 201),
+                   help=f"search lattice values per dimension over [0.8, 1.2] (default {D['points']})")
+    d.add_argument("--strategy", choices=("zoom", "pattern"), help=f"adaptive search (default {D['strategy']})")
+    d.add_argument("--budget", type=_int_range("--budget", 1, 10**9),
+                   help=f"maximum images the search may spend (default {D['budget']})")
+    d.add_argument("--no-budget", action="store_true", help="no image budget for the search")
+    d.add_argument("--guard", action="store_true",
+                   help="also report the opt-in acceptance guard (qsched.tiny.guard): Q-Sched coefficients only if "
+                        "the JAQ gain is significant, the quantized model lost JAQ vs FP32 and the best does not "
+                        "overshoot FP32; else identity")
+    d.add_argument("--grid-images", type=_int_range("--grid-images", 1, 16),
+                   help=f"images per prompt in each column of grid.png (default {D['grid_images']})")
+    d.add_argument("--weights", help="tiny_world.safetensors (default: the packaged file, then the cache; trained "
+                                     "into the cache if neither exists)")
+    d.add_argument("--random-models", action="store_true",
+                   help="instead: every sampler with identity and Q-Sched coefficients on tiny random SDXL-like / "
+                        "FLUX-like pipelines (the machinery demo)")
+    d.add_argument("--size", type=_int_range("--size", 16, 512, multiple=16),
+                   help="--random-models only: image size in pixels, 16-512, multiple of 16 (default 64)")
+    d.add_argument("--seed", type=int, help="--random-models only: seed (default 0)")
+    d.set_defaults(func=_demo)
+
+
+def _add_experiment(sub):
+    from ..qsched.tiny.experiment import add_arguments
+
+    e = sub.add_parser("experiment", help="the tiny world's results table: FP32 vs W8A8/W4A8/W4A4 naive vs PTQD vs "
+                                          "Q-Sched at 2/4/8 steps (docs/tiny_world.md)")
+    add_arguments(e)
+    e.set_defaults(func=_experiment)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qsched", description="Q-Sched: quantization-aware few-step sampling.")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="every sampler with identity and Q-Sched coefficients on tiny models")
-    d.add_argument("--out", default="qsched-demo", help="output folder (default: qsched-demo)")
-    d.add_argument("--steps", type=_int_range("--steps", 1, 8), default=4, help="sampling steps, 1-8 (default 4)")
-    d.add_argument("--size", type=_int_range("--size", 16, 512, multiple=16), default=64,
-                   help="image size in pixels, 16-512, multiple of 16 (default 64)")
-    d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(func=_demo)
+    _add_demo(sub)
+    _add_experiment(sub)
     _add_calibrate(sub)
     _add_sample(sub)
     _add_score(sub)

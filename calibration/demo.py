@@ -1,14 +1,24 @@
-"""``qsched demo``: every sampler, identity vs Q-Sched coefficients, on tiny random SDXL-like / FLUX-like models.
+"""``qsched demo``: the README's first command.
 
-The networks are random (no weights can be downloaded), so the pictures are noise-like: the demo shows the
-machinery end to end (text encoders -> denoiser -> sampler x coefficients -> VAE -> PNG) and prints how much
-the coefficients move each sampler's output. The trained-model demo replaces it (see README).
+Default: **the trained tiny world** (docs/tiny_world.md). It loads the shipped weights (or, if they are missing,
+trains them once into the cache), quantizes the digit generator (``--quant``, default W4A4: the setting with a real
+loss), calibrates Q-Sched with JAQ (the tiny TC/IQ stand-ins, ln(TC) + 2·IQ) on the 20 prompts with the adaptive
+``zoom`` search under an image budget, and evaluates FP32 vs naive vs PTQD vs Q-Sched on the reference metrics
+(Fréchet distance vs held-out real digits, digit accuracy) and JAQ, on unseen seeds, mean ± std over seeds. The
+numbers are the matching rows of the experiment table (same seeds, same code: ``qsched.tiny.experiment``). Writes
+into ``--out``: ``table.md`` (table + summary), ``results.json``, ``landscape.png`` (the search of the first seed),
+``grid.png`` (rows: prompts; columns: FP32 | naive | Q-Sched, the same noise in every column), ``preset.json``.
+
+``--random-models``: the machinery demo on tiny *random* SDXL-like / FLUX-like pipelines -- every sampler, identity
+vs Q-Sched coefficients (noise-like pictures; it shows the update rules run end to end).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +26,175 @@ from ..qsched import Coefficients, samplers
 from ..qsched.coefficients import atomic_write_text
 from ..qsched.schedules import few_step_sigmas
 from .denoisers import FluxFlowDenoiser, UNetEpsDenoiser, flux_conditioning, sdxl_conditioning
+
+# ---------------------------------------------------------------------------------------------------------
+# the trained-model demo
+
+DEFAULTS = dict(quant="w4a4", steps=4, seeds=(0, 1, 2), per_prompt=20, points=21, strategy="zoom", budget=1500,
+                grid_images=4)
+
+
+def run_demo(out_dir: str = "qsched-demo", *, quant: str = "w4a4", steps: int = 4, seeds=(0, 1, 2),
+             per_prompt: int = 20, points: int = 21, strategy: str = "zoom", budget: int | None = 1500,
+             guard: bool = False, z: float = 2.0, weights: str | None = None, grid_images: int | None = None,
+             log=print) -> dict:
+    """The trained-model demo (module docstring). Returns ``{"result", "summary", "files", "seconds"}``."""
+    from ..qsched.tiny import experiment as E
+    from ..qsched.tiny.world import TinyWorld
+    from .plots import plot_landscape
+
+    seeds = list(dict.fromkeys(seeds))
+    if not seeds:
+        raise ValueError("give at least one seed")
+    if strategy not in ("zoom", "pattern"):
+        raise ValueError(f"strategy must be an adaptive one (zoom, pattern), got {strategy!r}")
+    grid_images = min(DEFAULTS["grid_images"], per_prompt) if grid_images is None else grid_images
+    if not 1 <= grid_images <= per_prompt:
+        raise ValueError(f"grid images per prompt must be in [1, per-prompt = {per_prompt}], got {grid_images}")
+    from .runner import check_budget
+    from .search import SearchSpace, check_points
+
+    check_points(points)
+    check_budget(SearchSpace("start", steps), strategy, points, 20, budget)  # before loading anything
+    log = log or (lambda *a: None)
+    t0 = time.perf_counter()
+    with E.single_thread():
+        world = TinyWorld.load(weights, train_if_missing=True, log=log)
+        log(f"model: {world.source} (sha256 {str(world.model_hash)[:12]})")
+        jaq = E.make_jaq(world)
+        net, report = world.quantized_generator(quant)
+        if not report.quantized:
+            raise ValueError(f"format {quant!r} quantizes no layer of the tiny generator; use w8a8, w4a8, w4a4, ...")
+        log(f"quantized {len(report.quantized)} layers to {quant.upper()} (simulated); embedders and output "
+            f"projection stay FP32")
+        rows, kept = [], {}
+        for r in seeds:
+            rows.append(E.fp_row(world, jaq, steps, r, per_prompt))
+            keep: dict = {}
+            done = E.quantized_rows(world, jaq, steps, quant, net, r, per_prompt=per_prompt, points=points,
+                                    strategies=(strategy,), budget=budget, guard=guard, z=z, keep=keep)
+            rows.extend(done)
+            kept[r] = keep
+            res = keep[strategy]
+            log(f"seed {r}: Q-Sched {strategy} searched {res.images_spent} images, best c_x[0] = "
+                f"{res.best_point[0]:.3f}, c_eps[0] = {res.best_point[1]:.3f}; " + ", ".join(
+                    f"{x['method']} FD {x['fd']:.2f}" for x in [rows[-len(done) - 1]] + done))
+        result = {"config": dict(E.config([steps], [quant], seeds, per_prompt, points, 2.0, "log", (strategy,), world,
+                                          budget, guard, z), demo=True), "rows": rows}
+        table = E.format_table(result)
+        summary = E.summary(result, steps, quant, strategy)
+
+        os.makedirs(out_dir, exist_ok=True)
+        first = kept[seeds[0]][strategy]
+        files = {}
+        files["landscape"] = plot_landscape(
+            first, os.path.join(out_dir, "landscape.png"),
+            title=f"tiny world {quant.upper()}, {steps} steps, seed {seeds[0]}: {strategy} search, "
+                  f"{first.images_spent} images\nmean JAQ over the 20 calibration prompts: best "
+                  f"{first.best_score:.3f}, identity {first.identity_score:.3f}")
+        files["grid"] = sample_grid(world, net, steps, quant, first.best, seeds[0], per_prompt, grid_images,
+                                    os.path.join(out_dir, "grid.png"))
+        files["preset"] = os.path.join(out_dir, "preset.json")
+        first.best.with_metadata(tiny_world_demo=True).save(files["preset"])
+    seconds = time.perf_counter() - t0
+    result["seconds"] = seconds
+    files["results"] = os.path.join(out_dir, "results.json")
+    atomic_write_text(files["results"], json.dumps(result, indent=1) + "\n")
+    files["table"] = os.path.join(out_dir, "table.md")
+    text = (f"# Q-Sched demo: a model trained here, quantized to {quant.upper()}, recovered\n\n"
+            f"Tiny text-conditioned rectified-flow digit generator (qsched/tiny, docs/tiny_world.md), {steps} "
+            f"Euler steps. Q-Sched: {strategy} search over (c_x, c_eps) start values in [0.8, 1.2] "
+            f"({points}-point lattice{'' if budget is None else f', budget {budget} images'}), JAQ = ln(TC) + 2·IQ "
+            f"with the tiny stand-in scorers, on the 20 prompts (1 image each). FD and accuracy: a separate "
+            f"reference network vs held-out real digits, never seen by the calibration.\n\n"
+            + table + "\n" + "\n".join(summary) + "\n\n"
+            f"grid.png: rows = the 20 prompts, columns = FP32 | naive {quant.upper()} | Q-Sched {quant.upper()} "
+            f"({grid_images} images each, the same seeds in every column; seed {seeds[0]}). landscape.png: the "
+            f"search of seed {seeds[0]}. preset.json: its coefficients.\n")
+    atomic_write_text(files["table"], text)
+    log("")
+    log(table)
+    log("\n".join(summary))
+    log(f"\nwrote {', '.join(files[k] for k in ('table', 'grid', 'landscape', 'results', 'preset'))} "
+        f"in {seconds:.0f} s")
+    return {"result": result, "summary": summary, "files": files, "seconds": seconds}
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Pixel layout of the sample grid: a header row, a label column, then one block of ``images`` tiles per
+    column (method), one row per prompt."""
+
+    rows: int
+    columns: int
+    images: int
+    tile: int = 48  # a 16x16 digit upscaled 3x (nearest)
+    gap: int = 2  # between tiles of one block
+    block_gap: int = 14  # between blocks
+    label: int = 64  # label column width
+    header: int = 20
+
+    @property
+    def block(self) -> int:
+        return self.images * self.tile + (self.images - 1) * self.gap
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.label + self.columns * self.block + (self.columns - 1) * self.block_gap,
+                self.header + self.rows * (self.tile + self.gap))
+
+    def box(self, row: int, column: int, i: int) -> tuple[int, int, int, int]:
+        x = self.label + column * (self.block + self.block_gap) + i * (self.tile + self.gap)
+        y = self.header + row * (self.tile + self.gap)
+        return (x, y, x + self.tile, y + self.tile)
+
+
+def grid_columns(world, net, steps: int, quant: str, coefficients, r: int, per_prompt: int, images: int):
+    """``[(title, tensor [20·images, 16, 16, 3])]`` for FP32 | naive | Q-Sched: the first ``images`` evaluation
+    images of every prompt for seed r (the same noise in every column)."""
+    from ..qsched.tiny.data import all_prompts
+    from ..qsched.tiny.experiment import eval_seeds
+
+    prompts = all_prompts()
+    seeds_all = eval_seeds(r, len(prompts) * per_prompt)
+    ps = [p for p in prompts for _ in range(images)]
+    ss = [seeds_all[j * per_prompt + i] for j in range(len(prompts)) for i in range(images)]
+    q = world.sampler(steps, net=net, quant=quant)
+    return [("FP32", world.sampler(steps).generate(None, ps, ss)),
+            (f"naive {quant.upper()}", q.generate(None, ps, ss)),
+            (f"Q-Sched {quant.upper()}", q.generate(coefficients, ps, ss))]
+
+
+def sample_grid(world, net, steps: int, quant: str, coefficients, r: int, per_prompt: int, images: int,
+                path: str) -> str:
+    from PIL import Image, ImageDraw, ImageFont
+
+    from ..qsched.tiny.data import STYLES, all_prompts, parse_prompt
+    from .plots import _save_png
+
+    cols = grid_columns(world, net, steps, quant, coefficients, r, per_prompt, images)
+    prompts = all_prompts()
+    lay = GridLayout(rows=len(prompts), columns=len(cols), images=images)
+    canvas = Image.new("RGB", lay.size, (48, 48, 48))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for c, (title, batch) in enumerate(cols):
+        x0 = lay.box(0, c, 0)[0]
+        draw.text((x0, 4), title, fill=(255, 255, 255), font=font)
+        for j in range(len(prompts)):
+            for i in range(images):
+                arr = (batch[j * images + i].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+                tile = Image.fromarray(arr).resize((lay.tile, lay.tile), Image.NEAREST)
+                canvas.paste(tile, lay.box(j, c, i)[:2])
+    for j, p in enumerate(prompts):
+        d, s = parse_prompt(p)
+        draw.text((4, lay.box(j, 0, 0)[1] + lay.tile // 2 - 6), f"{d}  {STYLES[s]}", fill=(255, 255, 255),
+                  font=font)
+    return _save_png(canvas, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the random-model machinery demo (``qsched demo --random-models``)
 
 PROMPT = "a watercolor painting of a dog in the snow"
 
@@ -31,7 +210,8 @@ RUNS = [
 ]
 
 
-def run_demo(out_dir: str = "qsched-demo", steps: int = 4, size: int = 64, seed: int = 0) -> str:
+def run_random_models_demo(out_dir: str = "qsched-demo", steps: int = 4, size: int = 64, seed: int = 0) -> str:
+    """Every sampler, identity vs the official example coefficients, on tiny random pipelines."""
     from PIL import Image
 
     from .tiny import build_flux_pipeline, build_sdxl_pipeline

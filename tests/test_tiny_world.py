@@ -256,3 +256,117 @@ def test_reduced_experiment_runs_end_to_end_and_reproduces(world, tmp_path):
     assert strip(a["rows"]) == strip(b["rows"])
     table = (tmp_path / "a" / "table.md").read_text()
     assert "| 2 | W4A4 | qsched-zoom |" in table and "| 2 | FP32 | fp32 |" in table
+
+
+def test_reduced_experiment_table_is_byte_identical_and_guard_rows_copy_the_chosen_method(world, tmp_path):
+    pytest.importorskip("qsched_pack.calibration.search")
+    from qsched_pack.qsched.tiny.experiment import METRICS, run
+
+    kw = dict(steps_list=(4,), formats=("w8a8", "w4a4"), seeds=(0, 1), per_prompt=1, points=5, strategies=("zoom",),
+              weights=str(PACKAGED), guard=True, log=None)
+    a = run(str(tmp_path / "a"), **kw)
+    run(str(tmp_path / "b"), **kw)
+    assert (tmp_path / "a" / "table.md").read_bytes() == (tmp_path / "b" / "table.md").read_bytes()
+    rows = a["rows"]
+    guarded = [x for x in rows if x["method"] == "qsched-zoom+guard"]
+    assert len(guarded) == 4
+    for g in guarded:
+        same = lambda m: next(x for x in rows if x["method"] == m and x["format"] == g["format"]  # noqa: E731
+                              and x["seed"] == g["seed"])
+        src = same("qsched-zoom") if g["accepted"] else same("naive")
+        assert all(g[k] == src[k] for k in METRICS)
+        assert g["accepted"] == (not g["guard"]["reasons"])
+        if not g["accepted"]:
+            assert g["c_x"] == [1.0] * 4 and g["c_eps"] == [1.0] * 4
+    # W8A8 loses (next to) nothing on this model, yet the search gains JAQ: the FP-anchored checks reject it
+    for g in (g for g in guarded if g["format"] == "w8a8"):
+        assert not g["accepted"] and g["guard"]["gain"] > 0
+        assert any(r.startswith(("nothing to recover", "overshoot")) for r in g["guard"]["reasons"])
+    assert "qsched-zoom+guard (accepted" in (tmp_path / "a" / "table.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ guard
+def _synthetic_result(fn, points=5):
+    from qsched_pack.calibration.generate import ImageStatScorer, SyntheticGenerator
+    from qsched_pack.calibration.search import calibrate
+
+    gen = SyntheticGenerator(fn, steps=2, name="guard")
+    return calibrate(gen, ImageStatScorer(k=0.0), [f"p{i}" for i in range(20)], space="start", strategy="grid",
+                     points=points, seed=0)
+
+
+def _scores(result, point):
+    return next(list(p.per_prompt) for p in result.points if tuple(p.point) == tuple(point))
+
+
+def test_guard_accepts_a_consistent_gain_and_rejects_noise_and_identity():
+    from qsched_pack.qsched.tiny.guard import acceptance
+
+    clear = _synthetic_result(lambda c, p, s: -(c.c_x[0] - 1.1) ** 2 + 0.01 * (s % 3))
+    acc = acceptance(clear)
+    assert clear.best_point == (1.1, 1.0) and acc.accept and acc.reasons == []
+    assert acc.gain == pytest.approx(0.01) and acc.gain_se == pytest.approx(0.0, abs=1e-12)
+    assert acc.choice(clear) == clear.best
+
+    # the best point wins on the mean, but its gain is a few prompts' luck: within 2 SE of the spread
+    noisy = _synthetic_result(lambda c, p, s: (c.c_x[0] - 1.0) * (1.0 if s < 11 else -1.0))
+    acc = acceptance(noisy)
+    assert noisy.best_point[0] == 1.2 and noisy.improvement > 0
+    assert not acc.accept and acc.reasons == ["JAQ gain within 2 SE of the seed-to-seed spread"]
+    assert acc.choice(noisy) == Coefficients.identity(2)
+    assert acceptance(noisy, z=0.1).accept  # a looser threshold lets it through
+
+    flat = _synthetic_result(lambda c, p, s: 1.0)
+    assert acceptance(flat).reasons == ["best is identity"]
+
+
+def test_guard_with_the_fp_model_rejects_nothing_to_recover_and_overshoot():
+    from qsched_pack.qsched.tiny.guard import acceptance
+
+    res = _synthetic_result(lambda c, p, s: -(c.c_x[0] - 1.1) ** 2 + 0.01 * (s % 3))
+    ident = _scores(res, (1.0, 1.0))
+    jitter = [1e-4 * ((i * 7) % 5 - 2) for i in range(20)]  # a small, nonzero spread
+
+    none_lost = acceptance(res, [v + j for v, j in zip(ident, jitter)])
+    assert not none_lost.accept and none_lost.loss == pytest.approx(0.0, abs=1e-4)
+    assert none_lost.reasons == ["nothing to recover: the quantized model is within noise of FP on JAQ",
+                                 "overshoot: best scores above the FP model (the scorers are being gamed)"]
+
+    # FP32 was 0.005 above identity, the best is 0.01 above identity: it overshoots the FP model
+    over = acceptance(res, [v + 0.005 + j for v, j in zip(ident, jitter)])
+    assert over.loss == pytest.approx(0.005, abs=1e-4) and over.overshoot == pytest.approx(0.005, abs=1e-4)
+    assert over.reasons == ["overshoot: best scores above the FP model (the scorers are being gamed)"]
+
+    # FP32 0.02 above identity: a real loss, half of it recovered -> accepted
+    ok = acceptance(res, [v + 0.02 + j for v, j in zip(ident, jitter)])
+    assert ok.accept and ok.overshoot == pytest.approx(-0.01, abs=1e-4)
+    assert "accept" in ok.line() and "loss vs FP +0.020" in ok.line()
+
+    with pytest.raises(ValueError, match="fp_scores has 3 values for 20"):
+        acceptance(res, [0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="z must be"):
+        acceptance(res, z=-1)
+
+
+def test_stored_results_table_matches_its_data_and_one_setting_recomputes(world, tmp_path):
+    """benchmarks/results/tiny_experiment.{md,json} (the README/docs table) come from this code and these weights:
+    the table is the formatting of the stored rows, and re-running one (steps, format, seed) gives the stored
+    rows (same search path; metrics to float-noise tolerance, since another CPU may round differently)."""
+    import json
+    from pathlib import Path
+
+    from qsched_pack.qsched.tiny.experiment import METRICS, format_table, run
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    stored = json.loads((results / "tiny_experiment.json").read_text())
+    assert stored["config"]["model_hash"] == world.model_hash
+    assert format_table(stored) == (results / "tiny_experiment.md").read_text()
+    cfg = stored["config"]
+    again = run(str(tmp_path / "one"), steps_list=(2,), formats=("w4a4",), seeds=(1,), per_prompt=cfg["per_prompt"],
+                points=cfg["points"], strategies=("zoom",), guard=True, weights=str(PACKAGED), log=None)
+    for row in again["rows"]:
+        old = next(x for x in stored["rows"] if all(x[k] == row[k] for k in ("steps", "format", "method", "seed")))
+        for k in ("images", "c_x", "c_eps", "accepted"):
+            assert old.get(k) == row.get(k), (row["method"], k)
+        for k in METRICS:
+            assert row[k] == pytest.approx(old[k], rel=1e-4, abs=1e-6), (row["method"], k)

@@ -75,6 +75,7 @@ class TinyWorld:
                 p.requires_grad_(False)
         self.config = config or {}
         self.model_hash = model_hash
+        self.source: str | None = None  # the weights file it was loaded from
         self._reference = None
 
     # ---------------------------------------------------------------------------------------- loading
@@ -98,7 +99,9 @@ class TinyWorld:
         for part, net in nets.items():
             sd = {k[len(part) + 1:]: v for k, v in tensors.items() if k.startswith(part + ".")}
             net.load_state_dict(sd, strict=True)
-        return cls(**nets, config=config, model_hash=file_hash(path))
+        world = cls(**nets, config=config, model_hash=file_hash(path))
+        world.source = str(path)
+        return world
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, train_if_missing: bool = False, log=print) -> "TinyWorld":
