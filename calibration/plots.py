@@ -80,12 +80,13 @@ def _heatmap_mpl(result, path, title):
                         cmap="viridis", edgecolors="none")
         ax.plot([p.point[0] for p in pts], [p.point[1] for p in pts], color="0.6", lw=0.4, zorder=0)
     fig.colorbar(im, ax=ax, label="mean JAQ")
-    ax.plot([1.0], [1.0], marker="o", mfc="none", mec="white", ms=10, mew=2, label="identity")
+    # identity: a ring that shows on the heatmap's colours and on the scatter's white background alike
+    ax.plot([1.0], [1.0], marker="o", mfc="none", mec="white" if full else "black", ms=10, mew=2, label="identity")
     ax.plot([result.best_point[0]], [result.best_point[1]], marker="*", color="red", ms=14, label="best")
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
     ax.set_title(title, fontsize=8)
-    ax.legend(loc="upper right", fontsize=7)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2, fontsize=7, frameon=False)  # off the data
     fig.tight_layout()
     out = _save_fig(fig, path)
     plt.close(fig)
