@@ -251,7 +251,7 @@ def per_sample_noise_sampler(x: torch.Tensor, seeds: Sequence[int], offset: int 
     gens = []
     for s in seeds:
         g = torch.Generator(device="cpu")
-        g.manual_seed(int(s) * 1000003 + offset)
+        g.manual_seed((int(s) * 1000003 + offset) % 2**63)  # any seed; unchanged below ~9e12
         gens.append(g)
 
     def sample(sigma, sigma_next):

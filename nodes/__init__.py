@@ -2,11 +2,11 @@
 ComfyUI itself (``comfy``, ``folder_paths``) is imported inside functions only, so the classes can be
 inspected and unit-tested without a ComfyUI install."""
 
-from . import loaders, sampling
+from . import calibration, loaders, sampling, scoring
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-for _module in (sampling, loaders):
+for _module in (sampling, loaders, scoring, calibration):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import os
 
+from ..calibration.metrics.weights import COMFY_FOLDER, register_comfy_folder
+
 #: ComfyUI socket type of a ``qsched.coefficients.Coefficients`` value.
 COEFFICIENTS = "QSCHED_COEFFICIENTS"
 
+#: ComfyUI socket type of a JAQ scorer (``nodes.scoring.ComfyJAQ``), made by Q-Sched JAQ Loader.
+JAQ_SCORER = "QSCHED_JAQ"
+
 #: ComfyUI folder key (``models/qsched/``) for presets and scorer weights (shared with calibration.metrics.weights).
-QSCHED_FOLDER = "qsched"
+QSCHED_FOLDER = COMFY_FOLDER
 PRESET_EXT = ".json"
 
 CATEGORY_SAMPLING = "sampling/qsched"
 CATEGORY_LOADERS = "loaders/qsched"
 CATEGORY_SCORING = "sampling/qsched/scoring"
+CATEGORY_CALIBRATION = "sampling/qsched/calibration"
 
 
 class NodeInputError(ValueError):
@@ -32,8 +38,7 @@ def register_qsched_folder():
     """Make sure ``models/qsched/`` (plus extra_model_paths.yaml entries) is known to ComfyUI; returns folder_paths."""
     import folder_paths
 
-    if QSCHED_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(QSCHED_FOLDER, os.path.join(folder_paths.models_dir, QSCHED_FOLDER))
+    register_comfy_folder(folder_paths)
     return folder_paths
 
 

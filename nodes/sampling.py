@@ -18,6 +18,7 @@ from .common import (CATEGORY_SAMPLING, COEFFICIENTS, PRESET_EXT, QSCHED_FOLDER,
 
 SAMPLER_NAMES = ("euler_ancestral", "euler", "tcd", "lcm")
 EPS_ONLY_SAMPLERS = ("tcd",)
+NOISY_SAMPLERS = ("euler_ancestral", "tcd", "lcm")
 #: "simple" / "sgm_uniform" are ComfyUI's own schedules on the model's sigma table (the paper's timesteps for
 #: SDXL-Turbo, FLUX schnell, and LCM models patched with ModelSamplingDiscrete "lcm"); the family names give the
 #: diffusers schedules of ``qsched.schedules`` (e.g. "tcd": 999, 759, 499, 259 on a plain SDXL/SD1.5 model).
@@ -46,8 +47,11 @@ _COEFFS_OPTIONAL = (COEFFICIENTS, {"tooltip": "Per-step c_x / c_eps from Q-Sched
 # sampler and schedule construction (shared with the calibration node)
 # ---------------------------------------------------------------------------------------------------------------
 def qsched_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, *, base="euler_ancestral",
-                  eta=1.0, coefficients=None, node="Q-Sched Sampler"):
-    """The body of the ComfyUI ``KSAMPLER``: picks eps/flow from the model's ``model_sampling`` (CONST → flow)."""
+                  eta=1.0, coefficients=None, node="Q-Sched Sampler", noise_sampler=None):
+    """The body of the ComfyUI ``KSAMPLER``: picks eps/flow from the model's ``model_sampling`` (CONST → flow).
+
+    ``noise_sampler`` (optional, used by the calibration node): the per-step noise of euler_ancestral / tcd / lcm;
+    None draws it from ComfyUI's ``extra_args["seed"]`` like the core samplers."""
     ms = model.inner_model.inner_model.model_sampling
     flow = is_flow(ms)
     steps = len(sigmas) - 1
@@ -70,6 +74,8 @@ def qsched_sample(model, x, sigmas, extra_args=None, callback=None, disable=None
         # ComfyUI applies LCM's boundary condition inside the model (ModelSamplingDiscrete "lcm"), as its own
         # lcm sampler expects; applying it here too would do it twice.
         kwargs["boundary_condition"] = False
+    if noise_sampler is not None and base in NOISY_SAMPLERS:
+        kwargs["noise_sampler"] = noise_sampler
     return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kwargs)
 
 
@@ -86,15 +92,18 @@ def _alphas_cumprod(model_sampling, node):
     return 1.0 / (1.0 + s * s)
 
 
-def make_sampler(base: str, eta: float, coefficients, node: str = "Q-Sched Sampler"):
+def make_sampler(base: str, eta: float, coefficients, node: str = "Q-Sched Sampler", noise_sampler=None):
+    """ComfyUI ``KSAMPLER`` running ``qsched_sample`` (shared by the sampler, KSampler and calibration nodes)."""
     import comfy.samplers
 
     if base not in SAMPLER_NAMES:
         raise NodeInputError(node, "sampler", f"{base!r} is not one of {', '.join(SAMPLER_NAMES)}")
     if coefficients is not None and not isinstance(coefficients, Coefficients):
         raise NodeInputError(node, "coefficients", f"expected {COEFFICIENTS}, got {type(coefficients).__name__}")
-    return comfy.samplers.KSAMPLER(qsched_sample, extra_options={
-        "base": base, "eta": float(eta), "coefficients": coefficients, "node": node})
+    options = {"base": base, "eta": float(eta), "coefficients": coefficients, "node": node}
+    if noise_sampler is not None:
+        options["noise_sampler"] = noise_sampler
+    return comfy.samplers.KSAMPLER(qsched_sample, extra_options=options)
 
 
 def schedule_sigmas(model, schedule: str, steps: int, denoise: float = 1.0, node: str = "Q-Sched Scheduler"):
@@ -322,17 +331,17 @@ class QSchedSavePreset:
         return {"ui": {"text": [f"saved {path}\n{describe(coefficients)}"]}, "result": (path,)}
 
 
-def _preset_relpath(name) -> str:
+def _preset_relpath(name, node: str = "Q-Sched Save Preset", input_name: str = "name") -> str:
     import re
 
     if not isinstance(name, str) or not name.strip():
-        raise NodeInputError("Q-Sched Save Preset", "name", "is empty: give a file name such as 'sdxl_turbo_w4a8'")
+        raise NodeInputError(node, input_name, "is empty: give a file name such as 'sdxl_turbo_w4a8'")
     rel = name.strip()
     if not rel.lower().endswith(PRESET_EXT):
         rel += PRESET_EXT
     parts = rel.replace("\\", "/").split("/")
     if any(p in ("", ".", "..") for p in parts) or not all(re.fullmatch(r"[A-Za-z0-9_.\-]+", p) for p in parts):
-        raise NodeInputError("Q-Sched Save Preset", "name", (
+        raise NodeInputError(node, input_name, (
             f"{name!r} is not a plain file name: use letters, digits, '-', '_', '.' and '/' between folder names"))
     return os.path.join(*parts)
 

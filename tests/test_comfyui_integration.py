@@ -12,6 +12,11 @@ QSCHED_TINY_MODELS=DIR to build them once and reuse). The example workflows are 
 with the server's ``/object_info`` input order, shrunk to 64x64 and run. T5-XXL cannot be made small, so in the
 FLUX workflow DualCLIPLoader(clip_l, t5xxl, "flux") is replaced by CLIPLoader(clip_l, "sd3"), which yields the same
 conditioning shapes (context 4096, pooled 2048 = the tiny FLUX model's vec_in_dim).
+
+JAQ scorers are tiny random CLIPs saved in the users' formats (tests/jaq_fixtures.py) under the standard file names in
+the server's models/qsched/. HPSv2.1 is loaded as open_clip "ViT-H-14", which cannot be made small: a test-only module
+in the server's custom_nodes folder registers the tiny HPS config under that name (open_clip.add_model_config), the
+same substitution as CLIP-L for T5. The calibration workflows run with 2 short prompts, a 3-value grid and 64x64.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -59,8 +65,8 @@ def find(prompt: dict, class_type: str) -> str:
 # server
 # ------------------------------------------------------------------------------------------------------------------
 class Server:
-    def __init__(self, root: Path, models: Path):
-        self.root, self.models = root, models
+    def __init__(self, root: Path, models: Path, open_clip_configs: Path | None = None):
+        self.root, self.models, self.open_clip_configs = root, models, open_clip_configs
         self.output = root / "output"
         self.log_path = root / "server.log"
         self.port = _free_port()
@@ -72,6 +78,11 @@ class Server:
         for d in (nodes_dir, self.output, self.root / "temp", self.root / "user"):
             d.mkdir()
         (nodes_dir / PACK_DIR_NAME).symlink_to(REPO, target_is_directory=True)
+        if self.open_clip_configs is not None:  # test-only: tiny architectures under the real open_clip names
+            (nodes_dir / "qsched_test_open_clip_configs.py").write_text(
+                "import open_clip\n"
+                f"open_clip.add_model_config({str(self.open_clip_configs)!r})\n"
+                "NODE_CLASS_MAPPINGS = {}\n")
         (self.models / "qsched").mkdir(exist_ok=True)
         yaml = self.root / "extra_model_paths.yaml"
         yaml.write_text("qsched_test:\n"
@@ -172,8 +183,30 @@ def tiny_models(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, tiny_models):
-    srv = Server(tmp_path_factory.mktemp("comfy"), tiny_models).start()
+def jaq_weights(tmp_path_factory, tiny_models) -> Path:
+    """Tiny scorer files under the standard names in models/qsched/; returns the open_clip config folder that makes
+    'ViT-H-14' the tiny HPS architecture."""
+    from jaq_fixtures import (TINY_HPS, register_tiny_hps_config, save_open_clip_checkpoint,
+                              save_openai_torchscript)
+
+    cfg_dir = tmp_path_factory.mktemp("open_clip_cfg")
+    register_tiny_hps_config(cfg_dir)
+    override = tmp_path_factory.mktemp("open_clip_override")
+    (override / "ViT-H-14.json").write_text((cfg_dir / f"{TINY_HPS}.json").read_text())
+    q = tiny_models / "qsched"
+    q.mkdir(exist_ok=True)
+    for name, build in (("RN50.pt", lambda p: save_openai_torchscript(p, "rn", seed=1)),
+                        ("ViT-B-16.pt", lambda p: save_openai_torchscript(p, "vit", seed=2)),
+                        ("ViT-L-14.pt", lambda p: save_openai_torchscript(p, "vit", seed=3)),
+                        ("HPS_v2.1_compressed.pt", lambda p: save_open_clip_checkpoint(p, TINY_HPS, seed=4))):
+        if not (q / name).is_file():
+            build(q / name)
+    return override
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_models, jaq_weights):
+    srv = Server(tmp_path_factory.mktemp("comfy"), tiny_models, jaq_weights).start()
     yield srv
     srv.stop()
 
@@ -368,3 +401,207 @@ def test_steps_mismatch_names_the_input(server, object_info):
     msg = _error_message(entry)
     assert "input 'coefficients'" in msg and "3 steps" in msg, msg
 
+
+
+# ---- JAQ and calibration ------------------------------------------------------------------------------------------
+CALIB_PROMPTS = "a red fox in the snow\na bowl of fruit on a wooden table"
+
+
+def _ui_text(entry: dict, node_id: str) -> str:
+    texts = entry["outputs"][node_id]["text"]
+    assert len(texts) == 1
+    return texts[0]
+
+
+def test_jaq_score_node_matches_the_library(server):
+    """JAQ Score in the server == calibration.jaq.JAQ on the same pixels and files, per image; errors name inputs."""
+    from qsched_pack.calibration.jaq import JAQ
+
+    colors = (0x3366CC, 0xE0A020)
+    p = {"1": {"class_type": "QSchedJAQLoader", "inputs": {
+              "preset": "clip", "k": 2.0, "tc_weights": "auto", "iq_weights": "RN50.pt", "device": "auto",
+              "dtype": "auto"}},
+         "2": {"class_type": "EmptyImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1,
+                                                      "color": colors[0]}},
+         "3": {"class_type": "EmptyImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1,
+                                                      "color": colors[1]}},
+         "4": {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["3", 0]}},
+         "5": {"class_type": "QSchedJAQScore", "inputs": {"images": ["4", 0], "scorer": ["1", 0],
+                                                          "prompts": "a blue square\n# comment\nan orange square"}}}
+    entry = server.run(p)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    report = _ui_text(entry, "5")
+    got = [float(m) for m in re.findall(r"image \d+: JAQ=([-\d.e+]+)", report)]
+    mean = float(re.search(r"mean JAQ over 2 images: ([-\d.e+]+)", report).group(1))
+    assert "clipscore=" in report and "clipiqa=" in report and "RN50.pt" in _ui_text(entry, "1")
+    imgs = torch.stack([torch.tensor([(c >> 16) & 255, (c >> 8) & 255, c & 255], dtype=torch.float32)
+                        .div(255).expand(SIZE, SIZE, 3) for c in colors])
+    q = server.models / "qsched"
+    want = JAQ(preset="clip", k=2.0, device="cpu",
+               weights={"clipscore": q / "ViT-L-14.pt", "clipiqa": q / "RN50.pt"}).score(
+        imgs, ["a blue square", "an orange square"]).tolist()
+    assert got == pytest.approx(want, rel=1e-3, abs=1e-4), (got, want)
+    assert mean == pytest.approx(sum(want) / 2, rel=1e-3, abs=1e-4)
+
+    bad = json.loads(json.dumps(p))
+    bad["5"]["inputs"]["prompts"] = "one\ntwo\nthree"
+    entry = server.run(bad)
+    assert entry["status"]["status_str"] == "error"
+    msg = _error_message(entry)
+    assert "Q-Sched JAQ Score: input 'prompts'" in msg and "3 prompt lines for 2 images" in msg, msg
+    bad["5"]["inputs"]["prompts"] = "  \n# only a comment"
+    errors = _rejected(server, bad)
+    assert "prompts" in errors and "is empty" in errors, errors
+    bad = json.loads(json.dumps(p))
+    bad["1"]["inputs"]["tc_weights"] = "no_such_clip.pt"
+    errors = _rejected(server, bad)
+    assert "tc_weights" in errors and "no_such_clip.pt" in errors, errors
+
+
+def calib_prompt(object_info, name: str, preset_name: str, **settings) -> dict:
+    p = load_api(name, object_info)
+    if "flux" in name:
+        p[find(p, "DualCLIPLoader")] = {"class_type": "CLIPLoader",
+                                        "inputs": {"clip_name": "clip_l.safetensors", "type": "sd3"}}
+    cal = p[find(p, "QSchedCalibrate")]["inputs"]
+    cal.update(prompts=CALIB_PROMPTS, width=SIZE, height=SIZE, points=3, batch=2, preset_name=preset_name)
+    cal.update(settings)
+    for nid, node in p.items():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=SIZE, height=SIZE)
+        if node["class_type"] == "SaveImage":
+            node["inputs"]["filename_prefix"] = preset_name
+    return p
+
+
+def _preview_pngs(server, entry, p) -> list[bytes]:
+    """The PNGs the PreviewImage nodes show, fetched as the frontend does (/view)."""
+    out = []
+    for nid, node in p.items():
+        if node["class_type"] == "PreviewImage":
+            imgs = entry["outputs"][nid]["images"]
+            assert len(imgs) == 1
+            f = imgs[0]
+            query = urllib.parse.urlencode({"filename": f["filename"], "subfolder": f["subfolder"], "type": f["type"]})
+            with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=60) as r:
+                out.append(r.read())
+    assert len(out) == 2
+    return out
+
+
+def _summary(entry, p) -> dict:
+    text = _ui_text(entry, find(p, "QSchedCalibrate"))
+    m = re.search(r"points: (\d+) \((\d+) from the record, (\d+) computed now\)", text)
+    assert m, text
+    return {"text": text, "points": int(m.group(1)), "from_record": int(m.group(2)), "computed": int(m.group(3)),
+            "record": Path(re.search(r"^record: (.+)$", text, re.M).group(1)),
+            "preset": Path(re.search(r"^preset: (.+)$", text, re.M).group(1))}
+
+
+def _record_points(path: Path) -> int:
+    return max(0, len(path.read_text().splitlines()) - 1) if path.is_file() else 0
+
+
+def _without_test_render(p: dict) -> dict:
+    """The calibration part of the SDXL calibration workflow only (drops the sample-and-score part)."""
+    keep = {"QSchedCheckpointLoader", "QSchedJAQLoader", "QSchedCalibrate", "PreviewImage"}
+    return {k: v for k, v in p.items() if v["class_type"] in keep}
+
+
+def test_sdxl_turbo_calibration_workflow_interrupt_and_resume(server, object_info):
+    """The SDXL-Turbo calibration workflow (preference JAQ, 'start' space), shrunk to 2 prompts and a 2-value grid
+    (+ identity = 5 points). Its preset feeds the sampling workflow through Q-Sched Load Preset. Then the same
+    settings again, interrupted with POST /interrupt after 2 recorded points and queued once more: the recorded points
+    are not recomputed, and the preset equals the uninterrupted run's."""
+    settings = dict(strategy="grid", points=2, budget=10)
+    p = calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_sdxl_calibrated", **settings)
+    entry = server.run(p)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    s = _summary(entry, p)
+    assert s["preset"] == server.models / "qsched" / "it_sdxl_calibrated.json" and s["preset"].is_file()
+    reference = json.loads(s["preset"].read_text())
+    meta = reference["metadata"]
+    assert reference["steps"] == 4 and meta["kind"] == "qsched-calibration" and meta["jaq"]["preset"] == "preference"
+    assert meta["quant"] == "w4a8" and meta["sampler"] == "euler_ancestral" and meta["images_spent"] == 10
+    assert (s["points"], s["computed"], s["from_record"]) == (5, 5, 0) and meta["points_evaluated"] == 5
+    assert "best JAQ" in s["text"] and _record_points(s["record"]) == 5
+    for png in _preview_pngs(server, entry, p):  # landscape + identity-vs-best grid
+        assert png.startswith(b"\x89PNG")
+    assert [i["type"] for i in entry["outputs"][find(p, "QSchedCalibrate")]["images"]] == ["temp", "temp"]
+    images = entry["outputs"][find(p, "SaveImage")]["images"]  # sampled with the calibrated coefficients
+    assert (server.output / images[0]["subfolder"] / images[0]["filename"]).is_file()
+    report = _ui_text(entry, find(p, "QSchedJAQScore"))
+    assert "aqmap=" in report and "hpsv2=" in report and "mean JAQ over 1 image" in report, report
+
+    # the sampling workflow, with Q-Sched Load Preset in place of Q-Sched Coefficients
+    q = load_api("qsched_sdxl_turbo_w4a8.json", object_info)
+    q[find(q, "EmptyLatentImage")]["inputs"].update(width=SIZE, height=SIZE)
+    q[find(q, "QSchedCoefficients")] = {"class_type": "QSchedLoadPreset",
+                                        "inputs": {"preset": "it_sdxl_calibrated.json"}}
+    entry = server.run(q)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+
+    # interrupt and resume
+    record = s["record"]
+    record.unlink()  # same settings = same record file: start from nothing
+    resumed_preset = server.models / "qsched" / "it_sdxl_resumed.json"
+    resumed_preset.unlink(missing_ok=True)  # QSCHED_TINY_MODELS may hold one from an earlier session
+    p = _without_test_render(calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_sdxl_resumed",
+                                          **settings))
+    status, body = server.queue(p)
+    assert status == 200 and not body.get("node_errors"), body
+    pid = body["prompt_id"]
+    deadline = time.time() + 900
+    while _record_points(record) < 2:
+        assert time.time() < deadline, server.log_text()[-3000:]
+        assert pid not in server.get(f"/history/{pid}"), "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    status, _ = server.post("/interrupt", {})
+    assert status == 200
+    while pid not in server.get(f"/history/{pid}"):
+        assert time.time() < deadline, server.log_text()[-3000:]
+        time.sleep(0.1)
+    entry = server.get(f"/history/{pid}")[pid]
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"]), entry["status"]
+    done = _record_points(record)
+    assert 2 <= done < 5, done
+    assert not resumed_preset.exists()
+
+    entry = server.run(p)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    s = _summary(entry, p)
+    assert (s["points"], s["from_record"], s["computed"]) == (5, done, 5 - done), s["text"]
+    assert _record_points(record) == 5
+    assert json.loads(s["preset"].read_text()) == reference
+
+
+def test_flux_schnell_calibration_workflow(server, object_info):
+    """The FLUX calibration workflow (flow Euler), shrunk, with the 'clip' JAQ preset (the other files)."""
+    p = calib_prompt(object_info, "qsched_flux_schnell_w4a8_calibrate.json", "it_flux_calibrated", budget=4)
+    p[find(p, "QSchedJAQLoader")]["inputs"]["preset"] = "clip"
+    entry = server.run(p)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    s = _summary(entry, p)
+    preset = json.loads(s["preset"].read_text())
+    assert preset["steps"] == 4 and preset["metadata"]["sampler"] == "euler"
+    assert preset["metadata"]["jaq"]["preset"] == "clip" and preset["metadata"]["images_spent"] <= 4
+    assert "stopped by the image budget" in s["text"]
+    assert all(png.startswith(b"\x89PNG") for png in _preview_pngs(server, entry, p))
+
+
+def test_calibration_bad_input_names_the_input(server, object_info):
+    cases = [(dict(prompts="\n  \n"), "prompts", "is empty"),
+             (dict(strategy="grid", points=5, budget=10), "budget", "too small for this grid"),
+             (dict(range_min=1.2, range_max=0.8), "range_min", "smaller than range_max"),
+             (dict(preset_name="../x"), "preset_name", "not a plain file name")]
+    for settings, name, text in cases:
+        p = calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_bad", budget=12)
+        p[find(p, "QSchedCalibrate")]["inputs"].update(settings)
+        errors = _rejected(server, p)
+        assert f"input '{name}'" in errors and text in errors, (settings, errors)
+    p = calib_prompt(object_info, "qsched_flux_schnell_w4a8_calibrate.json", "it_bad", budget=6, sampler="tcd")
+    entry = server.run(p)
+    assert entry["status"]["status_str"] == "error"
+    msg = _error_message(entry)
+    assert "Q-Sched Calibrate: input 'sampler'" in msg and "flow model" in msg, msg

@@ -149,3 +149,16 @@ def test_bad_generator_arguments():
     g = make()
     with pytest.raises(ValueError, match="coefficients have 4 steps .* but the sampler runs 2 steps"):
         g.generate(Coefficients.identity(4), PROMPTS, [1, 2, 3])
+
+
+def test_per_sample_noise_sampler_accepts_any_seed():
+    import torch
+
+    from qsched_pack.calibration.generate import per_sample_noise_sampler
+
+    x = torch.zeros(2, 4, 2, 2)
+    big = per_sample_noise_sampler(x, [2**62, 2**62])(1.0, 0.5)
+    assert big.shape == x.shape and torch.equal(big[0], big[1])
+    small = per_sample_noise_sampler(x, [7, 8])(1.0, 0.5)
+    g = torch.Generator().manual_seed(7 * 1000003 + 1)
+    assert torch.equal(small[0:1], torch.randn((1, 4, 2, 2), generator=g))

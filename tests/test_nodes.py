@@ -10,11 +10,12 @@ import pytest
 
 from qsched_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from qsched_pack.nodes import sampling
-from qsched_pack.nodes.common import COEFFICIENTS, NodeInputError
+from qsched_pack.nodes.common import COEFFICIENTS, JAQ_SCORER, NodeInputError
 from qsched_pack.qsched.coefficients import Coefficients
 from test_workflows import folder_paths  # noqa: F401  (fixture)
 
-SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "SAMPLER", "SIGMAS", COEFFICIENTS}
+SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "SAMPLER", "SIGMAS", COEFFICIENTS,
+                JAQ_SCORER}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 NODES = sorted(NODE_CLASS_MAPPINGS)
 
@@ -223,3 +224,257 @@ def test_preset_json_format_is_the_core_format(folder_paths):  # noqa: F811
     sampling.QSchedSavePreset().save(c, "fmt", True)
     d = json.loads(open(folder_paths.get_full_path("qsched", "fmt.json")).read())
     assert d["format"] == "qsched-coefficients" and d["c_x"] == [0.9, 1.0]
+
+
+# ---- JAQ nodes ---------------------------------------------------------------------------------------------------
+def test_new_nodes_are_registered():
+    assert {"QSchedJAQLoader", "QSchedJAQScore", "QSchedCalibrate"} <= set(NODES)
+    from qsched_pack.nodes import calibration, scoring
+
+    assert calibration.QSchedCalibrate.RETURN_TYPES == (COEFFICIENTS, "IMAGE", "IMAGE", "STRING")
+    assert scoring.QSchedJAQLoader.RETURN_TYPES[0] == JAQ_SCORER and scoring.QSchedJAQScore.OUTPUT_NODE
+    assert calibration.QSchedCalibrate.OUTPUT_NODE  # it writes a preset even with no output connected
+
+
+@pytest.fixture(scope="module")
+def tiny_scorer_files(tmp_path_factory):
+    from jaq_fixtures import save_hf_clip, save_openai_torchscript
+
+    d = tmp_path_factory.mktemp("scorers")
+    save_openai_torchscript(d / "RN50.pt", "rn", seed=1)
+    save_openai_torchscript(d / "ViT-L-14.pt", "vit", seed=3)
+    save_hf_clip(d / "clip-vit-large-patch14", seed=8)
+    return d
+
+
+def _qsched_dir(folder_paths):  # noqa: F811
+    from pathlib import Path
+
+    from qsched_pack.nodes.common import register_qsched_folder
+
+    register_qsched_folder()
+    d = Path(folder_paths.get_folder_paths("qsched")[0])
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _install(files, folder_paths, names=("RN50.pt", "ViT-L-14.pt", "clip-vit-large-patch14")):  # noqa: F811
+    import shutil
+
+    d = _qsched_dir(folder_paths)
+    for n in names:
+        src = files / n
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, d / n)
+    return d
+
+
+def test_jaq_loader_lists_weight_files_not_presets(folder_paths, tiny_scorer_files):  # noqa: F811
+    from qsched_pack.nodes import scoring
+
+    d = _install(tiny_scorer_files, folder_paths)
+    (d / "a_preset.json").write_text("{}")
+    (d / "sub").mkdir()
+    (d / "sub" / "HPS_v2.1_compressed.pt").write_bytes(b"")
+    choices = scoring.QSchedJAQLoader.INPUT_TYPES()["required"]["tc_weights"][0]
+    assert choices == ["auto", "RN50.pt", "ViT-L-14.pt", "clip-vit-large-patch14/", "sub/HPS_v2.1_compressed.pt"]
+
+
+def test_jaq_loader_missing_weights_name_the_input_at_queue_time(folder_paths, tiny_scorer_files):  # noqa: F811
+    from qsched_pack.nodes import scoring
+
+    v = scoring.QSchedJAQLoader.VALIDATE_INPUTS
+    msg = v(preset="clip", tc_weights="auto", iq_weights="auto")
+    assert isinstance(msg, str) and "input 'tc_weights'" in msg and "ViT-L-14.pt" in msg and "openai/CLIP" in msg
+    _install(tiny_scorer_files, folder_paths, names=("ViT-L-14.pt",))
+    msg = v(preset="clip", tc_weights="auto", iq_weights="auto")
+    assert isinstance(msg, str) and "input 'iq_weights'" in msg and "RN50.pt" in msg
+    msg = v(preset="clip", tc_weights="gone.pt", iq_weights="auto")
+    assert isinstance(msg, str) and "input 'tc_weights'" in msg and "gone.pt" in msg
+    msg = v(preset="best", tc_weights="auto", iq_weights="auto")
+    assert isinstance(msg, str) and "input 'preset'" in msg
+    _install(tiny_scorer_files, folder_paths, names=("RN50.pt",))
+    assert v(preset="clip", tc_weights="auto", iq_weights="auto") is True
+    assert v(preset="clip", tc_weights=None, iq_weights=None) is True  # linked: checked at run time
+
+
+def test_jaq_loader_refuses_a_file_of_the_wrong_architecture(folder_paths, tiny_scorer_files):  # noqa: F811
+    from qsched_pack.nodes import scoring
+
+    _install(tiny_scorer_files, folder_paths)
+    with pytest.raises(NodeInputError, match="input 'iq_weights'.*ViT") as exc:
+        scoring.load_jaq("clip", 2.0, "auto", "ViT-L-14.pt", device="cpu")
+    assert exc.value.input_name == "iq_weights"
+    with pytest.raises(NodeInputError, match="input 'dtype'"):
+        scoring.load_jaq("clip", 2.0, "auto", "auto", device="cpu", dtype="float16")
+    with pytest.raises(NodeInputError, match="input 'k'"):
+        scoring.load_jaq("clip", float("inf"), "auto", "auto", device="cpu")
+
+
+@pytest.mark.parametrize("tc_choice", ["auto", "clip-vit-large-patch14/"])
+def test_jaq_score_node_equals_the_library(folder_paths, tiny_scorer_files, tc_choice):  # noqa: F811
+    from jaq_fixtures import planted_images
+
+    from qsched_pack.calibration.jaq import JAQ
+    from qsched_pack.nodes import scoring
+
+    d = _install(tiny_scorer_files, folder_paths)
+    out = scoring.QSchedJAQLoader().load("clip", 1.5, tc_choice, "auto", "cpu", "auto")
+    scorer, summary = out["result"]
+    tc_file = "ViT-L-14.pt" if tc_choice == "auto" else "clip-vit-large-patch14"
+    assert scorer.config["weights"] == {"clipscore": tc_file, "clipiqa": "RN50.pt"}
+    assert scorer.config["k"] == 1.5 and len(scorer.config["weights_sha256"]["clipscore"]) == 64
+    assert tc_file in summary and out["ui"]["text"] == [summary]
+    imgs = planted_images(3, 48, 64, seed=5)
+    prompts = ["a red car", "two cats", "a blue lake"]
+    res = scoring.QSchedJAQScore().score(imgs, scorer, "\n".join(prompts[:1] + ["# note"] + prompts[1:]))
+    mean, report = res["result"]
+    want = JAQ(preset="clip", k=1.5, device="cpu",
+               weights={"clipscore": d / tc_file, "clipiqa": d / "RN50.pt"}).score(imgs, prompts)
+    assert mean == pytest.approx(float(want.mean()), rel=1e-6)
+    assert res["ui"]["text"] == [report]
+    lines = report.splitlines()
+    assert lines[1].startswith("image 1: JAQ=") and "two cats" in lines[2] and lines[-1].startswith("mean JAQ over 3")
+    for i, line in enumerate(lines[1:4]):
+        assert float(line.split("JAQ=")[1].split()[0]) == pytest.approx(float(want[i]), rel=1e-4)
+    mean_one, _ = scoring.QSchedJAQScore().score(imgs, scorer, "a red car")["result"]  # one prompt for all
+    assert mean_one == pytest.approx(float(JAQ(preset="clip", k=1.5, device="cpu", weights={
+        "clipscore": d / tc_file, "clipiqa": d / "RN50.pt"}).score(imgs, "a red car").mean()), rel=1e-6)
+
+
+def test_jaq_score_errors_name_the_input(folder_paths, tiny_scorer_files):  # noqa: F811
+    from jaq_fixtures import planted_images
+
+    from qsched_pack.nodes import scoring
+
+    _install(tiny_scorer_files, folder_paths)
+    scorer = scoring.load_jaq("clip", 2.0, "auto", "auto", device="cpu")
+    imgs = planted_images(2, 64, 64)
+    node = scoring.QSchedJAQScore()
+    with pytest.raises(NodeInputError, match="input 'prompts'.*3 prompt lines for 2 images"):
+        node.score(imgs, scorer, "a\nb\nc")
+    with pytest.raises(NodeInputError, match="input 'prompts'.*is empty"):
+        node.score(imgs, scorer, " \n# only a comment\n")
+    assert "input 'prompts'" in scoring.QSchedJAQScore.VALIDATE_INPUTS(prompts="")
+    assert scoring.QSchedJAQScore.VALIDATE_INPUTS(prompts=None) is True
+    with pytest.raises(NodeInputError, match="input 'images'.*0..1"):
+        node.score(imgs * 255, scorer, "a")
+    with pytest.raises(NodeInputError, match="input 'images'.*32"):
+        node.score(planted_images(2, 16, 16), scorer, "a")
+    with pytest.raises(NodeInputError, match="input 'scorer'"):
+        node.score(imgs, object(), "a")
+
+
+# ---- calibration node --------------------------------------------------------------------------------------------
+GOOD = dict(prompts="a\nb", steps=4, space="start", strategy="pattern", range_min=0.8, range_max=1.2, points=11,
+            budget=100, base_seed=42, width=512, height=512, batch=4, preset_name="x")
+
+
+def test_calibrate_default_prompts_are_the_20_calibration_prompts():
+    from qsched_pack.calibration.prompts import default_prompts
+    from qsched_pack.nodes import calibration, scoring
+
+    spec = calibration.QSchedCalibrate.INPUT_TYPES()["required"]["prompts"]
+    assert spec[1]["multiline"] is True
+    assert scoring.parse_prompt_lines(spec[1]["default"], "n") == default_prompts() and len(default_prompts()) == 20
+
+
+@pytest.mark.parametrize("change, input_name, text", [
+    (dict(prompts="\n   \n# just a comment"), "prompts", "is empty"),
+    (dict(strategy="grid", points=5, budget=49), "budget", "25 points (5^2 grid) x 2 prompts = 50 images"),
+    (dict(strategy="grid", points=4, budget=33), "budget", "17 points (4^2 grid + identity) x 2 prompts = 34"),
+    (dict(strategy="zoom", budget=10), "budget", "needs at least 26 points"),
+    (dict(range_min=1.2, range_max=0.8), "range_min", "smaller than range_max"),
+    (dict(range_min=1.0, range_max=1.0), "range_min", "smaller than range_max"),
+    (dict(range_max=11.0), "range_max", "(0, 10]"),
+    (dict(points=1), "points", "[2, 101]"),
+    (dict(budget=0), "budget", "[1, 10000000]"),
+    (dict(width=520), "width", "multiple of 16"),
+    (dict(height=32), "height", "[64, 4096]"),
+    (dict(batch=0), "batch", "[1, 64]"),
+    (dict(space="start_end", steps=1), "space", "steps >= 2"),
+    (dict(space="cube"), "space", "not one of"),
+    (dict(strategy="random"), "strategy", "not one of"),
+    (dict(preset_name="../escape"), "preset_name", "not a plain file name"),
+    (dict(preset_name=""), "preset_name", "is empty"),
+    (dict(base_seed=-1), "base_seed", "[0, 4294967295]"),
+])
+def test_calibrate_bad_settings_name_the_input(change, input_name, text):
+    from qsched_pack.nodes import calibration
+
+    with pytest.raises(NodeInputError) as exc:
+        calibration.check_settings(**{**GOOD, **change})
+    assert exc.value.input_name == input_name and text in str(exc.value), str(exc.value)
+    msg = calibration.QSchedCalibrate.VALIDATE_INPUTS(**{**GOOD, **change})
+    assert isinstance(msg, str) and msg.startswith(f"Q-Sched Calibrate: input '{input_name}'") and text in msg
+
+
+def test_calibrate_validation_accepts_good_and_linked_settings():
+    from qsched_pack.nodes import calibration
+
+    v = calibration.QSchedCalibrate.VALIDATE_INPUTS
+    assert v(**GOOD) is True
+    assert v(**{**GOOD, "strategy": "grid", "points": 5, "budget": 50}) is True  # exactly fits
+    assert "input 'budget'" in v(**{**GOOD, "strategy": "grid", "points": 5, "budget": 49})
+    assert v(**{**GOOD, "budget": None, "strategy": "grid", "points": 50}) is True  # budget linked: run-time check
+    assert v(**{k: None for k in GOOD}) is True
+    assert calibration.check_settings(**GOOD) == ["a", "b"]
+
+
+def test_record_key_follows_every_part_of_the_fingerprint():
+    from qsched_pack.nodes.calibration import record_key
+
+    base = dict(gen_fp={"model_hash": "m", "sampler": "euler"}, scorer_config={"preset": "clip", "k": 2.0},
+                prompts=["a", "b"], seeds=[1, 2], space={"kind": "start", "steps": 4, "low": 0.8, "high": 1.2},
+                strategy="pattern", points=11)
+    key = record_key(**base)
+    assert key == record_key(**json.loads(json.dumps(base)))  # stable across processes (plain JSON)
+    changes = [("gen_fp", {"model_hash": "m2", "sampler": "euler"}), ("scorer_config", {"preset": "clip", "k": 3.0}),
+               ("prompts", ["a", "c"]), ("seeds", [1, 3]), ("space", {**base["space"], "high": 1.3}),
+               ("strategy", "zoom"), ("points", 9)]
+    keys = {record_key(**{**base, k: v}) for k, v in changes}
+    assert len(keys) == len(changes) and key not in keys
+
+
+def test_module_digest_sees_weights_and_patch_backups():
+    import torch
+
+    from qsched_pack.nodes.calibration import module_digest
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 3))
+    d0 = module_digest(m)
+    assert d0 == module_digest(m) and len(d0) == 64
+    original = m[1].weight.detach().clone()
+    with torch.no_grad():
+        m[1].weight[0, 0] += 1.0  # one of the sampled values (the first)
+    assert module_digest(m) != d0
+    backup = {"dm.1.weight": type("B", (), {"weight": original})()}  # as ModelPatcher.backup holds it
+    assert module_digest(m, backup, "dm.") == d0  # a model patched in place digests as its original
+
+
+def test_prompts_of_equal_shape_share_a_batch_in_prompt_order():
+    import torch
+
+    from qsched_pack.nodes.calibration import _batchable, _concat
+
+    def cond(v, n=77):
+        return [[torch.full((1, n, 8), float(v)), {"pooled_output": torch.full((1, 4), float(v))}]]
+
+    a, b, long = cond(1), cond(2), cond(3, 154)
+    assert _batchable(a, b) and not _batchable(a, long)
+    assert not _batchable(a, [[a[0][0], {}]])  # different keys
+    (t, d), = _concat([a, b, a])
+    assert t.shape == (3, 77, 8) and t[:, 0, 0].tolist() == [1.0, 2.0, 1.0]
+    assert d["pooled_output"][:, 0].tolist() == [1.0, 2.0, 1.0]
+    assert _concat([a]) is a
+
+
+def test_qsched_folder_keeps_extra_model_paths_and_adds_the_default(folder_paths, tmp_path):  # noqa: F811
+    """extra_model_paths.yaml may define `qsched:` before the pack loads: the default folder is still added."""
+    from qsched_pack.nodes.common import register_qsched_folder
+
+    folder_paths.folder_names_and_paths["qsched"] = ([str(tmp_path / "shared_presets")], set())
+    register_qsched_folder()
+    register_qsched_folder()
+    assert folder_paths.get_folder_paths("qsched") == [str(tmp_path / "shared_presets"),
+                                                        str(tmp_path / "models" / "qsched")]

@@ -33,9 +33,20 @@ def _opts(spec) -> dict:
     return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
 
 
+def has_control_widget(name: str, spec) -> bool:
+    """The frontend adds a "control after generate" widget (one extra widget value) when the spec asks for it, and
+    -- legacy convention, comfyui-frontend 1.27 ``controlAfterGenerate = spec.control_after_generate ?? name in
+    (seed, noise_seed)`` -- to every INT input named ``seed`` or ``noise_seed`` whose spec does not say."""
+    flag = _opts(spec).get("control_after_generate")
+    if flag is None:
+        return spec[0] == "INT" and name in ("seed", "noise_seed")
+    return bool(flag)
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """UI-format workflow -> API prompt, as the frontend does: widget values are positional in input order, with one
-    extra frontend-only value after every ``control_after_generate`` widget; links override widgets."""
+    extra frontend-only value after every widget with a control widget (``has_control_widget``); links override
+    widgets."""
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
@@ -53,7 +64,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                 if not values:
                     raise AssertionError(f"node {node['id']} ({node['type']}): no widget value left for {name!r}")
                 inputs[name] = values.pop(0)
-                if _opts(spec).get("control_after_generate"):
+                if has_control_widget(name, spec):
                     values.pop(0)
             if name in linked:
                 inputs[name] = [str(linked[name][1]), linked[name][2]]
@@ -70,8 +81,10 @@ def folder_paths(monkeypatch, tmp_path):
     fp.models_dir = str(tmp_path / "models")
     fp.folder_names_and_paths = {}
 
-    def add_model_folder_path(name, path, is_default=False):
-        fp.folder_names_and_paths.setdefault(name, ([], set()))[0].append(path)
+    def add_model_folder_path(name, path, is_default=False):  # idempotent, like ComfyUI's
+        paths = fp.folder_names_and_paths.setdefault(name, ([], set()))[0]
+        if path not in paths:
+            paths.insert(0, path) if is_default else paths.append(path)
 
     def get_folder_paths(name):
         return list(fp.folder_names_and_paths.get(name, ([str(tmp_path / "models" / name)], set()))[0])
@@ -184,10 +197,16 @@ def test_widget_values_in_range(path, object_info):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_our_nodes_accept_the_workflow_values(path, object_info):
+def test_our_nodes_accept_the_workflow_values(path, object_info, folder_paths):
     """VALIDATE_INPUTS of our nodes says yes, and coefficient steps equal the sampler's steps."""
     from qsched_pack.nodes import NODE_CLASS_MAPPINGS
 
+    from qsched_pack.calibration.metrics import SPECS
+
+    qsched = Path(folder_paths.get_folder_paths("qsched")[0])  # "auto" scorer weights must exist: empty stand-ins
+    qsched.mkdir(parents=True, exist_ok=True)
+    for spec in SPECS.values():
+        (qsched / spec.filenames[0]).write_bytes(b"")
     prompt = ui_to_api(_load(path), object_info)
     steps = {}
     for nid, node in prompt.items():
@@ -235,3 +254,88 @@ def test_ui_to_api_rejects_missing_and_extra_widget_values(object_info):
     node["widgets_values"] = node["widgets_values"][:1]
     with pytest.raises(AssertionError, match="no widget value left"):
         ui_to_api(wf, object_info)
+
+
+def test_there_are_calibration_workflows_for_both_families():
+    names = {p.stem for p in WORKFLOWS}
+    assert {"qsched_sdxl_turbo_w4a8_calibrate", "qsched_flux_schnell_w4a8_calibrate"} <= names
+
+
+def _calibration(name: str, object_info) -> dict:
+    p = ui_to_api(_load(REPO / "workflows" / f"{name}.json"), object_info)
+    return {v["class_type"]: v["inputs"] for v in p.values()}
+
+
+@pytest.mark.parametrize("name, loader, sampler, size", [
+    ("qsched_sdxl_turbo_w4a8_calibrate", "QSchedCheckpointLoader", "euler_ancestral", 512),
+    ("qsched_flux_schnell_w4a8_calibrate", "QSchedDiffusionModelLoader", "euler", 1024),
+])
+def test_calibration_workflow_settings(name, loader, sampler, size, object_info):
+    """Small, artist-sized defaults that match the sampling workflow of the same family (so its preset fits it)."""
+    from qsched_pack.calibration.prompts import default_prompts
+    from qsched_pack.calibration.runner import check_budget
+    from qsched_pack.calibration.search import SearchSpace, estimate_points
+    from qsched_pack.nodes.scoring import parse_prompt_lines
+
+    by_type = _calibration(name, object_info)
+    assert by_type[loader]["precision"] == "w4a8"
+    cal = by_type["QSchedCalibrate"]
+    assert all(isinstance(cal[k], list) for k in ("model", "clip", "vae", "scorer"))
+    assert parse_prompt_lines(cal["prompts"], "test") == default_prompts()
+    assert (cal["steps"], cal["sampler"], cal["schedule"], cal["cfg"]) == (4, sampler, "simple", 1.0)
+    assert (cal["width"], cal["height"]) == (size, size)
+    assert (cal["space"], cal["strategy"], cal["range_min"], cal["range_max"]) == ("start", "pattern", 0.8, 1.2)
+    assert "qsched_" + cal["preset_name"] == name.replace("_calibrate", "_calibrated")
+    assert by_type["QSchedJAQLoader"]["preset"] == "preference"  # the paper's JAQ for SDXL-Turbo and FLUX
+    space = SearchSpace(cal["space"], cal["steps"], cal["range_min"], cal["range_max"])
+    check_budget(space, cal["strategy"], cal["points"], 20, cal["budget"])
+    assert 1.0 in space.axis(cal["points"])  # identity is a grid point, so the pattern search starts on it
+    # a budget an artist can wait for, yet room for a full pattern search of typical length
+    assert 300 <= cal["budget"] <= 800 and cal["budget"] // 20 >= 20
+    assert estimate_points(space, "pattern", cal["points"]) > 20
+    # the sampling workflow of the same family samples the same way (steps, sampler, size)
+    sampling = ui_to_api(_load(REPO / "workflows" / f"{name.replace('_calibrate', '')}.json"), object_info)
+    st = {v["class_type"]: v["inputs"] for v in sampling.values()}
+    if "QSchedKSampler" in st:
+        assert (st["QSchedKSampler"]["steps"], st["QSchedKSampler"]["sampler"]) == (cal["steps"], cal["sampler"])
+        assert st["QSchedKSampler"]["eta"] == cal["eta"]
+        lat = st["EmptyLatentImage"]
+    else:
+        assert (st["QSchedScheduler"]["steps"], st["QSchedSampler"]["sampler"]) == (cal["steps"], cal["sampler"])
+        lat = st["EmptySD3LatentImage"]
+    assert (lat["width"], lat["height"]) == (cal["width"], cal["height"])
+
+
+def test_sdxl_calibration_workflow_samples_with_the_calibrated_coefficients(object_info):
+    wf = _load(REPO / "workflows" / "qsched_sdxl_turbo_w4a8_calibrate.json")
+    p = ui_to_api(wf, object_info)
+    cal = next(k for k, v in p.items() if v["class_type"] == "QSchedCalibrate")
+    ks = next(v for v in p.values() if v["class_type"] == "QSchedKSampler")
+    assert ks["inputs"]["coefficients"] == [cal, 0]
+    score = next(v for v in p.values() if v["class_type"] == "QSchedJAQScore")
+    text = next(v for v in p.values() if v["class_type"] == "CLIPTextEncode" and v["inputs"]["text"])
+    assert score["inputs"]["prompts"] == text["inputs"]["text"]  # scored against the prompt it was made from
+    notes = " ".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note")
+    for knob in ("budget", "strategy", "space", "range_min", "points", "preset_name", "RESUMES", "Load Preset", "k:"):
+        assert knob in notes, knob
+
+
+def test_control_widget_rule_follows_the_frontend():
+    assert has_control_widget("seed", ("INT", {"min": 0}))  # legacy name rule
+    assert has_control_widget("noise_seed", ("INT", {}))
+    assert not has_control_widget("seed", ("INT", {"control_after_generate": False}))
+    assert has_control_widget("count", ("INT", {"control_after_generate": True}))
+    assert not has_control_widget("base_seed", ("INT", {}))
+    assert not has_control_widget("seed", ("STRING", {}))
+
+
+def test_no_node_of_ours_gets_an_unintended_control_widget(folder_paths):
+    """An INT input named seed/noise_seed gets a randomize-after-queue widget unless its spec says otherwise: ours
+    either ask for it explicitly or are named differently (Q-Sched Calibrate's base_seed must stay fixed)."""
+    for name, info in our_object_info().items():
+        for section in ("required", "optional"):
+            for inp, spec in info["input"][section].items():
+                if spec[0] == "INT" and inp in ("seed", "noise_seed"):
+                    assert "control_after_generate" in _opts(spec), (name, inp)
+    calib = our_object_info()["QSchedCalibrate"]["input"]["required"]
+    assert "base_seed" in calib and not has_control_widget("base_seed", calib["base_seed"])

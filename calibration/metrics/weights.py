@@ -73,9 +73,15 @@ def comfy_folders() -> list[Path]:
     folder_paths = sys.modules.get("folder_paths")
     if folder_paths is None:
         return []
-    if COMFY_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(COMFY_FOLDER, os.path.join(folder_paths.models_dir, COMFY_FOLDER))
+    register_comfy_folder(folder_paths)
     return [Path(p) for p in folder_paths.get_folder_paths(COMFY_FOLDER)]
+
+
+def register_comfy_folder(folder_paths) -> None:
+    """Add ``ComfyUI/models/qsched`` to the ``qsched`` key. Idempotent; folders from extra_model_paths.yaml
+    stay first, the default one is appended if it is missing (it is not, when the key already exists only
+    because extra_model_paths.yaml defined it, so "adds more" really adds)."""
+    folder_paths.add_model_folder_path(COMFY_FOLDER, os.path.join(folder_paths.models_dir, COMFY_FOLDER))
 
 
 def search_folders() -> list[Path]:
