@@ -14,10 +14,13 @@ Objectives: synthetic (bowl / ridge / multimodal, with and without deterministic
 in the 2-D ``start``, 4-D ``start_end`` and 4-D ``per_step`` spaces; 20 prompts per point as in the paper), and
 the tiny random SDXL-like pipeline (W4A4-quantized, 4 steps, 32x32, 4 prompts, 15x15 ``start`` grid) under
 three scorers: fidelity to the full-precision images (1 − MSE, what Theorem 1 is about), the weight-free image
-statistic stand-in, and the real JAQ code (CLIPScore + 2·CLIP-IQA) with tiny random CLIP weights.
+statistic stand-in, and the real JAQ code (CLIPScore + 2·CLIP-IQA) with tiny random CLIP weights; and the model
+trained by this project (``qsched/tiny``: W4A4 and W8A8 at 2/4/8 steps, the JAQ of its stand-in scorers, its 20
+calibration prompts, 21x21 ``start`` grid on calibration seed 0), whose landscape is a real one.
 
     .venv/bin/python benchmarks/bench_search.py            # everything (~10 min on 2 CPU cores)
     .venv/bin/python benchmarks/bench_search.py --synthetic-only
+    .venv/bin/python benchmarks/bench_search.py --trained-only     # the trained tiny model only (~2 min)
 Writes benchmarks/results/search_benchmark.md and .json.
 """
 
@@ -165,6 +168,35 @@ def tiny_pipeline(rows, n=21, prompts_n=4, steps=4, size=32):
     return {k: {json.dumps(list(p)): v for p, v in t.items()} for k, t in tables.items()}
 
 
+def trained_world(rows, n=21, formats=("w4a4", "w8a8"), steps_list=(2, 4, 8)):
+    """The trained tiny world: full grid once per (format, steps), then the strategies replayed against it."""
+    from qsched_pack.calibration.runner import score_images
+    from qsched_pack.calibration.search import SearchSpace
+    from qsched_pack.qsched.tiny.data import all_prompts
+    from qsched_pack.qsched.tiny.experiment import calib_seeds, make_jaq, single_thread
+    from qsched_pack.qsched.tiny.world import TinyWorld
+
+    world = TinyWorld.load(train_if_missing=True)
+    jaq = make_jaq(world)
+    prompts = all_prompts()
+    seeds = calib_seeds(0, len(prompts))
+    tables = {}
+    with single_thread():
+        for fmt in formats:
+            net = world.quantized_generator(fmt)[0]
+            for steps in steps_list:
+                gen = world.sampler(steps, net=net, quant=fmt)
+                space = SearchSpace("start", steps)
+                table = {}
+                for p in [space.identity] + space.grid(n):
+                    vals, _ = score_images(jaq, gen.generate(space.coefficients(p), prompts, seeds), prompts)
+                    table[p] = math.fsum(vals) / len(vals)
+                label = f"trained tiny model {fmt.upper()} {steps} steps, JAQ"
+                bench_table(label, space, table, n, len(prompts), rows)
+                tables[label] = {json.dumps(list(p)): v for p, v in table.items()}
+    return tables
+
+
 def _tiny_jaq():
     """The real JAQ class on tiny random CLIPs (tests/jaq_fixtures builds them in the users' file formats)."""
     import tempfile
@@ -199,14 +231,18 @@ HEADER = ("| objective | space | strategy | grid images | img→0.5% | img→99%
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--synthetic-only", action="store_true")
+    ap.add_argument("--trained-only", action="store_true")
     ap.add_argument("--points", type=int, default=15, help="grid points per dim on the tiny pipeline")
     args = ap.parse_args(argv)
     rows = []
     print(HEADER)
-    synthetic(rows)
-    tiny = None
-    if not args.synthetic_only:
+    tiny = trained = None
+    if not args.trained_only:
+        synthetic(rows)
+    if not (args.synthetic_only or args.trained_only):
         tiny = tiny_pipeline(rows, n=args.points)
+    if not args.synthetic_only:
+        trained = trained_world(rows)
     os.makedirs(RESULTS, exist_ok=True)
     from qsched_pack.qsched.coefficients import atomic_write_text
 
@@ -220,9 +256,11 @@ def main(argv=None):
             "median_pct_grid_total": sorted(r["pct_grid"] for r in rs)[len(rs) // 2]}
     text = ("# Search benchmark (benchmarks/bench_search.py)\n\n" + HEADER + "\n" +
             "\n".join(fmt_row(r) for r in rows) + "\n\nSummary: " + json.dumps(summary) + "\n")
-    atomic_write_text(os.path.join(RESULTS, "search_benchmark.md"), text)
-    atomic_write_text(os.path.join(RESULTS, "search_benchmark.json"),
-                      json.dumps({"rows": rows, "summary": summary, "tiny_tables": tiny}, indent=1) + "\n")
+    name = "search_benchmark_trained" if args.trained_only else "search_benchmark"
+    atomic_write_text(os.path.join(RESULTS, name + ".md"), text)
+    atomic_write_text(os.path.join(RESULTS, name + ".json"),
+                      json.dumps({"rows": rows, "summary": summary, "tiny_tables": tiny, "trained_tables": trained},
+                                 indent=1) + "\n")
     print("\nSummary:", json.dumps(summary, indent=1))
     return 0
 
