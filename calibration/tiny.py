@@ -1,4 +1,5 @@
-"""Tiny random SDXL-like and FLUX-schnell-like diffusers pipelines, built offline from configs.
+"""Tiny random SDXL-like, FLUX-schnell-like and SD1.5-like (LCM / PCM) diffusers pipelines, built offline
+from configs.
 
 Used by the demo, the tests and the benchmarks: no weight can be downloaded, so these stand in for the real
 architectures (same component classes, same schedulers, tiny widths). Every Linear has in_features that is a
@@ -84,8 +85,9 @@ def _clip_text_config(tok, hidden=64, layers=2, heads=4, proj=64):
                           pad_token_id=tok.pad_token_id)
 
 
-def tiny_vae(latent_channels: int = 4, flux: bool = False):
-    """4 levels -> vae_scale_factor 8, like the real SDXL / FLUX VAEs."""
+def tiny_vae(latent_channels: int = 4, flux: bool = False, scaling_factor: float | None = None):
+    """4 levels -> vae_scale_factor 8, like the real SDXL / FLUX VAEs. ``scaling_factor`` overrides the
+    SDXL value 0.13025 (SD1.5: 0.18215); ignored for ``flux``."""
     from diffusers import AutoencoderKL
 
     kw = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -94,7 +96,7 @@ def tiny_vae(latent_channels: int = 4, flux: bool = False):
     if flux:
         kw.update(scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
     else:
-        kw.update(scaling_factor=0.13025, force_upcast=False)
+        kw.update(scaling_factor=0.13025 if scaling_factor is None else scaling_factor, force_upcast=False)
     return AutoencoderKL(**kw)
 
 
@@ -111,6 +113,21 @@ def tiny_sdxl_unet(cross_attention_dim: int = 128, pooled_dim: int = 64):
         transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
         cross_attention_dim=cross_attention_dim, addition_embed_type="text_time",
         addition_time_embed_dim=SDXL_TIME_DIM, projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + pooled_dim)
+
+
+SD15_TIME_COND_DIM = 64  # LCM_Dreamshaper_v7: 256; a multiple of 64 keeps the cond_proj Linear quantizable
+
+
+def tiny_sd15_unet(cross_attention_dim: int = 64, time_cond_proj_dim: int | None = None):
+    """SD1.5 layout (cross-attention down blocks then a plain one, conv proj_in/out, no added embeddings);
+    ``time_cond_proj_dim`` adds LCM's guidance w-embedding projection."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=8, use_linear_projection=False,
+        norm_num_groups=8, cross_attention_dim=cross_attention_dim, time_cond_proj_dim=time_cond_proj_dim)
 
 
 def _eval(pipe):
@@ -159,3 +176,38 @@ def build_flux_pipeline(seed: int = 0):
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
     return _eval(FluxPipeline(scheduler=sched, vae=tiny_vae(latent, flux=True), text_encoder=te1, tokenizer=tok1,
                               text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer))
+
+
+def build_sd15_pipeline(seed: int = 0, lcm: bool = False):
+    """Tiny SD1.5-layout pipeline (one CLIP text encoder, SD1.5 VAE scaling 0.18215, no safety checker), with
+    the schedulers of notes/method.md §6 (scaled_linear 0.00085-0.012, eps, original_inference_steps 50; their
+    4-step timesteps are 999, 759, 499, 259, whatever the spacing/offset fields say):
+
+    * ``lcm=True``: SimianLuo/LCM_Dreamshaper_v7-like ``LatentConsistencyModelPipeline``: UNet with
+      ``time_cond_proj_dim`` (guidance w-embedding, no CFG pass; run it at guidance 8 -> w = 7), LCMScheduler.
+    * ``lcm=False``: PCM (SD1.5 + PCM LoRA)-like ``StableDiffusionPipeline`` with TCDScheduler (trailing spacing
+      as in the PCM README; run it with guidance 0 and eta/gamma 0).
+    """
+    from ..qsched._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # the SD pipelines import CLIPImageProcessor (as load_pipeline does)
+    from diffusers import (LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline,
+                           TCDScheduler)
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer()
+    te = CLIPTextModel(_clip_text_config(tok))
+    unet = tiny_sd15_unet(te.config.hidden_size, SD15_TIME_COND_DIM if lcm else None)
+    vae = tiny_vae(scaling_factor=0.18215)
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon",
+                  original_inference_steps=50)
+    if lcm:
+        sched = LCMScheduler(clip_sample=False, set_alpha_to_one=True, steps_offset=1, timestep_spacing="leading",
+                             **common)
+        cls = LatentConsistencyModelPipeline
+    else:
+        sched = TCDScheduler(timestep_spacing="trailing", steps_offset=1, **common)
+        cls = StableDiffusionPipeline
+    return _eval(cls(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
+                     feature_extractor=None, requires_safety_checker=False))
