@@ -16,3 +16,14 @@ import torch  # noqa: E402
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def jaq_dir(tmp_path_factory):
+    """Tiny random CLIP scorer files (RN50.pt for CLIP-IQA, ViT-L-14.pt for CLIPScore) in OpenAI's format."""
+    from jaq_fixtures import save_openai_torchscript
+
+    d = tmp_path_factory.mktemp("scorers")
+    save_openai_torchscript(d / "RN50.pt", "rn", seed=1)
+    save_openai_torchscript(d / "ViT-L-14.pt", "vit", seed=3)
+    return d

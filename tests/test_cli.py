@@ -10,16 +10,6 @@ from qsched_pack.qsched import Coefficients
 from test_generate import tiny_models
 
 
-@pytest.fixture(scope="module")
-def jaq_dir(tmp_path_factory):
-    from jaq_fixtures import save_openai_torchscript
-
-    d = tmp_path_factory.mktemp("scorers")
-    save_openai_torchscript(d / "RN50.pt", "rn", seed=1)
-    save_openai_torchscript(d / "ViT-L-14.pt", "vit", seed=3)
-    return d
-
-
 def test_calibrate_sample_score_end_to_end(tmp_path, jaq_dir, capsys):
     model = str(tiny_models()["sdxl"])
     prompts = tmp_path / "p.txt"

@@ -155,16 +155,6 @@ def test_one_step_uniform_coefficient_scales_the_result(name, family):
 
 # ---- qsched calibrate on the saved folders --------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def jaq_dir(tmp_path_factory):
-    from jaq_fixtures import save_openai_torchscript
-
-    d = tmp_path_factory.mktemp("scorers")
-    save_openai_torchscript(d / "RN50.pt", "rn", seed=1)
-    save_openai_torchscript(d / "ViT-L-14.pt", "vit", seed=3)
-    return d
-
-
 @pytest.mark.parametrize("name,family,sampler,quant", [("lcm", "lcm", "lcm", "w8a8"), ("pcm", "pcm", "tcd", "w4a8")])
 def test_calibrate_end_to_end_on_saved_sd15_folder(tmp_path, jaq_dir, capsys, name, family, sampler, quant):
     from qsched_pack.calibration.cli import main
