@@ -188,7 +188,7 @@ def test_scorers_reject_wrong_layouts(world):
         world.image_quality()(torch.rand(2, 3, 16, 16))
     with pytest.raises(ValueError, match="0..1"):
         world.image_quality()(torch.rand(2, 16, 16, 3) * 255)
-    with pytest.raises(ValueError, match="one prompt per image"):
+    with pytest.raises(ValueError, match="one prompt string per image"):
         world.text_alignment()(torch.rand(3, 16, 16, 3), ["a one", "a two"])
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from .data import DigitSet, parse_prompt, to_image
-from .scorers import ReferenceNet, _prompts, check_pixels
+from ...calibration.metrics.common import check_prompts
+from .scorers import ReferenceNet, check_pixels
 
 
 def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ class ReferenceMetric:
             return self.net(check_pixels(images)).argmax(-1)
 
     def accuracy(self, images: torch.Tensor, prompts) -> float:
-        target = torch.tensor([parse_prompt(p)[0] for p in _prompts(prompts, images.shape[0])])
+        target = torch.tensor([parse_prompt(p)[0] for p in check_prompts(prompts, images.shape[0])])
         return float((self.predicted_digits(images) == target).float().mean())
 
     def evaluate(self, images: torch.Tensor, prompts) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...calibration.metrics.common import check_prompts
 from .data import STYLES, from_image, parse_prompt
 
 RANGE_TOL = 1e-3
@@ -82,17 +83,6 @@ def check_pixels(images: torch.Tensor) -> torch.Tensor:
     return from_image(images)
 
 
-def _prompts(prompts, n: int) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts] * n
-    prompts = list(prompts)
-    if len(prompts) == 1 and n > 1:
-        prompts = prompts * n
-    if len(prompts) != n:
-        raise ValueError(f"need one prompt per image (or one for all): {n} images, {len(prompts)} prompts")
-    return prompts
-
-
 class _Metric:
     def __init__(self, net: nn.Module, batch_size: int = 512):
         self.net = net.eval()
@@ -123,7 +113,7 @@ class TinyTextAlignment(_Metric):
     def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
         probs = self.probabilities(images)
         out = torch.empty(probs.shape[0])
-        for i, p in enumerate(_prompts(prompts, probs.shape[0])):
+        for i, p in enumerate(check_prompts(prompts, probs.shape[0])):
             d, s = parse_prompt(p)
             out[i] = probs[i, d].sum() if s is None else probs[i, d, s]
         return (self.scale * out).float()
