@@ -479,3 +479,18 @@ def test_layer_kernels_have_a_known_name():
         QuantLinear(4, 4, QuantSpec.parse("w8a8"), "magic", None, torch.zeros(4, 4, dtype=torch.int8),
                     torch.ones(4, 1), None)
     assert "dequant" in qlayers.KERNELS
+
+
+@pytest.mark.parametrize("fmt", ["w8a8", "w8a8-fp8", "w4a8", "w4a16"])
+def test_quantized_layers_trace_as_one_custom_op(fmt):
+    """Dynamo sees each quantized Linear as the registered op torch.ops.qsched.quant_linear: fullgraph tracing
+    (aot_eager: no C++ compiler needed) works and equals eager."""
+    lin = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 64))
+    quantize_(lin, fmt, skip=())
+    x = torch.randn(2, 8, 64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = lin(x)
+        compiled = torch.compile(lin, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)
+    assert all(isinstance(p, nn.Parameter) for m in lin if hasattr(m, "qweight") for p in (m.qweight, m.wscale))
