@@ -362,9 +362,13 @@ def check_compile(kind="sd"):
         t = torch.tensor([0.5 if kind == "flux" else 5.0])
         torch._dynamo.reset()
         explain = torch._dynamo.explain(base.apply_model)(x, t, **c)
-        res[name] = explain.graph_break_count
+        pack = [str(r.reason).splitlines()[0] for r in explain.break_reasons
+                if any("qsched" in f.filename for f in (r.user_stack or []))]
+        res[name] = {"graph_breaks": explain.graph_break_count, "in_pack": pack}
         mm.unload_all_models()
-    assert res["w4a8"] == res["bf16"] and res["w8a8-fp8"] == res["bf16"], res
+    # ComfyUI's own breaks (psutil free-memory queries in CPU attention) are the same for every model; none of the
+    # breaks comes from the pack's layers
+    assert all(not r["in_pack"] for r in res.values()), res
     return res
 
 
