@@ -43,7 +43,7 @@ def _demo(args) -> int:
 
 
 def _experiment(args) -> int:
-    from ..qsched.tiny.experiment import from_args
+    from .tinyworld.experiment import from_args
 
     from_args(args)
     return 0
@@ -74,7 +74,7 @@ def _add_demo(sub):
                    help=f"maximum images the search may spend (default {D['budget']})")
     d.add_argument("--no-budget", action="store_true", help="no image budget for the search")
     d.add_argument("--guard", action="store_true",
-                   help="also report the opt-in acceptance guard (qsched.tiny.guard): Q-Sched coefficients only if "
+                   help="also report the opt-in acceptance guard (calibration.tinyworld.guard): Q-Sched coefficients only if "
                         "the JAQ gain is significant, the quantized model lost JAQ vs FP32 and the best does not "
                         "overshoot FP32; else identity")
     d.add_argument("--grid-images", type=_int_range("--grid-images", 1, 16),
@@ -91,7 +91,7 @@ def _add_demo(sub):
 
 
 def _add_experiment(sub):
-    from ..qsched.tiny.experiment import add_arguments
+    from .tinyworld.experiment import add_arguments
 
     e = sub.add_parser("experiment", help="the tiny world's results table: FP32 vs W8A8/W4A8/W4A4 naive vs PTQD vs "
                                           "Q-Sched at 2/4/8 steps (docs/tiny_world.md)")
@@ -260,8 +260,8 @@ def _calibrate(args) -> int:
 
     from .plots import plot_landscape, preview_grid
     from .prompts import default_prompts, load_prompts
-    from .runner import ProgressInfo, check_budget
-    from .search import SearchSpace, calibrate, default_points
+    from .runner import ProgressInfo, calibrate
+    from .search import SearchSpace, check_budget, default_points
 
     prompts = load_prompts(args.prompts, args.limit) if args.prompts else default_prompts()[: args.limit]
     space = SearchSpace(args.space, args.steps, args.range[0], args.range[1])
@@ -337,7 +337,7 @@ def _sample(args) -> int:
 def _score(args) -> int:
     import json
 
-    from ..qsched.coefficients import atomic_write_text
+    from ..qsched._io import atomic_write_text
     from .plots import load_images
     from .prompts import load_prompts
     from .runner import score_images

@@ -10,8 +10,8 @@ Contract (``Generator``), what ``runner.Runner`` relies on:
 
 ``DiffusersGenerator`` runs a diffusers pipeline's networks through ``qsched.samplers`` (the same update rules
 ComfyUI runs), for SDXL-Turbo, FLUX.1[schnell], LCM and PCM/TCD. ``load_pipeline`` reads a local diffusers
-folder or a single-file checkpoint; nothing is ever downloaded. ``SyntheticGenerator`` and ``ImageStatScorer``
-are deterministic stand-ins for tests and benchmarks.
+folder or a single-file checkpoint; nothing is ever downloaded. Deterministic stand-ins for tests and benchmarks
+live in ``calibration.testing``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from ..qsched._io import file_sha256
 from ..qsched.coefficients import Coefficients
 
 # family -> (sampler, parameterization, sampler options, default guidance, default size, initial-noise rule)
@@ -49,58 +50,7 @@ class Generator(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# stand-ins (tests, benchmarks)
-
-class SyntheticGenerator:
-    """Images whose every pixel is ``fn(coefficients, prompt, seed)``: a known objective behind the real
-    runner/record/preset machinery. Values are not clamped to 0..1 (only ``ImageStatScorer`` reads them)."""
-
-    def __init__(self, fn: Callable[[Coefficients, str, int], float], steps: int, size: int = 4,
-                 name: str = "synthetic"):
-        self.fn, self.steps, self.size, self.name = fn, steps, size, name
-        self.calls = 0
-
-    def fingerprint(self) -> dict:
-        return {"class": "SyntheticGenerator", "name": self.name, "steps": self.steps, "family": "synthetic",
-                "sampler": "none", "quant": None, "model_hash": hashlib.sha256(self.name.encode()).hexdigest()}
-
-    def generate(self, coefficients, prompts, seeds):
-        coefficients.check_steps(self.steps)
-        self.calls += 1
-        vals = torch.tensor([float(self.fn(coefficients, p, s)) for p, s in zip(prompts, seeds)], dtype=torch.float64)
-        return vals.reshape(-1, 1, 1, 1).expand(-1, self.size, self.size, 3).clone()
-
-
-class ImageStatScorer:
-    """Deterministic, weight-free stand-in for JAQ with the same protocol: ``tc`` = mean pixel value,
-    ``iq`` = pixel standard deviation (contrast), ``score = tc + k·iq``. Not a quality metric."""
-
-    def __init__(self, k: float = 2.0):
-        self.k = float(k)
-        self.config = {"class": "ImageStatScorer", "tc": "mean", "iq": "std", "k": self.k}
-
-    def components(self, images: torch.Tensor, prompts) -> dict:
-        x = images.double().reshape(images.shape[0], -1)
-        return {"tc": x.mean(dim=1), "iq": x.std(dim=1, unbiased=False)}
-
-    def combine(self, tc, iq):
-        return tc + self.k * iq
-
-    def score(self, images, prompts):
-        c = self.components(images, prompts)
-        return self.combine(c["tc"], c["iq"])
-
-
-# ---------------------------------------------------------------------------------------------------------
 # hashing and loading
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def model_hash(path: str | os.PathLike) -> str:
     """sha256 of a single-file checkpoint; for a diffusers folder, sha256 over (relative name, file sha256)
@@ -260,7 +210,7 @@ def per_sample_noise_sampler(x: torch.Tensor, seeds: Sequence[int], offset: int 
     return sample
 
 
-def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+def seeded_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
     g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
     return torch.randn((1, *shape), generator=g, dtype=torch.float32)
@@ -381,7 +331,7 @@ class DiffusersGenerator:
         from ..qsched import samplers
 
         shape = self._latent_shape()
-        noise = torch.cat([initial_noise(s, shape) for s in seeds]).to(self.device)
+        noise = torch.cat([seeded_noise(s, shape) for s in seeds]).to(self.device)
         s0 = float(self.sigmas[0])
         scale = {"sigma": s0, "vp": math.sqrt(1.0 + s0 * s0), "flow": s0}[self.noise_rule]
         x = noise * scale

@@ -299,8 +299,7 @@ def check_settings(*, prompts=None, steps=None, space=None, strategy=None, range
                    preset_name=None):
     """Checks what is known (None = linked, unknown at queue time); raises NodeInputError naming the input.
     Returns the parsed prompt list (or None)."""
-    from ..calibration.runner import check_budget
-    from ..calibration.search import SearchSpace, estimate_points
+    from ..calibration.search import SearchSpace, check_budget, estimate_points
 
     lines = None if prompts is None else parse_prompt_lines(prompts, NODE)
     if steps is not None:
@@ -492,8 +491,8 @@ class QSchedCalibrate:
         import folder_paths
 
         from ..calibration.plots import plot_landscape, preview_grid
-        from ..calibration.runner import RecordError
-        from ..calibration.search import SearchSpace, calibrate, estimate_points
+        from ..calibration.runner import RecordError, calibrate
+        from ..calibration.search import SearchSpace, estimate_points
 
         lines = check_settings(prompts=prompts, steps=steps, space=space, strategy=strategy, range_min=range_min,
                                range_max=range_max, points=points, budget=budget, base_seed=base_seed, width=width,

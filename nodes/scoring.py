@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 
+from ..qsched._io import update_from_file
 from .common import CATEGORY_SCORING, JAQ_SCORER, QSCHED_FOLDER, NodeInputError, register_qsched_folder
 
 PRESETS = ("preference", "clip")
@@ -95,9 +96,7 @@ def weight_digest(path: str) -> str:
         h = hashlib.sha256()
         for f in files:
             h.update(os.path.relpath(f, path).encode() + b"\0")
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
+            update_from_file(h, f)
         _DIGESTS[key] = h.hexdigest()
     return _DIGESTS[key]
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
+
+from ._io import atomic_write_text
 
 FORMAT = "qsched-coefficients"
 VERSION = 1
@@ -214,33 +215,3 @@ def as_coefficients(coefficients: "Coefficients | None", steps: int) -> "Coeffic
         raise ValueError(f"coefficients must be a qsched Coefficients or None, got {type(coefficients).__name__}")
     coefficients.check_steps(steps)
     return coefficients
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder + fsync + rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; presets are shared files
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-
-def _file_mode(path: str) -> int:
-    """Keep an existing file's permissions; a new file gets 0666 minus the umask, like open(path, "w")."""
-    try:
-        return os.stat(path).st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask

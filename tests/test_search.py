@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qsched_pack.calibration.generate import ImageStatScorer, SyntheticGenerator
-from qsched_pack.calibration.search import (SearchSpace, calibrate, point_of, run_strategy, select_best,
-                                            synthetic_objective)
+from qsched_pack.calibration.runner import calibrate
+from qsched_pack.calibration.search import SearchSpace, point_of, run_strategy, select_best
+from qsched_pack.calibration.testing import ImageStatScorer, SyntheticGenerator, synthetic_objective
 from qsched_pack.qsched import Coefficients
 
 PROMPTS = ["a red car", "a blue house", "a green tree"]
