@@ -112,9 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- calibrate / sample / score ------------------------------------------------------------------------
 
-FAMILY_CHOICES = ("sdxl_turbo", "flux_schnell", "lcm", "tcd", "pcm")
-
-
 def _positive_float(name: str):
     def parse(text: str) -> float:
         try:
@@ -129,15 +126,18 @@ def _positive_float(name: str):
 
 
 def _add_model_args(p, steps_default):
+    from ..qsched.samplers import SAMPLERS
+    from .generate import FAMILIES, MAX_GENERATOR_STEPS
+
     p.add_argument("--model", required=True,
                    help="diffusers pipeline folder (model_index.json ...) or a single .safetensors checkpoint")
     p.add_argument("--config", help="for a single-file checkpoint: a local diffusers folder of the same "
                                     "architecture (configs, tokenizers, text encoders, VAE); nothing is downloaded")
-    p.add_argument("--family", choices=FAMILY_CHOICES, help="model family (default: from the pipeline)")
-    p.add_argument("--sampler", choices=("euler", "euler_ancestral", "tcd", "lcm"),
+    p.add_argument("--family", choices=tuple(FAMILIES), help="model family (default: from the pipeline)")
+    p.add_argument("--sampler", choices=tuple(SAMPLERS),
                    help="sampler (default: the family's: sdxl_turbo euler_ancestral, flux_schnell euler, lcm lcm, "
                         "tcd/pcm tcd)")
-    p.add_argument("--steps", type=_int_range("--steps", 1, 50), default=steps_default,
+    p.add_argument("--steps", type=_int_range("--steps", 1, MAX_GENERATOR_STEPS), default=steps_default,
                    help="sampling steps" + (f" (default {steps_default})" if steps_default else ""))
     p.add_argument("--size", type=_int_range("--size", 16, 2048, multiple=16),
                    help="image height and width in pixels (default: the family's)")
@@ -317,8 +317,11 @@ def _sample(args) -> int:
     if args.family and family and args.family != family:
         print(f"qsched sample: warning: preset calibrated for family {family!r}, running {args.family!r}",
               file=sys.stderr)
-    gen = _build_generator(args, steps, family=family if family in FAMILY_CHOICES else None,
-                           sampler=sampler if sampler in ("euler", "euler_ancestral", "tcd", "lcm") else None,
+    from ..qsched.samplers import SAMPLERS
+    from .generate import FAMILIES
+
+    gen = _build_generator(args, steps, family=family if family in FAMILIES else None,
+                           sampler=sampler if sampler in SAMPLERS else None,
                            quant=meta.get("quant"))
     if meta.get("model_hash") and gen.model_hash != meta["model_hash"]:
         print(f"qsched sample: warning: preset calibrated on model hash {meta['model_hash'][:12]}, this model is "

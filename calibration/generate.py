@@ -26,7 +26,8 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 import torch
 
 from ..qsched._io import file_sha256
-from ..qsched.coefficients import Coefficients
+from ..qsched import samplers
+from ..qsched.coefficients import Coefficients, check_steps
 
 # family -> (sampler, parameterization, sampler options, default guidance, default size, initial-noise rule)
 FAMILIES = {
@@ -36,7 +37,8 @@ FAMILIES = {
     "tcd": ("tcd", "eps", {"eta": 0.0}, 0.0, 1024, "vp"),
     "pcm": ("tcd", "eps", {"eta": 0.0}, 0.0, 1024, "vp"),
 }
-SAMPLER_NAMES = ("euler", "euler_ancestral", "tcd", "lcm")
+#: Few-step samplers: the schedules of ``qsched.schedules`` stop at 50 steps (the LCM/TCD training grid).
+MAX_GENERATOR_STEPS = 50
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf")
 
 
@@ -181,7 +183,7 @@ def _load_single_file_denoiser(file: Path, cfg: Path, name: str, spec, dtype):
     raise ValueError(f"{file}: keys do not match a {spec[1]} and the format is not recognised")
 
 
-def detect_family(pipe) -> str:
+def pipeline_family(pipe) -> str:
     """Default family of a pipeline from its components and scheduler."""
     if getattr(pipe, "transformer", None) is not None:
         return "flux_schnell"
@@ -221,7 +223,7 @@ class DiffusersGenerator:
 
     Args:
         pipe: a loaded pipeline (``load_pipeline``), SDXL / SD1.5 / LCM / FLUX layout.
-        family: ``sdxl_turbo``, ``flux_schnell``, ``lcm``, ``tcd``, ``pcm`` (default: ``detect_family``).
+        family: ``sdxl_turbo``, ``flux_schnell``, ``lcm``, ``tcd``, ``pcm`` (default: ``pipeline_family``).
         steps: sampling steps; sampler: one of ``qsched.samplers.SAMPLERS`` (default: the family's).
         height, width: image size (default: the family's, capped at the VAE's sample size only by memory).
         quant: quantization spec name (``"w4a8"``...) applied to the denoiser with ``qsched.quant.quantize_``;
@@ -238,17 +240,13 @@ class DiffusersGenerator:
                  quant_backend: str = "auto", device: str | torch.device | None = None):
         from ..qsched.schedules import few_step_sigmas
 
-        family = detect_family(pipe) if family is None else family
+        family = pipeline_family(pipe) if family is None else family
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
         d_sampler, self.parameterization, opts, d_guidance, d_size, self.noise_rule = FAMILIES[family]
         sampler = d_sampler if sampler is None else sampler
-        if sampler not in SAMPLER_NAMES:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLER_NAMES)}; got {sampler!r}")
-        if sampler == "tcd" and self.parameterization != "eps":
-            raise ValueError(f"sampler 'tcd' needs an EPS model; family {family!r} is a flow model")
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 50:
-            raise ValueError(f"steps must be an integer in [1, 50], got {steps!r}")
+        samplers.check_sampler(sampler, self.parameterization)
+        check_steps(steps, MAX_GENERATOR_STEPS)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.pipe, self.family, self.steps, self.sampler = pipe, family, steps, sampler
@@ -328,8 +326,6 @@ class DiffusersGenerator:
         return self.pipe.unet.config.in_channels, self.height // f, self.width // f
 
     def _batch(self, coefficients, prompts, seeds) -> torch.Tensor:
-        from ..qsched import samplers
-
         shape = self._latent_shape()
         noise = torch.cat([seeded_noise(s, shape) for s in seeds]).to(self.device)
         s0 = float(self.sigmas[0])

@@ -82,7 +82,7 @@ def scorer_config(scorer, explicit: Mapping | None = None) -> dict:
     return out
 
 
-def check_prompts(prompts) -> list[str]:
+def check_calibration_prompts(prompts) -> list[str]:
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
     prompts = list(prompts)
@@ -289,7 +289,7 @@ class Runner:
                  budget: int | None = None, record: str | None = None, resume: bool = False,
                  progress: Callable[[ProgressInfo], None] | None = None, interrupt: Callable[[], None] | None = None,
                  scorer_config: Mapping | None = None, strategy_options: Mapping[str, Any] | None = None):
-        self.prompts = check_prompts(prompts)
+        self.prompts = check_calibration_prompts(prompts)
         self.seeds = check_seeds(seeds, len(self.prompts), seed)
         self.space = space
         self.strategy = strategy

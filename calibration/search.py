@@ -36,10 +36,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from ..qsched.coefficients import C_MAX, MAX_STEPS, Coefficients
+from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_steps
 
 SPACES = ("start", "start_end", "per_step")
-STRATEGIES = ("grid", "zoom", "pattern")
+STRATEGIES = ("pattern", "zoom", "grid")  # the default first (widget and --help order)
 DEFAULT_RANGE = (0.8, 1.2)
 #: Grid points per dimension when none is given: the shipped official run uses 50 for the 2-D space.
 DEFAULT_POINTS = {"start": 50, "start_end": 11, "per_step": 5}
@@ -50,8 +50,13 @@ ROUND = 12
 Point = tuple  # tuple[float, ...] in the order of SearchSpace.names
 
 
-def _is_number(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+def check_range(low, high) -> tuple[float, float]:
+    """The search-range rule: two coefficients (``check_coefficient``) with low < high."""
+    low, high = check_coefficient(low, "range low"), check_coefficient(high, "range high")
+    if not low < high:
+        raise ValueError(f"range must have low < high (allowed: 0 < low < high <= {C_MAX:g}), "
+                         f"got low={low!r}, high={high!r}")
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -66,18 +71,11 @@ class SearchSpace:
     def __post_init__(self):
         if self.kind not in SPACES:
             raise ValueError(f"space must be one of {', '.join(SPACES)}; got {self.kind!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
-            raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}")
+        check_steps(self.steps)
         if self.kind == "start_end" and self.steps < 2:
             raise ValueError("space 'start_end' needs steps >= 2 (with 1 step the end values are never used); "
                              "use space 'start' or 'per_step'")
-        for name in ("low", "high"):
-            v = getattr(self, name)
-            if not _is_number(v) or not 0.0 < v <= C_MAX:
-                raise ValueError(f"range {name} must be a finite number in (0, {C_MAX:g}], got {v!r}")
-        if not self.low < self.high:
-            raise ValueError(f"range must have low < high (allowed: 0 < low < high <= {C_MAX:g}), "
-                             f"got low={self.low!r}, high={self.high!r}")
+        check_range(self.low, self.high)
         object.__setattr__(self, "low", float(self.low))
         object.__setattr__(self, "high", float(self.high))
 
@@ -356,10 +354,11 @@ def check_budget(space: SearchSpace, strategy: str, n: int, per_point: int, budg
     if strategy == "grid":
         total = estimate_points(space, strategy, n, options)
         if total * per_point > budget:
+            identity = " + identity" if total > n ** space.dim else ""
             raise ValueError(
-                f"budget too small: the grid evaluates {total} points ({n}^{space.dim} grid + identity) x "
-                f"{per_point} prompts = {total * per_point} images, budget is {budget}. Raise --budget to >= "
-                f"{total * per_point}, lower --points, or use --strategy zoom")
+                f"budget too small: the grid evaluates {total} points ({n}^{space.dim} grid{identity}) x "
+                f"{per_point} prompts = {total * per_point} images, budget is {budget}: raise the budget to >= "
+                f"{total * per_point}, use fewer points or prompts, or an adaptive strategy (pattern, zoom)")
         return
     first = 1
     if strategy == "zoom":
@@ -367,7 +366,8 @@ def check_budget(space: SearchSpace, strategy: str, n: int, per_point: int, budg
         first += min(coarse, n) ** space.dim
     if first * per_point > budget:
         raise ValueError(f"budget too small: strategy {strategy!r} needs at least {first} points x {per_point} "
-                         f"prompts = {first * per_point} images before it can choose, budget is {budget}")
+                         f"prompts = {first * per_point} images before it can choose, budget is {budget}: raise the "
+                         "budget or use fewer prompts")
 
 
 def point_of(space: SearchSpace, coefficients: Coefficients) -> Point:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qsched_pack.calibration.generate import DiffusersGenerator, detect_family, load_pipeline, seeded_noise
+from qsched_pack.calibration.generate import DiffusersGenerator, load_pipeline, pipeline_family, seeded_noise
 from qsched_pack.qsched import Coefficients
 
 PROMPTS = ["a photo of a cat sitting on a red chair", "landscape with mountains, a lake and a blue sky"]
@@ -81,7 +81,7 @@ def test_loader_returns_the_sd15_pipelines_and_families():
     assert lcm.text_encoder.config.hidden_size == lcm.unet.config.cross_attention_dim
     assert getattr(lcm, "text_encoder_2", None) is None and lcm.safety_checker is None
     assert lcm.vae.config.scaling_factor == pytest.approx(0.18215)
-    assert (detect_family(lcm), detect_family(pcm)) == ("lcm", "tcd")
+    assert (pipeline_family(lcm), pipeline_family(pcm)) == ("lcm", "tcd")
     g = DiffusersGenerator(lcm, steps=4, height=SIZE, width=SIZE, model_hash_value="x")
     assert (g.family, g.sampler, g.guidance) == ("lcm", "lcm", 8.0)
     g = DiffusersGenerator(pcm, family="pcm", steps=4, height=SIZE, width=SIZE, model_hash_value="x")

@@ -175,7 +175,7 @@ def test_bad_calibrate_inputs_are_clear_value_errors():
     assert gen.calls == 0  # refused before any image was made
     with pytest.raises(ValueError, match="steps mismatch: .*steps=2 .*steps=4"):
         calibrate(gen, ImageStatScorer(), PROMPTS, space=SearchSpace("start", 2))
-    with pytest.raises(ValueError, match="strategy must be one of grid, zoom, pattern"):
+    with pytest.raises(ValueError, match="strategy must be one of pattern, zoom, grid"):
         calibrate(gen, ImageStatScorer(), PROMPTS, space=sp, strategy="cmaes")
     with pytest.raises(ValueError, match=r"points .* must be an integer in \[2, 10000\]"):
         calibrate(gen, ImageStatScorer(), PROMPTS, space=sp, points=1)
