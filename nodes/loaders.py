@@ -135,6 +135,7 @@ class QSchedCheckpointLoader(_QSchedLoaderBase):
     OUTPUT_TOOLTIPS = ("The quantized diffusion model.", "The text encoder(s).", "The VAE.",
                        "What was quantized, and how; ComfyUI's size of the model.")
     NODE_NAME, FOLDER, FILE_INPUT, CHECKPOINT = "Q-Sched Checkpoint Loader", "checkpoints", "ckpt_name", True
+    DISPLAY_NAME = "Q-Sched Checkpoint Loader (quantized)"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -163,6 +164,7 @@ class QSchedDiffusionModelLoader(_QSchedLoaderBase):
     RETURN_NAMES = ("MODEL", "report")
     OUTPUT_TOOLTIPS = ("The quantized diffusion model.", "What was quantized, and how; ComfyUI's size of the model.")
     NODE_NAME, FOLDER, FILE_INPUT = "Q-Sched Diffusion Model Loader", "diffusion_models", "unet_name"
+    DISPLAY_NAME = "Q-Sched Diffusion Model Loader (quantized)"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -188,7 +190,7 @@ class QSchedQuantizeModel:
     RETURN_NAMES = ("MODEL", "report")
     OUTPUT_TOOLTIPS = ("The quantized model (a new model object).", "What was quantized, and how.")
     FUNCTION = "quantize"
-    NODE_NAME = "Q-Sched Quantize Model"
+    NODE_NAME = DISPLAY_NAME = "Q-Sched Quantize Model"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -223,7 +225,7 @@ class QSchedSaveQuantizedModel:
     OUTPUT_TOOLTIPS = ("Where the file was written.",)
     FUNCTION = "save"
     OUTPUT_NODE = True
-    NODE_NAME = "Q-Sched Save Quantized Model"
+    NODE_NAME = DISPLAY_NAME = "Q-Sched Save Quantized Model"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -261,9 +263,4 @@ NODE_CLASS_MAPPINGS = {
     "QSchedQuantizeModel": QSchedQuantizeModel,
     "QSchedSaveQuantizedModel": QSchedSaveQuantizedModel,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "QSchedCheckpointLoader": "Q-Sched Checkpoint Loader (quantized)",
-    "QSchedDiffusionModelLoader": "Q-Sched Diffusion Model Loader (quantized)",
-    "QSchedQuantizeModel": "Q-Sched Quantize Model",
-    "QSchedSaveQuantizedModel": "Q-Sched Save Quantized Model",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {key: cls.DISPLAY_NAME for key, cls in NODE_CLASS_MAPPINGS.items()}

@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from .._io import file_sha256
 from . import prequant
 from .comfy_ops import COMFY_SKIP, make_ops, quantized_layers
 from .spec import QuantSpec
@@ -193,16 +194,6 @@ def save_quantized(model_patcher, path: str, *, source_sha256: str | None = None
     if source_sha256 is None:
         source_sha256 = source.get("sha256", "")
         if not source_sha256 and source.get("path") and os.path.isfile(source["path"]):
-            source_sha256 = _sha256(source["path"])
+            source_sha256 = file_sha256(source["path"])
     return prequant.write(path, tensors, table, spec_name=spec.name, arch=type(base.model_config).__name__,
                           skip=list(COMFY_SKIP), source_sha256=source_sha256, source_name=source.get("name", ""))
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
+
+from .._io import atomic_write
 
 FORMAT_VERSION = "1"
 KEY = "qsched.format_version"
@@ -82,23 +83,14 @@ def comfy_state_dict(path: str, meta: dict) -> dict:
 
 def write(path: str, tensors: dict, layers: dict, *, spec_name: str, arch: str, skip=(), source_sha256: str = "",
           source_name: str = "") -> int:
-    """Write the file atomically (temporary file in the same folder, then rename); returns its size in bytes."""
+    """Write the file atomically (``qsched._io.atomic_write``); returns its size in bytes."""
     from safetensors.torch import save_file
 
     meta = {KEY: FORMAT_VERSION, "qsched.spec": spec_name, "qsched.arch": arch,
             "qsched.layers": json.dumps(layers, sort_keys=True), "qsched.skip": json.dumps(list(skip)),
             "qsched.source_sha256": source_sha256, "qsched.source_name": source_name}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".qsched-", suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                             metadata=meta))
     return os.path.getsize(path)
 
 
