@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
 import comfy.sd  # noqa: E402
 from qsched_pack.qsched.quant import comfy_ops, load_quantized, prequant, quantize_comfy_model, save_quantized  # noqa
 from qsched_pack.qsched.quant import layers as qlayers  # noqa: E402
@@ -339,6 +340,61 @@ def check_bad_input():
                                      "w8a8-fp8", "w8a8")
     finally:
         torch.cuda.get_device_capability = real
+    return out
+
+
+def check_gguf(kind="sd"):
+    """Q-Sched on a MODEL from city96/ComfyUI-GGUF (QSCHED_GGUF_NODES = a checkout of it): the Q-Sched sampler and
+    scheduler nodes run on GGUF Q8_0 / Q4_0 models (identity coefficients equal core euler on the same model),
+    the Calibrate node's model fingerprint reads GGUF tensors, and Quantize Model takes a GGUF MODEL."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from gguf_files import write_gguf
+
+    from qsched_pack.nodes import sampling as qnodes
+    from qsched_pack.nodes.comfy_generator import model_fingerprint
+    from qsched_pack.qsched.coefficients import Coefficients
+
+    src = os.environ["QSCHED_GGUF_NODES"]
+    sys.path.insert(0, os.path.dirname(src))
+    gn = importlib.import_module(os.path.basename(src) + ".nodes")
+    sd = load_file(FILES[kind])
+    ref = comfy.sd.load_diffusion_model(FILES[kind])
+    y_ref = run(ref, kind)
+    cond, latent = conds(kind)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(7))
+    out = {}
+    for qtype in ("Q8_0", "Q4_0"):
+        path = os.path.join(WORK, f"{kind}_{qtype}.gguf")
+        write_gguf(path, sd, qtype, "sd1" if kind == "sd" else "flux")
+        ops = gn.GGMLOps()
+        ops.Linear.dequant_dtype = ops.Linear.patch_dtype = None
+        model = comfy.sd.load_diffusion_model_state_dict(gn.gguf_sd_loader(path), model_options={
+            "custom_operations": ops})
+        model = gn.GGUFModelPatcher.clone(model)
+        sigmas = qnodes.QSchedScheduler().get_sigmas(model, "simple", 2, 1.0)[0]
+        identity = qnodes.QSchedSampler().get_sampler("euler", 1.0, Coefficients.identity(2))[0]
+        ramp = qnodes.QSchedSampler().get_sampler("euler", 1.0, Coefficients([0.99, 1.0], [0.95, 0.98]))[0]
+        core = comfy.samplers.sampler_object("euler")
+        y_core = comfy.sample.sample_custom(model, noise, 1.0, core, sigmas, cond, cond, latent, seed=7,
+                                            disable_pbar=True).float()
+        y_id = comfy.sample.sample_custom(model, noise, 1.0, identity, sigmas, cond, cond, latent, seed=7,
+                                          disable_pbar=True).float()
+        y_ramp = comfy.sample.sample_custom(model, noise, 1.0, ramp, sigmas, cond, cond, latent, seed=7,
+                                            disable_pbar=True).float()
+        assert torch.equal(y_id, y_core)
+        assert not torch.equal(y_ramp, y_core)
+        fp = model_fingerprint(model)
+        assert fp["model_hash"] != model_fingerprint(ref)["model_hash"]
+        q, _ = quantize_comfy_model(model, "w8a8")
+        y_q = run(q, kind)
+        out[qtype] = {"gguf_vs_bf16": rel(y_core, run(ref, kind)), "qsched_w8a8_of_gguf_vs_bf16": rel(y_q, y_ref),
+                      "file_bytes": os.path.getsize(path)}
+        mm.unload_all_models()
+    assert out["Q8_0"]["gguf_vs_bf16"] < out["Q4_0"]["gguf_vs_bf16"] < 0.5, out
     return out
 
 

@@ -82,3 +82,10 @@ def test_bad_files_name_the_file_and_what_to_do(quant_env):
 
 def test_no_graph_breaks_from_quantized_layers(quant_env):
     check(quant_env, "compile")
+
+
+@pytest.mark.skipif(not os.environ.get("QSCHED_GGUF_NODES"), reason="QSCHED_GGUF_NODES (a checkout of "
+                    "city96/ComfyUI-GGUF, folder name a Python identifier) not set; needs the gguf package")
+def test_qsched_nodes_on_a_gguf_model(quant_env):
+    r = check(quant_env, "gguf")
+    assert set(r) == {"Q8_0", "Q4_0"}
