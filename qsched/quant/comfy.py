@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import weakref
 
 import torch
 
@@ -121,6 +122,7 @@ def _source_tensor(model_patcher, src_module, full_key: str, attr: str):
 def quantize_comfy_model(model_patcher, spec, backend: str = "auto", *, skip=None, extra_skip=(), device=None):
     """-> (new quantized ModelPatcher, QuantReport); the input MODEL is not modified (see module doc)."""
     import comfy.model_patcher
+    import comfy.patcher_extension
 
     src = model_patcher.model
     src_dm = src.diffusion_model
@@ -161,11 +163,30 @@ def quantize_comfy_model(model_patcher, spec, backend: str = "auto", *, skip=Non
         raise ValueError(f"no Linear layer of this MODEL was quantized ({len(report.skipped)} skipped)")
     out = comfy.model_patcher.ModelPatcher(new, load_device=run_device, offload_device=offload)
     out.model_options = copy.deepcopy(model_patcher.model_options)
+    out.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "qsched_unload_source",
+                             _unload_source_first(weakref.ref(src)))
     for k, v in model_patcher.object_patches.items():
         if not k.startswith("diffusion_model"):
             out.add_object_patch(k, v)
     return _finish(out, report, dict(getattr(src, "qsched_source", None) or {"path": "", "sha256": "",
                                                                               "name": "MODEL"})), report
+
+
+def _unload_source_first(source_ref):
+    """OUTER_SAMPLE wrapper of a Quantize Model result: before it samples, its full-precision source leaves the GPU
+    (it was quantized to save that memory; running the source again reloads it), the way ComfyUI's own
+    ``free_memory`` unloads a model. Holds the source weakly."""
+    def wrapper(executor, *args, **kwargs):
+        import comfy.model_management as mm
+
+        src = source_ref()
+        for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+            lm = mm.current_loaded_models[i]
+            if src is not None and not lm.is_dead() and lm.model.model is src and lm.model_unload():
+                mm.current_loaded_models.pop(i)
+        return executor(*args, **kwargs)
+
+    return wrapper
 
 
 def save_quantized(model_patcher, path: str, *, source_sha256: str | None = None) -> int:
