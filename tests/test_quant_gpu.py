@@ -67,7 +67,7 @@ def test_fp8_act_quant_kernel_matches_qmath(tk, k):
     assert (q.float() != rq).float().mean() < 0.02
 
 
-@pytest.mark.parametrize("fmt", ["w8a8", "w8a8-fp8", "w4a8", "w4a16"])
+@pytest.mark.parametrize("fmt", ["w8a8", "w8a8-fp8", "w4a8", "w4a16", "w4a8-fp8"])
 def test_quantized_layers_compile_without_graph_breaks(tk, fmt):
     """Each quantized Linear is one registered custom op under torch.compile: fullgraph works and the compiled
     output equals eager (no Python cache keyed on tensor identity inside forward)."""
@@ -243,6 +243,111 @@ def test_w4a8_fused_under_cuda_graph(tk):
     x = torch.randn(512, 3072, device="cuda", dtype=torch.bfloat16)
     from qsched_pack.qsched.quant import layers
 
+    with torch.no_grad():
+        ref = q(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = q(x)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+
+
+# ------------------------------------------------------------------------------------------------ w4a8-fp8 (issue 13)
+def _blockperm(x, block=128):
+    """Columns of each block stored even first, then odd (the layout fp8w4_gemm reads)."""
+    m, k = x.shape
+    return x.reshape(m, k // block, block // 2, 2).transpose(-1, -2).reshape(m, k)
+
+
+def _fp8w4_case(m, n, k, g, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.distributions.StudentT(3.0).sample((n, k)).cuda() * 0.02
+    codes, exps, scale = qmath.quantize_weight_fp8w4(w, g)
+    return x, codes, exps, scale
+
+
+def _fp8w4_ref(xq0, xs, codes, exps, scale, bias):
+    ref = (xq0.double() @ qmath.fp8w4_values(codes, exps).double().t()) * xs.double() * scale.double().view(1, -1)
+    return ref if bias is None else ref + bias.double()
+
+
+CONFIGS = [None, (16, 64, 8, 4, 4, True), (64, 128, 8, 4, 4, True), (128, 128, 8, 8, 3, False),
+           (128, 64, 8, 4, 3, False)]
+
+
+def test_fp8_act_quant_perm_layout(tk):
+    x = torch.randn(45, 3072, device="cuda", dtype=torch.bfloat16)
+    q, s = tk.quantize_act_fp8(x)
+    qp, sp = tk.quantize_act_fp8(x, perm=tk.FP8W4_BLOCK_K)
+    assert torch.equal(qp.view(torch.uint8), _blockperm(q.view(torch.uint8))) and torch.equal(s, sp)
+
+
+@pytest.mark.parametrize("m,n,k,g", [(4608, 3072, 3072, 32), (1, 18432, 3072, 32), (77, 640, 2048, 64),
+                                     (300, 96, 1280, 128), (33, 3072, 12288, 32)])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_fp8w4_gemm_small_integers_exact(tk, m, n, k, g, config):
+    """Activation codes in {-1, 0, 1}, unit scales, exponents 0..3: every partial sum is an integer below 2^13, so
+    even Hopper's reduced-precision float8 accumulation is exact and the float32 output equals the integer product
+    bit for bit (checks unpacking, exponent folding, the column permutation and the tiling)."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    a = torch.randint(-1, 2, (m, k), device="cuda", generator=gen).float()
+    codes = torch.randint(-7, 8, (n, k), device="cuda", generator=gen, dtype=torch.int8)
+    exps = torch.randint(0, 4, (n, k // g), device="cuda", generator=gen, dtype=torch.int8)
+    xq = _blockperm(a).to(torch.float8_e4m3fn)
+    ones_m, ones_n = torch.ones(m, 1, device="cuda"), torch.ones(n, 1, device="cuda")
+    y = tk.fp8w4_gemm(xq, ones_m, qmath.pack_int4(codes), exps, ones_n, None, torch.float32, config=config)
+    ref = a.double() @ qmath.fp8w4_values(codes, exps).double().t()
+    assert torch.equal(y.double(), ref)
+
+
+@pytest.mark.parametrize("m,n,k,g", [(4608, 3072, 3072, 32), (4608, 3072, 12288, 32), (1, 18432, 3072, 32),
+                                     (77, 1280, 2048, 32), (300, 640, 640, 64), (40, 96, 256, 128)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("promote", [True, False])
+def test_fp8w4_gemm_matches_float64_reference(tk, m, n, k, g, bias, promote):
+    """Real data against a float64 reference built from the same float8 codes. With promote (the default) each
+    128-column block's float8 dot is added to a float32 accumulator; without it Triton keeps Hopper's
+    reduced-precision float8 accumulation for the whole K. The bf16 output is the float32 result rounded once."""
+    x, codes, exps, scale = _fp8w4_case(m, n, k, g)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
+    xq, xs = tk.quantize_act_fp8(x, perm=tk.FP8W4_BLOCK_K)
+    xq0, _ = tk.quantize_act_fp8(x)
+    packed = qmath.pack_int4(codes)
+    ref = _fp8w4_ref(xq0, xs, codes, exps, scale, b)
+    y32 = tk.fp8w4_gemm(xq, xs, packed, exps, scale, b, torch.float32, promote=promote)
+    y16 = tk.fp8w4_gemm(xq, xs, packed, exps, scale, b, torch.bfloat16, promote=promote)
+    err32 = _rel(y32, ref)
+    print(f"fp8w4 {m}x{n}x{k} g{g} bias={bias} promote={promote}: float32 vs float64 {err32:.2e}, "
+          f"bf16 vs float64 {_rel(y16, ref):.2e}")
+    assert err32 < (1e-4 if promote else 2e-3)
+    assert _rel(y16, y32) < 2.5e-3 and _rel(y16, ref) < 3e-3  # the bf16 rounding (~1.7e-3)
+
+
+@pytest.mark.parametrize("shape", [(3072, 1024), (96, 48), (80, 40)])
+@pytest.mark.parametrize("m", [1, 77, 4096])
+def test_w4a8_fp8_layer_close_to_simulated(shape, m):
+    """The layer (fused kernel when in_features % 128 == 0, else float8 weights materialised + torch._scaled_mm)
+    against the simulated float32 path of the same codes."""
+    k, n = shape
+    lin = nn.Linear(k, n).cuda().to(torch.bfloat16)
+    q = nn.Sequential(copy.deepcopy(lin))
+    rep = quantize_(q, "w4a8-fp8", "native", skip=())
+    assert rep.quantized == {"0": "fp8w4"} and (("0" in rep.fallbacks) == (k % 128 != 0))
+    sim = copy.deepcopy(q)
+    sim[0].kernel = "simulated"
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y, ys = q(x), sim(x)
+        assert _rel(y, ys) < 5e-3
+        assert _rel(y, lin(x)) < 0.12
+
+
+def test_w4a8_fp8_under_cuda_graph(tk):
+    q = nn.Sequential(nn.Linear(3072, 3072)).cuda().to(torch.bfloat16)
+    quantize_(q, "w4a8-fp8", "native")
+    x = torch.randn(512, 3072, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         ref = q(x)
         graph = torch.cuda.CUDAGraph()

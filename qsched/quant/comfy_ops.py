@@ -7,7 +7,8 @@ exists at once. The classes subclass ComfyUI's own ``comfy.ops`` classes, so the
 imports no ``comfy`` at import time).
 
 What ComfyUI's memory manager sees (comfy/model_patcher.py, 0.3.64):
-* codes (``weight``: int8, packed int4 as uint8, or float8), ``weight_scale`` [, ``weight_sum``] and ``bias`` are
+* codes (``weight``: int8, packed int4 as uint8, or float8), ``weight_scale`` [, ``weight_sum`` or the w4a8-fp8
+  group exponents ``weight_exp``] and ``bias`` are
   frozen ``nn.Parameter``s: ``model_size()`` / ``module_size()`` count the real bytes, full loads move them, and
   partial (lowvram) loading streams them per call through ``forward_comfy_cast_weights`` like core layers;
 * LoRA and other weight patches go through ``convert_weight`` / ``set_weight`` (the hooks core's scaled-fp8 layers
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import qmath
 from .layers import _param, dequantize, quant_linear, quantize_linear_weight, requantize_with_scales
 from .spec import QuantSpec
 from .swap import DEFAULT_SKIP, QuantReport, _matches, _native_kernel
@@ -90,6 +92,7 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
             self.bias = None
             self.weight_scale = None
             self.weight_sum = None
+            self.weight_exp = None
             self._qsched_dtype, self._qsched_has_bias = dtype, bias
 
         def reset_parameters(self):
@@ -122,7 +125,7 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
             kernel, group, why = layer_kernel(spec, backend, self.in_features, self.out_features, cuda)
             q = quantize_linear_weight(w, spec, kernel, group, quant_device)
             self._set_codes(QuantSpec.parse(spec, group_size=group), kernel, q["qweight"], q["wscale"],
-                            q.get("wsum"))
+                            q.get("wsum"), q.get("wexp"))
             report.quantized[name] = kernel
             if why:
                 report.fallbacks[name] = why
@@ -137,19 +140,27 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
             packed = codes.dtype == torch.uint8
             want = (n, k // 2) if packed else (n, k)
             groups = 1 if lspec.group_size is None else k // lspec.group_size
-            if tuple(codes.shape) != want or tuple(scale.shape) != (n, groups):
+            want_scale = (n, 1) if lspec.fp8_folded else (n, groups)  # w4a8-fp8: groups are in weight_exp
+            if tuple(codes.shape) != want or tuple(scale.shape) != want_scale:
                 raise ValueError(f"layer {name!r}: codes {tuple(codes.shape)} / scales {tuple(scale.shape)} do not "
-                                 f"fit a Linear({k} -> {n}) in {lspec.name} (expected {want} / {(n, groups)})")
+                                 f"fit a Linear({k} -> {n}) in {lspec.name} (expected {want} / {want_scale})")
             kernel, group, _ = layer_kernel(lspec, backend, k, n, cuda)
             if group != lspec.group_size:
                 raise ValueError(f"layer {name!r}: group size {lspec.group_size} does not divide {k}")
-            self._set_codes(lspec, kernel, codes, scale, sd.get(prefix + "weight_sum"))
+            wexp = sd.get(prefix + "weight_exp")
+            if lspec.fp8_folded and (wexp is None or wexp.dtype != torch.int8 or tuple(wexp.shape) != (n, groups)
+                                     or int(wexp.min()) < qmath.FP8W4_EMIN or int(wexp.max()) > qmath.FP8W4_EMAX):
+                raise ValueError(f"layer {name!r}: weight_exp (int8 {(n, groups)}, values in [{qmath.FP8W4_EMIN}, "
+                                 f"{qmath.FP8W4_EMAX}]) missing or malformed for {lspec.name}")
+            self._set_codes(lspec, kernel, codes, scale, sd.get(prefix + "weight_sum"), wexp)
             report.quantized[name] = kernel
 
-        def _set_codes(self, lspec, kernel, codes, scale, wsum):
+        def _set_codes(self, lspec, kernel, codes, scale, wsum, wexp=None):
             self.qsched_spec, self.qsched_kernel = lspec, kernel
             self.weight = _param(codes)
             self.weight_scale = _param(scale)
+            if lspec.fp8_folded:
+                self.weight_exp = _param(wexp)
             if kernel == "int8_mm" and not lspec.act_symmetric:
                 self.weight_sum = _param(codes.sum(1, dtype=torch.int32) if wsum is None else wsum)
 
@@ -163,8 +174,12 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
                 return super().forward(x, *args, **kwargs)
             if self.comfy_cast_weights or len(self.weight_function) > 0 or len(self.bias_function) > 0:
                 return self.forward_comfy_cast_weights(x)
-            return quant_linear(x, self.weight, self.weight_scale, self.weight_sum, self.bias, self.qsched_spec,
-                                self.qsched_kernel, self.out_features)
+            return quant_linear(x, self.weight, self.weight_scale, self._waux(self.weight_sum, self.weight_exp),
+                                self.bias, self.qsched_spec, self.qsched_kernel, self.out_features)
+
+        @staticmethod
+        def _waux(wsum, wexp):
+            return wsum if wexp is None else wexp
 
         def forward_comfy_cast_weights(self, x, *args, **kwargs):
             if self.qsched_spec is None:
@@ -179,12 +194,14 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
                 w = f(w)
             scale = cast_to(self.weight_scale, None, dev, non_blocking=nb)
             wsum = None if self.weight_sum is None else cast_to(self.weight_sum, None, dev, non_blocking=nb)
+            wexp = None if self.weight_exp is None else cast_to(self.weight_exp, None, dev, non_blocking=nb)
             bias = None
             if self.bias is not None:
                 bias = cast_to(self.bias, x.dtype, dev, non_blocking=nb, copy=len(self.bias_function) > 0)
                 for f in self.bias_function:
                     bias = f(bias)
-            return quant_linear(x, w, scale, wsum, bias, self.qsched_spec, self.qsched_kernel, self.out_features)
+            return quant_linear(x, w, scale, self._waux(wsum, wexp), bias, self.qsched_spec, self.qsched_kernel,
+                                self.out_features)
 
         # ----------------------------------------------------------------------------------------- patches
         def convert_weight(self, weight, inplace=False, **kwargs):
@@ -192,13 +209,14 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
             if self.qsched_spec is None:
                 return weight
             codes = weight.to(self.weight.dtype)  # code values are exact in float32
-            return dequantize(codes, self.weight_scale.to(weight.device), self.in_features, torch.float32)
+            wexp = None if self.weight_exp is None else self.weight_exp.to(weight.device)
+            return dequantize(codes, self.weight_scale.to(weight.device), self.in_features, torch.float32, wexp)
 
         def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
             if self.qsched_spec is None:
                 new = comfy.float.stochastic_rounding(weight, self.weight.dtype, seed=seed)
             else:
-                new = requantize_with_scales(weight, self.weight, self.weight_scale, self.qsched_spec)
+                new = requantize_with_scales(weight, self.weight, self.weight_scale, self.qsched_spec, self.weight_exp)
             if return_weight:
                 return new
             if inplace_update:

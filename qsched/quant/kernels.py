@@ -7,6 +7,11 @@
 * W4A8 GEMM (``w4a8_gemm``): int8 per-token activations x packed int4 group-wise weights in one kernel. The nibbles
   are unpacked to int8 inside the K loop, each group is one exact int8 tensor-core dot (int32), scaled by its
   float16 group scale into a float32 accumulator; per-token scale, bias and the output cast in the epilogue.
+* W4A8-FP8 GEMM (``fp8w4_gemm``, format ``w4a8-fp8``): float8 per-token activations x packed int4 codes whose group
+  scales are powers of two. Inside the K loop each nibble becomes the exact float8 value code * 2^e (a sign-extend,
+  an int8 -> float16 convert, a multiply by the power of two built from its exponent bits, a float16 -> float8
+  convert), so each K block is one FP8 tensor-core dot with no per-group rescale of the accumulator; the
+  per-channel and per-token scales, bias and the output cast are applied once in the epilogue.
 
 Semantics equal ``qmath`` (round-half-to-even, float32 division); tests/test_quant_gpu.py checks them there.
 """
@@ -157,6 +162,89 @@ if triton is not None:
                  mask=mask)
 
 
+    @triton.jit
+    def _fp8w4_gemm_kernel(x_ptr, xs_ptr, w_ptr, e_ptr, ws_ptr, b_ptr, out_ptr, M, N, KB, stride_xm, stride_wn,
+                           stride_en, stride_om, HAS_B: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                           SWAP: tl.constexpr, PROMOTE: tl.constexpr):
+        # x: float8 e4m3 codes [M, K], each block of BLOCK_K columns stored even columns first
+        # (quantize_act_fp8(perm=BLOCK_K)). w: uint8 [N, K/2], byte j of a row = column 2j (low nibble) and 2j+1
+        # (high nibble), offset by 8. e: int8 [N, K / GROUP] exponents; ws: float32 [N] channel scales; xs: float32
+        # [M] token scales. SWAP: compute the tile transposed (weights as the MMA's A operand, tokens as its N side:
+        # small M tiles of 16 fill the 64-row wgmma with weights). PROMOTE: each K block's dot starts from zero and
+        # is added to the float32 accumulator (Hopper's float8 MMA accumulates with fewer bits; this bounds it to one
+        # block); else one accumulator throughout (Triton's default imprecise float8 accumulation on sm_90).
+        HALF: tl.constexpr = BLOCK_K // 2
+        GH: tl.constexpr = GROUP // 2  # columns of one group in each half of a K block
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, HALF)
+        am = (rm % M).to(tl.int64)  # out-of-range rows / columns read a valid one and are masked at the store
+        wn = (rn % N).to(tl.int64)
+        a_ptrs = x_ptr + am[:, None] * stride_xm + rk[None, :]
+        w_ptrs = w_ptr + wn[:, None] * stride_wn + rk[None, :]
+        if GROUP == BLOCK_K:
+            e_ptrs = e_ptr + wn * stride_en
+        else:  # position j of either half is column 2j or 2j+1 of the block: group j // GH
+            e_ptrs = e_ptr + wn[:, None] * stride_en + (rk // GH)[None, :]
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, KB):  # KB = K // BLOCK_K
+            a_even = tl.load(a_ptrs)
+            a_odd = tl.load(a_ptrs + HALF)
+            p = tl.load(w_ptrs)
+            t = (p ^ 0x88).to(tl.int8, bitcast=True)  # offset-binary nibbles -> two's complement, sign in bit 3/7
+            e = tl.load(e_ptrs).to(tl.int16)
+            f = ((e + 15) << 10).to(tl.float16, bitcast=True)  # 2^e exactly (float16 exponent bias 15)
+            if GROUP == BLOCK_K:
+                f = f[:, None]
+            w_even = (((t << 4) >> 4).to(tl.float16) * f).to(tl.float8e4nv)
+            w_odd = ((t >> 4).to(tl.float16) * f).to(tl.float8e4nv)
+            if SWAP:
+                if PROMOTE:
+                    part = tl.dot(w_even, tl.trans(a_even))
+                    acc += tl.dot(w_odd, tl.trans(a_odd), part)
+                else:
+                    acc = tl.dot(w_even, tl.trans(a_even), acc)
+                    acc = tl.dot(w_odd, tl.trans(a_odd), acc)
+            else:
+                if PROMOTE:
+                    part = tl.dot(a_even, tl.trans(w_even))
+                    acc += tl.dot(a_odd, tl.trans(w_odd), part)
+                else:
+                    acc = tl.dot(a_even, tl.trans(w_even), acc)
+                    acc = tl.dot(a_odd, tl.trans(w_odd), acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += HALF
+            e_ptrs += BLOCK_K // GROUP
+        xs = tl.load(xs_ptr + am)
+        ws = tl.load(ws_ptr + wn)
+        if SWAP:
+            y = acc * ws[:, None] * xs[None, :]
+            if HAS_B:
+                y += tl.load(b_ptr + wn).to(tl.float32)[:, None]
+            mask = (rn[:, None] < N) & (rm[None, :] < M)
+            tl.store(out_ptr + rm.to(tl.int64)[None, :] * stride_om + rn[:, None], y.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+        else:
+            y = acc * xs[:, None] * ws[None, :]
+            if HAS_B:
+                y += tl.load(b_ptr + wn).to(tl.float32)[None, :]
+            mask = (rm[:, None] < M) & (rn[None, :] < N)
+            tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+
+
 def _act_launch(x2: torch.Tensor, out_dtype, qmax: int, mode: int, fake: bool, perm: int = 0):
     x2 = x2.contiguous()
     m, k = x2.shape
@@ -178,8 +266,12 @@ def quantize_act_int8(x2: torch.Tensor, bits: int, symmetric: bool, perm: int = 
     return _act_launch(x2, torch.int8, 2 ** (bits - 1) - 1, 0 if symmetric else 1, False, perm)
 
 
-def quantize_act_fp8(x2: torch.Tensor):
-    q, s, _ = _act_launch(x2, torch.float8_e4m3fn, 1, 2, False)
+def quantize_act_fp8(x2: torch.Tensor, perm: int = 0):
+    """-> (float8 e4m3 codes [M, K], scale [M, 1] fp32). ``perm``: as in ``quantize_act_int8`` (``fp8w4_gemm``
+    reads blocks of its BLOCK_K columns even columns first)."""
+    if perm and (x2.shape[1] % perm or perm % 2):
+        raise ValueError(f"invalid perm={perm!r}; allowed: 0 or an even divisor of K={x2.shape[1]}")
+    q, s, _ = _act_launch(x2, torch.float8_e4m3fn, 1, 2, False, perm)
     return q, s
 
 
@@ -248,4 +340,52 @@ def w4a8_gemm(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, wscale: 
     _w4a8_gemm_kernel[grid](xq, xs.reshape(-1).contiguous(), packed, wscale, bias if bias is not None else wscale,
                             out, m, n, groups, xq.stride(0), packed.stride(0), out.stride(0), HAS_B=bias is not None,
                             GROUP=group, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, num_warps=warps, num_stages=stages)
+    return out
+
+
+# W4A8-FP8 GEMM ---------------------------------------------------------------------------------------------------
+FP8W4_BLOCK_K = 128  # K columns per main-loop step (the activation codes are permuted per block of this size)
+
+
+def fp8w4_eligible(k: int, group: int, dtype) -> bool:
+    """Whether ``fp8w4_gemm`` runs a layer with K inputs and this group size (else the caller materialises the
+    float8 weights and uses torch._scaled_mm)."""
+    return (group in (32, 64, 128) and k % FP8W4_BLOCK_K == 0 and dtype in (torch.bfloat16, torch.float16,
+                                                                              torch.float32))
+
+
+def fp8w4_config(m: int, n: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages, SWAP). Not yet tuned on a GPU (see
+    benchmarks/bench_kernels_gpu.py, which sweeps these): small M runs transposed (weights as the wgmma A operand)."""
+    if m <= 16:
+        return 16, 64, 8, 4, 4, True
+    if m <= 64:
+        return 64, 128, 8, 4, 4, True
+    return 128, 128, 8, 8, 3, False
+
+
+def fp8w4_gemm(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, wexp: torch.Tensor, wscale: torch.Tensor,
+               bias: torch.Tensor | None, dtype, config: tuple | None = None, promote: bool = True) -> torch.Tensor:
+    """y[M, N] = xs * wscale * (xq @ (codes * 2^wexp)^T) (+ bias), in ``dtype``; float32 accumulation.
+
+    ``xq``: float8 e4m3 [M, K] from ``quantize_act_fp8(..., perm=FP8W4_BLOCK_K)``; ``xs``: float32 [M, 1];
+    ``packed``: uint8 [N, K/2] (``qmath.pack_int4``); ``wexp``: int8 [N, K / group] (group 32/64/128); ``wscale``:
+    float32 [N, 1]. ``config``: (BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages, SWAP) or None (fp8w4_config)."""
+    m, k = xq.shape
+    n, groups = wexp.shape
+    group = k // groups
+    if not fp8w4_eligible(k, group, dtype) or group * groups != k or packed.shape != (n, k // 2) \
+            or xq.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"fp8w4_gemm: invalid inputs x={tuple(xq.shape)} {xq.dtype} packed={tuple(packed.shape)} "
+                         f"wexp={tuple(wexp.shape)}; allowed: float8 x, group 32/64/128, K a multiple of "
+                         f"{FP8W4_BLOCK_K}")
+    xq, packed, wexp = xq.contiguous(), packed.contiguous(), wexp.contiguous()
+    out = torch.empty((m, n), device=xq.device, dtype=dtype)
+    bm, bn, gm, warps, stages, swap = config or fp8w4_config(m, n)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _fp8w4_gemm_kernel[grid](xq, xs.reshape(-1).contiguous(), packed, wexp, wscale.reshape(-1).contiguous().float(),
+                             bias if bias is not None else wscale, out, m, n, k // FP8W4_BLOCK_K, xq.stride(0), packed.stride(0),
+                             wexp.stride(0), out.stride(0), HAS_B=bias is not None, GROUP=group, BLOCK_M=bm,
+                             BLOCK_N=bn, BLOCK_K=FP8W4_BLOCK_K, GROUP_M=gm, SWAP=swap, PROMOTE=promote,
+                             num_warps=warps, num_stages=stages)
     return out

@@ -13,6 +13,13 @@ scales) and four ways to run it, chosen per layer when the model is quantized:
   call has at most ``fused_w4a8_max_m`` tokens (the GEMV-like calls where it is faster; above that cuBLAS bf16 on
   the dequantized weight wins, see kernels.W4A8_FUSED_MAX_M). Set ``QuantLinear.fused_w4a8 = False`` (class or
   instance) to force the dequantize + float GEMM path.
+* ``fp8w4``: ``w4a8-fp8``: packed int4 codes with power-of-two group exponents (int8 ``wexp``) and a float32
+  per-channel scale. CUDA: float8 per-token activations x ``kernels.fp8w4_gemm`` (codes -> exact float8 inside the
+  K loop, FP8 tensor cores); layers the kernel does not take materialise the float8 weights for
+  ``torch._scaled_mm``. CPU: the same product in float32 (exact for float8 values).
+
+The auxiliary weight tensor ``waux`` of ``quant_linear`` is the int32 weight-row sums (asymmetric int8 activations)
+or the int8 group exponents (``w4a8-fp8``), else None.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from torch import nn
 from . import qmath
 from .spec import QuantSpec
 
-KERNELS = ("simulated", "int8_mm", "fp8_mm", "dequant")
+KERNELS = ("simulated", "int8_mm", "fp8_mm", "dequant", "fp8w4")
 
 
 def _triton():
@@ -41,34 +48,56 @@ def _param(t: torch.Tensor) -> nn.Parameter:
 
 
 # ------------------------------------------------------------------------------------------------ the layer math
-def quant_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, wsum: torch.Tensor | None,
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, waux: torch.Tensor | None,
                  bias: torch.Tensor | None, spec: QuantSpec, kernel: str, out_features: int,
                  fused_max_m: int = -1) -> torch.Tensor:
-    """``y = x @ W^T + b`` for quantized weights (codes ``qweight`` + scales ``wscale``). The only entry point of
+    """``y = x @ W^T + b`` for quantized weights (codes ``qweight`` + scales ``wscale`` [+ ``waux``: weight sums or
+    w4a8-fp8 group exponents, see the module docstring]). The only entry point of
     every quantized Linear (the diffusers swap and ComfyUI's load-time ops). ``fused_max_m``: token count up to
     which the fused W4A8 GEMM runs (-1: kernels.W4A8_FUSED_MAX_M, 0: never).
 
     Under torch.compile the call is one registered custom op (``torch.ops.qsched.quant_linear``), so Dynamo
     neither traces into Triton launches nor breaks the graph; eager calls skip the dispatcher overhead."""
-    args = (x, qweight, wscale, wsum, bias, kernel, spec.w_bits, spec.a_bits, spec.a_dtype, spec.act_symmetric,
+    args = (x, qweight, wscale, waux, bias, kernel, spec.w_bits, spec.a_bits, spec.a_dtype, spec.act_symmetric,
             out_features, fused_max_m)
     if torch.compiler.is_compiling():
+        if COMPILE_FUSE_ACT_QUANT and kernel in ("fp8_mm", "fp8w4"):
+            return _fp8_traceable(x, qweight, wscale, waux, bias, kernel, out_features)
         return torch.ops.qsched.quant_linear(*args)
     return _quant_linear_impl(*args)
 
 
-def _quant_linear_impl(x, qweight, wscale, wsum, bias, kernel: str, w_bits: int, a_bits: int, a_dtype: str,
+# Under torch.compile, the float8 formats (w8a8-fp8, w4a8-fp8) are traced as plain torch ops for the per-token
+# activation quantization (inductor fuses it into the op that produced the activations: the norm / modulation /
+# GELU before the Linear) followed by torch._scaled_mm (row-wise scales, bias and bf16 output in cuBLASLt's
+# epilogue) or the W4A8-FP8 GEMM custom op. No host synchronisation anywhere. False: one opaque custom op per layer.
+COMPILE_FUSE_ACT_QUANT = True
+
+
+def _fp8_traceable(x, qweight, wscale, waux, bias, kernel, out_features) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if kernel == "fp8_mm":
+        y = _fp8_mm(x2, qweight, wscale, bias, triton_quant=False)
+    else:
+        y = _fp8w4_mm(x2, qweight, wscale, waux, bias, traceable=True)
+    return y.reshape(*shape[:-1], out_features)
+
+
+def _quant_linear_impl(x, qweight, wscale, waux, bias, kernel: str, w_bits: int, a_bits: int, a_dtype: str,
                        act_symmetric: bool, out_features: int, fused_max_m: int) -> torch.Tensor:
     in_features = x.shape[-1]
     packed = qweight.dtype == torch.uint8
     if kernel == "simulated":
-        return _simulated(x, qweight, wscale, bias, packed, a_bits, act_symmetric, a_dtype)
+        return _simulated(x, qweight, wscale, waux, bias, packed, a_bits, act_symmetric, a_dtype)
     shape = x.shape
     x2 = x.reshape(-1, in_features)
     if kernel == "int8_mm":
-        y = _int8_mm(x2, qweight, wscale, wsum, bias, a_bits, act_symmetric)
+        y = _int8_mm(x2, qweight, wscale, waux, bias, a_bits, act_symmetric)
     elif kernel == "fp8_mm":
         y = _fp8_mm(x2, qweight, wscale, bias)
+    elif kernel == "fp8w4":
+        y = _fp8w4_mm(x2, qweight, wscale, waux, bias)
     else:
         tk = _triton() if x2.is_cuda else None
         group = _fused_group(x2, tk, packed, wscale, a_bits, a_dtype, act_symmetric, fused_max_m)
@@ -83,22 +112,38 @@ def _quant_linear_impl(x, qweight, wscale, wsum, bias, kernel: str, w_bits: int,
 
 if hasattr(torch.library, "custom_op"):
     @torch.library.custom_op("qsched::quant_linear", mutates_args=())
-    def _quant_linear_op(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, wsum: torch.Tensor | None,
+    def _quant_linear_op(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, waux: torch.Tensor | None,
                          bias: torch.Tensor | None, kernel: str, w_bits: int, a_bits: int, a_dtype: str,
                          act_symmetric: bool, out_features: int, fused_max_m: int) -> torch.Tensor:
-        return _quant_linear_impl(x, qweight, wscale, wsum, bias, kernel, w_bits, a_bits, a_dtype, act_symmetric,
+        return _quant_linear_impl(x, qweight, wscale, waux, bias, kernel, w_bits, a_bits, a_dtype, act_symmetric,
                                   out_features, fused_max_m)
 
     @_quant_linear_op.register_fake
-    def _(x, qweight, wscale, wsum, bias, kernel, w_bits, a_bits, a_dtype, act_symmetric, out_features,
+    def _(x, qweight, wscale, waux, bias, kernel, w_bits, a_bits, a_dtype, act_symmetric, out_features,
           fused_max_m):
         return x.new_empty((*x.shape[:-1], out_features))
 
+    @torch.library.custom_op("qsched::fp8w4_gemm", mutates_args=())
+    def _fp8w4_gemm_op(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, wexp: torch.Tensor,
+                       wscale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        from . import kernels
 
-def dequantize(qweight: torch.Tensor, wscale: torch.Tensor, in_features: int, dtype=torch.float32) -> torch.Tensor:
-    """The float weight [N, K] of stored codes (int8, packed 4-bit uint8 or float8) and scales."""
-    tk = _triton() if qweight.is_cuda else None
+        return kernels.fp8w4_gemm(xq, xs, packed, wexp, wscale, bias, out_dtype)
+
+    @_fp8w4_gemm_op.register_fake
+    def _(xq, xs, packed, wexp, wscale, bias, out_dtype):
+        return xq.new_empty((xq.shape[0], packed.shape[0]), dtype=out_dtype)
+
+
+def dequantize(qweight: torch.Tensor, wscale: torch.Tensor, in_features: int, dtype=torch.float32,
+               wexp: torch.Tensor | None = None) -> torch.Tensor:
+    """The float weight [N, K] of stored codes (int8, packed 4-bit uint8 or float8) and scales (``wexp``: the
+    group exponents of w4a8-fp8)."""
     packed = qweight.dtype == torch.uint8
+    if _is_exps(wexp):
+        codes = qmath.unpack_int4(qweight) if packed else qweight
+        return qmath.dequantize_weight_fp8w4(codes, wexp, wscale, dtype)
+    tk = _triton() if qweight.is_cuda else None
     if tk is not None and packed:
         return tk.dequant_int4(qweight, wscale, in_features, dtype)
     codes = qmath.unpack_int4(qweight) if packed else qweight
@@ -119,10 +164,17 @@ def _fused_group(x2, tk, packed, wscale, a_bits, a_dtype, act_symmetric, fused_m
     return group if group in tk.W4A8_GROUPS else 0
 
 
-def _simulated(x, qweight, wscale, bias, packed, a_bits, act_symmetric, a_dtype) -> torch.Tensor:
+def _is_exps(waux) -> bool:
+    return waux is not None and waux.dtype == torch.int8  # w4a8-fp8 group exponents (weight sums are int32)
+
+
+def _simulated(x, qweight, wscale, waux, bias, packed, a_bits, act_symmetric, a_dtype) -> torch.Tensor:
     xq = qmath.fake_quant_act(x.float(), a_bits, act_symmetric, a_dtype)
     codes = qmath.unpack_int4(qweight) if packed else qweight
-    w = qmath.dequantize_weight(codes, wscale)
+    if _is_exps(waux):
+        w = qmath.dequantize_weight_fp8w4(codes, waux, wscale)
+    else:
+        w = qmath.dequantize_weight(codes, wscale)
     return F.linear(xq, w, None if bias is None else bias.float()).to(x.dtype)
 
 
@@ -161,23 +213,43 @@ def _int8_mm(x2, qweight, wscale, wsum, bias, a_bits, act_symmetric) -> torch.Te
     return y[:m].to(x2.dtype)
 
 
-def _fp8_mm(x2, qweight, wscale, bias) -> torch.Tensor:
+def _fp8_mm(x2, qweight, wscale, bias, triton_quant: bool = True) -> torch.Tensor:
+    """float8 per-token activations x float8 weights [N, K] (per-channel ``wscale``). ``triton_quant=False``: the
+    activation quantization in torch ops (traced by torch.compile) instead of the Triton kernel."""
     m = x2.shape[0]
     xp = _pad_rows(x2)
-    tk = _triton() if x2.is_cuda else None
-    if tk is None:
+    # torch._scaled_mm wants both matrix sizes multiples of 16; other shapes take the float32 product
+    scaled_mm = x2.is_cuda and x2.shape[1] % 16 == 0 and qweight.shape[0] % 16 == 0
+    tk = _triton() if scaled_mm and triton_quant else None
+    q, xs = tk.quantize_act_fp8(xp) if tk is not None else qmath.quantize_act_fp8(xp)
+    if not scaled_mm:
         # torch's CPU _scaled_mm takes per-tensor scales only (torch 2.11); the same product in float32:
         # float8 values are exact in float32.
-        q, xs, _ = qmath.quantize_act(xp, 8, True, "fp8")
-        y = F.linear(q, qweight.float()) * xs * wscale.view(1, -1)
+        y = F.linear(q.float(), qweight.float()) * xs * wscale.view(1, -1)
         if bias is not None:
             y = y + bias.float()
         return y[:m].to(x2.dtype)
-    q, xs = tk.quantize_act_fp8(xp)
     # Row-wise scaled FP8 GEMM on CUDA produces bfloat16 only.
     y = torch._scaled_mm(q, qweight.t(), scale_a=xs, scale_b=wscale.view(1, -1), out_dtype=torch.bfloat16,
                          bias=None if bias is None else bias.to(torch.bfloat16))
     return y[:m].to(x2.dtype)
+
+
+def _fp8w4_mm(x2, packed, wscale, wexp, bias, traceable: bool = False) -> torch.Tensor:
+    """w4a8-fp8: float8 per-token activations x (codes * 2^wexp) on the FP8 tensor cores, per-channel scale after.
+    ``traceable``: activation quantization in torch ops and the GEMM as the custom op ``qsched::fp8w4_gemm``."""
+    k = x2.shape[1]
+    tk = _triton() if x2.is_cuda else None
+    if tk is not None and tk.fp8w4_eligible(k, k // wexp.shape[1], x2.dtype):
+        b = None if bias is None else bias.to(x2.dtype)
+        if traceable:
+            q, xs = qmath.quantize_act_fp8(x2, block_perm=tk.FP8W4_BLOCK_K)
+            return torch.ops.qsched.fp8w4_gemm(q, xs, packed, wexp, wscale, b, x2.dtype)
+        q, xs = tk.quantize_act_fp8(x2, perm=tk.FP8W4_BLOCK_K)
+        return tk.fp8w4_gemm(q, xs, packed, wexp, wscale, b, x2.dtype)
+    # Other shapes (and the CPU): the float8 weight values, then the fp8 path (torch._scaled_mm on CUDA, the exact
+    # float32 product elsewhere): the same numbers as the fused kernel up to float32 summation order.
+    return _fp8_mm(x2, qmath.fp8w4_values(qmath.unpack_int4(packed), wexp), wscale, bias, triton_quant=not traceable)
 
 
 def quantize_linear_weight(w: torch.Tensor, spec: QuantSpec, kernel: str, group_size: int | None,
@@ -185,6 +257,11 @@ def quantize_linear_weight(w: torch.Tensor, spec: QuantSpec, kernel: str, group_
     """Codes and scales of one Linear weight [N, K], computed on ``device`` (default: where ``w`` is) and returned
     where ``w`` lives: {"qweight", "wscale"[, "wsum"]}. 4-bit (and narrower) int codes are packed two per byte."""
     home = w.device
+    if spec.fp8_folded:
+        codes, exps, scale = qmath.quantize_weight_fp8w4(w.detach().to(device or home), group_size)
+        if codes.shape[1] % 2:
+            raise ValueError(f"w4a8-fp8 needs an even in_features, got {codes.shape[1]}")
+        return {"qweight": qmath.pack_int4(codes).to(home), "wscale": scale.to(home), "wexp": exps.to(home)}
     codes, scale = qmath.quantize_weight(w.detach().to(device or home), spec.w_bits, group_size, spec.w_dtype)
     if codes.dtype == torch.int8 and spec.w_bits <= 4 and codes.shape[1] % 2 == 0:
         codes = qmath.pack_int4(codes)
@@ -194,9 +271,14 @@ def quantize_linear_weight(w: torch.Tensor, spec: QuantSpec, kernel: str, group_
     return out
 
 
-def requantize_with_scales(w: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def requantize_with_scales(w: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, spec: QuantSpec,
+                           wexp: torch.Tensor | None = None) -> torch.Tensor:
     """Codes of a float weight ``w`` [N, K] rounded with the existing scales (a LoRA merged into a quantized layer:
-    the scales stay, so restoring the old codes restores the layer exactly). Values beyond the range are clamped."""
+    the scales stay, so restoring the old codes restores the layer exactly). Values beyond the range are clamped.
+    ``wexp``: the group exponents of w4a8-fp8 (kept too)."""
+    if _is_exps(wexp):
+        codes = qmath.requantize_fp8w4(w, wexp, wscale)
+        return qmath.pack_int4(codes) if qweight.dtype == torch.uint8 else codes
     scale = wscale.to(w.device).float()
     n, k = w.shape
     wg = w.float().reshape(n, scale.shape[1], k // scale.shape[1]) / scale[..., None]
@@ -213,7 +295,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, kernel: str, group_size: int | None,
                  qweight: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None,
-                 wsum: torch.Tensor | None = None):
+                 wsum: torch.Tensor | None = None, wexp: torch.Tensor | None = None):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"invalid kernel={kernel!r}; allowed: {KERNELS}")
@@ -227,6 +309,9 @@ class QuantLinear(nn.Module):
             self.wsum = _param(qweight.sum(1, dtype=torch.int32) if wsum is None else wsum)
         else:
             self.wsum = None
+        if spec.fp8_folded and wexp is None:
+            raise ValueError("w4a8-fp8 layers need their group exponents (wexp)")
+        self.wexp = _param(wexp) if spec.fp8_folded else None  # int8 [N, K / group], w4a8-fp8 only
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, spec: QuantSpec, kernel: str, group_size: int | None,
@@ -235,7 +320,7 @@ class QuantLinear(nn.Module):
         q = quantize_linear_weight(lin.weight, spec, kernel, group_size, device)
         bias = None if lin.bias is None else lin.bias.detach().clone()
         return cls(lin.in_features, lin.out_features, spec, kernel, group_size, q["qweight"], q["wscale"], bias,
-                   q.get("wsum"))
+                   q.get("wsum"), q.get("wexp"))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.spec.name}, "
@@ -245,7 +330,7 @@ class QuantLinear(nn.Module):
         return qmath.unpack_int4(self.qweight) if self.packed else self.qweight
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return dequantize(self.qweight, self.wscale, self.in_features, dtype)
+        return dequantize(self.qweight, self.wscale, self.in_features, dtype, self.wexp)
 
     def _fused_max_m(self) -> int:
         if not self.fused_w4a8:
@@ -253,8 +338,8 @@ class QuantLinear(nn.Module):
         return -1 if self.fused_w4a8_max_m is None else int(self.fused_w4a8_max_m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.qweight, self.wscale, self.wsum, self.bias, self.spec, self.kernel,
-                            self.out_features, self._fused_max_m())
+        return quant_linear(x, self.qweight, self.wscale, self.wsum if self.wexp is None else self.wexp, self.bias,
+                            self.spec, self.kernel, self.out_features, self._fused_max_m())
 
 
 class QuantConv2d(nn.Module):

@@ -6,6 +6,10 @@ Defaults (docs/quantization.md has the full table):
 * activations: dynamic (computed on every call), one scale per token (per row of the last dimension), symmetric
   by default; ``act_symmetric=False`` adds an integer zero point (codes in [-2^(b-1), 2^(b-1)-1]).
 * ``w8a8-fp8``: weights and activations in float8 e4m3 with per-output-channel / per-token scales.
+* ``w4a8-fp8``: int4 weight codes whose group scales are powers of two times one float scale per output channel,
+  so that code x 2^e is an exact float8 e4m3 value: the GEMM converts the codes to float8 inside its main loop and
+  runs on the FP8 tensor cores with no per-group rescale of the accumulator (qmath.quantize_weight_fp8w4).
+  Activations as in ``w8a8-fp8``. Group 32 by default.
 * ``-nf4`` / ``-fp4``: bitsandbytes 4-bit weight data types (blockwise absmax, block = group_size).
 """
 
@@ -14,10 +18,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-FORMATS = ("w8a8", "w8a8-fp8", "w4a8", "w4a6", "w4a5", "w4a4", "w8a16", "w4a16", "fp16",
+FORMATS = ("w8a8", "w8a8-fp8", "w4a8-fp8", "w4a8", "w4a6", "w4a5", "w4a4", "w8a16", "w4a16", "fp16",
            "nf4", "w4a8-nf4", "w4a16-nf4", "w4a8-fp4", "w4a16-fp4")
 WEIGHT_DTYPES = ("int", "fp8", "nf4", "fp4")
 ACT_DTYPES = ("int", "fp8")
+FP8W4_GROUPS = (32, 64, 128)  # group sizes of w4a8-fp8 (the Triton GEMM reads 128 columns per K step)
 _NAME = re.compile(r"^w(\d+)a(\d+)(?:-(fp8|nf4|fp4|int))?$")
 
 
@@ -43,7 +48,11 @@ class QuantSpec:
             _check(self.group_size in (64, 128, 256, 512, 1024, 2048, 4096), "group_size", self.group_size,
                    "64, 128, ..., 4096 for bitsandbytes nf4/fp4 blocks")
         if self.w_dtype == "fp8":
-            _check(self.w_bits == 8, "w_bits", self.w_bits, "8 for w_dtype='fp8'")
+            _check(self.w_bits in (4, 8), "w_bits", self.w_bits, "8 or 4 for w_dtype='fp8'")
+            if self.w_bits == 4:  # int4 codes folded into float8: needs float8 activations and a group size
+                _check(self.a_dtype == "fp8", "a_bits", self.a_bits, "8 (float8) for w4 float8-folded weights")
+                _check(self.group_size in FP8W4_GROUPS + (None,), "group_size", self.group_size,
+                       f"{FP8W4_GROUPS} (or None: one group per row) for w4a8-fp8")
         if self.a_dtype == "fp8":
             _check(self.a_bits == 8, "a_bits", self.a_bits, "8 for a_dtype='fp8'")
         if self.group_size is not None:
@@ -71,9 +80,14 @@ class QuantSpec:
         w_bits, a_bits, suffix = int(m.group(1)), int(m.group(2)), m.group(3) or "int"
         base = dict(w_bits=w_bits, a_bits=a_bits, w_dtype=suffix,
                     a_dtype="fp8" if suffix == "fp8" and a_bits == 8 else "int",
-                    group_size=64 if w_bits <= 4 else None)
+                    group_size=(32 if suffix == "fp8" else 64) if w_bits <= 4 else None)
         base.update(overrides)
         return cls(**base)
+
+    @property
+    def fp8_folded(self) -> bool:
+        """int4 codes with power-of-two group scales folded into float8 (``w4a8-fp8``)."""
+        return self.w_dtype == "fp8" and self.w_bits == 4
 
     @property
     def is_identity(self) -> bool:
@@ -90,6 +104,9 @@ class QuantSpec:
 
     def describe(self) -> str:
         g = "per-channel" if self.group_size is None else f"group {self.group_size}"
+        if self.fp8_folded:
+            g = f"as float8 (power-of-two scales per {g}, float scale per channel)"
+            return f"{self.name}: weights int4 {g}; activations fp8 per-token sym"
         a = "none" if self.a_bits == 16 else (
             f"{self.a_dtype}{self.a_bits} per-token {'sym' if self.act_symmetric else 'asym'}")
         return f"{self.name}: weights {self.w_dtype}{self.w_bits} {g}; activations {a}"

@@ -65,6 +65,11 @@ def _matches(name: str, patterns) -> bool:
 
 def _native_kernel(spec: QuantSpec, k: int, n: int, group: int | None, cuda: bool) -> tuple[str, str | None]:
     """(kernel, reason it is not the fast one or None)."""
+    if spec.fp8_folded:
+        if cuda and k % 128:
+            return "fp8w4", (f"in_features {k} not a multiple of 128 (fused W4A8-FP8 GEMM): float8 weights are "
+                             "materialised per call")
+        return "fp8w4", None
     if spec.w_dtype == "fp8" and spec.a_dtype == "fp8" and spec.a_bits == 8:
         if cuda and (k % 16 or n % 16):
             return "dequant", f"in/out features {k}/{n} not multiples of 16 (torch._scaled_mm)"
