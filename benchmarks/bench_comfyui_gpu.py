@@ -279,7 +279,7 @@ def held():
             "loaded": [{"class": c, "loaded": a, "size": s, "lowvram": lv} for c, a, s, lv in loaded]}
 
 
-def measure(name, fam, loader, *, compiled=False, card=None, keep=False):
+def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=False):
     clean()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -303,7 +303,27 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False):
         yc, dtc = sample(c, fam)
         rec.update(compile_first_run_s=first_c, s_per_step_compiled=dtc / 4,
                    compiled_vs_eager=float((yc - y2).norm() / (y2.norm() + 1e-12)))
+        if graph:  # issue 13 fast path: the compiled step replayed from CUDA graphs (Q-Sched CUDA Graph node)
+            from qsched_pack.nodes.fastpath import apply_cuda_graph
+
+            gm, graphs = apply_cuda_graph(c, 2)
+            _, first_g = sample(gm, fam)
+            yg, dtg = sample(gm, fam)
+            rec.update(graph_first_run_s=first_g, s_per_step_compiled_graph=dtg / 4, graph_stats=graphs.stats(),
+                       graph_vs_compiled=float((yg - yc).norm() / (yc.norm() + 1e-12)),
+                       graph_equal_compiled=bool(torch.equal(yg, yc)))
+            del gm
         del c
+    elif graph:
+        from qsched_pack.nodes.fastpath import apply_cuda_graph
+
+        gm, graphs = apply_cuda_graph(model, 2)
+        _, first_g = sample(gm, fam)
+        yg, dtg = sample(gm, fam)
+        rec.update(graph_first_run_s=first_g, s_per_step_graph=dtg / 4, graph_stats=graphs.stats(),
+                   graph_equal_eager=bool(torch.equal(yg, y2)),
+                   graph_vs_eager=float((yg - y2).norm() / (y2.norm() + 1e-12)))
+        del gm
     log(name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items() if k != "loaded"})
     (R["cards"] if card else R["configs"]).append(rec)
     save()
@@ -352,6 +372,7 @@ def flux_configs():
     measure("core fp8_e4m3fn_fast", "flux", core("flux", fp8_fast=True))
     measure("pack w4a8", "flux", pack("flux", "w4a8"))
     measure("pack w8a8-fp8", "flux", pack("flux", "w8a8-fp8"))
+    measure("pack w4a8-fp8", "flux", pack("flux", "w4a8-fp8"))
     measure("pack w8a8", "flux", pack("flux", "w8a8"))
     for q in ("Q8_0", "Q4_0"):
         if f"flux_{q}" in FILES:
@@ -424,13 +445,19 @@ def scenarios():
 def sdxl_configs():
     measure("core fp16", "sdxl", core("sdxl"))
     measure("core fp8_e4m3fn_fast", "sdxl", core("sdxl", fp8_fast=True))
-    for fmt in ("w4a8", "w8a8", "w8a8-fp8"):
+    for fmt in ("w4a8", "w8a8", "w8a8-fp8", "w4a8-fp8"):
         measure(f"pack {fmt}", "sdxl", pack("sdxl", fmt))
 
 
 COMPILE = [("sdxl", "pack w4a8", 45), ("sdxl", "pack w8a8-fp8", 45), ("sdxl", "pack w8a8", 45),
            ("flux", "pack w4a8", 110), ("flux", "pack w8a8-fp8", 110), ("sdxl", "core fp16", 45),
-           ("flux", "core bf16", 110), ("flux", "pack w8a8", 110)]
+           ("flux", "core bf16", 110), ("flux", "pack w8a8", 110), ("sdxl", "pack w4a8-fp8", 45),
+           ("flux", "pack w4a8-fp8", 110)]
+# Issue 13's fast path: the same configs compiled and then replayed from CUDA graphs (Q-Sched CUDA Graph node), and
+# core fp16 SDXL eager + graphs. The acceptance ratio is SDXL-Turbo 4 steps with the fast path vs core compiled fp16.
+FASTPATH = [("sdxl", "core fp16", True, 45), ("sdxl", "core fp16", False, 30), ("sdxl", "pack w8a8-fp8", True, 45),
+            ("sdxl", "pack w4a8-fp8", True, 45), ("flux", "core bf16", True, 110),
+            ("flux", "pack w8a8-fp8", True, 110), ("flux", "pack w4a8-fp8", True, 110)]
 
 
 def compile_all():
@@ -438,6 +465,13 @@ def compile_all():
     for fam, name, need in COMPILE:
         loader = core(fam) if name.startswith("core") else pack(fam, name.split()[-1])
         guarded(f"compile {fam} {name}", need)(measure)(name, fam, loader, compiled=True)
+
+
+def fastpath_all():
+    for fam, name, compiled, need in FASTPATH:
+        loader = core(fam) if name.startswith("core") else pack(fam, name.split()[-1])
+        label = f"{name} {'compiled ' if compiled else ''}+ CUDA graph"
+        guarded(f"fastpath {fam} {label}", need)(measure)(label, fam, loader, compiled=compiled, graph=True)
 
 
 if __name__ == "__main__":
@@ -454,6 +488,9 @@ if __name__ == "__main__":
         cards()
         scenarios()
         sdxl_configs()
+        if "fastpath" not in SKIP:  # before compile_all: the issue-13 acceptance configs first
+            fastpath_all() if not ARGS.tiny else guarded("fastpath tiny", 0)(measure)(
+                "core fp16 + CUDA graph", "sdxl", core("sdxl"), graph=True)
         if not ARGS.tiny and "compile" not in SKIP:
             compile_all()
     R["total_s"] = time.time() - T0

@@ -36,7 +36,7 @@ SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_bloc
 # (label, format, backend)
 # backend "native-unfused": native with the fused W4A8 GEMM switched off (the previous dequantize + cuBLAS path).
 FORMATS = [("bf16", "fp16", "native"), ("w8a8 int8", "w8a8", "native"), ("w8a8-fp8", "w8a8-fp8", "native"),
-           ("w4a8", "w4a8", "native"), ("w4a8 dequant+cuBLAS (previous)", "w4a8", "native-unfused"),
+           ("w4a8-fp8", "w4a8-fp8", "native"), ("w4a8", "w4a8", "native"), ("w4a8 dequant+cuBLAS (previous)", "w4a8", "native-unfused"),
            ("w4a16", "w4a16", "native"), ("w4a4", "w4a4", "native"),
            ("nf4 (bnb weight-only)", "nf4", "bitsandbytes"), ("w4a8-nf4 (bnb)", "w4a8-nf4", "bitsandbytes"),
            ("w8a8 (bnb LLM.int8)", "w8a8", "bitsandbytes")]

@@ -18,4 +18,4 @@ export PYTHONPATH=/tmp/site:/tmp/pp PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -m pytest -q -p no:cacheprovider -rs tests/test_quant_gpu.py tests/test_jaq.py tests/test_samplers.py \
     tests/test_schedules.py tests/test_coefficients.py tests/test_ptqd.py tests/test_diffusers_wrapper.py \
-    tests/test_denoisers.py tests/test_quant.py "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_tests.log"
+    tests/test_denoisers.py tests/test_quant.py tests/test_quant_fp8w4.py tests/test_cudagraph.py "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_tests.log"

@@ -430,6 +430,38 @@ def check_compile(kind="sd"):
     return res
 
 
+def check_w4a8_fp8():
+    """w4a8-fp8 (issue 13) in ComfyUI: quantized while loading (the group exponents are a parameter ComfyUI counts
+    and moves), saved and loaded back from a pre-quantized file with the same output."""
+    out = {}
+    for kind in ("flux", "sd"):
+        r = check_load_time(kind, "w4a8-fp8")
+        out[kind] = {k: r[k] for k in ("size_ratio", "rel_err")}
+        mm.unload_all_models()
+    out["prequant"] = check_prequant("sd", "w4a8-fp8")
+    return out
+
+
+def check_fastpath():
+    """Q-Sched CUDA Graph on the CPU is a no-op: the same latent as without it, nothing captured, and the input
+    MODEL is left without the wrapper."""
+    from qsched_pack.nodes.fastpath import apply_cuda_graph
+
+    out = {}
+    for kind in ("sd", "flux"):
+        m = comfy.sd.load_diffusion_model(FILES[kind])
+        y = run(m, kind)
+        fast, graphs = apply_cuda_graph(m, 2)
+        y_fast = run(fast, kind)
+        assert torch.equal(y, y_fast), rel(y_fast, y)
+        st = graphs.stats()
+        assert st["captures"] == 0 and st["replays"] == 0 and st["eager_calls"] > 0, st
+        assert torch.equal(run(m, kind), y)
+        out[kind] = st
+        mm.unload_all_models()
+    return out
+
+
 if __name__ == "__main__":
     build()
     result = globals()[f"check_{CHECK}"]()

@@ -84,6 +84,17 @@ def test_no_graph_breaks_from_quantized_layers(quant_env):
     check(quant_env, "compile")
 
 
+def test_w4a8_fp8_loads_saves_and_runs_in_comfyui(quant_env):
+    r = check(quant_env, "w4a8_fp8")
+    assert r["flux"]["size_ratio"] < 0.3 and r["flux"]["rel_err"] < 0.15 and r["sd"]["rel_err"] < 0.35, r
+    assert r["prequant"]["model_size"] <= r["prequant"]["file_bytes"]
+
+
+def test_cuda_graph_node_is_a_noop_on_the_cpu(quant_env):
+    r = check(quant_env, "fastpath")
+    assert set(r) == {"sd", "flux"}
+
+
 @pytest.mark.skipif(not os.environ.get("QSCHED_GGUF_NODES"), reason="QSCHED_GGUF_NODES (a checkout of "
                     "city96/ComfyUI-GGUF, folder name a Python identifier) not set; needs the gguf package")
 def test_qsched_nodes_on_a_gguf_model(quant_env):

@@ -1,0 +1,222 @@
+"""Kernel micro-benchmarks for issue 13 (no diffusers, no ComfyUI): one Linear at FLUX / SDXL shapes.
+
+    python benchmarks/bench_kernels_gpu.py --out benchmarks/results [--budget-s 200] [--quick]
+
+Per shape (M x K -> N, bf16 activations), side by side in one run (triton.testing.do_bench, median ms):
+* whole layers: bf16 F.linear; w8a8-fp8 (Triton activation quantize + torch._scaled_mm); w4a8 (as routed); w4a8-fp8
+  (Triton activation quantize + the W4A8-FP8 GEMM);
+* bare GEMMs (activations already quantized): torch._scaled_mm (the FP8 ceiling), the W4A8-FP8 kernel for every tile
+  configuration of ``SWEEP`` with and without per-block promotion, each checked against a float64 reference;
+* quantize share: the fp8 activation-quantize kernel (plain / block-permuted) against a copy of the same tensor;
+* compiled: LayerNorm -> Linear under torch.compile (inductor), bf16 vs w8a8-fp8 vs w4a8-fp8 with the activation
+  quantization traced as torch ops (fusable into the LayerNorm) and as one opaque custom op; and the same blocks
+  replayed from a CUDA graph (qsched.cudagraph.StepGraphs).
+Writes OUT/kernels_h200.json (as it goes) and OUT/kernels_h200.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = [(4608, 3072, 3072), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 15360, 3072), (1, 3072, 18432),
+          (4096, 640, 640), (1024, 1280, 1280), (77, 2048, 1280)]
+# (BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages, SWAP)
+SWEEP = [(16, 64, 8, 4, 4, True), (16, 128, 8, 4, 4, True), (64, 128, 8, 4, 4, True), (128, 128, 8, 8, 3, True),
+         (128, 128, 8, 8, 3, False), (128, 128, 8, 4, 3, False), (128, 256, 8, 8, 3, False),
+         (64, 128, 8, 4, 4, False), (128, 64, 8, 4, 4, False)]
+
+
+def _import_pack():
+    import importlib
+    import importlib.util
+
+    try:
+        return importlib.import_module("qsched_pack")
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("qsched_pack", os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        sys.modules["qsched_pack"] = mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and configurations")
+    args = ap.parse_args()
+    t0 = time.time()
+    _import_pack()
+    from triton.testing import do_bench
+
+    from qsched_pack.qsched import cudagraph
+    from qsched_pack.qsched.quant import kernels, qmath, quantize_
+    from qsched_pack.qsched.quant import layers as qlayers
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "kernels_h200.json")
+    R = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shapes": [], "compiled": [],
+         "errors": []}
+    import triton
+
+    R["triton"] = triton.__version__
+
+    def save():
+        with open(path + ".tmp", "w") as f:
+            json.dump(R, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+
+    def bench(fn):
+        return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+    def left():
+        return args.budget_s - (time.time() - t0)
+
+    shapes = SHAPES[:1] + SHAPES[4:6] if args.quick else SHAPES
+    sweep = SWEEP[:5] if args.quick else SWEEP
+    torch.manual_seed(0)
+    for m, k, n in shapes:
+        if left() < 20:
+            R["errors"].append(f"budget: skipped {m}x{k}x{n} and later")
+            break
+        row = {"M": m, "K": k, "N": n}
+        try:
+            lin = nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                lin.weight.copy_(torch.distributions.StudentT(3.0).sample((n, k)).cuda() * 0.02)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                ref = lin(x).double()
+                row["bf16"] = bench(lambda: lin(x))
+                for fmt in ("w8a8-fp8", "w4a8", "w4a8-fp8"):
+                    q = nn.Sequential(copy.deepcopy(lin))
+                    quantize_(q, fmt, "native", skip=())
+                    row[fmt] = bench(lambda: q(x))
+                    row[f"{fmt} err vs bf16"] = float((q(x).double() - ref).norm() / ref.norm())
+                    if fmt == "w4a8-fp8":
+                        layer = q[0]
+                # bare GEMMs
+                mp = max(m, 32)
+                xp = torch.nn.functional.pad(x, (0, 0, 0, mp - m))
+                xf8, xs8 = kernels.quantize_act_fp8(xp)
+                w8, ws8 = qmath.quantize_weight(lin.weight, 8, None, "fp8")
+                row["_scaled_mm only"] = bench(lambda: torch._scaled_mm(
+                    xf8, w8.t(), scale_a=xs8, scale_b=ws8.view(1, -1), out_dtype=torch.bfloat16))
+                xq, xs = kernels.quantize_act_fp8(x, perm=kernels.FP8W4_BLOCK_K)
+                xq0, _ = kernels.quantize_act_fp8(x)
+                codes = qmath.unpack_int4(layer.qweight)
+                exact = (xq0.double() @ qmath.fp8w4_values(codes, layer.wexp).double().t()) * xs.double() \
+                    * layer.wscale.double().view(1, -1)
+                row["fp8w4 default config"] = str(kernels.fp8w4_config(m, n))
+                best = None
+                for cfg in sweep:
+                    for promote in (True, False):
+                        tag = f"fp8w4 {cfg} promote={promote}"
+                        try:
+                            y = kernels.fp8w4_gemm(xq, xs, layer.qweight, layer.wexp, layer.wscale, None,
+                                                   torch.float32, config=cfg, promote=promote)
+                            err = float((y.double() - exact).norm() / exact.norm())
+                            ms = bench(lambda: kernels.fp8w4_gemm(xq, xs, layer.qweight, layer.wexp, layer.wscale,
+                                                                  None, torch.bfloat16, config=cfg,
+                                                                  promote=promote))
+                            row[tag] = {"ms": ms, "err_vs_f64": err}
+                            if err < 1e-3 and (best is None or ms < best[1]):
+                                best = (tag, ms)
+                        except Exception as exc:  # a configuration that does not compile is a result too
+                            row[tag] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                row["fp8w4 best"] = best
+                # quantize share
+                row["copy"] = bench(lambda: x.clone())
+                row["act quant fp8 (Triton)"] = bench(lambda: kernels.quantize_act_fp8(x))
+                row["act quant fp8 block-permuted (Triton)"] = bench(
+                    lambda: kernels.quantize_act_fp8(x, perm=kernels.FP8W4_BLOCK_K))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            R["errors"].append(traceback.format_exc()[-1500:])
+        R["shapes"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.startswith("fp8w4 (")}, default=str), flush=True)
+        save()
+
+    # compiled LayerNorm -> Linear blocks, fused vs opaque activation quantization, and CUDA-graph replay
+    for m, k, n in ((4608, 3072, 12288), (4096, 640, 640), (1, 3072, 18432)):
+        if left() < 40:
+            R["errors"].append(f"budget: compiled section stopped before {m}x{k}x{n}")
+            break
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for fmt in ("bf16", "w8a8-fp8", "w4a8-fp8"):
+            for fuse in ((True,) if fmt == "bf16" else (True, False)):
+                rec = {"M": m, "K": k, "N": n, "format": fmt, "fused_act_quant": fuse}
+                try:
+                    blk = nn.Sequential(nn.LayerNorm(k), nn.Linear(k, n)).cuda().to(torch.bfloat16).eval()
+                    if fmt != "bf16":
+                        quantize_(blk, fmt, "native", skip=())
+                    qlayers.COMPILE_FUSE_ACT_QUANT = fuse
+                    torch._dynamo.reset()
+                    with torch.no_grad():
+                        eager = blk(x)
+                        rec["eager_ms"] = bench(lambda: blk(x))
+                        cblk = torch.compile(blk, fullgraph=True)
+                        yc = cblk(x)
+                        rec["compiled_vs_eager"] = float((yc.double() - eager.double()).norm() / eager.double().norm())
+                        rec["compiled_ms"] = bench(lambda: cblk(x))
+                        g = cudagraph.StepGraphs()
+                        g(cblk, x)
+                        rec["compiled_graph_ms"] = bench(lambda: g(cblk, x))
+                        rec["graph_stats"] = g.stats()
+                except Exception as exc:
+                    rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                finally:
+                    qlayers.COMPILE_FUSE_ACT_QUANT = True
+                R["compiled"].append(rec)
+                print(json.dumps(rec, default=str), flush=True)
+                save()
+    R["total_s"] = time.time() - t0
+    save()
+    write_md(R, os.path.join(args.out, "kernels_h200.md"))
+
+
+def write_md(R, path):
+    def f(v):
+        return f"{v:.3f}" if isinstance(v, float) else ("–" if v is None else str(v))
+
+    lines = [f"# Kernel micro-benchmarks ({R['gpu']}, torch {R['torch']}, Triton {R.get('triton')})", "",
+             "ms (median); × = relative to bf16 F.linear of the same shape.", "",
+             "| M×K×N | bf16 | w8a8-fp8 | w4a8 | w4a8-fp8 | _scaled_mm only | best W4A8-FP8 GEMM only | act quant fp8 "
+             "| copy | err w4a8 / w4a8-fp8 vs bf16 |", "|" + "---|" * 10]
+    for r in R["shapes"]:
+        if "bf16" not in r:
+            continue
+        b = r["bf16"]
+        best = r.get("fp8w4 best")
+        cell = lambda key: f"{f(r.get(key))} ({r[key] / b:.2f}×)" if isinstance(r.get(key), float) else "–"  # noqa
+        lines.append(f"| {r['M']}×{r['K']}×{r['N']} | {f(b)} | {cell('w8a8-fp8')} | {cell('w4a8')} | "
+                     f"{cell('w4a8-fp8')} | {cell('_scaled_mm only')} | "
+                     f"{'–' if not best else f'{best[1]:.3f} ({best[1] / b:.2f}×) {best[0][6:]}'} | "
+                     f"{f(r.get('act quant fp8 (Triton)'))} | {f(r.get('copy'))} | "
+                     f"{f(r.get('w4a8 err vs bf16'))} / {f(r.get('w4a8-fp8 err vs bf16'))} |")
+    lines += ["", "Compiled LayerNorm → Linear (inductor), ms:", "",
+              "| M×K×N | format | act quant traced (fusable) | eager | compiled | compiled + CUDA graph | "
+              "compiled vs eager |", "|" + "---|" * 7]
+    for r in R["compiled"]:
+        lines.append(f"| {r['M']}×{r['K']}×{r['N']} | {r['format']} | {r['fused_act_quant']} | "
+                     f"{f(r.get('eager_ms'))} | {f(r.get('compiled_ms'))} | {f(r.get('compiled_graph_ms'))} | "
+                     f"{f(r.get('compiled_vs_eager')) if 'error' not in r else r['error'][:80]} |")
+    if R["errors"]:
+        lines += ["", "Errors / skipped:", ""] + [f"- {e.splitlines()[-1] if e else e}" for e in R["errors"]]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
