@@ -36,20 +36,6 @@ SWEEP = [(16, 64, 8, 4, 4, True), (16, 128, 8, 4, 4, True), (64, 128, 8, 4, 4, T
          (64, 128, 8, 4, 4, False), (128, 64, 8, 4, 4, False)]
 
 
-def _import_pack():
-    import importlib
-    import importlib.util
-
-    try:
-        return importlib.import_module("qsched_pack")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("qsched_pack", os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        sys.modules["qsched_pack"] = mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -57,6 +43,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer shapes and configurations")
     args = ap.parse_args()
     t0 = time.time()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_quant_gpu import _import_pack  # the pack as qsched_pack (installed or this checkout)
+
     _import_pack()
     from triton.testing import do_bench
 

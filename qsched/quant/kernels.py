@@ -113,14 +113,9 @@ if triton is not None:
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _w4a8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, GROUPS, stride_xm, stride_wn,
-                          stride_om, HAS_B: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        # x: int8 codes [M, K], each group of GROUP columns stored even columns first (quantize_act_int8(perm=...)).
-        # w: uint8 [N, K/2], byte j of a row holds column 2j (low nibble) and 2j+1 (high nibble), offset by 8.
-        # ws: float16/float32 [N, GROUPS]. One program: a BLOCK_M x BLOCK_N tile of the output, grouped along M so
-        # that consecutive programs share weight tiles in L2.
-        HALF: tl.constexpr = GROUP // 2
+    def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """Row and column indices of this program's output tile, grouped along M so that consecutive programs share
+        weight tiles in L2."""
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -129,8 +124,18 @@ if triton is not None:
         size_m = tl.minimum(num_m - first_m, GROUP_M)
         pid_m = first_m + (pid % width) % size_m
         pid_n = (pid % width) // size_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+    @triton.jit
+    def _w4a8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, GROUPS, stride_xm, stride_wn,
+                          stride_om, HAS_B: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        # x: int8 codes [M, K], each group of GROUP columns stored even columns first (quantize_act_int8(perm=...)).
+        # w: uint8 [N, K/2], byte j of a row holds column 2j (low nibble) and 2j+1 (high nibble), offset by 8.
+        # ws: float16/float32 [N, GROUPS]. One program: a BLOCK_M x BLOCK_N tile of the output, grouped along M so
+        # that consecutive programs share weight tiles in L2.
+        HALF: tl.constexpr = GROUP // 2
+        rm, rn = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rk = tl.arange(0, HALF)
         # Out-of-range rows / columns read a valid row (modulo) and are masked at the store: no masks in the loop.
         am = (rm % M).to(tl.int64)
@@ -176,16 +181,7 @@ if triton is not None:
         # block); else one accumulator throughout (Triton's default imprecise float8 accumulation on sm_90).
         HALF: tl.constexpr = BLOCK_K // 2
         GH: tl.constexpr = GROUP // 2  # columns of one group in each half of a K block
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        width = GROUP_M * num_n
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm, rn = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rk = tl.arange(0, HALF)
         am = (rm % M).to(tl.int64)  # out-of-range rows / columns read a valid one and are masked at the store
         wn = (rn % N).to(tl.int64)
