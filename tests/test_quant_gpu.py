@@ -321,8 +321,9 @@ def test_fp8w4_gemm_matches_float64_reference(tk, m, n, k, g, bias, promote):
     err32 = _rel(y32, ref)
     print(f"fp8w4 {m}x{n}x{k} g{g} bias={bias} promote={promote}: float32 vs float64 {err32:.2e}, "
           f"bf16 vs float64 {_rel(y16, ref):.2e}")
-    assert err32 < (1e-4 if promote else 2e-3)
-    assert _rel(y16, y32) < 2.5e-3 and _rel(y16, ref) < 3e-3  # the bf16 rounding (~1.7e-3)
+    # Hopper's float8 MMA accumulates with fewer bits than float32: bounded by one 128-column block with promote
+    assert err32 < (1e-3 if promote else 2e-2)
+    assert _rel(y16, y32) < 2.5e-3 and _rel(y16, ref) < err32 + 3e-3  # + the bf16 rounding (~1.7e-3)
 
 
 @pytest.mark.parametrize("shape", [(3072, 1024), (96, 48), (80, 40)])
