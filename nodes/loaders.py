@@ -20,13 +20,14 @@ from .common import CATEGORY_LOADERS, NodeInputError
 #: (Ada, Hopper, newer), else w8a8; the rest are qsched.quant formats.
 FLOAT_PRECISIONS = ("fp16", "bf16")
 FAST_8BIT = "fast 8-bit"
-QUANT_PRECISIONS = ("w8a8", "w8a8-fp8", FAST_8BIT, "w4a8", "w4a6", "w4a5", "w4a4")
+QUANT_PRECISIONS = ("w8a8", "w8a8-fp8", FAST_8BIT, "w4a8", "w4a6", "w4a5", "w4a4", "w4a8-fp8")
 PRECISIONS = FLOAT_PRECISIONS + QUANT_PRECISIONS
 
 _PRECISION_TIP = ("wXaY: X-bit weights and Y-bit activations on every Linear layer of the diffusion model (embedders "
                   "and final layer stay in 16 bit); w4a8 is the paper's main setting. w8a8-fp8: float8 weights and "
                   "activations, the fastest format on GPUs with FP8 (RTX 40xx, L4/L40, H100/H200); 'fast 8-bit' "
-                  "picks it there and int8 w8a8 elsewhere.")
+                  "picks it there and int8 w8a8 elsewhere. w4a8-fp8: 4-bit weights (w4a8's size) run on the FP8 "
+                  "tensor cores; needs an FP8 GPU.")
 _BACKEND = (list(COMFY_BACKENDS), {"default": "auto", "tooltip":
             "How quantized layers run. auto / native: integer and FP8 kernels where the device has them. simulated: "
             "round-trip in float32 (same numbers, any device, slow)."})
