@@ -35,6 +35,7 @@ P.add_argument("--out", required=True)
 P.add_argument("--tiny", action="store_true")
 P.add_argument("--budget-s", type=float, default=520.0)
 P.add_argument("--skip", default="", help="comma-separated sections to skip")
+P.add_argument("--gguf-only", action="store_true", help="FLUX: core bf16 (state dict in memory) vs GGUF Q8_0/Q4_0")
 ARGS = P.parse_args()
 T0 = time.time()
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -440,7 +441,29 @@ def compile_all():
         guarded(f"compile {fam} {name}", need)(measure)(name, fam, loader, compiled=True)
 
 
-if __name__ == "__main__":
+@guarded("gguf_only")
+def gguf_only():
+    """A second, short run: the GGUF rows beside core bf16 (the first run could not import ComfyUI-GGUF)."""
+    from gguf_files import write_gguf
+
+    sd = random_state_dict(flux_model("meta"), torch.bfloat16, 5)
+    for q in ("Q8_0", "Q4_0"):
+        t = time.time()
+        FILES[f"flux_{q}"] = os.path.join(ARGS.work, f"flux_{q}.gguf")
+        R["files"][f"flux_{q}"] = {"bytes": write_gguf(FILES[f"flux_{q}"], sd, q, "flux", device=DEV),
+                                  "write_s": time.time() - t}
+    for q in ("Q8_0", "Q4_0"):
+        measure(f"GGUF {q}", "flux", gguf(q))
+    measure("core bf16 (state dict in memory)", "flux", lambda: comfy.sd.load_diffusion_model_state_dict(sd))
+
+
+if __name__ == "__main__" and ARGS.gguf_only:
+    OUT = OUT.replace(".json", "_gguf.json")
+    gguf_only()
+    R["total_s"] = time.time() - T0
+    save()
+    log("done", OUT)
+elif __name__ == "__main__":
     log("device", R["gpu"], torch.__version__)
     if CUDA:
         import shutil
