@@ -289,6 +289,11 @@ def check_prequant(kind="flux", fmt="w4a8"):
     assert report.spec.name == fmt
     y2 = run(q2, kind)
     assert torch.equal(y, y2), rel(y2, y)
+    # the same file written by `qsched quantize` (no ComfyUI, tensor by tensor) loads to the same model
+    cli = os.path.join(WORK, f"{kind}_{fmt}_cli.safetensors")
+    prequant.quantize_file(FILES[kind], cli, fmt, device="cpu", overwrite=True)
+    y3 = run(load_quantized(cli, fmt)[0], kind)
+    assert torch.equal(y, y3), rel(y3, y)
     return {"file_bytes": size, "model_size": q2.model_size(), "anon_growth": peak.growth,
             "anon_growth_over_file": peak.growth / size}
 
