@@ -137,3 +137,37 @@ def test_the_checks_fail_on_a_planted_cycle_and_a_backward_arrow(tmp_path):
     g = import_graph(tmp_path)
     assert cycles(g) == [["qsched.a", "qsched.b"]]
     assert g["qsched.b"] == {"qsched.a", "calibration.c"}  # the backward arrow qsched -> calibration is seen
+
+
+def _resolves(dotted: str) -> bool:
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module("qsched_pack." + ".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_python_names_in_readme_and_docs_exist():
+    import re
+
+    docs = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+    assert len(docs) > 5
+    for doc in docs:
+        text = re.sub(r"## Moved where.*?(?=\n## )", "", doc.read_text(encoding="utf-8"), flags=re.S)  # old names
+        code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
+        for line in code.splitlines():
+            if line.startswith("from qsched_pack") or line.startswith("import qsched_pack"):
+                exec(line, {})  # noqa: S102  (our own README's import lines)
+        names = set(re.findall(r"`((?:qsched|calibration|nodes)\.[A-Za-z_][\w.]*[\w])(?:\(|`)", text))
+        missing = sorted(n for n in names if not _resolves(n))
+        assert missing == [], f"{doc.name}: {missing}"
