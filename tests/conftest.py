@@ -33,7 +33,7 @@ def jaq_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
+def tiny_pipelines(tmp_path_factory):
     """Tiny SDXL-like and FLUX-like diffusers pipelines saved once per session (diffusers folders), plus the SDXL
     UNet alone as a single .safetensors file."""
     from safetensors.torch import save_file

@@ -32,8 +32,8 @@ def make(models: dict, name="sdxl", **kw):
 
 @pytest.mark.parametrize("name,family", [("sdxl", "sdxl_turbo"), ("sdxl", "tcd"), ("sdxl", "lcm"),
                                          ("flux", "flux_schnell")])
-def test_common_random_numbers_and_batch_invariance(name, family, tiny_models):
-    g = make(tiny_models, name, family=family, eta=0.3 if family == "tcd" else None)
+def test_common_random_numbers_and_batch_invariance(name, family, tiny_pipelines):
+    g = make(tiny_pipelines, name, family=family, eta=0.3 if family == "tcd" else None)
     a = g.generate(RAMP, PROMPTS, [5, 6, 7])
     assert a.shape == (3, 32, 32, 3) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
     assert torch.equal(a, g.generate(RAMP, PROMPTS, [5, 6, 7]))  # same point -> same images, bit for bit
@@ -44,15 +44,15 @@ def test_common_random_numbers_and_batch_invariance(name, family, tiny_models):
     assert not torch.allclose(a, g.generate(Coefficients.identity(2), PROMPTS, [5, 6, 7]), atol=1e-4)
 
 
-def test_identity_matches_stock_sampler_run_by_hand(tiny_models):
+def test_identity_matches_stock_sampler_run_by_hand(tiny_pipelines):
     """The generator is the stock sampler + denoiser wiring: rebuild image 0 by hand and compare."""
     from qsched_pack.calibration.denoisers import UNetEpsDenoiser, sdxl_conditioning
     from qsched_pack.qsched import samplers
     from qsched_pack.qsched.schedules import few_step_sigmas
 
-    g = make(tiny_models, family="sdxl_turbo")
+    g = make(tiny_pipelines, family="sdxl_turbo")
     img = g.generate(Coefficients.identity(2), PROMPTS[:1], [11])
-    pipe = loaded(tiny_models, "sdxl")
+    pipe = loaded(tiny_pipelines, "sdxl")
     sig = few_step_sigmas("sdxl_turbo", 2)
     x = torch.randn((1, 4, 4, 4), generator=torch.Generator().manual_seed(11)) * float(sig[0])
     gen = torch.Generator().manual_seed(11 * 1000003 + 1)
@@ -63,50 +63,50 @@ def test_identity_matches_stock_sampler_run_by_hand(tiny_models):
     assert torch.allclose(img, g.decode(lat), atol=1e-5)
 
 
-def test_text_encodings_computed_once_per_prompt(monkeypatch, tiny_models):
+def test_text_encodings_computed_once_per_prompt(monkeypatch, tiny_pipelines):
     from qsched_pack.calibration import denoisers
 
     calls = []
     real = denoisers.conditioning_for
     monkeypatch.setattr(denoisers, "conditioning_for", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
-    g = make(tiny_models)
+    g = make(tiny_pipelines)
     for c in (RAMP, Coefficients.identity(2), RAMP):
         g.generate(c, PROMPTS, [1, 2, 3])
     assert sorted(calls) == sorted(PROMPTS)
 
 
-def test_fingerprint_names_model_hash_family_sampler_quant(tiny_models):
-    g = make(tiny_models, "flux", family="flux_schnell")
+def test_fingerprint_names_model_hash_family_sampler_quant(tiny_pipelines):
+    g = make(tiny_pipelines, "flux", family="flux_schnell")
     fp = g.fingerprint()
-    assert fp["model_hash"] == model_hash(tiny_models["flux"]) and len(fp["model_hash"]) == 64
+    assert fp["model_hash"] == model_hash(tiny_pipelines["flux"]) and len(fp["model_hash"]) == 64
     assert (fp["family"], fp["sampler"], fp["steps"], fp["quant"]) == ("flux_schnell", "euler", 2, None)
     json.dumps(fp)
 
 
-def test_quantized_generator_differs_from_full_precision(tiny_models):
-    q = DiffusersGenerator(load_pipeline(tiny_models["sdxl"]), steps=2, height=32, width=32, quant="w4a8",
+def test_quantized_generator_differs_from_full_precision(tiny_pipelines):
+    q = DiffusersGenerator(load_pipeline(tiny_pipelines["sdxl"]), steps=2, height=32, width=32, quant="w4a8",
                            model_hash_value="x")
     assert q.fingerprint()["quant"] == "w4a8" and q.quant_report is not None
     a = q.generate(RAMP, PROMPTS[:1], [3])
-    b = make(tiny_models).generate(RAMP, PROMPTS[:1], [3])
+    b = make(tiny_pipelines).generate(RAMP, PROMPTS[:1], [3])
     assert not torch.allclose(a, b, atol=1e-4)
 
 
-def test_single_file_denoiser_with_local_config_folder(tmp_path, tiny_models):
-    m = tiny_models
+def test_single_file_denoiser_with_local_config_folder(tmp_path, tiny_pipelines):
+    m = tiny_pipelines
     cfg = tmp_path / "cfg"
     shutil.copytree(m["sdxl"], cfg)
     for f in (cfg / "unet").glob("*.safetensors"):
         f.unlink()  # a config folder without the denoiser's weights, like users download
     pipe = load_pipeline(m["unet_file"], config=cfg)
     g = DiffusersGenerator(pipe, steps=2, height=32, width=32, model_file=m["unet_file"])
-    assert torch.allclose(g.generate(RAMP, PROMPTS[:1], [4]), make(tiny_models).generate(RAMP, PROMPTS[:1], [4]),
+    assert torch.allclose(g.generate(RAMP, PROMPTS[:1], [4]), make(tiny_pipelines).generate(RAMP, PROMPTS[:1], [4]),
                           atol=1e-5)
     assert g.model_hash == model_hash(m["unet_file"]) != model_hash(m["sdxl"])
 
 
-def test_loading_errors_name_the_missing_file(tmp_path, tiny_models):
-    m = tiny_models
+def test_loading_errors_name_the_missing_file(tmp_path, tiny_pipelines):
+    m = tiny_pipelines
     with pytest.raises(FileNotFoundError, match="model not found: .*nope"):
         load_pipeline(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match=r"model_index\.json is missing"):
@@ -124,15 +124,15 @@ def test_loading_errors_name_the_missing_file(tmp_path, tiny_models):
         load_pipeline(m["unet_file"])
 
 
-def test_bad_generator_arguments(tiny_models):
-    pipe = loaded(tiny_models, "sdxl")
+def test_bad_generator_arguments(tiny_pipelines):
+    pipe = loaded(tiny_pipelines, "sdxl")
     with pytest.raises(ValueError, match="family must be one of sdxl_turbo, flux_schnell, lcm, tcd, pcm"):
         DiffusersGenerator(pipe, family="sd3", model_hash_value="x")
     with pytest.raises(ValueError, match="sampler must be one of"):
         DiffusersGenerator(pipe, sampler="dpmpp", model_hash_value="x")
     with pytest.raises(ValueError, match="height must be a multiple of 16"):
         DiffusersGenerator(pipe, height=30, model_hash_value="x")
-    g = make(tiny_models)
+    g = make(tiny_pipelines)
     with pytest.raises(ValueError, match="coefficients have 4 steps .* but the sampler runs 2 steps"):
         g.generate(Coefficients.identity(4), PROMPTS, [1, 2, 3])
 
