@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .safe_load import read_weights, state_dict_of
 from .weights import WeightFileError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -118,22 +119,24 @@ def _prepare(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
 
 
 def load_openai_clip(path: Path, device, dtype, *, expect: str, what: str):
-    """An OpenAI-format CLIP file (TorchScript archive as released, or its plain state dict) via open_clip.
+    """An OpenAI-format CLIP (the TorchScript archive OpenAI ships, its plain state dict, or a safetensors copy),
+    built as an open_clip model. The archive is read by :mod:`.safe_load` (tensors only; its code never runs).
 
     ``expect`` is "resnet" or "vit": a file of the other family is rejected with a clear error.
     """
 
     def build():
-        import open_clip
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+        from open_clip.model import build_model_from_openai_state_dict
         from open_clip.modified_resnet import ModifiedResNet
 
-        if not path.is_file():
-            raise WeightFileError(f"{what}: {path} is not a file (expected an OpenAI CLIP .pt file)")
+        state_dict = state_dict_of(read_weights(path, what), path, what)
         try:
-            model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
-        except Exception as exc:  # corrupt, truncated or foreign file: say which and why
-            raise WeightFileError(
-                f"{what}: cannot load {path} as an OpenAI CLIP checkpoint ({type(exc).__name__}: {exc})") from exc
+            model = build_model_from_openai_state_dict(state_dict, cast_dtype=None).float()
+        except Exception as exc:  # keys or shapes of another architecture: say which file and why
+            raise WeightFileError(f"{what}: {path} is not an OpenAI CLIP checkpoint "
+                                  f"({type(exc).__name__}: {str(exc)[:300]})") from None
+        model.visual.image_mean, model.visual.image_std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
         is_resnet = isinstance(model.visual, ModifiedResNet)
         if expect in ("resnet", "vit") and (expect == "resnet") != is_resnet:
             got = "ResNet" if is_resnet else "ViT"
@@ -145,21 +148,21 @@ def load_openai_clip(path: Path, device, dtype, *, expect: str, what: str):
 
 
 def load_open_clip(path: Path, model_name: str, device, dtype, *, what: str):
-    """open_clip architecture ``model_name`` built without any download, then the local checkpoint loaded
-    strictly (open_clip training checkpoints ``{"state_dict": ...}`` and plain state dicts both work)."""
+    """open_clip architecture ``model_name`` built without any download, then the local checkpoint (open_clip
+    training checkpoint ``{"state_dict": ...}``, plain state dict or safetensors) loaded strictly, read without
+    running code from the file."""
 
     def build():
         import open_clip
 
-        if not path.is_file():
-            raise WeightFileError(f"{what}: {path} is not a file")
+        state_dict = state_dict_of(read_weights(path, what), path, what)
         model = open_clip.create_model(model_name, pretrained=None, device=device)  # random init is fast on GPU
         try:
-            open_clip.load_checkpoint(model, str(path), strict=True)
+            model.load_state_dict(state_dict, strict=True)
         except Exception as exc:
             raise WeightFileError(
                 f"{what}: {path} is not a loadable {model_name} open_clip checkpoint "
-                f"({type(exc).__name__}: {str(exc)[:500]})") from exc
+                f"({type(exc).__name__}: {str(exc)[:500]})") from None
         return _prepare(model, device, dtype)
 
     return cached_model(("open_clip", _file_key(path), model_name, str(device), dtype), build)
