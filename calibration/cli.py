@@ -235,19 +235,15 @@ def _build_jaq(args):
     import os
 
     from .jaq import JAQ, PRESETS
-    from .metrics import SPECS, resolve
+    from .metrics import resolve
 
     tc, iq = PRESETS[args.jaq]
     weights = {}
+    if args.jaq_weights and not os.path.isdir(args.jaq_weights):
+        raise FileNotFoundError(f"--jaq-weights folder not found: {args.jaq_weights}")
     for m in (tc, iq):
-        path = None
-        if args.jaq_weights:
-            if not os.path.isdir(args.jaq_weights):
-                raise FileNotFoundError(f"--jaq-weights folder not found: {args.jaq_weights}")
-            found = [os.path.join(args.jaq_weights, f) for f in SPECS[m].filenames
-                     if os.path.exists(os.path.join(args.jaq_weights, f))]
-            path = found[0] if found else os.path.join(args.jaq_weights, SPECS[m].filenames[0])
-        weights[m] = str(resolve(m, path))  # missing file -> error naming it, the folders searched and the source
+        # missing file -> error naming it, the folders searched and the source
+        weights[m] = str(resolve(m, None, folders=[args.jaq_weights] if args.jaq_weights else None))
     device = getattr(args, "device", None) or "cpu"
     jaq = JAQ(preset=args.jaq, k=args.k, device=device, weights=weights)
     config = {"preset": args.jaq, "tc": tc, "iq": iq, "k": float(args.k), "k_on": jaq.k_on,

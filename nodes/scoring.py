@@ -29,35 +29,57 @@ def preset_metrics(preset: str) -> tuple[str, str]:
     return JAQ_PRESETS[preset]
 
 
-def weight_choices() -> list[str]:
-    """``auto`` + weight files and transformers CLIP folders (``name/``) in models/qsched/."""
-    register_qsched_folder()
-    import folder_paths
+def _qsched_folders() -> list[str]:
+    return list(register_qsched_folder().get_folder_paths(QSCHED_FOLDER))
 
+
+def _inside(root: str, rel: str) -> bool:
+    from ..calibration.metrics.weights import UnsafePath, confined
+
+    try:
+        confined(root, rel)
+    except UnsafePath:
+        return False
+    return True
+
+
+def weight_choices() -> list[str]:
+    """``auto`` + weight files and transformers CLIP folders (``name/``) in models/qsched/ (entries that a
+    symlink leads out of the folder are not listed: they would be refused)."""
     out = set()
-    for root in folder_paths.get_folder_paths(QSCHED_FOLDER):
+    for root in _qsched_folders():
         if not os.path.isdir(root):
             continue
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+            if rel != "." and not _inside(root, rel):
+                dirnames[:] = []
+                continue
             if "config.json" in filenames and rel != ".":
                 out.add(rel + "/")  # a transformers CLIP folder: its files are not listed one by one
                 dirnames[:] = []
                 continue
             for f in filenames:
-                if f.lower().endswith(WEIGHT_SUFFIXES):
-                    out.add(f if rel == "." else f"{rel}/{f}")
+                name = f if rel == "." else f"{rel}/{f}"
+                if f.lower().endswith(WEIGHT_SUFFIXES) and _inside(root, name):
+                    out.add(name)
     return [AUTO] + sorted(out)
 
 
-def _choice_path(choice: str) -> str | None:
-    register_qsched_folder()
-    import folder_paths
+def _choice_path(choice: str, input_name: str) -> str | None:
+    """The file a combo value names, confined to the qsched folders: absolute names, '..' and symlinks out of
+    the folder are refused (a shared workflow must not be able to make the pack read any other file)."""
+    from ..calibration.metrics.weights import UnsafePath, confined
 
-    for root in folder_paths.get_folder_paths(QSCHED_FOLDER):
-        p = os.path.join(root, choice.rstrip("/"))
-        if os.path.exists(p):
-            return p
+    for root in _qsched_folders():
+        try:
+            p = confined(root, choice.rstrip("/"))
+        except UnsafePath as exc:
+            raise NodeInputError(LOADER, input_name, (
+                f"{exc}. Only files inside models/{QSCHED_FOLDER}/ (or the '{QSCHED_FOLDER}' paths of "
+                "extra_model_paths.yaml) can be used: pick one from the list")) from None
+        if p.exists():
+            return str(p)
     return None
 
 
@@ -68,14 +90,13 @@ def resolve_weight(metric: str, choice: str, input_name: str) -> str:
     if not isinstance(choice, str) or not choice:
         raise NodeInputError(LOADER, input_name, f"must be '{AUTO}' or a file in models/{QSCHED_FOLDER}/, "
                                                  f"got {choice!r}")
-    register_qsched_folder()  # so calibration.metrics.weights sees ComfyUI's qsched folders
     if choice == AUTO:
         try:
-            return str(resolve(metric, None))
+            return str(resolve(metric, None, folders=_qsched_folders()))
         except WeightFileError as exc:
             raise NodeInputError(LOADER, input_name, f"{exc} (put it in ComfyUI's models/{QSCHED_FOLDER}/ and "
                                                      "press 'r', or pick a file in this list)") from None
-    path = _choice_path(choice)
+    path = _choice_path(choice, input_name)
     if path is None:
         raise NodeInputError(LOADER, input_name, (
             f"{choice!r} not found in models/{QSCHED_FOLDER}/ (or the '{QSCHED_FOLDER}' paths of "

@@ -4,8 +4,10 @@ the product's loading code. Every metric is checked against an independent compu
 from __future__ import annotations
 
 import math
+import os
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -428,23 +430,30 @@ def test_weights_found_through_env_var(files, monkeypatch, metrics):
     assert m.model is metrics["clipiqa"].model
 
 
-def test_comfyui_models_folder_registered_and_searched(files, monkeypatch, tmp_path):
+def test_comfyui_folders_are_passed_in_never_looked_up(files, monkeypatch, tmp_path):
+    """The library never reaches into ComfyUI's ``folder_paths`` module: the nodes pass their folders in."""
+    from qsched_pack.calibration.metrics import weights as W
+
     registered = {}
     fake = types.SimpleNamespace(
         folder_names_and_paths={}, models_dir=str(tmp_path / "models"),
         add_model_folder_path=lambda key, path: registered.setdefault(key, []).append(path),
         get_folder_paths=lambda key: registered.get(key, []) + [str(files["dir"])])
+    W.register_comfy_folder(fake)
+    assert registered == {"qsched": [str(tmp_path / "models" / "qsched")]}
     monkeypatch.setitem(sys.modules, "folder_paths", fake)
     monkeypatch.delenv("QSCHED_MODELS_DIR", raising=False)
-    m = AQMAP(device="cpu", nouns="rules")
-    assert registered == {"qsched": [str(tmp_path / "models" / "qsched")]}
-    assert m.model.visual.image_size == (64, 64)
+    with pytest.raises(WeightFileError, match="Searched: none"):
+        AQMAP(device="cpu", nouns="rules")
+    path = W.resolve("aqmap", folders=fake.get_folder_paths("qsched"))
+    assert path == Path(os.path.realpath(files["dir"] / "ViT-B-16.pt"))
+    assert AQMAP(path, device="cpu", nouns="rules").model.visual.image_size == (64, 64)
 
 
 def test_corrupt_and_mismatched_weight_files(files, tmp_path):
     bad = tmp_path / "RN50.pt"
     bad.write_bytes(b"this is not a checkpoint" * 10)
-    with pytest.raises(WeightFileError, match="cannot load .*RN50.pt"):
+    with pytest.raises(WeightFileError, match="cannot read .*RN50.pt"):
         CLIPIQA(bad, device="cpu")
     truncated = tmp_path / "ViT-B-16.pt"
     truncated.write_bytes(files["vit"].read_bytes()[:100_000])

@@ -221,18 +221,4 @@ def state_dict_of(obj, path: Path, what: str) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def save_plain_state_dict(state_dict: dict, path: str | os.PathLike) -> None:
-    """Write ``state_dict`` as a plain ``torch.save`` file (what code that insists on a file path can read with
-    ``weights_only=True``), atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-__all__ = ["read_weights", "state_dict_of", "read_torchscript_tensors", "UnsafeWeightFile", "ScriptObjectRecord",
-           "save_plain_state_dict"]
+__all__ = ["read_weights", "state_dict_of", "read_torchscript_tensors", "UnsafeWeightFile", "ScriptObjectRecord"]

@@ -2,9 +2,10 @@
 
 Search order for a weight file (first hit wins):
 1. an explicit path given by the caller (file or folder);
-2. the folder(s) in the environment variable ``QSCHED_MODELS_DIR`` (``os.pathsep``-separated);
-3. the folders the caller passes (the ComfyUI nodes pass ``models/qsched/`` and every extra path registered for
-   the ``qsched`` folder key in ``extra_model_paths.yaml``).
+2. the folders the caller passes (CLI ``--jaq-weights``; the ComfyUI nodes pass ``models/qsched/`` and every
+   extra path registered for the ``qsched`` folder key in ``extra_model_paths.yaml``);
+3. the folder(s) in the environment variable ``QSCHED_MODELS_DIR`` (``os.pathsep``-separated).
+In each folder the ``.safetensors`` twin of a ``.pt`` name is tried first.
 
 A name looked up in a folder must stay inside it once symlinks are resolved (:func:`confined`).
 
@@ -81,8 +82,9 @@ def env_folders() -> list[Path]:
 
 
 def search_folders(folders: Sequence[str | os.PathLike] | None = None) -> list[Path]:
-    """``QSCHED_MODELS_DIR`` folders, then ``folders`` (the nodes pass ComfyUI's ``qsched`` folders)."""
-    return env_folders() + [Path(f) for f in (folders or ())]
+    """``folders`` given by the caller (CLI ``--jaq-weights``; the nodes pass ComfyUI's ``qsched`` folders), then
+    the ``QSCHED_MODELS_DIR`` folders."""
+    return [Path(f).expanduser() for f in (folders or ())] + env_folders()
 
 
 def confined(root: str | os.PathLike, name: str) -> Path:
@@ -94,7 +96,8 @@ def confined(root: str | os.PathLike, name: str) -> Path:
     if not isinstance(name, str) or not name or "\0" in name:
         raise UnsafePath(f"{name!r} is not a file name")
     parts = name.replace("\\", "/").split("/")
-    if os.path.isabs(name) or name.startswith(("/", "\\")) or os.path.splitdrive(name)[0] or ".." in parts:
+    drive = len(name) > 1 and name[1] == ":" and name[0].isalpha()  # a Windows drive, on every OS
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or drive or os.path.splitdrive(name)[0] or ".." in parts:
         raise UnsafePath(f"{name!r} must be a name inside the model folder (no absolute path, no '..')")
     base = os.path.realpath(root)
     target = os.path.realpath(os.path.join(base, *[p for p in parts if p not in ("", ".")]))
