@@ -247,7 +247,8 @@ def _build_jaq(args):
     device = getattr(args, "device", None) or "cpu"
     jaq = JAQ(preset=args.jaq, k=args.k, device=device, weights=weights)
     config = {"preset": args.jaq, "tc": tc, "iq": iq, "k": float(args.k), "k_on": jaq.k_on,
-              "tc_transform": jaq.tc_transform, "weights": {m: os.path.basename(p) for m, p in weights.items()}}
+              "tc_transform": jaq.tc_transform, "score_rule": jaq.score_rule,
+              "weights": {m: os.path.basename(p) for m, p in weights.items()}}
     return jaq, config
 
 
@@ -336,7 +337,7 @@ def _score(args) -> int:
     from ..qsched.coefficients import atomic_write_text
     from .plots import load_images
     from .prompts import load_prompts
-    from .runner import score_images
+    from .runner import point_score, score_images
 
     images = load_images(args.images)
     prompts = list(args.prompt or [])
@@ -353,7 +354,7 @@ def _score(args) -> int:
             for i, (path, v) in enumerate(zip(args.images, values))]
     for r in rows:
         print("\t".join([r["image"]] + [f"{k}={r[k]:.6g}" for k in r if k != "image"]))
-    print(f"mean jaq={sum(values) / len(values):.6g}")
+    print(f"set jaq={point_score(jaq, values, comps):.6g} ({jaq.score_rule})")
     if args.json:
         atomic_write_text(args.json, json.dumps({"jaq": config, "images": rows}, indent=2) + "\n")
     return 0

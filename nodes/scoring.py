@@ -136,6 +136,9 @@ class ComfyJAQ:
     def combine(self, tc, iq):
         return self.jaq.combine(tc, iq)
 
+    def aggregate(self, tc, iq):
+        return self.jaq.aggregate(tc, iq)
+
     def score(self, images, prompts):
         return self.jaq.score(images, prompts)
 
@@ -192,7 +195,7 @@ def load_jaq(preset: str, k: float, tc_weights: str, iq_weights: str, device: st
             raise NodeInputError(LOADER, input_name, str(exc)) from None
     jaq = JAQ(tc=metrics[tc], iq=metrics[iq], k=float(k))  # Eq. 5: TC + k·IQ
     config = {"preset": preset, "tc": tc, "iq": iq, "k": float(k), "k_on": jaq.k_on,
-              "tc_transform": jaq.tc_transform,
+              "tc_transform": jaq.tc_transform, "score_rule": jaq.score_rule,
               "weights": {m: os.path.basename(p.rstrip("/\\")) for m, p in paths.items()},
               "weights_sha256": {m: weight_digest(p) for m, p in paths.items()},
               "device": str(dev), "dtype": str(dt).replace("torch.", "")}
@@ -219,7 +222,7 @@ def parse_prompt_lines(text, node: str, input_name: str = "prompts") -> list[str
 
 def score_report(scorer: ComfyJAQ, images, prompts: list[str]) -> tuple[float, str, list[float]]:
     """-> (mean JAQ, per-image report text, per-image JAQ)."""
-    from ..calibration.runner import score_images
+    from ..calibration.runner import point_score, score_images
 
     jaq, comps = score_images(scorer, images, prompts)
     c = scorer.config
@@ -228,7 +231,7 @@ def score_report(scorer: ComfyJAQ, images, prompts: list[str]) -> tuple[float, s
         parts = [f"{c['tc']}={comps[c['tc']][i]:.5g}", f"{c['iq']}={comps[c['iq']][i]:.5g}"]
         p = prompts[i]
         lines.append(f"image {i + 1}: JAQ={v:.5g} ({', '.join(parts)}) | {p[:60]}{'…' if len(p) > 60 else ''}")
-    mean = math.fsum(jaq) / len(jaq)
+    mean = point_score(scorer, jaq, comps)
     lines.append(f"mean JAQ over {len(jaq)} image{'s' if len(jaq) != 1 else ''}: {mean:.6g}")
     return mean, "\n".join(lines), jaq
 
