@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import sys
-import threading
 import time
 import traceback
 
@@ -55,6 +54,7 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
+from hostmem import AnonPeak  # noqa: E402
 from qsched_pack.qsched.quant import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
 
 DEV = mm.get_torch_device()
@@ -102,33 +102,6 @@ def guarded(name, need_s=0.0):
                 save()
         return run
     return deco
-
-
-class AnonPeak:
-    def __enter__(self):
-        self.base = self.peak = self.now()
-        self.stop = False
-        self.t = threading.Thread(target=self.loop, daemon=True)
-        self.t.start()
-        return self
-
-    @staticmethod
-    def now():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def loop(self):
-        while not self.stop:
-            self.peak = max(self.peak, self.now())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.stop = True
-        self.t.join()
-        self.peak = max(self.peak, self.now())
-        self.growth = self.peak - self.base
 
 
 def sync():
