@@ -184,7 +184,9 @@ class ComfyGenerator:
               "schedule": self.schedule, "sigmas": [round(float(s), 8) for s in self.sigmas],
               "eta": self.eta if self.sampler in ("euler_ancestral", "tcd") else None,
               "cfg": self.cfg, "steps": self.steps, "height": self.height, "width": self.width,
-              "latent_shape": list(self.latent_shape)}
+              "latent_shape": list(self.latent_shape),
+              # images differ by ~1e-3 between batch sizes (batched kernels), so a resume must use the same one
+              "batch_size": self.batch_size}
         return fp
 
     def _groups(self, prompts, n: int):

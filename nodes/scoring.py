@@ -7,11 +7,9 @@ paths of extra_model_paths.yaml); nothing is ever downloaded. ComfyUI modules ar
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 
-from ..qsched._io import update_from_file
 from .common import (CATEGORY_SCORING, JAQ_SCORER, QSCHED_FOLDER, NodeInputError, node_input, register_qsched_folder,
                      validation_result)
 
@@ -106,23 +104,6 @@ def resolve_weight(metric: str, choice: str, input_name: str) -> str:
     return path
 
 
-_DIGESTS: dict[tuple, str] = {}
-
-
-def weight_digest(path: str) -> str:
-    """sha256 of a weight file (or of every file of a folder), cached by (path, size, mtime)."""
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-    key = tuple((f, os.path.getsize(f), os.path.getmtime(f)) for f in files)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(os.path.relpath(f, path).encode() + b"\0")
-            update_from_file(h, f)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
-
 class ComfyJAQ:
     """A ``calibration.jaq.JAQ`` plus ``config``: what identifies it in a calibration record and preset
     (preset, metrics, k, weight file names and sha256). Same protocol as JAQ: components / combine / score."""
@@ -195,7 +176,7 @@ def load_jaq(preset: str, k: float, tc_weights: str, iq_weights: str, device: st
     config = {"preset": preset, "tc": tc, "iq": iq, "k": float(k), "k_on": jaq.k_on,
               "tc_transform": jaq.tc_transform, "score_rule": jaq.score_rule,
               "weights": {m: os.path.basename(p.rstrip("/\\")) for m, p in paths.items()},
-              "weights_sha256": {m: weight_digest(p) for m, p in paths.items()},
+              "weights_sha256": {m: weights_digest(p) for m, p in paths.items()},
               "device": str(dev), "dtype": str(dt).replace("torch.", "")}
     return ComfyJAQ(jaq, config)
 
