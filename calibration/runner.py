@@ -8,8 +8,11 @@ seconds, images) with a CRC-32 of its content. Each line is written with one ``w
 Kill the process at any moment and run again with ``resume=True``: the strategies are deterministic, so they
 ask for the same points in the same order; recorded points are answered from the record (nothing is
 recomputed) and the final preset is byte-identical to an uninterrupted run (it holds no wall-clock data). A
-half-written last line (the kill landed inside a ``write``) is dropped; any other damage, a header for a
-different model/config, or an unknown format is refused with an error naming the file.
+half-written last line (the kill landed inside a ``write``) is dropped; a damaged point line is skipped with a
+:class:`RecordWarning` naming it and its point is computed again; a damaged header, a header for a different
+model/config (the field is named), a record of an older version or an unknown format is refused with an error
+naming the file. One process at a time holds a record (:class:`RecordLock`); a full disk or read-only folder
+raises :class:`RecordWriteError` naming the record, which stays resumable.
 """
 
 from __future__ import annotations

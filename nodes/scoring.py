@@ -160,6 +160,7 @@ def load_jaq(preset: str, k: float, tc_weights: str, iq_weights: str, device: st
              dtype: str = AUTO) -> ComfyJAQ:
     from ..calibration.jaq import JAQ
     from ..calibration.metrics import get_metric_class
+    from ..calibration.metrics.weights import weights_digest
 
     if preset not in PRESETS:
         raise NodeInputError(LOADER, "preset", f"{preset!r} is not one of {', '.join(PRESETS)}")

@@ -20,7 +20,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> str
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    except OSError as exc:  # read-only folder, permissions: name the target
+        if exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, path) from None
     try:
         os.close(fd)
         os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; presets and images are shared files
@@ -28,6 +33,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> str
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if exc.errno is None:
+            raise
+        # name the file the caller asked for, not the temporary one (disk full, read-only folder, permissions)
+        raise type(exc)(exc.errno, exc.strerror, path) from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -217,6 +217,31 @@ def test_read_only_folder_names_the_record_not_a_temp_file(tmp_path, monkeypatch
     assert ".tmp-" not in str(exc.value)
 
 
+def test_atomic_writes_name_the_target_not_the_temp_file(tmp_path, monkeypatch):
+    import qsched_pack.qsched._io as io_mod
+
+    target = tmp_path / "preset.json"
+    real = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as exc:
+        Coefficients.identity(2).save(target)
+    assert exc.value.filename == str(target) and exc.value.errno == errno.ENOSPC and ".tmp-" not in str(exc.value)
+    assert os.listdir(tmp_path) == []  # nothing half-written left behind
+    monkeypatch.setattr(os, "fsync", real)
+
+    def readonly(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".tmp-abc"))
+
+    monkeypatch.setattr(io_mod.tempfile, "mkstemp", readonly)
+    with pytest.raises(OSError) as exc:
+        io_mod.atomic_write_text(target, "x")
+    assert exc.value.filename == str(target) and ".tmp-" not in str(exc.value)
+
+
 def test_cli_ctrl_c_ends_cleanly_with_the_resume_hint(tmp_path, monkeypatch, capsys):
     from qsched_pack.calibration import cli, runner
 
@@ -282,9 +307,8 @@ def test_validation_before_the_record_is_written(tmp_path):
 def test_cli_float_options_refuse_nan_inf_and_out_of_range_before_anything(tmp_path, capsys, option, value, msg):
     from qsched_pack.calibration.cli import main
 
-    args = ["calibrate", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o"), option, value]
-    if option == "--range":
-        args.append("1.2")
+    args = ["calibrate", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")]
+    args += [option, value, "1.2"] if option == "--range" else [f"{option}={value}"]
     with pytest.raises(SystemExit):
         main(args)
     assert msg in capsys.readouterr().err
