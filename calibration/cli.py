@@ -176,7 +176,8 @@ def _add_jaq_args(p):
                         "(SDXL-Turbo/FLUX) (default clip)")
     p.add_argument("--k", type=_finite_float("--k", 0.0, 1000.0), default=2.0, help="JAQ weight k of the image-quality term (default 2)")
     p.add_argument("--jaq-weights", help="folder with the scorer weight files (RN50.pt, ViT-L-14.pt, ViT-B-16.pt, "
-                                         "HPS_v2.1_compressed.pt); default: $QSCHED_MODELS_DIR")
+                                         "HPS_v2.1_compressed.pt, or .safetensors copies, which are preferred); "
+                                         "then $QSCHED_MODELS_DIR. Files are read as data, never run")
 
 
 def _add_calibrate(sub):

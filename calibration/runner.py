@@ -471,7 +471,12 @@ class Runner:
         threads = _cpu_threads(generator, scorer_config_)
         if threads is not None:  # CPU results move with the thread count (float summation order)
             self.fingerprint["cpu_threads"] = threads
-        json.dumps(self.fingerprint)  # must be JSON-serialisable (fails early, naming nothing on disk yet)
+        try:  # must be JSON without NaN/inf (a record holding them could never be read back): fail before writing
+            json.dumps(self.fingerprint, allow_nan=False)
+        except ValueError:
+            bad = [k for k, v in _flat(self.fingerprint) if isinstance(v, float) and not math.isfinite(v)]
+            raise ValueError(f"the run's settings hold a non-finite number ({', '.join(bad) or 'somewhere'}): "
+                             "every option must be a finite number") from None
         self.record = Record(record, self.fingerprint, resume)
         self._session_images = 0
         self._session_seconds = 0.0
@@ -607,6 +612,17 @@ class Runner:
         result.best = preset
         result.preset_path = os.fspath(path)
         return result.preset_path
+
+
+def _flat(obj, prefix: str = ""):
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _flat(v, f"{prefix}{k}.")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _flat(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], obj
 
 
 def _cpu_threads(generator, scorer_cfg: Mapping) -> int | None:

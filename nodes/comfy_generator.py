@@ -168,9 +168,11 @@ class ComfyGenerator:
             self.cond[p] = self._encode(p)
         self.negative = self._encode("")  # used only when cfg != 1
         latent = torch.zeros([1, 4, height // 8, width // 8])
+        import comfy.model_management
         import comfy.sample
 
         self.latent_shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent).shape[1:])
+        self.device = comfy.model_management.get_torch_device()  # the runner records CPU threads only for CPU runs
 
     def _encode(self, text: str):
         tokens = self.clip.tokenize(text)

@@ -50,11 +50,14 @@ def weight_choices() -> list[str]:
     for root in _qsched_folders():
         if not os.path.isdir(root):
             continue
+        seen = set()
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
-            if rel != "." and not _inside(root, rel):
+            real = os.path.realpath(dirpath)
+            if (rel != "." and not _inside(root, rel)) or real in seen:  # out of the folder, or a symlink loop
                 dirnames[:] = []
                 continue
+            seen.add(real)
             if "config.json" in filenames and rel != ".":
                 out.add(rel + "/")  # a transformers CLIP folder: its files are not listed one by one
                 dirnames[:] = []

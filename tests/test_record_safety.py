@@ -289,6 +289,16 @@ def test_huge_searches_are_refused_arithmetically_before_anything_is_built():
     assert time.perf_counter() - t0 < 1.0
 
 
+def test_non_finite_settings_are_refused_before_the_record_is_written(tmp_path):
+    class NanGen(SyntheticGenerator):
+        def fingerprint(self):
+            return {**super().fingerprint(), "guidance": float("nan")}
+
+    with pytest.raises(ValueError, match=r"non-finite number \(generator.guidance\)"):
+        calibrate(NanGen(lambda c, p, s: 1.0, 4), ImageStatScorer(), PROMPTS, space=SP, record=str(tmp_path / "r"))
+    assert not os.listdir(tmp_path)
+
+
 def test_validation_before_the_record_is_written(tmp_path):
     with pytest.raises(ValueError, match="coarse grid"):
         calibrate(SyntheticGenerator(lambda c, p, s: 1.0, 50), ImageStatScorer(), PROMPTS,
