@@ -22,7 +22,6 @@ from qsched_pack.calibration.metrics import WeightFileError
 from qsched_pack.calibration.metrics.safe_load import UnsafeWeightFile, read_torchscript_tensors, read_weights
 from qsched_pack.calibration.metrics.weights import UnsafePath, confined, resolve
 from qsched_pack.nodes.common import NodeInputError
-from test_workflows import folder_paths  # noqa: F401  (fixture)
 
 
 class _FileWriter(torch.nn.Module):
@@ -73,7 +72,7 @@ def test_restricted_reader_gives_the_state_dict_torchscript_would(archives):
         assert torch.equal(got[k], want[k]), k
 
 
-def _place(folder_paths, src: Path, name: str) -> Path:  # noqa: F811
+def _place(folder_paths, src: Path, name: str) -> Path:
     from qsched_pack.nodes.common import register_qsched_folder
 
     register_qsched_folder()
@@ -83,7 +82,7 @@ def _place(folder_paths, src: Path, name: str) -> Path:  # noqa: F811
     return d
 
 
-def test_file_writing_archive_never_runs_through_the_node(folder_paths, archives, tmp_path):  # noqa: F811
+def test_file_writing_archive_never_runs_through_the_node(folder_paths, archives, tmp_path):
     from qsched_pack.nodes import scoring
 
     target = tmp_path / "pwned"
@@ -198,7 +197,7 @@ def test_confined_refuses_names_out_of_the_folder(tmp_path, name):
         confined(tmp_path, name)
 
 
-def test_node_refuses_names_and_symlinks_out_of_the_folder_before_running(folder_paths, archives, tmp_path):  # noqa: F811
+def test_node_refuses_names_and_symlinks_out_of_the_folder_before_running(folder_paths, archives, tmp_path):
     from qsched_pack.nodes import scoring
 
     d = _place(folder_paths, archives / "good-RN50.pt", "RN50.pt")
