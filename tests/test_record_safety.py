@@ -52,14 +52,13 @@ def clean(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ what changes a score is in the fingerprint
-def test_cli_resume_refuses_each_change_naming_the_field(tmp_path, jaq_dir, capsys):
+def test_cli_resume_refuses_each_change_naming_the_field(tmp_path, jaq_dir, capsys, tiny_pipelines):
     from jaq_fixtures import save_openai_torchscript
-    from test_generate import tiny_models
 
     from qsched_pack.calibration.cli import main
 
     model = tmp_path / "model"
-    shutil.copytree(tiny_models()["sdxl"], model)
+    shutil.copytree(tiny_pipelines["sdxl"], model)
     weights = tmp_path / "weights"
     shutil.copytree(jaq_dir, weights)
     out = tmp_path / "run"
@@ -159,7 +158,7 @@ def test_flipped_byte_recomputes_that_point_only_and_gives_the_clean_preset(tmp_
     assert (tmp_path / "preset.json").read_bytes() == clean["preset"]
 
 
-def test_temp_files_are_cleaned_and_never_listed_as_presets(tmp_path, clean, folder_paths):  # noqa: F811
+def test_temp_files_are_cleaned_and_never_listed_as_presets(tmp_path, clean, folder_paths):
     from qsched_pack.nodes.common import preset_names, register_qsched_folder
 
     shutil.copy(clean["dir"] / "rec.jsonl", tmp_path / "rec.jsonl")
@@ -178,9 +177,6 @@ def test_temp_files_are_cleaned_and_never_listed_as_presets(tmp_path, clean, fol
 
     msg = QSchedLoadPreset.VALIDATE_INPUTS(preset=".tmp-abc123a.json")
     assert isinstance(msg, str) and "input 'preset'" in msg
-
-
-from test_workflows import folder_paths  # noqa: E402,F401  (fixture)
 
 
 # ------------------------------------------------------------------ disk full / read-only, interrupts
@@ -325,12 +321,10 @@ def test_cli_float_options_refuse_nan_inf_and_out_of_range_before_anything(tmp_p
     assert not (tmp_path / "o").exists()
 
 
-def test_generator_checks_eta_and_guidance_before_any_record():
-    from test_generate import tiny_models
-
+def test_generator_checks_eta_and_guidance_before_any_record(tiny_pipelines):
     from qsched_pack.calibration.generate import DiffusersGenerator, load_pipeline
 
-    pipe = load_pipeline(str(tiny_models()["sdxl"]))
+    pipe = load_pipeline(str(tiny_pipelines["sdxl"]))
     with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\], got 5"):
         DiffusersGenerator(pipe, family="sdxl_turbo", eta=5.0, model_hash_value="x")
     with pytest.raises(ValueError, match="guidance must be a finite number >= 0, got nan"):
