@@ -162,8 +162,10 @@ def _add_model_args(p, steps_default):
                    help="image height and width in pixels (default: the family's)")
     p.add_argument("--quant", help="quantization of the denoiser: w8a8, w4a8, w4a4, ... (qsched.quant formats) "
                                    "or fp16 (none)")
-    p.add_argument("--guidance", type=_finite_float("--guidance", 0.0, 100.0), help="LCM w-embedding guidance (default: the family's)")
-    p.add_argument("--eta", type=_finite_float("--eta", 0.0, 1.0), help="TCD gamma / ancestral eta (default: the family's)")
+    p.add_argument("--guidance", type=_finite_float("--guidance", 0.0, 100.0),
+                   help="LCM w-embedding guidance (default: the family's)")
+    p.add_argument("--eta", type=_finite_float("--eta", 0.0, 1.0),
+                   help="TCD gamma / ancestral eta, in [0, 1] (default: the family's)")
     p.add_argument("--batch-size", type=_int_range("--batch-size", 1, 256), default=4, help="images per network call")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
@@ -174,7 +176,8 @@ def _add_jaq_args(p):
     p.add_argument("--jaq", choices=("clip", "preference"), default="clip",
                    help="JAQ variant: clip = CLIPScore + k*CLIP-IQA (LCM/PCM), preference = AQ-MAP + k*HPSv2 "
                         "(SDXL-Turbo/FLUX) (default clip)")
-    p.add_argument("--k", type=_finite_float("--k", 0.0, 1000.0), default=2.0, help="JAQ weight k of the image-quality term (default 2)")
+    p.add_argument("--k", type=_finite_float("--k", 0.0, 1000.0), default=2.0,
+                   help="JAQ weight k of the image-quality term (default 2)")
     p.add_argument("--jaq-weights", help="folder with the scorer weight files (RN50.pt, ViT-L-14.pt, ViT-B-16.pt, "
                                          "HPS_v2.1_compressed.pt, or .safetensors copies, which are preferred); "
                                          "then $QSCHED_MODELS_DIR. Files are read as data, never run")
