@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import sys
-import threading
 import time
 import traceback
 
@@ -35,6 +34,7 @@ P.add_argument("--out", required=True)
 P.add_argument("--tiny", action="store_true")
 P.add_argument("--budget-s", type=float, default=520.0)
 P.add_argument("--skip", default="", help="comma-separated sections to skip")
+P.add_argument("--gguf-only", action="store_true", help="FLUX: core bf16 (state dict in memory) vs GGUF Q8_0/Q4_0")
 ARGS = P.parse_args()
 T0 = time.time()
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,6 +54,7 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
+from hostmem import AnonPeak  # noqa: E402
 from qsched_pack.qsched.quant import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
 
 DEV = mm.get_torch_device()
@@ -101,33 +102,6 @@ def guarded(name, need_s=0.0):
                 save()
         return run
     return deco
-
-
-class AnonPeak:
-    def __enter__(self):
-        self.base = self.peak = self.now()
-        self.stop = False
-        self.t = threading.Thread(target=self.loop, daemon=True)
-        self.t.start()
-        return self
-
-    @staticmethod
-    def now():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def loop(self):
-        while not self.stop:
-            self.peak = max(self.peak, self.now())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.stop = True
-        self.t.join()
-        self.peak = max(self.peak, self.now())
-        self.growth = self.peak - self.base
 
 
 def sync():
@@ -474,7 +448,29 @@ def fastpath_all():
         guarded(f"fastpath {fam} {label}", need)(measure)(label, fam, loader, compiled=compiled, graph=True)
 
 
-if __name__ == "__main__":
+@guarded("gguf_only")
+def gguf_only():
+    """A second, short run: the GGUF rows beside core bf16 (the first run could not import ComfyUI-GGUF)."""
+    from gguf_files import write_gguf
+
+    sd = random_state_dict(flux_model("meta"), torch.bfloat16, 5)
+    for q in ("Q8_0", "Q4_0"):
+        t = time.time()
+        FILES[f"flux_{q}"] = os.path.join(ARGS.work, f"flux_{q}.gguf")
+        R["files"][f"flux_{q}"] = {"bytes": write_gguf(FILES[f"flux_{q}"], sd, q, "flux", device=DEV),
+                                  "write_s": time.time() - t}
+    for q in ("Q8_0", "Q4_0"):
+        measure(f"GGUF {q}", "flux", gguf(q))
+    measure("core bf16 (state dict in memory)", "flux", lambda: comfy.sd.load_diffusion_model_state_dict(sd))
+
+
+if __name__ == "__main__" and ARGS.gguf_only:
+    OUT = OUT.replace(".json", "_gguf.json")
+    gguf_only()
+    R["total_s"] = time.time() - T0
+    save()
+    log("done", OUT)
+elif __name__ == "__main__":
     log("device", R["gpu"], torch.__version__)
     if CUDA:
         import shutil

@@ -184,9 +184,11 @@ class ComfyGenerator:
             self.cond[p] = self._encode(p)
         self.negative = self._encode("")  # used only when cfg != 1
         latent = torch.zeros([1, 4, height // 8, width // 8])
+        import comfy.model_management
         import comfy.sample
 
         self.latent_shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent).shape[1:])
+        self.device = comfy.model_management.get_torch_device()  # the runner records CPU threads only for CPU runs
 
     def _encode(self, text: str):
         tokens = self.clip.tokenize(text)
@@ -200,7 +202,9 @@ class ComfyGenerator:
               "schedule": self.schedule, "sigmas": [round(float(s), 8) for s in self.sigmas],
               "eta": self.eta if self.sampler in ("euler_ancestral", "tcd") else None,
               "cfg": self.cfg, "steps": self.steps, "height": self.height, "width": self.width,
-              "latent_shape": list(self.latent_shape)}
+              "latent_shape": list(self.latent_shape),
+              # images differ by ~1e-3 between batch sizes (batched kernels), so a resume must use the same one
+              "batch_size": self.batch_size}
         return fp
 
     def _groups(self, prompts, n: int):

@@ -7,11 +7,9 @@ paths of extra_model_paths.yaml); nothing is ever downloaded. ComfyUI modules ar
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 
-from ..qsched._io import update_from_file
 from .common import (CATEGORY_SCORING, JAQ_SCORER, QSCHED_FOLDER, NodeInputError, node_input, register_qsched_folder,
                      validation_result)
 
@@ -31,35 +29,60 @@ def preset_metrics(preset: str) -> tuple[str, str]:
     return JAQ_PRESETS[preset]
 
 
-def weight_choices() -> list[str]:
-    """``auto`` + weight files and transformers CLIP folders (``name/``) in models/qsched/."""
-    register_qsched_folder()
-    import folder_paths
+def _qsched_folders() -> list[str]:
+    return list(register_qsched_folder().get_folder_paths(QSCHED_FOLDER))
 
+
+def _inside(root: str, rel: str) -> bool:
+    from ..calibration.metrics.weights import UnsafePath, confined
+
+    try:
+        confined(root, rel)
+    except UnsafePath:
+        return False
+    return True
+
+
+def weight_choices() -> list[str]:
+    """``auto`` + weight files and transformers CLIP folders (``name/``) in models/qsched/ (entries that a
+    symlink leads out of the folder are not listed: they would be refused)."""
     out = set()
-    for root in folder_paths.get_folder_paths(QSCHED_FOLDER):
+    for root in _qsched_folders():
         if not os.path.isdir(root):
             continue
+        seen = set()
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+            real = os.path.realpath(dirpath)
+            if (rel != "." and not _inside(root, rel)) or real in seen:  # out of the folder, or a symlink loop
+                dirnames[:] = []
+                continue
+            seen.add(real)
             if "config.json" in filenames and rel != ".":
                 out.add(rel + "/")  # a transformers CLIP folder: its files are not listed one by one
                 dirnames[:] = []
                 continue
             for f in filenames:
-                if f.lower().endswith(WEIGHT_SUFFIXES):
-                    out.add(f if rel == "." else f"{rel}/{f}")
+                name = f if rel == "." else f"{rel}/{f}"
+                if f.lower().endswith(WEIGHT_SUFFIXES) and _inside(root, name):
+                    out.add(name)
     return [AUTO] + sorted(out)
 
 
-def _choice_path(choice: str) -> str | None:
-    register_qsched_folder()
-    import folder_paths
+def _choice_path(choice: str, input_name: str) -> str | None:
+    """The file a combo value names, confined to the qsched folders: absolute names, '..' and symlinks out of
+    the folder are refused (a shared workflow must not be able to make the pack read any other file)."""
+    from ..calibration.metrics.weights import UnsafePath, confined
 
-    for root in folder_paths.get_folder_paths(QSCHED_FOLDER):
-        p = os.path.join(root, choice.rstrip("/"))
-        if os.path.exists(p):
-            return p
+    for root in _qsched_folders():
+        try:
+            p = confined(root, choice.rstrip("/"))
+        except UnsafePath as exc:
+            raise NodeInputError(LOADER, input_name, (
+                f"{exc}. Only files inside models/{QSCHED_FOLDER}/ (or the '{QSCHED_FOLDER}' paths of "
+                "extra_model_paths.yaml) can be used: pick one from the list")) from None
+        if p.exists():
+            return str(p)
     return None
 
 
@@ -70,36 +93,18 @@ def resolve_weight(metric: str, choice: str, input_name: str) -> str:
     if not isinstance(choice, str) or not choice:
         raise NodeInputError(LOADER, input_name, f"must be '{AUTO}' or a file in models/{QSCHED_FOLDER}/, "
                                                  f"got {choice!r}")
-    register_qsched_folder()  # so calibration.metrics.weights sees ComfyUI's qsched folders
     if choice == AUTO:
         try:
-            return str(resolve(metric, None))
+            return str(resolve(metric, None, folders=_qsched_folders()))
         except WeightFileError as exc:
             raise NodeInputError(LOADER, input_name, f"{exc} (put it in ComfyUI's models/{QSCHED_FOLDER}/ and "
                                                      "press 'r', or pick a file in this list)") from None
-    path = _choice_path(choice)
+    path = _choice_path(choice, input_name)
     if path is None:
         raise NodeInputError(LOADER, input_name, (
             f"{choice!r} not found in models/{QSCHED_FOLDER}/ (or the '{QSCHED_FOLDER}' paths of "
             f"extra_model_paths.yaml). {metric} needs {SPECS[metric].what}; get it from: {SPECS[metric].source}"))
     return path
-
-
-_DIGESTS: dict[tuple, str] = {}
-
-
-def weight_digest(path: str) -> str:
-    """sha256 of a weight file (or of every file of a folder), cached by (path, size, mtime)."""
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-    key = tuple((f, os.path.getsize(f), os.path.getmtime(f)) for f in files)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(os.path.relpath(f, path).encode() + b"\0")
-            update_from_file(h, f)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
 
 
 class ComfyJAQ:
@@ -114,6 +119,9 @@ class ComfyJAQ:
 
     def combine(self, tc, iq):
         return self.jaq.combine(tc, iq)
+
+    def aggregate(self, tc, iq):
+        return self.jaq.aggregate(tc, iq)
 
     def score(self, images, prompts):
         return self.jaq.score(images, prompts)
@@ -155,6 +163,7 @@ def load_jaq(preset: str, k: float, tc_weights: str, iq_weights: str, device: st
              dtype: str = AUTO) -> ComfyJAQ:
     from ..calibration.jaq import JAQ
     from ..calibration.metrics import get_metric_class
+    from ..calibration.metrics.weights import weights_digest
 
     if preset not in PRESETS:
         raise NodeInputError(LOADER, "preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
@@ -169,9 +178,9 @@ def load_jaq(preset: str, k: float, tc_weights: str, iq_weights: str, device: st
             metrics[metric] = get_metric_class(metric)(paths[metric], device=dev, dtype=dt, batch_size=16)
     jaq = JAQ(tc=metrics[tc], iq=metrics[iq], k=float(k))  # Eq. 5: TC + k·IQ
     config = {"preset": preset, "tc": tc, "iq": iq, "k": float(k), "k_on": jaq.k_on,
-              "tc_transform": jaq.tc_transform,
+              "tc_transform": jaq.tc_transform, "score_rule": jaq.score_rule,
               "weights": {m: os.path.basename(p.rstrip("/\\")) for m, p in paths.items()},
-              "weights_sha256": {m: weight_digest(p) for m, p in paths.items()},
+              "weights_sha256": {m: weights_digest(p) for m, p in paths.items()},
               "device": str(dev), "dtype": str(dt).replace("torch.", "")}
     return ComfyJAQ(jaq, config)
 
@@ -196,7 +205,7 @@ def parse_prompt_lines(text, node: str, input_name: str = "prompts") -> list[str
 
 def score_report(scorer: ComfyJAQ, images, prompts: list[str]) -> tuple[float, str, list[float]]:
     """-> (mean JAQ, per-image report text, per-image JAQ)."""
-    from ..calibration.runner import score_images
+    from ..calibration.runner import point_score, score_images
 
     jaq, comps = score_images(scorer, images, prompts)
     c = scorer.config
@@ -205,7 +214,7 @@ def score_report(scorer: ComfyJAQ, images, prompts: list[str]) -> tuple[float, s
         parts = [f"{c['tc']}={comps[c['tc']][i]:.5g}", f"{c['iq']}={comps[c['iq']][i]:.5g}"]
         p = prompts[i]
         lines.append(f"image {i + 1}: JAQ={v:.5g} ({', '.join(parts)}) | {p[:60]}{'…' if len(p) > 60 else ''}")
-    mean = math.fsum(jaq) / len(jaq)
+    mean = point_score(scorer, jaq, comps)
     lines.append(f"mean JAQ over {len(jaq)} image{'s' if len(jaq) != 1 else ''}: {mean:.6g}")
     return mean, "\n".join(lines), jaq
 

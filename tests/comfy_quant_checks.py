@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
-import time
 
 SHIM, WORK, CHECK = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.argv = [sys.argv[0], "--cpu"]
 sys.path.insert(0, os.getcwd())
 sys.path.insert(0, SHIM)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import comfy.options  # noqa: E402
 
@@ -33,6 +32,7 @@ import comfy.samplers  # noqa: E402
 import comfy.sd  # noqa: E402
 from qsched_pack.qsched.quant import comfy_ops, load_quantized, prequant, quantize_comfy_model, save_quantized  # noqa
 from qsched_pack.qsched.quant import layers as qlayers  # noqa: E402
+from hostmem import AnonPeak  # noqa: E402
 
 torch.manual_seed(0)
 FILES = {"sd": os.path.join(WORK, "sd_unet.safetensors"), "flux": os.path.join(WORK, "flux_unet.safetensors")}
@@ -71,36 +71,6 @@ def rel(a, b):
 
 def state_bytes(module):
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-
-
-class AnonPeak:
-    """Peak anonymous resident memory (RssAnon: what the process really holds; memory-mapped file pages are
-    page cache) sampled every 2 ms."""
-
-    def __enter__(self):
-        self.base = self.peak = self.now()
-        self.stop = False
-        self.t = threading.Thread(target=self.loop, daemon=True)
-        self.t.start()
-        return self
-
-    @staticmethod
-    def now():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def loop(self):
-        while not self.stop:
-            self.peak = max(self.peak, self.now())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self.stop = True
-        self.t.join()
-        self.peak = max(self.peak, self.now())
-        self.growth = self.peak - self.base
 
 
 def lora_sd(model, rank=4, scale=0.05, shapes_ok=True):
@@ -289,6 +259,11 @@ def check_prequant(kind="flux", fmt="w4a8"):
     assert report.spec.name == fmt
     y2 = run(q2, kind)
     assert torch.equal(y, y2), rel(y2, y)
+    # the same file written by `qsched quantize` (no ComfyUI, tensor by tensor) loads to the same model
+    cli = os.path.join(WORK, f"{kind}_{fmt}_cli.safetensors")
+    prequant.quantize_file(FILES[kind], cli, fmt, device="cpu", overwrite=True)
+    y3 = run(load_quantized(cli, fmt)[0], kind)
+    assert torch.equal(y, y3), rel(y3, y)
     return {"file_bytes": size, "model_size": q2.model_size(), "anon_growth": peak.growth,
             "anon_growth_over_file": peak.growth / size}
 
@@ -353,7 +328,6 @@ def check_gguf(kind="sd"):
 
     from safetensors.torch import load_file
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     from gguf_files import write_gguf
 
     from qsched_pack.nodes import sampling as qnodes

@@ -96,3 +96,53 @@ def write(path: str, tensors: dict, layers: dict, *, spec_name: str, arch: str, 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def quantize_file(src: str, out: str, spec, *, skip=None, device=None, overwrite: bool = False) -> dict:
+    """Pre-quantize a ComfyUI-layout diffusion-model file (FLUX, SD1.x/SDXL UNet; a full checkpoint's
+    ``model.diffusion_model.*`` part) without building the model: every 2-D ``*.weight`` not on the skip list is a
+    Linear weight in these layouts and is quantized one tensor at a time (memory: the codes plus one layer).
+    ``device``: where the rounding runs. Returns a summary. ValueError (naming the file) for bad input."""
+    from safetensors import safe_open
+
+    from .._io import file_sha256
+    from .comfy_ops import COMFY_SKIP, layer_kernel
+    from .layers import quantize_linear_weight
+    from .spec import QuantSpec
+    from .swap import _matches
+
+    spec = QuantSpec.parse(spec)
+    if spec.is_identity or spec.w_dtype in ("nf4", "fp4"):
+        raise ValueError(f"format {spec.name!r} cannot be written as a pre-quantized file; allowed: int and fp8 "
+                         "formats (w8a8, w8a8-fp8, w4a8, ...)")
+    if os.path.exists(out) and not overwrite:
+        raise ValueError(f"{out} exists; choose another name or pass --overwrite")
+    name = os.path.basename(src)
+    if read_metadata(src) is not None:
+        raise ValueError(f"{name} is already a pre-quantized file; quantize the full-precision file")
+    patterns = tuple(COMFY_SKIP if skip is None else skip)
+    tensors, layers = {}, {}
+    with safe_open(src, framework="pt", device="cpu") as f:
+        keys = list(f.keys())
+        prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in keys) else ""
+        for k in keys:
+            if not k.startswith(prefix):
+                continue
+            key = k[len(prefix):]
+            t = f.get_tensor(k)
+            layer, _, attr = key.rpartition(".")
+            if attr != "weight" or t.ndim != 2 or not t.is_floating_point() or _matches(layer, patterns):
+                tensors[key] = t
+                continue
+            n, kdim = t.shape
+            kernel, group, _ = layer_kernel(spec, "native", kdim, n, False)
+            q = quantize_linear_weight(t, spec, kernel, group, device)
+            tensors[f"{layer}.qweight"], tensors[f"{layer}.weight_scale"] = q["qweight"], q["wscale"]
+            if "wsum" in q:
+                tensors[f"{layer}.weight_sum"] = q["wsum"]
+            layers[layer] = {"format": spec.name, "group_size": group, "shape": [n, kdim], "dtype": dtype_name(t.dtype)}
+    if not layers:
+        raise ValueError(f"{name}: no Linear weight found to quantize (is it a ComfyUI-layout diffusion model?)")
+    size = write(out, tensors, layers, spec_name=spec.name, arch="", skip=patterns, source_sha256=file_sha256(src),
+                 source_name=name)
+    return {"layers": len(layers), "bytes": size, "source_bytes": os.path.getsize(src)}
