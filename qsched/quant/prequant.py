@@ -3,8 +3,8 @@
 Layout (format_version 1). For every quantized Linear ``L`` (names as in ComfyUI's diffusion model):
 ``L.qweight`` (int8 codes; 4-bit codes packed two per byte as uint8; or float8_e4m3fn), ``L.weight_scale``
 (float32 per output channel, or float16 per group of ``group_size`` inputs), optional ``L.weight_sum`` (int32,
-asymmetric int8 activations) and ``L.bias``. Every other tensor is stored as in the source (16 bit). The header
-metadata (strings) holds ``qsched.format_version``, ``qsched.arch`` (ComfyUI model config class), ``qsched.layers``
+asymmetric int8 activations), ``L.weight_exp`` (int8 group exponents of w4a8-fp8) and ``L.bias``. Every other
+tensor is stored as in the source (16 bit). The header metadata (strings) holds ``qsched.format_version``, ``qsched.arch`` (ComfyUI model config class), ``qsched.layers``
 (JSON: {L: {"format", "group_size", "shape", "dtype"}}), ``qsched.skip`` (JSON list), ``qsched.spec``,
 ``qsched.source_sha256`` and ``qsched.source_name``.
 
@@ -140,6 +140,8 @@ def quantize_file(src: str, out: str, spec, *, skip=None, device=None, overwrite
             tensors[f"{layer}.qweight"], tensors[f"{layer}.weight_scale"] = q["qweight"], q["wscale"]
             if "wsum" in q:
                 tensors[f"{layer}.weight_sum"] = q["wsum"]
+            if "wexp" in q:  # w4a8-fp8 group exponents
+                tensors[f"{layer}.weight_exp"] = q["wexp"]
             layers[layer] = {"format": spec.name, "group_size": group, "shape": [n, kdim], "dtype": dtype_name(t.dtype)}
     if not layers:
         raise ValueError(f"{name}: no Linear weight found to quantize (is it a ComfyUI-layout diffusion model?)")
