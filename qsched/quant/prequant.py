@@ -5,8 +5,8 @@ Layout (format_version 1). For every quantized Linear ``L`` (names as in ComfyUI
 (float32 per output channel, or float16 per group of ``group_size`` inputs), optional ``L.weight_sum`` (int32,
 asymmetric int8 activations), ``L.weight_exp`` (int8 group exponents of w4a8-fp8) and ``L.bias``. Every other
 tensor is stored as in the source (16 bit). The header metadata (strings) holds ``qsched.format_version``,
-``qsched.arch`` (ComfyUI model config class), ``qsched.layers`` (JSON: {L: {"format", "group_size", "shape", "dtype"}}), ``qsched.skip`` (JSON list), ``qsched.spec``,
-``qsched.source_sha256`` and ``qsched.source_name``.
+``qsched.arch`` (ComfyUI model config class), ``qsched.layers`` (JSON: {L: {"format", "group_size", "shape",
+"dtype"}}), ``qsched.skip`` (JSON list), ``qsched.spec``, ``qsched.source_sha256`` and ``qsched.source_name``.
 
 The codes are *not* stored under ``L.weight``: ComfyUI detects the architecture from weight shapes, and packed
 4-bit codes have half the columns. The loader hands ComfyUI a meta-device placeholder of the original shape and
