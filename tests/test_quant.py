@@ -282,7 +282,8 @@ def _bf16(model):
 
 
 @pytest.mark.parametrize("fmt,linear_max", [("w8a8", 0.55), ("w8a8-fp8", 0.55), ("w4a8", 0.30), ("w4a4", 0.30),
-                                            ("w4a8-fp8", 0.30)])
+                                            ("w4a8-fp8", 0.31)])  # + 4 B/row channel scale: 0.305 at
+# the tiny model's K = 64..512 (0.5 bit per weight at K = 64); at FLUX's K >= 3072 it is below 0.01 bit per weight
 def test_weight_bytes_ratio_unet(tiny_unet, fmt, linear_max):
     ref = _bf16(tiny_unet)
     lin16 = sum(2 * p.numel() for m in ref.modules() if isinstance(m, nn.Linear) for p in m.parameters(False))
