@@ -33,7 +33,7 @@ def main() -> int:
     from diffusers import EulerAncestralDiscreteScheduler, LCMScheduler, TCDScheduler
 
     from qsched_pack.calibration.denoisers import UNetEpsDenoiser, sdxl_conditioning
-    from qsched_pack.calibration.tiny import build_sdxl_pipeline
+    from qsched_pack.calibration.tiny_pipelines import build_sdxl_pipeline
     from qsched_pack.qsched import Coefficients, samplers
     from qsched_pack.qsched.diffusers import QSchedScheduler
     from qsched_pack.qsched.schedules import few_step_sigmas

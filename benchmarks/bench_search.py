@@ -15,7 +15,7 @@ in the 2-D ``start``, 4-D ``start_end`` and 4-D ``per_step`` spaces; 20 prompts 
 the tiny random SDXL-like pipeline (W4A4-quantized, 4 steps, 32x32, 4 prompts, 15x15 ``start`` grid) under
 three scorers: fidelity to the full-precision images (1 − MSE, what Theorem 1 is about), the weight-free image
 statistic stand-in, and the real JAQ code (CLIPScore + 2·CLIP-IQA) with tiny random CLIP weights; and the model
-trained by this project (``qsched/tiny``: W4A4 and W8A8 at 2/4/8 steps, the JAQ of its stand-in scorers, its 20
+trained by this project (``calibration/tinyworld``: W4A4 and W8A8 at 2/4/8 steps, the JAQ of its stand-in scorers, its 20
 calibration prompts, 21x21 ``start`` grid on calibration seed 0), whose landscape is a real one.
 
     .venv/bin/python benchmarks/bench_search.py            # everything (~10 min on 2 CPU cores)
@@ -100,7 +100,8 @@ def bench_table(name, space, table, n, per_point, rows, strategies=("zoom", "pat
 
 
 def synthetic(rows):
-    from qsched_pack.calibration.search import SearchSpace, synthetic_objective
+    from qsched_pack.calibration.search import SearchSpace
+    from qsched_pack.calibration.testing import synthetic_objective
 
     per_point = 20
     for kind, steps, n in (("start", 4, 50), ("start_end", 4, 11), ("per_step", 2, 9)):
@@ -119,10 +120,11 @@ def synthetic(rows):
 def tiny_pipeline(rows, n=21, prompts_n=4, steps=4, size=32):
     import torch
 
-    from qsched_pack.calibration.generate import DiffusersGenerator, ImageStatScorer
+    from qsched_pack.calibration.generate import DiffusersGenerator
+    from qsched_pack.calibration.testing import ImageStatScorer
     from qsched_pack.calibration.runner import score_images
     from qsched_pack.calibration.search import SearchSpace
-    from qsched_pack.calibration.tiny import build_sdxl_pipeline
+    from qsched_pack.calibration.tiny_pipelines import build_sdxl_pipeline
     from qsched_pack.qsched import Coefficients
     from qsched_pack.qsched._compat import ensure_torchvision_importable
 
@@ -172,11 +174,11 @@ def trained_world(rows, n=21, formats=("w4a4", "w8a8"), steps_list=(2, 4, 8)):
     """The trained tiny world: full grid once per (format, steps), then the strategies replayed against it."""
     from qsched_pack.calibration.runner import score_images
     from qsched_pack.calibration.search import SearchSpace
-    from qsched_pack.qsched.tiny.data import all_prompts
-    from qsched_pack.qsched.tiny.experiment import calib_seeds, make_jaq, single_thread
-    from qsched_pack.qsched.tiny.world import TinyWorld
+    from qsched_pack.calibration.tinyworld.data import all_prompts
+    from qsched_pack.calibration.tinyworld.experiment import calib_seeds, make_jaq, single_thread
+    from qsched_pack.calibration.tinyworld.train import load_or_train
 
-    world = TinyWorld.load(train_if_missing=True)
+    world = load_or_train()
     jaq = make_jaq(world)
     prompts = all_prompts()
     seeds = calib_seeds(0, len(prompts))
@@ -244,7 +246,7 @@ def main(argv=None):
     if not args.synthetic_only:
         trained = trained_world(rows)
     os.makedirs(RESULTS, exist_ok=True)
-    from qsched_pack.qsched.coefficients import atomic_write_text
+    from qsched_pack.qsched._io import atomic_write_text
 
     summary = {}
     for strat in ("zoom", "pattern"):

@@ -43,7 +43,7 @@ def _demo(args) -> int:
 
 
 def _experiment(args) -> int:
-    from ..qsched.tiny.experiment import from_args
+    from .tinyworld.experiment import from_args
 
     from_args(args)
     return 0
@@ -74,7 +74,7 @@ def _add_demo(sub):
                    help=f"maximum images the search may spend (default {D['budget']})")
     d.add_argument("--no-budget", action="store_true", help="no image budget for the search")
     d.add_argument("--guard", action="store_true",
-                   help="also report the opt-in acceptance guard (qsched.tiny.guard): Q-Sched coefficients only if "
+                   help="also report the opt-in acceptance guard (calibration.tinyworld.guard): Q-Sched coefficients only if "
                         "the JAQ gain is significant, the quantized model lost JAQ vs FP32 and the best does not "
                         "overshoot FP32; else identity")
     d.add_argument("--grid-images", type=_int_range("--grid-images", 1, 16),
@@ -91,7 +91,7 @@ def _add_demo(sub):
 
 
 def _add_experiment(sub):
-    from ..qsched.tiny.experiment import add_arguments
+    from .tinyworld.experiment import add_arguments
 
     e = sub.add_parser("experiment", help="the tiny world's results table: FP32 vs W8A8/W4A8/W4A4 naive vs PTQD vs "
                                           "Q-Sched at 2/4/8 steps (docs/tiny_world.md)")
@@ -112,9 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- calibrate / sample / score ------------------------------------------------------------------------
 
-FAMILY_CHOICES = ("sdxl_turbo", "flux_schnell", "lcm", "tcd", "pcm")
-
-
 def _positive_float(name: str):
     def parse(text: str) -> float:
         try:
@@ -129,15 +126,18 @@ def _positive_float(name: str):
 
 
 def _add_model_args(p, steps_default):
+    from ..qsched.samplers import SAMPLERS
+    from .generate import FAMILIES, MAX_GENERATOR_STEPS
+
     p.add_argument("--model", required=True,
                    help="diffusers pipeline folder (model_index.json ...) or a single .safetensors checkpoint")
     p.add_argument("--config", help="for a single-file checkpoint: a local diffusers folder of the same "
                                     "architecture (configs, tokenizers, text encoders, VAE); nothing is downloaded")
-    p.add_argument("--family", choices=FAMILY_CHOICES, help="model family (default: from the pipeline)")
-    p.add_argument("--sampler", choices=("euler", "euler_ancestral", "tcd", "lcm"),
+    p.add_argument("--family", choices=tuple(FAMILIES), help="model family (default: from the pipeline)")
+    p.add_argument("--sampler", choices=tuple(SAMPLERS),
                    help="sampler (default: the family's: sdxl_turbo euler_ancestral, flux_schnell euler, lcm lcm, "
                         "tcd/pcm tcd)")
-    p.add_argument("--steps", type=_int_range("--steps", 1, 50), default=steps_default,
+    p.add_argument("--steps", type=_int_range("--steps", 1, MAX_GENERATOR_STEPS), default=steps_default,
                    help="sampling steps" + (f" (default {steps_default})" if steps_default else ""))
     p.add_argument("--size", type=_int_range("--size", 16, 2048, multiple=16),
                    help="image height and width in pixels (default: the family's)")
@@ -260,8 +260,8 @@ def _calibrate(args) -> int:
 
     from .plots import plot_landscape, preview_grid
     from .prompts import default_prompts, load_prompts
-    from .runner import ProgressInfo, check_budget
-    from .search import SearchSpace, calibrate, default_points
+    from .runner import ProgressInfo, calibrate
+    from .search import SearchSpace, check_budget, default_points
 
     prompts = load_prompts(args.prompts, args.limit) if args.prompts else default_prompts()[: args.limit]
     space = SearchSpace(args.space, args.steps, args.range[0], args.range[1])
@@ -317,8 +317,11 @@ def _sample(args) -> int:
     if args.family and family and args.family != family:
         print(f"qsched sample: warning: preset calibrated for family {family!r}, running {args.family!r}",
               file=sys.stderr)
-    gen = _build_generator(args, steps, family=family if family in FAMILY_CHOICES else None,
-                           sampler=sampler if sampler in ("euler", "euler_ancestral", "tcd", "lcm") else None,
+    from ..qsched.samplers import SAMPLERS
+    from .generate import FAMILIES
+
+    gen = _build_generator(args, steps, family=family if family in FAMILIES else None,
+                           sampler=sampler if sampler in SAMPLERS else None,
                            quant=meta.get("quant"))
     if meta.get("model_hash") and gen.model_hash != meta["model_hash"]:
         print(f"qsched sample: warning: preset calibrated on model hash {meta['model_hash'][:12]}, this model is "
@@ -337,7 +340,7 @@ def _sample(args) -> int:
 def _score(args) -> int:
     import json
 
-    from ..qsched.coefficients import atomic_write_text
+    from ..qsched._io import atomic_write_text
     from .plots import load_images
     from .prompts import load_prompts
     from .runner import score_images

@@ -5,7 +5,7 @@ trains them once into the cache), quantizes the digit generator (``--quant``, de
 loss), calibrates Q-Sched with JAQ (the tiny TC/IQ stand-ins, ln(TC) + 2·IQ) on the 20 prompts with the adaptive
 ``zoom`` search under an image budget, and evaluates FP32 vs naive vs PTQD vs Q-Sched on the reference metrics
 (Fréchet distance vs held-out real digits, digit accuracy) and JAQ, on unseen seeds, mean ± std over seeds. The
-numbers are the matching rows of the experiment table (same seeds, same code: ``qsched.tiny.experiment``). Writes
+numbers are the matching rows of the experiment table (same seeds, same code: ``calibration.tinyworld.experiment``). Writes
 into ``--out``: ``table.md`` (table + summary), ``results.json``, ``landscape.png`` (the search of the first seed),
 ``grid.png`` (rows: prompts; columns: FP32 | naive | Q-Sched, the same noise in every column), ``preset.json``.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..qsched import Coefficients, samplers
-from ..qsched.coefficients import atomic_write_text
+from ..qsched._io import atomic_write, atomic_write_text
 from ..qsched.schedules import few_step_sigmas
 from .denoisers import FluxFlowDenoiser, UNetEpsDenoiser, flux_conditioning, sdxl_conditioning
 
@@ -39,8 +39,8 @@ def run_demo(out_dir: str = "qsched-demo", *, quant: str = "w4a4", steps: int = 
              guard: bool = False, z: float = 2.0, weights: str | None = None, grid_images: int | None = None,
              log=print) -> dict:
     """The trained-model demo (module docstring). Returns ``{"result", "summary", "files", "seconds"}``."""
-    from ..qsched.tiny import experiment as E
-    from ..qsched.tiny.world import TinyWorld
+    from .tinyworld import experiment as E
+    from .tinyworld.train import load_or_train
     from .plots import plot_landscape
 
     seeds = list(dict.fromkeys(seeds))
@@ -51,15 +51,14 @@ def run_demo(out_dir: str = "qsched-demo", *, quant: str = "w4a4", steps: int = 
     grid_images = min(DEFAULTS["grid_images"], per_prompt) if grid_images is None else grid_images
     if not 1 <= grid_images <= per_prompt:
         raise ValueError(f"grid images per prompt must be in [1, per-prompt = {per_prompt}], got {grid_images}")
-    from .runner import check_budget
-    from .search import SearchSpace, check_points
+    from .search import SearchSpace, check_budget, check_points
 
     check_points(points)
     check_budget(SearchSpace("start", steps), strategy, points, 20, budget)  # before loading anything
     log = log or (lambda *a: None)
     t0 = time.perf_counter()
     with E.single_thread():
-        world = TinyWorld.load(weights, train_if_missing=True, log=log)
+        world = load_or_train(weights, log=log)
         log(f"model: {world.source} (sha256 {str(world.model_hash)[:12]})")
         jaq = E.make_jaq(world)
         net, report = world.quantized_generator(quant)
@@ -152,8 +151,8 @@ class GridLayout:
 def grid_columns(world, net, steps: int, quant: str, coefficients, r: int, per_prompt: int, images: int):
     """``[(title, tensor [20·images, 16, 16, 3])]`` for FP32 | naive | Q-Sched: the first ``images`` evaluation
     images of every prompt for seed r (the same noise in every column)."""
-    from ..qsched.tiny.data import all_prompts
-    from ..qsched.tiny.experiment import eval_seeds
+    from .tinyworld.data import all_prompts
+    from .tinyworld.experiment import eval_seeds
 
     prompts = all_prompts()
     seeds_all = eval_seeds(r, len(prompts) * per_prompt)
@@ -169,7 +168,7 @@ def sample_grid(world, net, steps: int, quant: str, coefficients, r: int, per_pr
                 path: str) -> str:
     from PIL import Image, ImageDraw, ImageFont
 
-    from ..qsched.tiny.data import STYLES, all_prompts, parse_prompt
+    from .tinyworld.data import STYLES, all_prompts, parse_prompt
     from .plots import _save_png
 
     cols = grid_columns(world, net, steps, quant, coefficients, r, per_prompt, images)
@@ -214,7 +213,7 @@ def run_random_models_demo(out_dir: str = "qsched-demo", steps: int = 4, size: i
     """Every sampler, identity vs the official example coefficients, on tiny random pipelines."""
     from PIL import Image
 
-    from .tiny import build_flux_pipeline, build_sdxl_pipeline
+    from .tiny_pipelines import build_flux_pipeline, build_sdxl_pipeline
 
     os.makedirs(out_dir, exist_ok=True)
     coeff = Coefficients.ramp(steps, 1.012, 0.967, 0.955, 1.099)  # the official example (collect_images.sh)
@@ -253,9 +252,7 @@ def run_random_models_demo(out_dir: str = "qsched-demo", steps: int = 4, size: i
     for r, pair in enumerate(tiles):
         for c, img in enumerate(pair):
             grid.paste(img, (c * size, r * size))
-    tmp = os.path.join(out_dir, ".grid.png.tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, os.path.join(out_dir, "grid.png"))
+    atomic_write(os.path.join(out_dir, "grid.png"), lambda tmp: grid.save(tmp, format="PNG"))
     print(text)
     print(f"wrote {os.path.join(out_dir, 'table.md')} and {os.path.join(out_dir, 'grid.png')} "
           f"(rows: samplers as in the table; left: identity, right: Q-Sched)")

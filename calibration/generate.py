@@ -10,8 +10,8 @@ Contract (``Generator``), what ``runner.Runner`` relies on:
 
 ``DiffusersGenerator`` runs a diffusers pipeline's networks through ``qsched.samplers`` (the same update rules
 ComfyUI runs), for SDXL-Turbo, FLUX.1[schnell], LCM and PCM/TCD. ``load_pipeline`` reads a local diffusers
-folder or a single-file checkpoint; nothing is ever downloaded. ``SyntheticGenerator`` and ``ImageStatScorer``
-are deterministic stand-ins for tests and benchmarks.
+folder or a single-file checkpoint; nothing is ever downloaded. Deterministic stand-ins for tests and benchmarks
+live in ``calibration.testing``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from ..qsched.coefficients import Coefficients
+from ..qsched._io import file_sha256
+from ..qsched import samplers
+from ..qsched.coefficients import Coefficients, check_steps
 
 # family -> (sampler, parameterization, sampler options, default guidance, default size, initial-noise rule)
 FAMILIES = {
@@ -35,7 +37,8 @@ FAMILIES = {
     "tcd": ("tcd", "eps", {"eta": 0.0}, 0.0, 1024, "vp"),
     "pcm": ("tcd", "eps", {"eta": 0.0}, 0.0, 1024, "vp"),
 }
-SAMPLER_NAMES = ("euler", "euler_ancestral", "tcd", "lcm")
+#: Few-step samplers: the schedules of ``qsched.schedules`` stop at 50 steps (the LCM/TCD training grid).
+MAX_GENERATOR_STEPS = 50
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf")
 
 
@@ -49,58 +52,7 @@ class Generator(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# stand-ins (tests, benchmarks)
-
-class SyntheticGenerator:
-    """Images whose every pixel is ``fn(coefficients, prompt, seed)``: a known objective behind the real
-    runner/record/preset machinery. Values are not clamped to 0..1 (only ``ImageStatScorer`` reads them)."""
-
-    def __init__(self, fn: Callable[[Coefficients, str, int], float], steps: int, size: int = 4,
-                 name: str = "synthetic"):
-        self.fn, self.steps, self.size, self.name = fn, steps, size, name
-        self.calls = 0
-
-    def fingerprint(self) -> dict:
-        return {"class": "SyntheticGenerator", "name": self.name, "steps": self.steps, "family": "synthetic",
-                "sampler": "none", "quant": None, "model_hash": hashlib.sha256(self.name.encode()).hexdigest()}
-
-    def generate(self, coefficients, prompts, seeds):
-        coefficients.check_steps(self.steps)
-        self.calls += 1
-        vals = torch.tensor([float(self.fn(coefficients, p, s)) for p, s in zip(prompts, seeds)], dtype=torch.float64)
-        return vals.reshape(-1, 1, 1, 1).expand(-1, self.size, self.size, 3).clone()
-
-
-class ImageStatScorer:
-    """Deterministic, weight-free stand-in for JAQ with the same protocol: ``tc`` = mean pixel value,
-    ``iq`` = pixel standard deviation (contrast), ``score = tc + k·iq``. Not a quality metric."""
-
-    def __init__(self, k: float = 2.0):
-        self.k = float(k)
-        self.config = {"class": "ImageStatScorer", "tc": "mean", "iq": "std", "k": self.k}
-
-    def components(self, images: torch.Tensor, prompts) -> dict:
-        x = images.double().reshape(images.shape[0], -1)
-        return {"tc": x.mean(dim=1), "iq": x.std(dim=1, unbiased=False)}
-
-    def combine(self, tc, iq):
-        return tc + self.k * iq
-
-    def score(self, images, prompts):
-        c = self.components(images, prompts)
-        return self.combine(c["tc"], c["iq"])
-
-
-# ---------------------------------------------------------------------------------------------------------
 # hashing and loading
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def model_hash(path: str | os.PathLike) -> str:
     """sha256 of a single-file checkpoint; for a diffusers folder, sha256 over (relative name, file sha256)
@@ -231,7 +183,7 @@ def _load_single_file_denoiser(file: Path, cfg: Path, name: str, spec, dtype):
     raise ValueError(f"{file}: keys do not match a {spec[1]} and the format is not recognised")
 
 
-def detect_family(pipe) -> str:
+def pipeline_family(pipe) -> str:
     """Default family of a pipeline from its components and scheduler."""
     if getattr(pipe, "transformer", None) is not None:
         return "flux_schnell"
@@ -260,7 +212,7 @@ def per_sample_noise_sampler(x: torch.Tensor, seeds: Sequence[int], offset: int 
     return sample
 
 
-def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+def seeded_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
     g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
     return torch.randn((1, *shape), generator=g, dtype=torch.float32)
@@ -271,7 +223,7 @@ class DiffusersGenerator:
 
     Args:
         pipe: a loaded pipeline (``load_pipeline``), SDXL / SD1.5 / LCM / FLUX layout.
-        family: ``sdxl_turbo``, ``flux_schnell``, ``lcm``, ``tcd``, ``pcm`` (default: ``detect_family``).
+        family: ``sdxl_turbo``, ``flux_schnell``, ``lcm``, ``tcd``, ``pcm`` (default: ``pipeline_family``).
         steps: sampling steps; sampler: one of ``qsched.samplers.SAMPLERS`` (default: the family's).
         height, width: image size (default: the family's, capped at the VAE's sample size only by memory).
         quant: quantization spec name (``"w4a8"``...) applied to the denoiser with ``qsched.quant.quantize_``;
@@ -288,17 +240,13 @@ class DiffusersGenerator:
                  quant_backend: str = "auto", device: str | torch.device | None = None):
         from ..qsched.schedules import few_step_sigmas
 
-        family = detect_family(pipe) if family is None else family
+        family = pipeline_family(pipe) if family is None else family
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
         d_sampler, self.parameterization, opts, d_guidance, d_size, self.noise_rule = FAMILIES[family]
         sampler = d_sampler if sampler is None else sampler
-        if sampler not in SAMPLER_NAMES:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLER_NAMES)}; got {sampler!r}")
-        if sampler == "tcd" and self.parameterization != "eps":
-            raise ValueError(f"sampler 'tcd' needs an EPS model; family {family!r} is a flow model")
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 50:
-            raise ValueError(f"steps must be an integer in [1, 50], got {steps!r}")
+        samplers.check_sampler(sampler, self.parameterization)
+        check_steps(steps, MAX_GENERATOR_STEPS)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.pipe, self.family, self.steps, self.sampler = pipe, family, steps, sampler
@@ -378,10 +326,8 @@ class DiffusersGenerator:
         return self.pipe.unet.config.in_channels, self.height // f, self.width // f
 
     def _batch(self, coefficients, prompts, seeds) -> torch.Tensor:
-        from ..qsched import samplers
-
         shape = self._latent_shape()
-        noise = torch.cat([initial_noise(s, shape) for s in seeds]).to(self.device)
+        noise = torch.cat([seeded_noise(s, shape) for s in seeds]).to(self.device)
         s0 = float(self.sigmas[0])
         scale = {"sigma": s0, "vp": math.sqrt(1.0 + s0 * s0), "flow": s0}[self.noise_rule]
         x = noise * scale

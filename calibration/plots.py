@@ -15,20 +15,11 @@ from typing import Sequence
 
 import torch
 
-
-def _atomic_save(path, write) -> str:
-    """write(tmp_path) then rename: a crash never leaves a half-written PNG."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
+from ..qsched._io import atomic_write
 
 
 def _save_png(img, path: str) -> str:
-    return _atomic_save(path, lambda tmp: img.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def _have_matplotlib() -> bool:
@@ -133,7 +124,7 @@ def _trace_mpl(result, path, title):
 
 
 def _save_fig(fig, path):
-    return _atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _color(t: float) -> tuple[int, int, int]:

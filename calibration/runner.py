@@ -1,4 +1,4 @@
-"""Calibration runner: evaluates the points a search strategy asks for, records every one on disk, resumes.
+"""Calibration runner and ``calibrate()``, the entry point: evaluates the points a search strategy asks for, records every one on disk, resumes.
 
 The record is a JSON-lines file. Line 1 is a header with the run's fingerprint (model file hash, family,
 sampler, steps, quantization, image size, scorer config, prompts, seeds, search space, strategy); every other
@@ -20,13 +20,14 @@ import math
 import os
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..qsched.coefficients import Coefficients, atomic_write_text
-from .search import (BudgetExhausted, CalibrationResult, EvaluatedPoint, SearchSpace, check_points, check_strategy,
+from ..qsched._io import atomic_write_text
+from ..qsched.coefficients import Coefficients
+from .search import (DEFAULT_RANGE, BudgetExhausted, Point, SearchSpace, check_budget, check_points, check_strategy,
                      default_points, estimate_points, run_strategy, select_best)
 
 RECORD_FORMAT = "qsched-calibration-record"
@@ -81,7 +82,7 @@ def scorer_config(scorer, explicit: Mapping | None = None) -> dict:
     return out
 
 
-def check_prompts(prompts) -> list[str]:
+def check_calibration_prompts(prompts) -> list[str]:
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
     prompts = list(prompts)
@@ -102,32 +103,6 @@ def check_seeds(seeds, count: int, seed: int) -> list[int]:
     if len(seeds) != count or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise ValueError(f"seeds must be {count} integers >= 0 (one per prompt), got {seeds!r}")
     return seeds
-
-
-def check_budget(space: SearchSpace, strategy: str, n: int, per_point: int, budget: int | None,
-                 options: Mapping[str, Any] | None = None) -> None:
-    """Refuse, before anything runs, a grid larger than the budget or a budget below an adaptive strategy's
-    first design (identity + coarse grid)."""
-    if budget is None:
-        return
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget (maximum images) must be an integer >= 1 or unset, got {budget!r}")
-    options = check_strategy(strategy, options)
-    if strategy == "grid":
-        total = estimate_points(space, strategy, n, options)
-        if total * per_point > budget:
-            raise ValueError(
-                f"budget too small: the grid evaluates {total} points ({n}^{space.dim} grid + identity) x "
-                f"{per_point} prompts = {total * per_point} images, budget is {budget}. Raise --budget to >= "
-                f"{total * per_point}, lower --points, or use --strategy zoom")
-        return
-    first = 1
-    if strategy == "zoom":
-        coarse = options.get("coarse") or (5 if space.dim <= 2 else 3 if space.dim <= 4 else 2)
-        first += min(coarse, n) ** space.dim
-    if first * per_point > budget:
-        raise ValueError(f"budget too small: strategy {strategy!r} needs at least {first} points x {per_point} "
-                         f"prompts = {first * per_point} images before it can choose, budget is {budget}")
 
 
 @dataclass
@@ -259,6 +234,51 @@ def _diff(a: Mapping, b: Mapping, prefix: str = "") -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# result
+
+@dataclass
+class EvaluatedPoint:
+    point: Point
+    coefficients: Coefficients
+    score: float  # mean JAQ over the calibration prompts
+    per_prompt: list = field(default_factory=list)
+    components: dict = field(default_factory=dict)  # metric name -> per-prompt values
+    seconds: float = 0.0
+    images: int = 0
+
+
+@dataclass
+class CalibrationResult:
+    """What ``calibrate`` returns: the winner, identity's score, every evaluated point, images spent."""
+
+    best: Coefficients
+    best_point: Point
+    best_score: float
+    identity_score: float
+    points: list  # [EvaluatedPoint] in evaluation order
+    images_spent: int
+    space: SearchSpace
+    strategy: str
+    grid_points: int
+    stopped: str  # "done" or "budget"
+    preset_path: str | None = None
+
+    @property
+    def improvement(self) -> float:
+        return self.best_score - self.identity_score
+
+    def summary(self) -> str:
+        return (f"{self.strategy} over {self.space.kind} ({len(self.points)} points, {self.images_spent} images"
+                f"{', stopped by the image budget' if self.stopped == 'budget' else ''}): best JAQ "
+                f"{self.best_score:.6g} vs identity {self.identity_score:.6g} (Δ {self.improvement:+.4g}); "
+                f"c_x = {_fmt(self.best.c_x)}, c_eps = {_fmt(self.best.c_eps)}")
+
+
+def _fmt(vals) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in vals) + "]"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # runner
 
 class Runner:
@@ -269,14 +289,12 @@ class Runner:
                  budget: int | None = None, record: str | None = None, resume: bool = False,
                  progress: Callable[[ProgressInfo], None] | None = None, interrupt: Callable[[], None] | None = None,
                  scorer_config: Mapping | None = None, strategy_options: Mapping[str, Any] | None = None):
-        self.prompts = check_prompts(prompts)
+        self.prompts = check_calibration_prompts(prompts)
         self.seeds = check_seeds(seeds, len(self.prompts), seed)
         self.space = space
         self.strategy = strategy
         self.options = check_strategy(strategy, strategy_options)
         self.n = default_points(space.kind) if points is None else check_points(points)
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-            raise ValueError(f"budget (maximum images) must be an integer >= 1 or unset, got {budget!r}")
         self.budget = budget
         self.generator, self.scorer = generator, scorer
         self.progress, self.interrupt = progress, interrupt
@@ -462,3 +480,45 @@ def _generator_fingerprint(generator) -> dict:
     if not isinstance(fp, Mapping):
         raise ValueError(f"generator.fingerprint() must return a dict, got {type(fp).__name__}")
     return dict(fp)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entry point
+
+def calibrate(generator, scorer, prompts, *, space: "str | SearchSpace" = "start", steps: int | None = None,
+              low: float = DEFAULT_RANGE[0], high: float = DEFAULT_RANGE[1], strategy: str = "pattern",
+              points: int | None = None, seed: int = 42, seeds: Sequence[int] | None = None,
+              budget: int | None = None, record: str | None = None, resume: bool = False,
+              preset: str | None = None, progress=None, interrupt=None, scorer_config: Mapping | None = None,
+              strategy_options: Mapping[str, Any] | None = None, extra_metadata: Mapping | None = None
+              ) -> CalibrationResult:
+    """Find Q-Sched coefficients for ``generator`` (coefficients, prompts, seeds -> images) under ``scorer``.
+
+    ``generator`` follows ``generate.Generator``; ``scorer`` has ``.score(images, prompts)`` and
+    ``.components(images, prompts)`` (e.g. ``calibration.jaq.JAQ``). ``steps`` defaults to the generator's.
+    ``record``: JSONL file of every evaluated point (kill and rerun with ``resume=True``: nothing is recomputed
+    and the result is identical). ``budget``: maximum images (a grid that does not fit is refused before
+    anything runs). ``preset``: where to write the preset JSON (atomically). ``progress(info)`` and
+    ``interrupt()`` are called between points (``interrupt`` stops the run by raising).
+    """
+    steps = getattr(generator, "steps", None) if steps is None else steps
+    if isinstance(space, SearchSpace):
+        sp = space
+        if steps is not None and sp.steps != steps:
+            raise ValueError(f"steps mismatch: the search space has steps={sp.steps} but the sampler runs "
+                             f"steps={steps}")
+    else:
+        if steps is None:
+            raise ValueError("steps must be given (the generator does not say how many steps it samples)")
+        sp = SearchSpace(space, steps, low, high)
+    gen_steps = getattr(generator, "steps", None)
+    if gen_steps is not None and gen_steps != sp.steps:
+        raise ValueError(f"steps mismatch: search space has steps={sp.steps} but the generator's sampler runs "
+                         f"steps={gen_steps}")
+    runner = Runner(generator, scorer, prompts, space=sp, strategy=strategy, points=points, seed=seed, seeds=seeds,
+                    budget=budget, record=record, resume=resume, progress=progress, interrupt=interrupt,
+                    scorer_config=scorer_config, strategy_options=strategy_options)
+    result = runner.run()
+    if preset is not None:
+        runner.write_preset(result, preset, extra_metadata=extra_metadata)
+    return result

@@ -23,21 +23,23 @@ in effect ranks by CLIPScore is a bug, see notes/method.md §2):
 
 Selection: the highest mean score wins; ties go to identity, then to the point nearest identity, then to
 the point evaluated first. A strategy only talks to an ``evaluate(points) -> scores`` function, so the same
-code runs on synthetic objectives (tests, benchmark) and on the real pipeline through ``runner.Runner``,
-which records, caches and resumes.
+code runs on synthetic objectives (``calibration.testing``; tests, benchmark) and on the real pipeline through
+``runner.Runner``, which records, caches and resumes; ``runner.calibrate()`` is the entry point.
+
+A leaf: this module imports only ``qsched.coefficients``.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from ..qsched.coefficients import C_MAX, MAX_STEPS, Coefficients
+from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_steps
 
 SPACES = ("start", "start_end", "per_step")
-STRATEGIES = ("grid", "zoom", "pattern")
+STRATEGIES = ("pattern", "zoom", "grid")  # the default first (widget and --help order)
 DEFAULT_RANGE = (0.8, 1.2)
 #: Grid points per dimension when none is given: the shipped official run uses 50 for the 2-D space.
 DEFAULT_POINTS = {"start": 50, "start_end": 11, "per_step": 5}
@@ -48,8 +50,13 @@ ROUND = 12
 Point = tuple  # tuple[float, ...] in the order of SearchSpace.names
 
 
-def _is_number(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+def check_range(low, high) -> tuple[float, float]:
+    """The search-range rule: two coefficients (``check_coefficient``) with low < high."""
+    low, high = check_coefficient(low, "range low"), check_coefficient(high, "range high")
+    if not low < high:
+        raise ValueError(f"range must have low < high (allowed: 0 < low < high <= {C_MAX:g}), "
+                         f"got low={low!r}, high={high!r}")
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -64,18 +71,11 @@ class SearchSpace:
     def __post_init__(self):
         if self.kind not in SPACES:
             raise ValueError(f"space must be one of {', '.join(SPACES)}; got {self.kind!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
-            raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}")
+        check_steps(self.steps)
         if self.kind == "start_end" and self.steps < 2:
             raise ValueError("space 'start_end' needs steps >= 2 (with 1 step the end values are never used); "
                              "use space 'start' or 'per_step'")
-        for name in ("low", "high"):
-            v = getattr(self, name)
-            if not _is_number(v) or not 0.0 < v <= C_MAX:
-                raise ValueError(f"range {name} must be a finite number in (0, {C_MAX:g}], got {v!r}")
-        if not self.low < self.high:
-            raise ValueError(f"range must have low < high (allowed: 0 < low < high <= {C_MAX:g}), "
-                             f"got low={self.low!r}, high={self.high!r}")
+        check_range(self.low, self.high)
         object.__setattr__(self, "low", float(self.low))
         object.__setattr__(self, "high", float(self.high))
 
@@ -264,11 +264,16 @@ def _neighbourhood(dim: int, option) -> str:
     return option
 
 
+def default_coarse(dim: int) -> int:
+    """Coarse-grid points per dimension of ``zoom`` when none is given (a global look first)."""
+    return 5 if dim <= 2 else 3 if dim <= 4 else 2
+
+
 def strategy_zoom(space: SearchSpace, evaluate: Evaluate, n: int, coarse: int | None = None,
                   neighbourhood: str | None = None) -> None:
     """Identity + a coarse sub-grid of the n-grid, then a lattice pattern search from its best point."""
     if coarse is None:
-        coarse = 5 if space.dim <= 2 else 3 if space.dim <= 4 else 2
+        coarse = default_coarse(space.dim)
     if isinstance(coarse, bool) or not isinstance(coarse, int) or not 2 <= coarse:
         raise ValueError(f"coarse (coarse-grid points per dimension) must be an integer >= 2, got {coarse!r}")
     coarse = min(coarse, n)
@@ -328,7 +333,7 @@ def estimate_points(space: SearchSpace, strategy: str, n: int, options: Mapping[
     poll = len(_moves(space.dim, _neighbourhood(space.dim, options.get("neighbourhood"))))
     levels = max(1, math.ceil(math.log2(max(2, n - 1))))
     if strategy == "zoom":
-        c = options.get("coarse") or (5 if space.dim <= 2 else 3 if space.dim <= 4 else 2)
+        c = options.get("coarse") or default_coarse(space.dim)
         return 1 + min(c, n) ** space.dim + poll * (levels + 2)
     return 1 + poll * (levels + 4)
 
@@ -337,126 +342,32 @@ def _identity_on_grid(space: SearchSpace, n: int) -> int:
     return 1 if 1.0 in space.axis(n) else 0
 
 
-# ---------------------------------------------------------------------------------------------------------
-# synthetic objectives with known optima (tests and benchmarks/bench_search.py)
-
-def _quadratic(opt: Sequence[float], scale: Sequence[float] | None = None, base: float = 1.0):
-    def f(p):
-        s = scale or [1.0] * len(p)
-        return base - math.fsum(w * (v - o) ** 2 for v, o, w in zip(p, opt, s))
-    return f
-
-
-def synthetic_objective(name: str, dim: int) -> Callable[[Point], float]:
-    """Objectives on points of a ``dim``-D space, maximised; the names say their shape.
-
-    * ``bowl``      concave quadratic, optimum at 0.93 / 1.07 alternating.
-    * ``ridge``     correlated valley along c_x ≈ c_eps (as the Q-Sched update couples them).
-    * ``multimodal`` bowl plus a cosine ripple: several local maxima, one global.
-    * ``flat``      constant: every point ties, so selection must return identity.
-    """
-    opt = [0.93 if i % 2 == 0 else 1.07 for i in range(dim)]
-    if name == "bowl":
-        return _quadratic(opt, [1.0 + 0.5 * i for i in range(dim)])
-    if name == "ridge":
-        def f(p):
-            d = [v - o for v, o in zip(p, opt)]
-            along = math.fsum(d) / math.sqrt(dim)
-            across = math.fsum(x * x for x in d) - along * along
-            return 1.0 - 40.0 * across - 0.5 * along * along
-        return f
-    if name == "multimodal":
-        bowl = _quadratic(opt, [4.0] * dim)
-        return lambda p: bowl(p) + 0.01 * math.fsum(math.cos(60.0 * (v - o)) for v, o in zip(p, opt))
-    if name == "flat":
-        return lambda p: 1.0
-    raise ValueError(f"synthetic objective must be one of bowl, ridge, multimodal, flat; got {name!r}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# result
-
-@dataclass
-class EvaluatedPoint:
-    point: Point
-    coefficients: Coefficients
-    score: float  # mean JAQ over the calibration prompts
-    per_prompt: list = field(default_factory=list)
-    components: dict = field(default_factory=dict)  # metric name -> per-prompt values
-    seconds: float = 0.0
-    images: int = 0
-
-
-@dataclass
-class CalibrationResult:
-    """What ``calibrate`` returns: the winner, identity's score, every evaluated point, images spent."""
-
-    best: Coefficients
-    best_point: Point
-    best_score: float
-    identity_score: float
-    points: list  # [EvaluatedPoint] in evaluation order
-    images_spent: int
-    space: SearchSpace
-    strategy: str
-    grid_points: int
-    stopped: str  # "done" or "budget"
-    preset_path: str | None = None
-
-    @property
-    def improvement(self) -> float:
-        return self.best_score - self.identity_score
-
-    def summary(self) -> str:
-        return (f"{self.strategy} over {self.space.kind} ({len(self.points)} points, {self.images_spent} images"
-                f"{', stopped by the image budget' if self.stopped == 'budget' else ''}): best JAQ "
-                f"{self.best_score:.6g} vs identity {self.identity_score:.6g} (Δ {self.improvement:+.4g}); "
-                f"c_x = {_fmt(self.best.c_x)}, c_eps = {_fmt(self.best.c_eps)}")
-
-
-def _fmt(vals) -> str:
-    return "[" + ", ".join(f"{v:.4f}" for v in vals) + "]"
-
-
-def calibrate(generator, scorer, prompts, *, space: "str | SearchSpace" = "start", steps: int | None = None,
-              low: float = DEFAULT_RANGE[0], high: float = DEFAULT_RANGE[1], strategy: str = "pattern",
-              points: int | None = None, seed: int = 42, seeds: Sequence[int] | None = None,
-              budget: int | None = None, record: str | None = None, resume: bool = False,
-              preset: str | None = None, progress=None, interrupt=None, scorer_config: Mapping | None = None,
-              strategy_options: Mapping[str, Any] | None = None, extra_metadata: Mapping | None = None
-              ) -> CalibrationResult:
-    """Find Q-Sched coefficients for ``generator`` (coefficients, prompts, seeds -> images) under ``scorer``.
-
-    ``generator`` follows ``generate.Generator``; ``scorer`` has ``.score(images, prompts)`` and
-    ``.components(images, prompts)`` (e.g. ``calibration.jaq.JAQ``). ``steps`` defaults to the generator's.
-    ``record``: JSONL file of every evaluated point (kill and rerun with ``resume=True``: nothing is recomputed
-    and the result is identical). ``budget``: maximum images (a grid that does not fit is refused before
-    anything runs). ``preset``: where to write the preset JSON (atomically). ``progress(info)`` and
-    ``interrupt()`` are called between points (``interrupt`` stops the run by raising).
-    """
-    from .runner import Runner
-
-    steps = getattr(generator, "steps", None) if steps is None else steps
-    if isinstance(space, SearchSpace):
-        sp = space
-        if steps is not None and sp.steps != steps:
-            raise ValueError(f"steps mismatch: the search space has steps={sp.steps} but the sampler runs "
-                             f"steps={steps}")
-    else:
-        if steps is None:
-            raise ValueError("steps must be given (the generator does not say how many steps it samples)")
-        sp = SearchSpace(space, steps, low, high)
-    gen_steps = getattr(generator, "steps", None)
-    if gen_steps is not None and gen_steps != sp.steps:
-        raise ValueError(f"steps mismatch: search space has steps={sp.steps} but the generator's sampler runs "
-                         f"steps={gen_steps}")
-    runner = Runner(generator, scorer, prompts, space=sp, strategy=strategy, points=points, seed=seed, seeds=seeds,
-                    budget=budget, record=record, resume=resume, progress=progress, interrupt=interrupt,
-                    scorer_config=scorer_config, strategy_options=strategy_options)
-    result = runner.run()
-    if preset is not None:
-        runner.write_preset(result, preset, extra_metadata=extra_metadata)
-    return result
+def check_budget(space: SearchSpace, strategy: str, n: int, per_point: int, budget: int | None,
+                 options: Mapping[str, Any] | None = None) -> None:
+    """Refuse, before anything runs, a grid larger than the budget or a budget below an adaptive strategy's
+    first design (identity + coarse grid)."""
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget (maximum images) must be an integer >= 1 or unset, got {budget!r}")
+    options = check_strategy(strategy, options)
+    if strategy == "grid":
+        total = estimate_points(space, strategy, n, options)
+        if total * per_point > budget:
+            identity = " + identity" if total > n ** space.dim else ""
+            raise ValueError(
+                f"budget too small: the grid evaluates {total} points ({n}^{space.dim} grid{identity}) x "
+                f"{per_point} prompts = {total * per_point} images, budget is {budget}: raise the budget to >= "
+                f"{total * per_point}, use fewer points or prompts, or an adaptive strategy (pattern, zoom)")
+        return
+    first = 1
+    if strategy == "zoom":
+        coarse = options.get("coarse") or default_coarse(space.dim)
+        first += min(coarse, n) ** space.dim
+    if first * per_point > budget:
+        raise ValueError(f"budget too small: strategy {strategy!r} needs at least {first} points x {per_point} "
+                         f"prompts = {first * per_point} images before it can choose, budget is {budget}: raise the "
+                         "budget or use fewer prompts")
 
 
 def point_of(space: SearchSpace, coefficients: Coefficients) -> Point:

@@ -1,6 +1,7 @@
 """ComfyUI node classes (classic V1 API). Each module is a thin adapter over qsched/ and calibration/;
 ComfyUI itself (``comfy``, ``folder_paths``) is imported inside functions only, so the classes can be
-inspected and unit-tested without a ComfyUI install."""
+inspected and unit-tested without a ComfyUI install. A node class carries its display name (``DISPLAY_NAME``).
+"""
 
 from . import calibration, loaders, sampling, scoring
 

@@ -1,4 +1,6 @@
-"""Helpers shared by the node modules: the coefficient type name, folder registration, input checks.
+"""Helpers shared by the node modules: socket types, shared widgets (eta, steps, preset names), folder registration,
+and the one way a node reports bad input: ``node_input`` turns the library validators' ``ValueError`` into a
+``NodeInputError`` naming the node input (the rules themselves live in the library, never here).
 
 ComfyUI (``comfy``, ``folder_paths``) is imported inside functions only: this module is imported by the pack's
 ``__init__.py`` before anything else and by the unit tests, where ComfyUI is absent.
@@ -7,6 +9,8 @@ ComfyUI (``comfy``, ``folder_paths``) is imported inside functions only: this mo
 from __future__ import annotations
 
 import os
+import re
+from contextlib import contextmanager
 
 from ..calibration.metrics.weights import COMFY_FOLDER, register_comfy_folder
 
@@ -26,12 +30,63 @@ CATEGORY_SCORING = "sampling/qsched/scoring"
 CATEGORY_CALIBRATION = "sampling/qsched/calibration"
 
 
+#: Largest step count the widgets offer (the library allows up to ``qsched.coefficients.MAX_STEPS``).
+MAX_UI_STEPS = 100
+
+
 class NodeInputError(ValueError):
     """Bad value of one node input; the message starts with the node and the input name."""
 
     def __init__(self, node: str, input_name: str, message: str):
         self.node, self.input_name = node, input_name
         super().__init__(f"{node}: input '{input_name}': {message}")
+
+
+@contextmanager
+def node_input(node: str, input_name: str, hint: str = ""):
+    """``with node_input(NODE, "steps"): check_steps(steps)``: a ``ValueError`` (or a missing file) raised inside by
+    the library becomes a ``NodeInputError`` naming the input; ``hint`` is appended (what to do in the UI)."""
+    try:
+        yield
+    except NodeInputError:
+        raise
+    except (ValueError, FileNotFoundError) as exc:
+        raise NodeInputError(node, input_name, f"{exc}{hint}") from None
+
+
+def validation_result(check, *args, **kwargs):
+    """For ``VALIDATE_INPUTS``: True when ``check(*args, **kwargs)`` passes, else its error message."""
+    try:
+        check(*args, **kwargs)
+    except (ValueError, FileNotFoundError) as exc:
+        return str(exc)
+    return True
+
+
+def check_combo(node: str, input_name: str, value, choices) -> None:
+    """ComfyUI's combo check, redone by hand for inputs named in ``VALIDATE_INPUTS`` (which turns it off)."""
+    if value not in choices:
+        raise NodeInputError(node, input_name, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def check_int(node: str, input_name: str, value, lo: int, hi: int) -> int:
+    """ComfyUI's INT widget min/max check, redone by hand for inputs named in ``VALIDATE_INPUTS``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise NodeInputError(node, input_name, f"must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shared widgets
+# ---------------------------------------------------------------------------------------------------------------
+ETA = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                 "Stochasticity. euler_ancestral: ancestral noise (1 = SDXL-Turbo's EulerAncestral). tcd: gamma "
+                 "(0.3 is the TCD default; 0 = deterministic). Ignored by euler and lcm."})
+
+
+def steps_input(tooltip: str) -> tuple:
+    """The INT widget for a step count (1..MAX_UI_STEPS, default 4)."""
+    return ("INT", {"default": 4, "min": 1, "max": MAX_UI_STEPS, "tooltip": tooltip})
 
 
 def register_qsched_folder():
@@ -43,8 +98,24 @@ def register_qsched_folder():
 
 
 def preset_names() -> list[str]:
+    """The preset files in ``models/qsched/`` (the choices of a preset widget)."""
     folder_paths = register_qsched_folder()
     return sorted(n for n in folder_paths.get_filename_list(QSCHED_FOLDER) if n.lower().endswith(PRESET_EXT))
+
+
+def preset_relpath(name, node: str = "Q-Sched Save Preset", input_name: str = "name") -> str:
+    """A preset file name typed by the user -> a relative path inside ``models/qsched/`` (``.json`` added);
+    refuses anything that could leave the folder."""
+    if not isinstance(name, str) or not name.strip():
+        raise NodeInputError(node, input_name, "is empty: give a file name such as 'sdxl_turbo_w4a8'")
+    rel = name.strip()
+    if not rel.lower().endswith(PRESET_EXT):
+        rel += PRESET_EXT
+    parts = rel.replace("\\", "/").split("/")
+    if any(p in ("", ".", "..") for p in parts) or not all(re.fullmatch(r"[A-Za-z0-9_.\-]+", p) for p in parts):
+        raise NodeInputError(node, input_name, (
+            f"{name!r} is not a plain file name: use letters, digits, '-', '_', '.' and '/' between folder names"))
+    return os.path.join(*parts)
 
 
 def model_sampling_of(model):

@@ -7,23 +7,22 @@ it is the body of a ComfyUI ``KSAMPLER``), the schedules in ``qsched.schedules``
 
 from __future__ import annotations
 
-import math
 import os
 
 from ..qsched import samplers as qsamplers
 from ..qsched import schedules as qschedules
-from ..qsched.coefficients import C_MAX, MAX_STEPS, Coefficients
-from .common import (CATEGORY_SAMPLING, COEFFICIENTS, PRESET_EXT, QSCHED_FOLDER, NodeInputError, is_flow,
-                     model_sampling_of, preset_names, register_qsched_folder)
+from ..qsched.coefficients import Coefficients, check_coefficient, check_steps
+from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, PRESET_EXT, QSCHED_FOLDER, NodeInputError,
+                     check_combo, is_flow, model_sampling_of, node_input, preset_names, preset_relpath,
+                     register_qsched_folder, steps_input, validation_result)
 
+#: The samplers of ``qsched.samplers.SAMPLERS`` in widget order (SDXL-Turbo's first).
 SAMPLER_NAMES = ("euler_ancestral", "euler", "tcd", "lcm")
-EPS_ONLY_SAMPLERS = ("tcd",)
 NOISY_SAMPLERS = ("euler_ancestral", "tcd", "lcm")
 #: "simple" / "sgm_uniform" are ComfyUI's own schedules on the model's sigma table (the paper's timesteps for
 #: SDXL-Turbo, FLUX schnell, and LCM models patched with ModelSamplingDiscrete "lcm"); the family names give the
 #: diffusers schedules of ``qsched.schedules`` (e.g. "tcd": 999, 759, 499, 259 on a plain SDXL/SD1.5 model).
 SCHEDULES = ("simple", "sgm_uniform") + qschedules.FAMILIES
-MAX_UI_STEPS = 100
 
 _SLIDER = {"default": 1.0, "min": 0.5, "max": 1.5, "step": 0.001, "display": "slider"}
 
@@ -32,13 +31,6 @@ def _slider(tooltip: str) -> tuple:
     return ("FLOAT", {**_SLIDER, "tooltip": tooltip})
 
 
-def _steps_input(tooltip: str) -> tuple:
-    return ("INT", {"default": 4, "min": 1, "max": MAX_UI_STEPS, "tooltip": tooltip})
-
-
-_ETA = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
-                  "Stochasticity. euler_ancestral: ancestral noise (1 = SDXL-Turbo's EulerAncestral). tcd: gamma "
-                  "(0.3 is the TCD default; 0 = deterministic). Ignored by euler and lcm."})
 _COEFFS_OPTIONAL = (COEFFICIENTS, {"tooltip": "Per-step c_x / c_eps from Q-Sched Coefficients or Q-Sched Load Preset. "
                                               "Leave unconnected for the stock sampler (all coefficients 1)."})
 
@@ -55,15 +47,12 @@ def qsched_sample(model, x, sigmas, extra_args=None, callback=None, disable=None
     ms = model.inner_model.inner_model.model_sampling
     flow = is_flow(ms)
     steps = len(sigmas) - 1
-    if coefficients is not None and coefficients.steps != steps:
-        raise NodeInputError(node, "coefficients", (
-            f"the coefficients are for {coefficients.steps} steps but this sampling runs {steps} steps (length of "
-            f"SIGMAS - 1): set steps={steps} on the Q-Sched Coefficients node, or make the schedule "
-            f"{coefficients.steps} steps"))
-    if flow and base in EPS_ONLY_SAMPLERS:
-        raise NodeInputError(node, "sampler", (
-            f"'{base}' works only with eps-prediction models (SD1.5, SDXL, SDXL-Turbo, LCM/TCD/PCM LoRAs), but this "
-            f"MODEL is a flow model (FLUX, SD3): choose sampler 'euler' (FLUX schnell), 'euler_ancestral' or 'lcm'"))
+    if coefficients is not None:
+        with node_input(node, "coefficients", f" (steps = length of SIGMAS - 1): set steps={steps} on the Q-Sched "
+                                              f"Coefficients node, or make the schedule {coefficients.steps} steps"):
+            coefficients.check_steps(steps)
+    with node_input(node, "sampler"):
+        qsamplers.check_sampler(base, "flow" if flow else "eps")
     fn = qsamplers.SAMPLERS[base]
     kwargs = {"coefficients": coefficients, "parameterization": "flow" if flow else "eps"}
     if base in ("euler_ancestral", "tcd"):
@@ -96,8 +85,7 @@ def make_sampler(base: str, eta: float, coefficients, node: str = "Q-Sched Sampl
     """ComfyUI ``KSAMPLER`` running ``qsched_sample`` (shared by the sampler, KSampler and calibration nodes)."""
     import comfy.samplers
 
-    if base not in SAMPLER_NAMES:
-        raise NodeInputError(node, "sampler", f"{base!r} is not one of {', '.join(SAMPLER_NAMES)}")
+    check_combo(node, "sampler", base, SAMPLER_NAMES)
     if coefficients is not None and not isinstance(coefficients, Coefficients):
         raise NodeInputError(node, "coefficients", f"expected {COEFFICIENTS}, got {type(coefficients).__name__}")
     options = {"base": base, "eta": float(eta), "coefficients": coefficients, "node": node}
@@ -111,8 +99,7 @@ def schedule_sigmas(model, schedule: str, steps: int, denoise: float = 1.0, node
     ComfyUI's KSampler and BasicScheduler do."""
     import torch
 
-    if schedule not in SCHEDULES:
-        raise NodeInputError(node, "schedule", f"{schedule!r} is not one of {', '.join(SCHEDULES)}")
+    check_combo(node, "schedule", schedule, SCHEDULES)
     if denoise <= 0.0:
         return torch.FloatTensor([])
     total = steps if denoise >= 0.9999 else int(steps / denoise)
@@ -144,27 +131,36 @@ def _parse_override(text: str, steps: int, field: str):
 
 def build_coefficients(steps, c_x_start, c_x_end, c_eps_start, c_eps_end, c_x_override="", c_eps_override="",
                        node="Q-Sched Coefficients") -> Coefficients:
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_UI_STEPS:
-        raise NodeInputError(node, "steps", f"must be an integer in [1, {MAX_UI_STEPS}], got {steps!r}")
+    with node_input(node, "steps"):
+        check_steps(steps, MAX_UI_STEPS)
     values = {}
     for name, v in (("c_x_start", c_x_start), ("c_x_end", c_x_end), ("c_eps_start", c_eps_start),
                     ("c_eps_end", c_eps_end)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= C_MAX:
-            raise NodeInputError(node, name, f"must be a number in (0, {C_MAX:g}], got {v!r}")
-        values[name] = float(v)
+        with node_input(node, name):
+            values[name] = check_coefficient(v, name)
     ramp = Coefficients.ramp(steps, values["c_x_start"], values["c_x_end"], values["c_eps_start"], values["c_eps_end"])
     c_x, c_eps = ramp.c_x, ramp.c_eps
     for name, text in (("c_x_override", c_x_override), ("c_eps_override", c_eps_override)):
-        try:
+        with node_input(node, name):
             parsed = _parse_override(text, steps, name)
-        except ValueError as exc:
-            raise NodeInputError(node, name, str(exc)) from None
         if parsed is not None:
             if name == "c_x_override":
                 c_x = parsed
             else:
                 c_eps = parsed
     return Coefficients(c_x, c_eps)
+
+
+def _check_coefficient_inputs(steps, c_x_override, c_eps_override, node="Q-Sched Coefficients") -> None:
+    """What can be checked at queue time (None = linked from another node)."""
+    if steps is None:
+        return
+    with node_input(node, "steps"):
+        check_steps(steps, MAX_UI_STEPS)
+    for name, text in (("c_x_override", c_x_override), ("c_eps_override", c_eps_override)):
+        if text is not None:
+            with node_input(node, name):
+                _parse_override(text, steps, name)
 
 
 def describe(c: Coefficients) -> str:
@@ -176,6 +172,7 @@ def describe(c: Coefficients) -> str:
 # nodes
 # ---------------------------------------------------------------------------------------------------------------
 class QSchedCoefficients:
+    DISPLAY_NAME = "Q-Sched Coefficients"
     DESCRIPTION = ("Per-step Q-Sched coefficients: c_x scales the sample and c_eps the model's noise prediction at "
                    "each step (paper Eq. 4). Linear ramps from start (first step) to end (last step), like the "
                    "official linspace(start, end, steps). All 1.0 = the stock sampler.")
@@ -190,7 +187,7 @@ class QSchedCoefficients:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "steps": _steps_input("Number of sampling steps; must equal the steps of the sampler/scheduler "
+                "steps": steps_input("Number of sampling steps; must equal the steps of the sampler/scheduler "
                                       "these coefficients are used with."),
                 "c_x_start": _slider("c_x (sample multiplier) at the first step. <1 shrinks the noisy sample, "
                                      ">1 grows it. The paper searches 0.8-1.2."),
@@ -213,18 +210,7 @@ class QSchedCoefficients:
     @classmethod
     def VALIDATE_INPUTS(cls, steps=None, c_x_override=None, c_eps_override=None):
         # Naming `steps` here turns off ComfyUI's own min/max check for it, so the range is checked here too.
-        if steps is None:
-            return True
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_UI_STEPS:
-            return f"steps must be an integer in [1, {MAX_UI_STEPS}], got {steps!r}"
-        for name, text in (("c_x_override", c_x_override), ("c_eps_override", c_eps_override)):
-            if text is None:
-                continue
-            try:
-                _parse_override(text, steps, name)
-            except ValueError as exc:
-                return f"{name}: {exc}"
-        return True
+        return validation_result(_check_coefficient_inputs, steps, c_x_override, c_eps_override)
 
     def build(self, steps, c_x_start, c_x_end, c_eps_start, c_eps_end, c_x_override="", c_eps_override=""):
         c = build_coefficients(steps, c_x_start, c_x_end, c_eps_start, c_eps_end, c_x_override, c_eps_override)
@@ -232,6 +218,7 @@ class QSchedCoefficients:
 
 
 class QSchedLoadPreset:
+    DISPLAY_NAME = "Q-Sched Load Preset"
     DESCRIPTION = ("Loads Q-Sched coefficients from a preset JSON in models/qsched/ (written by Q-Sched Save Preset "
                    "or the calibration). A preset holds one c_x and one c_eps per step.")
     CATEGORY = CATEGORY_SAMPLING
@@ -249,13 +236,7 @@ class QSchedLoadPreset:
     @classmethod
     def VALIDATE_INPUTS(cls, preset=None):
         # Naming `preset` here turns off ComfyUI's combo-membership check: _load covers it (missing file).
-        if preset is None:
-            return True
-        try:
-            _load_preset(preset)
-        except (ValueError, FileNotFoundError) as exc:
-            return str(exc)
-        return True
+        return True if preset is None else validation_result(_load_preset, preset)
 
     @classmethod
     def IS_CHANGED(cls, preset):
@@ -283,13 +264,15 @@ def _load_preset(name: str) -> Coefficients:
     if path is None:
         raise NodeInputError(node, "preset", f"file {name!r} not found in models/{QSCHED_FOLDER}/ (or the extra "
                                              f"'{QSCHED_FOLDER}' paths of extra_model_paths.yaml)")
-    try:
-        return Coefficients.load(path)
-    except ValueError as exc:
-        raise NodeInputError(node, "preset", f"malformed preset: {exc}") from None
+    with node_input(node, "preset"):
+        try:
+            return Coefficients.load(path)
+        except ValueError as exc:
+            raise ValueError(f"malformed preset: {exc}") from None
 
 
 class QSchedSavePreset:
+    DISPLAY_NAME = "Q-Sched Save Preset"
     DESCRIPTION = "Saves coefficients as a preset JSON in models/qsched/, for Q-Sched Load Preset and for sharing."
     CATEGORY = CATEGORY_SAMPLING
     RETURN_TYPES = ("STRING",)
@@ -310,19 +293,13 @@ class QSchedSavePreset:
 
     @classmethod
     def VALIDATE_INPUTS(cls, name=None):
-        if name is None:
-            return True
-        try:
-            _preset_relpath(name)
-        except ValueError as exc:
-            return str(exc)
-        return True
+        return True if name is None else validation_result(preset_relpath, name)
 
     def save(self, coefficients, name, overwrite):
         node = "Q-Sched Save Preset"
         if not isinstance(coefficients, Coefficients):
             raise NodeInputError(node, "coefficients", f"expected {COEFFICIENTS}, got {type(coefficients).__name__}")
-        rel = _preset_relpath(name)
+        rel = preset_relpath(name)
         folder_paths = register_qsched_folder()
         path = os.path.join(folder_paths.get_folder_paths(QSCHED_FOLDER)[0], rel)
         if os.path.exists(path) and not overwrite:
@@ -331,22 +308,8 @@ class QSchedSavePreset:
         return {"ui": {"text": [f"saved {path}\n{describe(coefficients)}"]}, "result": (path,)}
 
 
-def _preset_relpath(name, node: str = "Q-Sched Save Preset", input_name: str = "name") -> str:
-    import re
-
-    if not isinstance(name, str) or not name.strip():
-        raise NodeInputError(node, input_name, "is empty: give a file name such as 'sdxl_turbo_w4a8'")
-    rel = name.strip()
-    if not rel.lower().endswith(PRESET_EXT):
-        rel += PRESET_EXT
-    parts = rel.replace("\\", "/").split("/")
-    if any(p in ("", ".", "..") for p in parts) or not all(re.fullmatch(r"[A-Za-z0-9_.\-]+", p) for p in parts):
-        raise NodeInputError(node, input_name, (
-            f"{name!r} is not a plain file name: use letters, digits, '-', '_', '.' and '/' between folder names"))
-    return os.path.join(*parts)
-
-
 class QSchedSampler:
+    DISPLAY_NAME = "Q-Sched Sampler"
     DESCRIPTION = ("A SAMPLER for SamplerCustom / SamplerCustomAdvanced that applies Q-Sched coefficients at every "
                    "step. eps or flow (FLUX) is taken from the model. With no coefficients it equals ComfyUI's own "
                    "euler / euler_ancestral / lcm sampler.")
@@ -362,7 +325,7 @@ class QSchedSampler:
                 "sampler": (list(SAMPLER_NAMES), {"default": "euler_ancestral", "tooltip":
                             "Base update rule. euler_ancestral: SDXL-Turbo. euler: FLUX schnell (flow Euler). "
                             "tcd: TCD/PCM LoRAs (eps models only). lcm: LCM models/LoRAs."}),
-                "eta": _ETA,
+                "eta": ETA,
             },
             "optional": {"coefficients": _COEFFS_OPTIONAL},
         }
@@ -372,6 +335,7 @@ class QSchedSampler:
 
 
 class QSchedScheduler:
+    DISPLAY_NAME = "Q-Sched Scheduler"
     DESCRIPTION = ("SIGMAS for few-step models. 'simple' reproduces the timesteps diffusers uses for SDXL-Turbo "
                    "(999, 749, 499, 249), FLUX schnell (1, .75, .5, .25) and LCM-patched models; the family "
                    "schedules (lcm/tcd/pcm: 999, 759, 499, 259) follow diffusers on an unpatched SD/SDXL model.")
@@ -387,7 +351,7 @@ class QSchedScheduler:
             "schedule": (list(SCHEDULES), {"default": "simple", "tooltip":
                          "simple: ComfyUI 'simple' (the paper's timesteps for SDXL-Turbo / FLUX schnell). "
                          "sdxl_turbo / lcm / tcd / pcm / flux_schnell: the diffusers schedule of that family."}),
-            "steps": _steps_input("Number of steps; must equal the steps of the Q-Sched coefficients."),
+            "steps": steps_input("Number of steps; must equal the steps of the Q-Sched coefficients."),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                         "1.0 for text-to-image; lower keeps only the last steps (image-to-image)."}),
         }}
@@ -397,6 +361,7 @@ class QSchedScheduler:
 
 
 class QSchedKSampler:
+    DISPLAY_NAME = "Q-Sched KSampler"
     DESCRIPTION = ("All-in-one sampler: ComfyUI's KSampler with a Q-Sched sampler and coefficients. With no "
                    "coefficients (or all 1.0) it gives the same latent as KSampler with the same sampler and the "
                    "'simple' scheduler.")
@@ -416,7 +381,7 @@ class QSchedKSampler:
                 "latent_image": ("LATENT", {"tooltip": "The latent to denoise (Empty Latent Image for txt2img)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Seed of the initial noise and of the ancestral noise."}),
-                "steps": _steps_input("Sampling steps (4 for SDXL-Turbo and FLUX schnell in the paper); must "
+                "steps": steps_input("Sampling steps (4 for SDXL-Turbo and FLUX schnell in the paper); must "
                                       "equal the steps of the coefficients."),
                 "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip":
                                   "Classifier-free guidance. 1.0 for SDXL-Turbo and FLUX schnell (no negative pass)."}),
@@ -425,7 +390,7 @@ class QSchedKSampler:
                 "schedule": (list(SCHEDULES), {"default": "simple", "tooltip":
                              "simple = ComfyUI 'simple' (paper timesteps for SDXL-Turbo/FLUX schnell); the family "
                              "names give that family's diffusers schedule."}),
-                "eta": _ETA,
+                "eta": ETA,
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                             "1.0 for text-to-image; lower for image-to-image."}),
             },
@@ -438,11 +403,11 @@ class QSchedKSampler:
         import comfy.utils
         import latent_preview
 
-        node = "Q-Sched KSampler"
-        if coefficients is not None and coefficients.steps != steps:
-            raise NodeInputError(node, "coefficients", (
-                f"the coefficients are for {coefficients.steps} steps but input 'steps' is {steps}: make them match "
-                "(connect Q-Sched Load Preset's 'steps' output to 'steps', or set steps on Q-Sched Coefficients)"))
+        node = self.DISPLAY_NAME
+        if coefficients is not None:
+            with node_input(node, "coefficients", ": connect Q-Sched Load Preset's 'steps' output to 'steps', or set "
+                                                  "steps on Q-Sched Coefficients"):
+                coefficients.check_steps(steps, "input 'steps'")
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         sigmas = schedule_sigmas(model, schedule, steps, denoise, node=node)
@@ -464,11 +429,4 @@ NODE_CLASS_MAPPINGS = {
     "QSchedScheduler": QSchedScheduler,
     "QSchedKSampler": QSchedKSampler,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "QSchedCoefficients": "Q-Sched Coefficients",
-    "QSchedLoadPreset": "Q-Sched Load Preset",
-    "QSchedSavePreset": "Q-Sched Save Preset",
-    "QSchedSampler": "Q-Sched Sampler",
-    "QSchedScheduler": "Q-Sched Scheduler",
-    "QSchedKSampler": "Q-Sched KSampler",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {key: cls.DISPLAY_NAME for key, cls in NODE_CLASS_MAPPINGS.items()}

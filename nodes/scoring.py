@@ -11,7 +11,9 @@ import hashlib
 import math
 import os
 
-from .common import CATEGORY_SCORING, JAQ_SCORER, QSCHED_FOLDER, NodeInputError, register_qsched_folder
+from ..qsched._io import update_from_file
+from .common import (CATEGORY_SCORING, JAQ_SCORER, QSCHED_FOLDER, NodeInputError, node_input, register_qsched_folder,
+                     validation_result)
 
 PRESETS = ("preference", "clip")
 AUTO = "auto"
@@ -95,9 +97,7 @@ def weight_digest(path: str) -> str:
         h = hashlib.sha256()
         for f in files:
             h.update(os.path.relpath(f, path).encode() + b"\0")
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
+            update_from_file(h, f)
         _DIGESTS[key] = h.hexdigest()
     return _DIGESTS[key]
 
@@ -154,7 +154,7 @@ def _device_dtype(device: str, dtype: str):
 def load_jaq(preset: str, k: float, tc_weights: str, iq_weights: str, device: str = AUTO,
              dtype: str = AUTO) -> ComfyJAQ:
     from ..calibration.jaq import JAQ
-    from ..calibration.metrics import WeightFileError, get_metric_class
+    from ..calibration.metrics import get_metric_class
 
     if preset not in PRESETS:
         raise NodeInputError(LOADER, "preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
@@ -165,10 +165,8 @@ def load_jaq(preset: str, k: float, tc_weights: str, iq_weights: str, device: st
     dev, dt = _device_dtype(device, dtype)
     metrics = {}
     for metric, input_name in ((tc, "tc_weights"), (iq, "iq_weights")):
-        try:  # one metric at a time, so a bad file is blamed on its own input
+        with node_input(LOADER, input_name):  # one metric at a time, so a bad file is blamed on its own input
             metrics[metric] = get_metric_class(metric)(paths[metric], device=dev, dtype=dt, batch_size=16)
-        except WeightFileError as exc:
-            raise NodeInputError(LOADER, input_name, str(exc)) from None
     jaq = JAQ(tc=metrics[tc], iq=metrics[iq], k=float(k))  # Eq. 5: TC + k·IQ
     config = {"preset": preset, "tc": tc, "iq": iq, "k": float(k), "k_on": jaq.k_on,
               "tc_transform": jaq.tc_transform,
@@ -220,6 +218,7 @@ _WEIGHTS_TIP = ("'auto' finds the standard file name in models/qsched/ ({names})
 
 
 class QSchedJAQLoader:
+    DISPLAY_NAME = LOADER
     DESCRIPTION = ("Loads the JAQ scorer (JAQ = TC + k·IQ, the Q-Sched calibration objective) from local weight files "
                    "in models/qsched/. 'preference' = AQ-MAP + k·HPSv2.1 (SDXL-Turbo, FLUX in the paper); 'clip' = "
                    "CLIPScore + k·CLIP-IQA (LCM, PCM). Feeds Q-Sched Calibrate and Q-Sched JAQ Score.")
@@ -265,12 +264,10 @@ class QSchedJAQLoader:
             return f"input 'preset': {preset!r} is not one of {', '.join(PRESETS)}"
         tc, iq = preset_metrics(preset)
         for metric, name, choice in ((tc, "tc_weights", tc_weights), (iq, "iq_weights", iq_weights)):
-            if choice is None:
-                continue
-            try:
-                resolve_weight(metric, choice, name)
-            except NodeInputError as exc:
-                return str(exc)
+            if choice is not None:
+                found = validation_result(resolve_weight, metric, choice, name)
+                if found is not True:
+                    return found
         return True
 
     def load(self, preset, k, tc_weights, iq_weights, device, dtype):
@@ -280,6 +277,7 @@ class QSchedJAQLoader:
 
 
 class QSchedJAQScore:
+    DISPLAY_NAME = SCORE
     DESCRIPTION = ("Scores images with JAQ (higher is better) and shows a per-image report on the node: JAQ and its "
                    "two metrics for every image, and the mean. Use it to compare coefficients or presets.")
     CATEGORY = CATEGORY_SCORING
@@ -301,13 +299,7 @@ class QSchedJAQScore:
 
     @classmethod
     def VALIDATE_INPUTS(cls, prompts=None):
-        if prompts is None:
-            return True
-        try:
-            parse_prompt_lines(prompts, SCORE)
-        except NodeInputError as exc:
-            return str(exc)
-        return True
+        return True if prompts is None else validation_result(parse_prompt_lines, prompts, SCORE)
 
     def score(self, images, scorer, prompts):
         import torch
@@ -323,12 +315,10 @@ class QSchedJAQScore:
         if len(lines) != n:
             raise NodeInputError(SCORE, "prompts", f"{len(lines)} prompt lines for {n} images: give one line for all "
                                                    "images or one line per image")
-        try:
+        with node_input(SCORE, "images"):  # image layout / range / size problems found by the metrics
             mean, report, _ = score_report(scorer, images, lines)
-        except ValueError as exc:  # image layout / range / size problems found by the metrics
-            raise NodeInputError(SCORE, "images", str(exc)) from None
         return {"ui": {"text": [report]}, "result": (mean, report)}
 
 
 NODE_CLASS_MAPPINGS = {"QSchedJAQLoader": QSchedJAQLoader, "QSchedJAQScore": QSchedJAQScore}
-NODE_DISPLAY_NAME_MAPPINGS = {"QSchedJAQLoader": "Q-Sched JAQ Loader", "QSchedJAQScore": "Q-Sched JAQ Score"}
+NODE_DISPLAY_NAME_MAPPINGS = {key: cls.DISPLAY_NAME for key, cls in NODE_CLASS_MAPPINGS.items()}

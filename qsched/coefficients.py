@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
+
+from ._io import atomic_write_text
 
 FORMAT = "qsched-coefficients"
 VERSION = 1
@@ -31,19 +32,27 @@ C_MAX = 10.0
 MAX_STEPS = 1000
 
 
-def _check_value(name: str, i: int, v: Any) -> float:
+def check_coefficient(v: Any, name: str = "coefficient") -> float:
+    """The coefficient rule, the one place it lives: a finite number in (0, C_MAX]. Returns it as float."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{name}[{i}] must be a number in (0, {C_MAX:g}], got {v!r}")
+        raise ValueError(f"{name} must be a number in (0, {C_MAX:g}], got {v!r}")
     v = float(v)
     if not math.isfinite(v) or v <= 0.0 or v > C_MAX:
-        raise ValueError(f"{name}[{i}] must be finite and in (0, {C_MAX:g}], got {v!r}")
+        raise ValueError(f"{name} must be finite and in (0, {C_MAX:g}], got {v!r}")
     return v
+
+
+def check_steps(steps: Any, limit: int = MAX_STEPS) -> int:
+    """The step-count rule: an integer in [1, limit] (``limit`` <= MAX_STEPS, e.g. a UI's smaller maximum)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= limit:
+        raise ValueError(f"steps must be an integer in [1, {limit}], got {steps!r}")
+    return steps
 
 
 def _check_list(name: str, values: Any) -> tuple[float, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ValueError(f"{name} must be a list of numbers in (0, {C_MAX:g}], got {type(values).__name__}")
-    out = tuple(_check_value(name, i, v) for i, v in enumerate(values))
+    out = tuple(check_coefficient(v, f"{name}[{i}]") for i, v in enumerate(values))
     if not 1 <= len(out) <= MAX_STEPS:
         raise ValueError(f"{name} must have 1..{MAX_STEPS} values (one per step), got {len(out)}")
     return out
@@ -78,7 +87,7 @@ class Coefficients:
     # ---- constructors -------------------------------------------------------------------------
     @classmethod
     def identity(cls, steps: int) -> "Coefficients":
-        _check_steps(steps)
+        check_steps(steps)
         return cls([1.0] * steps, [1.0] * steps)
 
     @classmethod
@@ -88,9 +97,9 @@ class Coefficients:
 
         The released search fixes ``x_end = eps_end = 1``; the paper's Algorithm 1 searches all four.
         """
-        _check_steps(steps)
+        check_steps(steps)
         for name, v in (("x_start", x_start), ("x_end", x_end), ("eps_start", eps_start), ("eps_end", eps_end)):
-            _check_value(name, 0, v)
+            check_coefficient(v, name)
         return cls(_linspace(float(x_start), float(x_end), steps), _linspace(float(eps_start), float(eps_end), steps))
 
     @classmethod
@@ -114,7 +123,7 @@ class Coefficients:
             vals = vals * steps
         if len(vals) != steps:
             raise ValueError(f"{field_name} has {len(vals)} values but the sampler runs {steps} steps: give 1 or {steps} values")
-        return tuple(_check_value(field_name, i, v) for i, v in enumerate(vals))
+        return tuple(check_coefficient(v, f"{field_name}[{i}]") for i, v in enumerate(vals))
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -201,11 +210,6 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"preset contains {name}; coefficients must be finite numbers in (0, {C_MAX:g}]")
 
 
-def _check_steps(steps: Any) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
-
-
 def as_coefficients(coefficients: "Coefficients | None", steps: int) -> "Coefficients | None":
     """Validate a sampler's ``coefficients=`` argument against its number of steps (None = stock sampler)."""
     if coefficients is None:
@@ -214,33 +218,3 @@ def as_coefficients(coefficients: "Coefficients | None", steps: int) -> "Coeffic
         raise ValueError(f"coefficients must be a qsched Coefficients or None, got {type(coefficients).__name__}")
     coefficients.check_steps(steps)
     return coefficients
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder + fsync + rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; presets are shared files
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-
-def _file_mode(path: str) -> int:
-    """Keep an existing file's permissions; a new file gets 0666 minus the umask, like open(path, "w")."""
-    try:
-        return os.stat(path).st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask

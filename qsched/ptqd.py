@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .coefficients import atomic_write_text
+from ._io import atomic_write_text
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from .coefficients import Coefficients, as_coefficients
 from .schedules import alphas_cumprod_scaled_linear, timestep_from_sigma
 
 PARAMETERIZATIONS = ("eps", "flow")
+#: Samplers written for eps-prediction (VP) models only; the others run eps and flow models.
+EPS_ONLY = ("tcd",)
 
 
 def default_noise_sampler(x: torch.Tensor, seed: int | None = None):
@@ -244,3 +246,14 @@ SAMPLERS = {
     "tcd": sample_tcd,
     "lcm": sample_lcm,
 }
+
+
+def check_sampler(name, parameterization: str = "eps") -> str:
+    """The rule for choosing a sampler: a name of ``SAMPLERS``; an ``EPS_ONLY`` one only for eps models."""
+    _check_choice("sampler", name, tuple(SAMPLERS))
+    _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+    if parameterization == "flow" and name in EPS_ONLY:
+        raise ValueError(f"'{name}' works only with eps-prediction models (SD1.5, SDXL, SDXL-Turbo, LCM/TCD/PCM "
+                         "LoRAs), but this is a flow model (FLUX, SD3): choose 'euler' (FLUX schnell), "
+                         "'euler_ancestral' or 'lcm'")
+    return name

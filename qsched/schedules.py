@@ -18,6 +18,8 @@ from typing import Sequence
 
 import torch
 
+from .coefficients import check_steps
+
 FAMILIES = ("sdxl_turbo", "lcm", "tcd", "pcm", "flux_schnell")
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -50,7 +52,7 @@ def timestep_from_sigma(sigma: float | torch.Tensor, alphas_cumprod: torch.Tenso
 
 def trailing_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
     """diffusers ``timestep_spacing="trailing"``: round(arange(T, 0, -T/N)) - 1 -> 999, 749, 499, 249 for N=4."""
-    _check_steps(steps, num_train_timesteps)
+    check_steps(steps, num_train_timesteps)
     ratio = num_train_timesteps / steps
     return [int(round(num_train_timesteps - i * ratio)) - 1 for i in range(steps)]
 
@@ -58,7 +60,7 @@ def trailing_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEP
 def lcm_timesteps(steps: int, original_steps: int = 50, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
     """LCM/TCD skipping on the distillation grid: orig = [19, 39, ..., 999] reversed, taken at
     floor(linspace(0, len(orig), N, endpoint=False)) -> 999, 759, 499, 259 for N=4."""
-    _check_steps(steps, original_steps)
+    check_steps(steps, original_steps)
     k = num_train_timesteps // original_steps
     origin = [(i + 1) * k - 1 for i in range(original_steps)][::-1]
     return [origin[int(math.floor(i * original_steps / steps))] for i in range(steps)]
@@ -72,7 +74,7 @@ def discrete_sigmas(timesteps: Sequence[int], alphas_cumprod: torch.Tensor) -> t
 
 def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     """FluxPipeline schedule: sigma = linspace(1, 1/N, N), shifted by shift·s / (1 + (shift - 1)·s), then 0."""
-    _check_steps(steps, NUM_TRAIN_TIMESTEPS)
+    check_steps(steps, NUM_TRAIN_TIMESTEPS)
     if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
         raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
     s = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
@@ -96,8 +98,3 @@ def few_step_sigmas(family: str, steps: int, *, alphas_cumprod: torch.Tensor | N
     if family == "sdxl_turbo":
         return discrete_sigmas(trailing_timesteps(steps, T), ac)
     return discrete_sigmas(lcm_timesteps(steps, original_steps, T), ac)
-
-
-def _check_steps(steps, upper: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= upper:
-        raise ValueError(f"steps must be an integer in [1, {upper}], got {steps!r}")

@@ -13,9 +13,10 @@ pytest.importorskip("sklearn", reason="the tiny world's data ships in scikit-lea
 from qsched_pack.calibration import demo as demo_mod  # noqa: E402
 from qsched_pack.calibration.cli import main  # noqa: E402
 from qsched_pack.qsched import Coefficients  # noqa: E402
-from qsched_pack.qsched.tiny import experiment as E  # noqa: E402
-from qsched_pack.qsched.tiny.data import all_prompts  # noqa: E402
-from qsched_pack.qsched.tiny.world import PACKAGED, TinyWorld  # noqa: E402
+from qsched_pack.calibration.tinyworld import experiment as E  # noqa: E402
+from qsched_pack.calibration.tinyworld.data import all_prompts  # noqa: E402
+from qsched_pack.calibration.tinyworld.checkpoint import PACKAGED  # noqa: E402
+from qsched_pack.calibration.tinyworld.world import TinyWorld  # noqa: E402
 
 # a reduced demo: 1 seed, 2 evaluation images per prompt, a 5x5 lattice, 600-image budget
 REDUCED = ["--seeds", "0", "--per-prompt", "2", "--points", "5", "--budget", "600"]
@@ -99,8 +100,8 @@ def test_demo_guard_rows_follow_the_guard(tmp_path, capsys):
 
 
 def test_demo_trains_and_caches_the_weights_when_they_are_missing(tmp_path, monkeypatch, capsys):
-    from qsched_pack.qsched.tiny import train, world
-    from qsched_pack.qsched.tiny.train import TrainConfig
+    from qsched_pack.calibration.tinyworld import checkpoint, train
+    from qsched_pack.calibration.tinyworld.train import TrainConfig
 
     real_train = train.train_world
     calls = []
@@ -109,7 +110,7 @@ def test_demo_trains_and_caches_the_weights_when_they_are_missing(tmp_path, monk
         calls.append(cfg)
         return real_train(TrainConfig.reduced(), log=None)
 
-    monkeypatch.setattr(world, "PACKAGED", tmp_path / "not-shipped.safetensors")
+    monkeypatch.setattr(checkpoint, "PACKAGED", tmp_path / "not-shipped.safetensors")
     monkeypatch.setenv("QSCHED_TINY_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(train, "train_world", reduced_train)
     assert main(["demo", "--out", str(tmp_path / "a")] + REDUCED) == 0

@@ -6,7 +6,7 @@ from diffusers import FluxPipeline
 
 from qsched_pack.calibration.denoisers import (FluxFlowDenoiser, UNetEpsDenoiser, flux_conditioning,
                                                sdxl_conditioning)
-from qsched_pack.calibration.tiny import build_flux_pipeline, build_sdxl_pipeline
+from qsched_pack.calibration.tiny_pipelines import build_flux_pipeline, build_sdxl_pipeline
 from qsched_pack.qsched import samplers
 from qsched_pack.qsched.schedules import few_step_sigmas
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusionXLPipeline, TCDScheduler
 
-from qsched_pack.calibration.tiny import build_flux_pipeline, build_sdxl_pipeline
+from qsched_pack.calibration.tiny_pipelines import build_flux_pipeline, build_sdxl_pipeline
 from qsched_pack.qsched import Coefficients
 from qsched_pack.qsched.diffusers import QSchedScheduler
 

@@ -21,7 +21,7 @@ RAMP = Coefficients.ramp(2, 0.9, 1.0, 1.1, 1.0)
 @functools.lru_cache(maxsize=None)
 def tiny_models() -> dict:
     """Tiny SDXL-like and FLUX-like pipelines saved once per test process (shared with test_cli/test_search_tiny)."""
-    from qsched_pack.calibration.tiny import build_flux_pipeline, build_sdxl_pipeline
+    from qsched_pack.calibration.tiny_pipelines import build_flux_pipeline, build_sdxl_pipeline
 
     root = Path(tempfile.mkdtemp(prefix="qsched-tiny-"))
     atexit.register(shutil.rmtree, root, True)

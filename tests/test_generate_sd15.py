@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qsched_pack.calibration.generate import DiffusersGenerator, detect_family, initial_noise, load_pipeline
+from qsched_pack.calibration.generate import DiffusersGenerator, load_pipeline, pipeline_family, seeded_noise
 from qsched_pack.qsched import Coefficients
 
 PROMPTS = ["a photo of a cat sitting on a red chair", "landscape with mountains, a lake and a blue sky"]
@@ -26,7 +26,7 @@ SIZE = 64  # 8x8 latents
 
 @functools.lru_cache(maxsize=None)
 def sd15_models() -> dict:
-    from qsched_pack.calibration.tiny import build_sd15_pipeline
+    from qsched_pack.calibration.tiny_pipelines import build_sd15_pipeline
 
     root = Path(tempfile.mkdtemp(prefix="qsched-sd15-"))
     atexit.register(shutil.rmtree, root, True)
@@ -64,7 +64,7 @@ def generator_latents(g: DiffusersGenerator, coefficients, prompts=PROMPTS, seed
 
 def pipeline_latents(pipe, steps, prompts=PROMPTS, seeds=SEEDS, **call_kw):
     f = pipe.vae_scale_factor
-    latents = torch.cat([initial_noise(s, (pipe.unet.config.in_channels, SIZE // f, SIZE // f)) for s in seeds])
+    latents = torch.cat([seeded_noise(s, (pipe.unet.config.in_channels, SIZE // f, SIZE // f)) for s in seeds])
     gens = [torch.Generator().manual_seed(s * 1000003 + 1) for s in seeds]
     with torch.no_grad():
         return pipe(list(prompts), num_inference_steps=steps, height=SIZE, width=SIZE, latents=latents,
@@ -81,7 +81,7 @@ def test_loader_returns_the_sd15_pipelines_and_families():
     assert lcm.text_encoder.config.hidden_size == lcm.unet.config.cross_attention_dim
     assert getattr(lcm, "text_encoder_2", None) is None and lcm.safety_checker is None
     assert lcm.vae.config.scaling_factor == pytest.approx(0.18215)
-    assert (detect_family(lcm), detect_family(pcm)) == ("lcm", "tcd")
+    assert (pipeline_family(lcm), pipeline_family(pcm)) == ("lcm", "tcd")
     g = DiffusersGenerator(lcm, steps=4, height=SIZE, width=SIZE, model_hash_value="x")
     assert (g.family, g.sampler, g.guidance) == ("lcm", "lcm", 8.0)
     g = DiffusersGenerator(pcm, family="pcm", steps=4, height=SIZE, width=SIZE, model_hash_value="x")

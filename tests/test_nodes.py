@@ -383,8 +383,8 @@ def test_calibrate_default_prompts_are_the_20_calibration_prompts():
     (dict(strategy="grid", points=5, budget=49), "budget", "25 points (5^2 grid) x 2 prompts = 50 images"),
     (dict(strategy="grid", points=4, budget=33), "budget", "17 points (4^2 grid + identity) x 2 prompts = 34"),
     (dict(strategy="zoom", budget=10), "budget", "needs at least 26 points"),
-    (dict(range_min=1.2, range_max=0.8), "range_min", "smaller than range_max"),
-    (dict(range_min=1.0, range_max=1.0), "range_min", "smaller than range_max"),
+    (dict(range_min=1.2, range_max=0.8), "range_min", "low < high"),
+    (dict(range_min=1.0, range_max=1.0), "range_min", "low < high"),
     (dict(range_max=11.0), "range_max", "(0, 10]"),
     (dict(points=1), "points", "[2, 101]"),
     (dict(budget=0), "budget", "[1, 10000000]"),
@@ -438,7 +438,7 @@ def test_record_key_follows_every_part_of_the_fingerprint():
 def test_module_digest_sees_weights_and_patch_backups():
     import torch
 
-    from qsched_pack.nodes.calibration import module_digest
+    from qsched_pack.nodes.comfy_generator import module_digest
 
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 3))
@@ -455,7 +455,7 @@ def test_module_digest_sees_weights_and_patch_backups():
 def test_prompts_of_equal_shape_share_a_batch_in_prompt_order():
     import torch
 
-    from qsched_pack.nodes.calibration import _batchable, _concat
+    from qsched_pack.nodes.comfy_generator import _batchable, _concat
 
     def cond(v, n=77):
         return [[torch.full((1, n, 8), float(v)), {"pooled_output": torch.full((1, 4), float(v))}]]

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from qsched_pack.calibration.generate import ImageStatScorer, SyntheticGenerator
-from qsched_pack.calibration.runner import RecordError
-from qsched_pack.calibration.search import SearchSpace, calibrate, point_of, synthetic_objective
+from qsched_pack.calibration.runner import RecordError, calibrate
+from qsched_pack.calibration.search import SearchSpace, point_of
+from qsched_pack.calibration.testing import ImageStatScorer, SyntheticGenerator, synthetic_objective
 from qsched_pack.qsched import Coefficients
 
 PROMPTS = ["a red car", "a blue house", "a green tree"]
@@ -190,8 +190,9 @@ def test_preset_written_atomically(tmp_path, monkeypatch):
 
 SCRIPT = textwrap.dedent("""
     import sys, time
-    from qsched_pack.calibration.generate import ImageStatScorer, SyntheticGenerator
-    from qsched_pack.calibration.search import SearchSpace, calibrate, point_of, synthetic_objective
+    from qsched_pack.calibration.runner import calibrate
+    from qsched_pack.calibration.search import SearchSpace, point_of
+    from qsched_pack.calibration.testing import ImageStatScorer, SyntheticGenerator, synthetic_objective
 
     sp = SearchSpace("start", 4)
     f = synthetic_objective("multimodal", 2)

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qsched_pack.calibration.generate import ImageStatScorer, SyntheticGenerator
-from qsched_pack.calibration.search import (SearchSpace, calibrate, point_of, run_strategy, select_best,
-                                            synthetic_objective)
+from qsched_pack.calibration.runner import calibrate
+from qsched_pack.calibration.search import SearchSpace, point_of, run_strategy, select_best
+from qsched_pack.calibration.testing import ImageStatScorer, SyntheticGenerator, synthetic_objective
 from qsched_pack.qsched import Coefficients
 
 PROMPTS = ["a red car", "a blue house", "a green tree"]
@@ -175,7 +175,7 @@ def test_bad_calibrate_inputs_are_clear_value_errors():
     assert gen.calls == 0  # refused before any image was made
     with pytest.raises(ValueError, match="steps mismatch: .*steps=2 .*steps=4"):
         calibrate(gen, ImageStatScorer(), PROMPTS, space=SearchSpace("start", 2))
-    with pytest.raises(ValueError, match="strategy must be one of grid, zoom, pattern"):
+    with pytest.raises(ValueError, match="strategy must be one of pattern, zoom, grid"):
         calibrate(gen, ImageStatScorer(), PROMPTS, space=sp, strategy="cmaes")
     with pytest.raises(ValueError, match=r"points .* must be an integer in \[2, 10000\]"):
         calibrate(gen, ImageStatScorer(), PROMPTS, space=sp, points=1)

@@ -4,9 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
-from qsched_pack.calibration.generate import ImageStatScorer, SyntheticGenerator
 from qsched_pack.calibration.plots import load_images, plot_landscape, preview_grid, save_images
-from qsched_pack.calibration.search import SearchSpace, calibrate, point_of, synthetic_objective
+from qsched_pack.calibration.runner import calibrate
+from qsched_pack.calibration.search import SearchSpace, point_of
+from qsched_pack.calibration.testing import ImageStatScorer, SyntheticGenerator, synthetic_objective
 
 
 def result_for(kind, strategy, n, steps=4):

@@ -6,8 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from qsched_pack.calibration.generate import DiffusersGenerator, ImageStatScorer, load_pipeline
-from qsched_pack.calibration.search import calibrate
+from qsched_pack.calibration.generate import DiffusersGenerator, load_pipeline
+from qsched_pack.calibration.runner import calibrate
+from qsched_pack.calibration.testing import ImageStatScorer
 from qsched_pack.qsched import Coefficients
 from test_generate import tiny_models
 

@@ -7,11 +7,12 @@ pytest.importorskip("sklearn", reason="the tiny world's data ships in scikit-lea
 
 from qsched_pack.qsched import Coefficients, samplers  # noqa: E402
 from qsched_pack.qsched.schedules import few_step_sigmas  # noqa: E402
-from qsched_pack.qsched.tiny import data as D  # noqa: E402
-from qsched_pack.qsched.tiny.metrics import frechet_distance  # noqa: E402
-from qsched_pack.qsched.tiny.model import FlowDenoiser  # noqa: E402
-from qsched_pack.qsched.tiny.train import TrainConfig, train_world  # noqa: E402
-from qsched_pack.qsched.tiny.world import PACKAGED, TinyWorld, save_world  # noqa: E402
+from qsched_pack.calibration.tinyworld import data as D  # noqa: E402
+from qsched_pack.calibration.tinyworld.metrics import frechet_distance  # noqa: E402
+from qsched_pack.calibration.tinyworld.model import FlowDenoiser  # noqa: E402
+from qsched_pack.calibration.tinyworld.checkpoint import PACKAGED  # noqa: E402
+from qsched_pack.calibration.tinyworld.train import TrainConfig, save_world, train_world  # noqa: E402
+from qsched_pack.calibration.tinyworld.world import TinyWorld  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -22,8 +23,8 @@ def reduced():
 
 @pytest.fixture(scope="module")
 def world():
-    """The committed, fully trained world (qsched/tiny/weights/tiny_world.safetensors)."""
-    assert PACKAGED.is_file(), f"{PACKAGED} is missing: train it with python -m qsched_pack.qsched.tiny.train"
+    """The committed, fully trained world (calibration/tinyworld/weights/tiny_world.safetensors)."""
+    assert PACKAGED.is_file(), f"{PACKAGED} is missing: train it with python -m qsched_pack.calibration.tinyworld.train"
     return TinyWorld.from_file(PACKAGED)
 
 
@@ -109,7 +110,7 @@ def test_weights_file_round_trips(reduced, tmp_path):
 
 
 def test_generator_layers_suit_group_quantization(world):
-    from qsched_pack.qsched.tiny.model import QUANT_SKIP
+    from qsched_pack.calibration.tinyworld.model import QUANT_SKIP
 
     linears = {n: m for n, m in world.generator.named_modules() if isinstance(m, torch.nn.Linear)}
     quantized = [n for n in linears if not any(n == p or n.startswith(p + ".") for p in QUANT_SKIP)]
@@ -242,7 +243,7 @@ def test_quantized_generators_are_worse_on_the_reference_metric(world):
 # ------------------------------------------------------------------------------------------------ experiment
 def test_reduced_experiment_runs_end_to_end_and_reproduces(world, tmp_path):
     pytest.importorskip("qsched_pack.calibration.search")
-    from qsched_pack.qsched.tiny.experiment import run
+    from qsched_pack.calibration.tinyworld.experiment import run
 
     kw = dict(steps_list=(2,), formats=("w4a4",), seeds=(0,), per_prompt=2, points=5, strategies=("zoom",),
               weights=str(PACKAGED), log=None)
@@ -260,7 +261,7 @@ def test_reduced_experiment_runs_end_to_end_and_reproduces(world, tmp_path):
 
 def test_reduced_experiment_table_is_byte_identical_and_guard_rows_copy_the_chosen_method(world, tmp_path):
     pytest.importorskip("qsched_pack.calibration.search")
-    from qsched_pack.qsched.tiny.experiment import METRICS, run
+    from qsched_pack.calibration.tinyworld.experiment import METRICS, run
 
     kw = dict(steps_list=(4,), formats=("w8a8", "w4a4"), seeds=(0, 1), per_prompt=1, points=5, strategies=("zoom",),
               weights=str(PACKAGED), guard=True, log=None)
@@ -287,8 +288,8 @@ def test_reduced_experiment_table_is_byte_identical_and_guard_rows_copy_the_chos
 
 # ------------------------------------------------------------------------------------------------ guard
 def _synthetic_result(fn, points=5):
-    from qsched_pack.calibration.generate import ImageStatScorer, SyntheticGenerator
-    from qsched_pack.calibration.search import calibrate
+    from qsched_pack.calibration.runner import calibrate
+    from qsched_pack.calibration.testing import ImageStatScorer, SyntheticGenerator
 
     gen = SyntheticGenerator(fn, steps=2, name="guard")
     return calibrate(gen, ImageStatScorer(k=0.0), [f"p{i}" for i in range(20)], space="start", strategy="grid",
@@ -300,7 +301,7 @@ def _scores(result, point):
 
 
 def test_guard_accepts_a_consistent_gain_and_rejects_noise_and_identity():
-    from qsched_pack.qsched.tiny.guard import acceptance
+    from qsched_pack.calibration.tinyworld.guard import acceptance
 
     clear = _synthetic_result(lambda c, p, s: -(c.c_x[0] - 1.1) ** 2 + 0.01 * (s % 3))
     acc = acceptance(clear)
@@ -321,7 +322,7 @@ def test_guard_accepts_a_consistent_gain_and_rejects_noise_and_identity():
 
 
 def test_guard_with_the_fp_model_rejects_nothing_to_recover_and_overshoot():
-    from qsched_pack.qsched.tiny.guard import acceptance
+    from qsched_pack.calibration.tinyworld.guard import acceptance
 
     res = _synthetic_result(lambda c, p, s: -(c.c_x[0] - 1.1) ** 2 + 0.01 * (s % 3))
     ident = _scores(res, (1.0, 1.0))
@@ -355,7 +356,7 @@ def test_stored_results_table_matches_its_data_and_one_setting_recomputes(world,
     import json
     from pathlib import Path
 
-    from qsched_pack.qsched.tiny.experiment import METRICS, format_table, run
+    from qsched_pack.calibration.tinyworld.experiment import METRICS, format_table, run
 
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     stored = json.loads((results / "tiny_experiment.json").read_text())

@@ -273,8 +273,7 @@ def _calibration(name: str, object_info) -> dict:
 def test_calibration_workflow_settings(name, loader, sampler, size, object_info):
     """Small, artist-sized defaults that match the sampling workflow of the same family (so its preset fits it)."""
     from qsched_pack.calibration.prompts import default_prompts
-    from qsched_pack.calibration.runner import check_budget
-    from qsched_pack.calibration.search import SearchSpace, estimate_points
+    from qsched_pack.calibration.search import SearchSpace, check_budget, estimate_points
     from qsched_pack.nodes.scoring import parse_prompt_lines
 
     by_type = _calibration(name, object_info)

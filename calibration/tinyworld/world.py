@@ -1,66 +1,30 @@
 """The trained tiny world as one object: weights file <-> networks, the calibration generator, the scorers and the
 reference metric.
 
-Weights: one safetensors file (``tiny_world.safetensors``) with prefixed tensors (``generator.``,
-``text_encoder.``, ``tc.``, ``iq.``, ``ref.``) and the training config as JSON metadata. ``TinyWorld.load()``
-looks in the pack (``qsched/tiny/weights/``), then in the cache (``$QSCHED_TINY_DIR`` or
-``~/.cache/qsched/tiny``); with ``train_if_missing=True`` it trains there (about 5-8 min on 2 CPU cores).
+The weights file format and where it is looked for: ``checkpoint.py``. ``TinyWorld.load()`` never trains: a caller
+that wants missing weights trained calls ``train.load_or_train()`` (about 5-8 min on 2 CPU cores).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .. import samplers
-from ..coefficients import Coefficients
-from ..schedules import few_step_sigmas
+from ...qsched import samplers
+from ...qsched.coefficients import Coefficients
+from ...qsched.schedules import few_step_sigmas
+from ..generate import per_sample_noise_sampler, seeded_noise
+from . import checkpoint
 from .data import IMAGE_SIZE, load_digit_set, to_image
 from .metrics import ReferenceMetric
 from .model import QUANT_SKIP, FlowConfig, FlowDenoiser, TextEncoder, TinyFlowNet, to_pixels
 from .scorers import ImageQualityNet, JointClassifierNet, ReferenceNet, TinyImageQuality, TinyTextAlignment
 
-WEIGHTS_NAME = "tiny_world.safetensors"
-PACKAGED = Path(__file__).resolve().parent / "weights" / WEIGHTS_NAME
-ENV_DIR = "QSCHED_TINY_DIR"
-PARTS = ("generator", "text_encoder", "tc", "iq", "ref")
 FLOW_SAMPLERS = ("euler", "euler_ancestral", "lcm")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(ENV_DIR) or Path.home() / ".cache" / "qsched" / "tiny")
-
-
-def save_world(world: dict, path: str | os.PathLike) -> str:
-    """Write the networks of ``train.train_world``'s result (atomically) to ``path``."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for part in PARTS:
-        for k, v in world[part].state_dict().items():
-            tensors[f"{part}.{k}"] = v.detach().contiguous().clone()
-    meta = {"format": "qsched-tiny-world", "version": "1", "config": json.dumps(world["config"], sort_keys=True)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return str(path)
-
-
-def file_hash(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class TinyWorld:
@@ -85,48 +49,33 @@ class TinyWorld:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "TinyWorld":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "qsched-tiny-world":
-                raise ValueError(f"{path} is not a tiny-world weights file (metadata format={meta.get('format')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        config = json.loads(meta["config"])
+        parts, config, sha256 = checkpoint.read(path)
         fc = FlowConfig(**config["flow"])
         nets = {"generator": TinyFlowNet(fc), "text_encoder": TextEncoder(fc.word_dim, fc.text_dim),
                 "tc": JointClassifierNet(), "iq": ImageQualityNet(), "ref": ReferenceNet()}
         for part, net in nets.items():
-            sd = {k[len(part) + 1:]: v for k, v in tensors.items() if k.startswith(part + ".")}
-            net.load_state_dict(sd, strict=True)
-        world = cls(**nets, config=config, model_hash=file_hash(path))
+            net.load_state_dict(parts[part], strict=True)
+        world = cls(**nets, config=config, model_hash=sha256)
         world.source = str(path)
         return world
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, *, train_if_missing: bool = False, log=print) -> "TinyWorld":
-        """``path``, else the packaged weights, else the cache; else train into the cache (if allowed)."""
+    def load(cls, path: str | os.PathLike | None = None) -> "TinyWorld":
+        """``path``, else the packaged weights, else the cached ones. Missing weights raise FileNotFoundError:
+        the caller decides whether to train (``train.load_or_train``)."""
         if path is not None:
             return cls.from_file(path)
-        for candidate in (PACKAGED, cache_dir() / WEIGHTS_NAME):
-            if candidate.is_file():
-                return cls.from_file(candidate)
-        if not train_if_missing:
-            raise FileNotFoundError(f"no tiny-world weights at {PACKAGED} or {cache_dir() / WEIGHTS_NAME}; train them "
-                                    "with `python -m qsched_pack.qsched.tiny.train --out DIR` (then set "
-                                    f"{ENV_DIR}=DIR) or pass train_if_missing=True")
-        from .train import train_world
-
-        target = cache_dir() / WEIGHTS_NAME
-        if log:
-            log(f"training the tiny world into {target} (one time, a few minutes on CPU)")
-        save_world(train_world(log=log), target)
-        return cls.from_file(target)
+        found = checkpoint.find()
+        if found is None:
+            raise FileNotFoundError(f"no tiny-world weights at {checkpoint.PACKAGED} or {checkpoint.cached_path()}; "
+                                    "train them with `python -m qsched_pack.calibration.tinyworld.train --out DIR` "
+                                    f"(then set {checkpoint.ENV_DIR}=DIR)")
+        return cls.from_file(found)
 
     # ---------------------------------------------------------------------------------------- parts
     def quantized_generator(self, spec, backend: str = "simulated", skip=QUANT_SKIP):
         """A quantized copy of the generator (``qsched.quant.quantize_``) and its report."""
-        from ..quant import quantize_
+        from ...qsched.quant import quantize_
 
         net = copy.deepcopy(self.generator)
         report = quantize_(net, spec, backend=backend, skip=skip)
@@ -151,23 +100,7 @@ class TinyWorld:
 
 def initial_noise(seeds: Sequence[int]) -> torch.Tensor:
     """One N(0, 1) image per seed from its own generator (an image never depends on its batch)."""
-    out = []
-    for s in seeds:
-        g = torch.Generator()
-        g.manual_seed(int(s))
-        out.append(torch.randn((1, 1, IMAGE_SIZE, IMAGE_SIZE), generator=g))
-    return torch.cat(out)
-
-
-def per_sample_noise_sampler(seeds: Sequence[int], offset: int = 1):
-    """Per-step noise for ancestral samplers, one generator per image (same rule as calibration.generate)."""
-    gens = []
-    for s in seeds:
-        g = torch.Generator()
-        g.manual_seed(int(s) * 1000003 + offset)
-        gens.append(g)
-    return lambda sigma, sigma_next: torch.cat(
-        [torch.randn((1, 1, IMAGE_SIZE, IMAGE_SIZE), generator=g) for g in gens])
+    return torch.cat([seeded_noise(s, (1, IMAGE_SIZE, IMAGE_SIZE)) for s in seeds])
 
 
 class TinyGenerator:
@@ -216,7 +149,7 @@ class TinyGenerator:
         x = initial_noise(seeds) * self.sigmas[0]
         opts = dict(self.sampler_options)
         if self.sampler != "euler":
-            opts["noise_sampler"] = per_sample_noise_sampler(seeds)
+            opts["noise_sampler"] = per_sample_noise_sampler(x, seeds)
         fn = samplers.SAMPLERS[self.sampler]
         return fn(model, x, self.sigmas, None, disable=True, coefficients=coefficients, parameterization="flow",
                   **opts)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .data import DigitSet, parse_prompt, to_image
-from ...calibration.metrics.common import check_prompts
+from ..metrics.common import check_prompts
 from .scorers import ReferenceNet, check_pixels
 
 

@@ -1,5 +1,5 @@
 """Deterministic training of the whole tiny world: generator + text encoder, the two JAQ stand-in scorers and the
-reference feature network. ``python -m qsched_pack.qsched.tiny.train --out DIR`` writes ``DIR/tiny_world.safetensors``.
+reference feature network. ``python -m qsched_pack.calibration.tinyworld.train --out DIR`` writes ``DIR/tiny_world.safetensors``.
 
 Determinism: every network has its own seed, every random draw comes from an explicit ``torch.Generator``,
 ``torch.use_deterministic_algorithms(True)`` is on while training, and the CPU thread count is pinned (float
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checkpoint
 from .data import DEGRADATIONS, STYLES, DigitSet, degrade, load_digit_set
 from .model import FlowConfig, TextEncoder, TinyFlowNet, to_model_space
 from .scorers import ImageQualityNet, JointClassifierNet, ReferenceNet
@@ -232,12 +233,29 @@ def train_world(cfg: TrainConfig | None = None, log=print) -> dict:
             "seconds": seconds}
 
 
-def main(argv=None) -> int:
-    from .world import WEIGHTS_NAME, save_world
+def load_or_train(path=None, log=print):
+    """The tiny world from ``path`` / the pack / the cache; if there are no weights, train them into the cache
+    first (a few minutes on CPU). What ``qsched demo`` and ``qsched experiment`` use."""
+    from .world import TinyWorld
 
-    p = argparse.ArgumentParser(prog="python -m qsched_pack.qsched.tiny.train",
+    if path is not None or checkpoint.find() is not None:
+        return TinyWorld.load(path)
+    target = checkpoint.cached_path()
+    if log:
+        log(f"training the tiny world into {target} (one time, a few minutes on CPU)")
+    save_world(train_world(log=log), target)
+    return TinyWorld.from_file(target)
+
+
+def save_world(world: dict, path) -> str:
+    """Write the networks of ``train_world``'s result to ``path`` (``checkpoint`` format, atomically)."""
+    return checkpoint.save({part: world[part].state_dict() for part in checkpoint.PARTS}, world["config"], path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qsched_pack.calibration.tinyworld.train",
                                 description="Train the tiny world (generator, text encoder, scorers, reference net).")
-    p.add_argument("--out", required=True, help=f"output folder (writes {WEIGHTS_NAME})")
+    p.add_argument("--out", required=True, help=f"output folder (writes {checkpoint.WEIGHTS_NAME})")
     p.add_argument("--reduced", action="store_true", help="seconds-long run (tests / smoke)")
     p.add_argument("--gen-steps", type=int, default=None, help="generator optimisation steps (default 6000)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1: fixes the float reductions, and a busy 2-core CPU is much slower with 2)")
@@ -249,7 +267,7 @@ def main(argv=None) -> int:
         cfg.threads = args.threads
     t0 = time.perf_counter()
     world = train_world(cfg)
-    path = save_world(world, os.path.join(args.out, WEIGHTS_NAME))
+    path = save_world(world, os.path.join(args.out, checkpoint.WEIGHTS_NAME))
     print(f"trained in {time.perf_counter() - t0:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in world['seconds'].items())})"
           f" -> {path}")
     return 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...calibration.metrics.common import check_prompts
+from ..metrics.common import check_prompts
 from .data import STYLES, from_image, parse_prompt
 
 RANGE_TOL = 1e-3

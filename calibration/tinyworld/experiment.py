@@ -6,14 +6,14 @@ For every step count, format and seed r:
   calibration); reference metric (Fréchet distance vs the real held-out digits, digit accuracy) and JAQ
   (= ln(TC) + 2·IQ with the tiny scorers, the calibration objective, here on unseen seeds);
 * PTQD: ``qsched.ptqd.fit_ptqd`` on (eps_fp, eps_q) pairs along the FP trajectories of the 20 calibration prompts;
-* Q-Sched: ``calibration.search.calibrate`` on the 20 prompts (one image each, seeds ``5_000 + 100·r + i``), JAQ
+* Q-Sched: ``calibration.runner.calibrate`` on the 20 prompts (one image each, seeds ``5_000 + 100·r + i``), JAQ
   objective, 2-D ``start`` space (ramps to 1 at the last step, as the released search), strategies ``zoom``
   (adaptive) and optionally ``grid`` on the same lattice; optional image ``budget``;
 * optional (``guard=True``, opt-in): a ``qsched-<strategy>+guard`` row = the search's best if
   ``guard.acceptance`` accepts it (against the FP32 model's JAQ on the same calibration images), else identity.
   The search itself is unchanged.
 
-``qsched experiment --out DIR`` (= ``python -m qsched_pack.qsched.tiny.experiment --out DIR``) writes
+``qsched experiment --out DIR`` (= ``python -m qsched_pack.calibration.tinyworld.experiment --out DIR``) writes
 ``DIR/results.json`` (every number, every seed) and ``DIR/table.md`` (mean ± std over seeds). Same seeds -> same
 table, byte for byte (everything is seeded; 1 CPU thread). ``calibration/demo.py`` (``qsched demo``) runs the
 same functions for one (steps, format).
@@ -30,10 +30,11 @@ import time
 
 import torch
 
-from .. import samplers
-from ..coefficients import atomic_write_text
-from ..ptqd import collect_pairs, fit_ptqd
+from ...qsched import samplers
+from ...qsched._io import atomic_write_text
+from ...qsched.ptqd import collect_pairs, fit_ptqd
 from .data import all_prompts
+from .train import load_or_train
 from .world import TinyWorld, initial_noise
 
 FORMATS = ("w8a8", "w4a8", "w4a4")
@@ -52,7 +53,7 @@ def calib_seeds(r: int, n: int) -> list[int]:
 def make_jaq(world: TinyWorld, k: float = 2.0, tc_transform: str = "log"):
     """JAQ over the tiny scorers. Default ``tc_transform="log"``: ln(TC) + k·IQ, the official ``new`` criterion of
     the CLIP preset (docs/tiny_world.md: with the raw 0..100 TC the search buys alignment with diversity)."""
-    from ...calibration.jaq import JAQ
+    from ..jaq import JAQ
 
     return JAQ(tc=world.text_alignment(), iq=world.image_quality(), k=k, tc_transform=tc_transform)
 
@@ -97,7 +98,7 @@ def fp_row(world: TinyWorld, jaq, steps: int, r: int, per_prompt: int) -> dict:
 
 def fp_calibration_scores(world: TinyWorld, jaq, steps: int, r: int) -> list[float]:
     """Per-prompt JAQ of the FP32 model on the calibration prompts and seeds of seed r (for the guard)."""
-    from ...calibration.runner import score_images
+    from ..runner import score_images
 
     prompts = all_prompts()
     images = world.sampler(steps).generate(None, prompts, calib_seeds(r, len(prompts)))
@@ -110,7 +111,7 @@ def quantized_rows(world: TinyWorld, jaq, steps: int, fmt: str, net, r: int, *, 
     """Rows of (steps, format, seed r): naive, PTQD, Q-Sched per strategy (and, with ``guard``, the guarded
     Q-Sched: the search's best if ``guard.acceptance`` accepts it, else identity = the naive row's images).
     ``keep``: a dict that receives ``strategy -> CalibrationResult`` (and ``strategy + "+guard" -> Acceptance``)."""
-    from ...calibration.search import calibrate
+    from ..runner import calibrate
     from .guard import acceptance
 
     calib_prompts = all_prompts()
@@ -163,7 +164,7 @@ def run(out_dir: str, *, steps_list=STEPS, formats=FORMATS, seeds=SEEDS, per_pro
 def _run(out_dir, steps_list, formats, seeds, per_prompt, points, strategies, weights, tc_transform, k, budget, guard,
          z, log) -> dict:
     t_start = time.perf_counter()
-    world = TinyWorld.load(weights, train_if_missing=True, log=log)
+    world = load_or_train(weights, log=log)
     jaq = make_jaq(world, k, tc_transform)
     nets = {f: world.quantized_generator(f)[0] for f in formats}
     rows = []  # one dict per (steps, format, method, seed)
@@ -310,7 +311,7 @@ def summary(result: dict, steps: int, fmt: str, strategy: str) -> list[str]:
     out.append(f"- JAQ (the calibration objective, on unseen seeds): FP32 {jq['fp32']:.2f}, naive {jq['naive']:.2f}, "
                f"PTQD {jq['ptqd']:.2f}, Q-Sched {jq[q]:.2f}"
                + (" -- above FP32: JAQ and the reference metric disagree." if jq[q] > jq["fp32"] + 0.05 else "."))
-    from ...calibration.search import DEFAULT_RANGE
+    from ..search import DEFAULT_RANGE
 
     qs = [x for x in rows if x["steps"] == steps and x["format"] == fmt and x["method"] == q]
     edge = [x for x in qs if any(v in DEFAULT_RANGE for v in (x["c_x"][0], x["c_eps"][0]))]
@@ -342,7 +343,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategies", nargs="+", default=["zoom"], choices=["zoom", "grid", "pattern"])
     p.add_argument("--budget", type=_positive, default=None, help="maximum images per calibration (default: none)")
     p.add_argument("--guard", action="store_true",
-                   help="also report the guarded Q-Sched rows (qsched.tiny.guard; opt-in, the search is unchanged)")
+                   help="also report the guarded Q-Sched rows (calibration.tinyworld.guard; opt-in, the search is unchanged)")
     p.add_argument("--z", type=float, default=2.0, help="guard threshold in standard errors (default 2)")
     p.add_argument("--tc-transform", choices=["log", "identity"], default="log",
                    help="JAQ = ln(TC) + k·IQ (log, default) or TC + k·IQ (identity)")
@@ -371,7 +372,7 @@ def from_args(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qsched_pack.qsched.tiny.experiment",
+    p = argparse.ArgumentParser(prog="python -m qsched_pack.calibration.tinyworld.experiment",
                                 description="FP32 vs W8A8/W4A8/W4A4 naive vs PTQD vs Q-Sched on the tiny world.")
     add_arguments(p)
     from_args(p.parse_args(argv))

@@ -1,7 +1,7 @@
 """Opt-in acceptance guard for a Q-Sched calibration result: *report* whether the found coefficients should be
 trusted, without changing the search (paper Algorithm 1 still returns the highest mean JAQ, whatever the margin).
 
-Works on any ``calibration.search.CalibrationResult`` (it only reads the per-prompt JAQ the runner records), so it
+Works on any ``calibration.runner.CalibrationResult`` (it only reads the per-prompt JAQ the runner records), so it
 could live next to ``CalibrationResult.summary``; it sits here because the tiny world is where it was measured.
 
 Checks, all paired by calibration prompt (same prompt, same seed; ``z`` standard errors, default 2):
@@ -26,7 +26,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from ..coefficients import Coefficients
+from ...qsched.coefficients import Coefficients
 
 
 def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:

@@ -1,0 +1,91 @@
+"""Test doubles with known answers, for the tests and benchmarks/bench_search.py (never used by the product):
+
+* ``synthetic_objective(name, dim)``: objectives on search points with known optima;
+* ``SyntheticGenerator``: images whose pixels encode a function of the coefficients (``generate.Generator``
+  protocol), so the real runner / record / preset machinery runs on a known landscape;
+* ``ImageStatScorer``: a weight-free scorer with JAQ's protocol (``components``/``combine``/``score``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from ..qsched.coefficients import Coefficients
+from .search import Point
+
+
+def _quadratic(opt: Sequence[float], scale: Sequence[float] | None = None, base: float = 1.0):
+    def f(p):
+        s = scale or [1.0] * len(p)
+        return base - math.fsum(w * (v - o) ** 2 for v, o, w in zip(p, opt, s))
+    return f
+
+
+def synthetic_objective(name: str, dim: int) -> Callable[[Point], float]:
+    """Objectives on points of a ``dim``-D space, maximised; the names say their shape.
+
+    * ``bowl``      concave quadratic, optimum at 0.93 / 1.07 alternating.
+    * ``ridge``     correlated valley along c_x ≈ c_eps (as the Q-Sched update couples them).
+    * ``multimodal`` bowl plus a cosine ripple: several local maxima, one global.
+    * ``flat``      constant: every point ties, so selection must return identity.
+    """
+    opt = [0.93 if i % 2 == 0 else 1.07 for i in range(dim)]
+    if name == "bowl":
+        return _quadratic(opt, [1.0 + 0.5 * i for i in range(dim)])
+    if name == "ridge":
+        def f(p):
+            d = [v - o for v, o in zip(p, opt)]
+            along = math.fsum(d) / math.sqrt(dim)
+            across = math.fsum(x * x for x in d) - along * along
+            return 1.0 - 40.0 * across - 0.5 * along * along
+        return f
+    if name == "multimodal":
+        bowl = _quadratic(opt, [4.0] * dim)
+        return lambda p: bowl(p) + 0.01 * math.fsum(math.cos(60.0 * (v - o)) for v, o in zip(p, opt))
+    if name == "flat":
+        return lambda p: 1.0
+    raise ValueError(f"synthetic objective must be one of bowl, ridge, multimodal, flat; got {name!r}")
+
+
+class SyntheticGenerator:
+    """Images whose every pixel is ``fn(coefficients, prompt, seed)``: a known objective behind the real
+    runner/record/preset machinery. Values are not clamped to 0..1 (only ``ImageStatScorer`` reads them)."""
+
+    def __init__(self, fn: Callable[[Coefficients, str, int], float], steps: int, size: int = 4,
+                 name: str = "synthetic"):
+        self.fn, self.steps, self.size, self.name = fn, steps, size, name
+        self.calls = 0
+
+    def fingerprint(self) -> dict:
+        return {"class": "SyntheticGenerator", "name": self.name, "steps": self.steps, "family": "synthetic",
+                "sampler": "none", "quant": None, "model_hash": hashlib.sha256(self.name.encode()).hexdigest()}
+
+    def generate(self, coefficients, prompts, seeds):
+        coefficients.check_steps(self.steps)
+        self.calls += 1
+        vals = torch.tensor([float(self.fn(coefficients, p, s)) for p, s in zip(prompts, seeds)], dtype=torch.float64)
+        return vals.reshape(-1, 1, 1, 1).expand(-1, self.size, self.size, 3).clone()
+
+
+class ImageStatScorer:
+    """Deterministic, weight-free stand-in for JAQ with the same protocol: ``tc`` = mean pixel value,
+    ``iq`` = pixel standard deviation (contrast), ``score = tc + k·iq``. Not a quality metric."""
+
+    def __init__(self, k: float = 2.0):
+        self.k = float(k)
+        self.config = {"class": "ImageStatScorer", "tc": "mean", "iq": "std", "k": self.k}
+
+    def components(self, images: torch.Tensor, prompts) -> dict:
+        x = images.double().reshape(images.shape[0], -1)
+        return {"tc": x.mean(dim=1), "iq": x.std(dim=1, unbiased=False)}
+
+    def combine(self, tc, iq):
+        return tc + self.k * iq
+
+    def score(self, images, prompts):
+        c = self.components(images, prompts)
+        return self.combine(c["tc"], c["iq"])
