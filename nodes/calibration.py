@@ -254,6 +254,10 @@ class QSchedCalibrate:
         else:
             about = "" if strategy == "grid" else "about "
         progress = _Progress(min(budget, n_points * len(lines)), unique_id)
+
+        def on_images(n):
+            progress.images(n)
+
         progress.text(f"starting: {about}{n_points} points x {len(lines)} prompts = {about}"
                       f"{min(budget, n_points * len(lines))} images (budget {budget}); encoding the prompts")
 

@@ -42,6 +42,11 @@ class NodeInputError(ValueError):
         super().__init__(f"{node}: input '{input_name}': {message}")
 
 
+# ComfyUI shows an error's type as ``module.qualname``; under ComfyUI the module is the pack's folder path
+# ("/home/me/ComfyUI/custom_nodes/ComfyUI-QSched.nodes.common.NodeInputError"). A short, stable name instead.
+NodeInputError.__module__ = "qsched"
+
+
 @contextmanager
 def node_input(node: str, input_name: str, hint: str = ""):
     """``with node_input(NODE, "steps"): check_steps(steps)``: a ``ValueError`` (or a missing file) raised inside by

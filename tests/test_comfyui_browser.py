@@ -97,6 +97,8 @@ class Page:
             const api = window.comfyAPI.api.api;
             for (const t of ['execution_start', 'execution_success', 'execution_error', 'execution_interrupted'])
                 api.addEventListener(t, e => window.__qs.events.push({type: t, detail: e.detail}));
+            window.__qs.texts = [];
+            api.addEventListener('progress_text', e => window.__qs.texts.push(e.detail));
         """)
         self.wait("return !!window.app.extensionManager?.setting", 60, "the settings")
         # screenshots: text drawn at every zoom they use, no minimap over the graph
@@ -164,21 +166,42 @@ class Page:
         """, node_type, values)
         assert n >= 1, node_type
 
-    def queue(self, timeout: float = 900) -> dict:
-        """Queues the graph through the frontend and waits for the run to end; returns the final event."""
-        self.js("window.__qs.events = []; window.__qs.queueError = null;"
-                "window.app.queuePrompt(0, 1).catch(e => window.__qs.queueError = String(e));")
+    def queue(self, timeout: float = 900, fresh: bool = True) -> dict:
+        """Queues the graph through the frontend and waits for the run to end; returns the final event.
+
+        ``fresh``: empty ComfyUI's caches first (POST /free), so every node runs and sends its result. (ComfyUI does
+        not send the result of a node it takes from its cache to a newly loaded graph; an artist sees the box after
+        the node's next real run.)"""
+        self.wait_idle()
+        if fresh:
+            self.server.post("/free", {"free_memory": True, "unload_models": True})
+            time.sleep(1.5)
+        self.js("window.__qs.events = []; window.__qs.queued = false;"
+                "window.app.queuePrompt(0, 1).finally(() => window.__qs.queued = true);")
         deadline = time.time() + timeout
         while time.time() < deadline:
             ev = self.js("return window.__qs.events.find(e => e.type !== 'execution_start') || null")
             if ev:
                 time.sleep(0.5)  # let the frontend draw the last results
                 return ev
-            if self.js("return window.app.lastNodeErrors && Object.keys(window.app.lastNodeErrors).length > 0"):
+            if self.js("return window.__qs.queued && !!window.app.lastNodeErrors && "
+                       "Object.keys(window.app.lastNodeErrors).length > 0"):
                 time.sleep(0.5)
-                return {"type": "node_errors", "detail": self.js("return window.app.lastNodeErrors")}
+                errors = self.js("return window.app.lastNodeErrors")
+                self.server.post("/interrupt", {})  # the valid rest of the graph may have been queued: stop it
+                self.wait_idle()
+                return {"type": "node_errors", "detail": errors}
             time.sleep(0.25)
         raise AssertionError(f"the run did not end in {timeout} s; log:\n{self.server.log_text()[-3000:]}")
+
+    def wait_idle(self, timeout: float = 600):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            q = self.server.get("/queue")
+            if not q["queue_running"] and not q["queue_pending"]:
+                return
+            time.sleep(0.25)
+        raise AssertionError("the server's queue did not empty")
 
     def result_boxes(self) -> dict:
         """Our nodes' result boxes: node id -> {type, text, state, visible, inside} (inside = drawn within the node)."""
@@ -419,6 +442,7 @@ BAD_INPUT = {
     "QSchedCoefficients": ("qsched_sdxl_turbo_w4a8", {"QSchedCoefficients": {"c_x_override": "1.0, abc"}},
                            "input 'c_x_override'", "queue"),
     "QSchedKSampler": ("qsched_sdxl_turbo_w4a8", {"QSchedKSampler": {"steps": 3}}, "input 'coefficients'", "run"),
+    #  (the KSampler's steps unlinked from the coefficients' steps output first: _unlink_steps)
     "QSchedSampler": ("qsched_flux_schnell_w4a8", {"QSchedSampler": {"sampler_name": "tcd"}},
                       "input 'sampler_name'", "run"),
     "QSchedScheduler": ("qsched_flux_schnell_w4a8", {"QSchedScheduler": {"scheduler": "lcm"}},
@@ -435,6 +459,17 @@ BAD_INPUT = {
 }
 
 
+def _unlink_steps(wf: dict) -> None:
+    """The KSampler's steps as a plain widget again (not fed by the coefficients' steps output)."""
+    ks = next(n for n in wf["nodes"] if n["type"] == "QSchedKSampler")
+    inp = next(i for i in ks["inputs"] if i["name"] == "steps")
+    wf["links"] = [link for link in wf["links"] if link[0] != inp["link"]]
+    for n in wf["nodes"]:
+        for out in n.get("outputs", []):
+            out["links"] = [x for x in out.get("links") or [] if x != inp["link"]]
+    ks["inputs"].remove(inp)
+
+
 def _preset_graph(page: Page):
     page.js("""
         const LG = window.LiteGraph, g = window.app.graph;
@@ -442,6 +477,7 @@ def _preset_graph(page: Page):
         const a = LG.createNode('QSchedLoadPreset'), b = LG.createNode('QSchedSavePreset');
         a.pos = [100, 100]; b.pos = [500, 100];
         g.add(a); g.add(b);
+        a.widgets.find(w => w.name === 'preset').value = 'browser_good.json';
         a.connect(0, b, 0);
         window.app.canvas.setDirty(true, true);
     """)
@@ -451,10 +487,12 @@ def _preset_graph(page: Page):
 def test_bad_input_message_once_on_its_node(page, node_type):
     template, changes, text, when = BAD_INPUT[node_type]
     (page.server.models / "qsched" / "browser_broken.json").write_text('{"c_x": [1.0, 0.9], "c_eps": [1.0]}')
+    (page.server.models / "qsched" / "browser_good.json").write_text(
+        '{"format": "qsched-coefficients", "version": 1, "steps": 2, "c_x": [0.9, 1.0], "c_eps": [1.1, 1.0]}')
     if template is None:
         _preset_graph(page)
     else:
-        page.load_template(template, TINY[template][1])
+        page.load_template(template, _unlink_steps if node_type == "QSchedKSampler" else TINY[template][1])
         for t, values in TINY[template][0].items():
             page.set_widgets(t, **values)
     for t, values in changes.items():
@@ -469,6 +507,7 @@ def test_bad_input_message_once_on_its_node(page, node_type):
     else:
         assert ev["type"] == "execution_error", (node_type, ev)
         assert str(ev["detail"]["node_id"]) == str(target), (node_type, ev["detail"])
+        assert ev["detail"]["exception_type"] == "qsched.NodeInputError", ev["detail"]["exception_type"]  # no path
     page.close_dialogs()
     boxes = page.result_boxes()
     box = boxes.get(str(target)) or boxes.get(target)
@@ -482,3 +521,41 @@ def test_bad_input_message_once_on_its_node(page, node_type):
     if node_type == "QSchedSampler":
         page.center_on(("QSchedSampler",), 1.0)
         page.screenshot(SHOTS / "bad_input_sampler_flux.png")
+
+
+def test_calibration_progress_cancel_and_resume_on_the_node(page):
+    """Point 4: a first line at once, point counts from the design and budget, and after Cancel the node says how
+    many points are kept; queued again, the summary says they came from the record."""
+    name = "qsched_sdxl_turbo_w4a8_calibrate"
+    page.load_template(name)
+    prompts = "a red fox in the snow\na bowl of fruit on a wooden table\na lighthouse at dusk"
+    page.set_widgets("QSchedCalibrate", prompts=prompts, width=SIZE, height=SIZE, strategy="grid", points=3, budget=27,
+                     batch=3, preset_name="browser_interrupted")
+    page.set_widgets("EmptyLatentImage", width=SIZE, height=SIZE)
+    cal = page.js("return window.app.graph._nodes.find(n => n.type === 'QSchedCalibrate').id")
+    page.server.post("/free", {"free_memory": True, "unload_models": True})
+    time.sleep(1.5)
+    page.js("window.__qs.events = []; window.__qs.texts = []; window.app.queuePrompt(0, 1);")
+    texts = page.wait("const t = window.__qs.texts.filter(x => String(x.nodeId) === String(arguments[0]))"
+                      ".map(x => x.text); return t.some(x => x.startsWith('[2/')) ? t : null"
+                      .replace("arguments[0]", json.dumps(str(cal))), 900, "two calibration points")
+    page.js_async("await window.comfyAPI.api.api.interrupt(); return true;")
+    page.wait("return window.__qs.events.some(e => e.type === 'execution_interrupted' || e.type === 'execution_error')",
+              300, "the interrupt")
+    time.sleep(1.0)
+    texts = page.js("return window.__qs.texts.filter(x => String(x.nodeId) === arguments[0]).map(x => x.text)", str(cal))
+    assert texts[0].startswith("starting: 9 points x 3 prompts = 27 images (budget 27)"), texts
+    assert any(t.startswith("[1/9 points]") for t in texts), texts  # a grid: exact, not "~65"
+    last = texts[-1]
+    assert last.startswith("interrupted — queue again to resume (") and "points kept)" in last, texts
+    shown = page.js("const n = window.app.graph.getNodeById(arguments[0]);"
+                    "return n.widgets.find(w => w.name === '$$node-text-preview')?.value", cal)
+    assert shown == last, (shown, last)
+    kept = int(last.split("(")[1].split()[0])
+    page.center_on(("QSchedCalibrate",), 0.9)
+    page.screenshot(SHOTS / "calibrate_interrupted.png")
+    ev = page.queue(fresh=False)
+    assert ev["type"] == "execution_success", ev
+    box = next(b for b in page.result_boxes().values() if b["type"] == "QSchedCalibrate")
+    assert f"({kept} from the record, {9 - kept} computed now)" in box["text"], box["text"]
+
