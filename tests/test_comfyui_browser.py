@@ -104,7 +104,8 @@ class Page:
         # screenshots: text drawn at every zoom they use, no minimap over the graph
         self.js_async("const s = window.app.extensionManager.setting;"
                       "await s.set('Comfy.Minimap.Visible', false);"
-                      "await s.set('LiteGraph.Canvas.LowQualityRenderingZoomThreshold', 0.3); return true;")
+                      "await s.set('LiteGraph.Canvas.LowQualityRenderingZoomThreshold', 0.3);"
+                      "await s.set('Comfy.Workflow.WorkflowTabsPosition', 'Sidebar'); return true;")
 
     def close_dialogs(self):
         self.js("for (const b of document.querySelectorAll('.p-dialog-close-button, .p-dialog-header-close')) b.click();")

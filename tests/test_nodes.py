@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +87,28 @@ def test_coefficient_sliders():
         assert "display" not in opts
         check_coefficient(opts["min"], name)
         check_coefficient(opts["max"], name)
+
+
+def test_names_and_order_follow_core_ksampler():
+    """Point 7: the inputs core's KSampler has carry its names, in its order; eta says which samplers use it."""
+    core = json.loads((Path(__file__).resolve().parent / "data" / "object_info_core.json").read_text())["KSampler"]
+    core_widgets = [n for n in core["input_order"]["required"] if n in ("seed", "steps", "cfg", "sampler_name",
+                                                                           "scheduler", "denoise")]
+    ours = list(sampling.QSchedKSampler.INPUT_TYPES()["required"])
+    assert [n for n in ours if n in core_widgets] == core_widgets
+    assert list(sampling.QSchedSampler.INPUT_TYPES()["required"]) == ["sampler_name", "eta"]
+    from qsched_pack.nodes import calibration
+
+    cal = calibration.QSchedCalibrate.INPUT_TYPES()["required"]
+    assert "sampler_name" in cal and "scheduler" in cal and "sampler" not in cal and "schedule" not in cal
+    # one kind of name per list: ComfyUI's schedulers on KSampler / Calibrate, the families on Q-Sched Scheduler
+    assert sampling.QSchedKSampler.INPUT_TYPES()["required"]["scheduler"][0] == list(sampling.COMFY_SCHEDULERS)
+    assert cal["scheduler"][0] == list(sampling.COMFY_SCHEDULERS)
+    assert sampling.QSchedScheduler.INPUT_TYPES()["required"]["scheduler"][0] == list(sampling.FAMILY_SCHEDULES)
+    assert not set(sampling.COMFY_SCHEDULERS) & set(sampling.FAMILY_SCHEDULES)
+    for cls in (sampling.QSchedKSampler, sampling.QSchedSampler, calibration.QSchedCalibrate):
+        tip = cls.INPUT_TYPES()["required"]["eta"][1]["tooltip"]
+        assert tip.startswith("Used only by euler_ancestral") and "ignore" in tip
 
 
 def test_coefficients_node_ramp_and_override():

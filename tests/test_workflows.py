@@ -355,3 +355,32 @@ def test_no_node_of_ours_gets_an_unintended_control_widget(folder_paths):
                     assert "control_after_generate" in _opts(spec), (name, inp)
     calib = our_object_info()["QSchedCalibrate"]["input"]["required"]
     assert "base_seed" in calib and not has_control_widget("base_seed", calib["base_seed"])
+
+
+def test_templates_carry_thumbnails_titles_and_model_metadata():
+    """Point 6: what the template browser and the missing-model dialog need (core templates carry the same)."""
+    info = json.loads((REPO / "web" / "templates.json").read_text())
+    assert sorted(info) == sorted(p.stem for p in WORKFLOWS)
+    for path in WORKFLOWS:
+        meta = info[path.stem]
+        assert meta["title"] and meta["title"] != path.stem and len(meta["description"]) > 40, path.stem
+        assert path.stem.replace("_", " ") not in meta["description"], path.stem  # not the file name again
+        thumb = path.with_suffix(".jpg")
+        assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name}: missing or not a JPEG"
+        wf = _load(path)
+        for node in wf["nodes"]:
+            files = [v for v in node.get("widgets_values") or [] if isinstance(v, str) and v.endswith(".safetensors")]
+            models = {m["name"]: m for m in node.get("properties", {}).get("models", [])}
+            for f in files:
+                m = models.get(f)
+                assert m, f"{path.stem}: {node['type']} names {f} without model metadata"
+                assert m["url"].startswith("https://huggingface.co/") and m["url"].split("?")[0].endswith("/" + f)
+                assert m["directory"] in ("checkpoints", "diffusion_models", "text_encoders", "vae")
+
+
+def test_notes_point_to_the_calibration_templates():
+    """Point 8: the sampling templates send the artist to the bundled calibration templates, not to the CLI."""
+    for name in ("qsched_sdxl_turbo_w4a8", "qsched_flux_schnell_w4a8"):
+        notes = " ".join(n["widgets_values"][0] for n in _load(REPO / "workflows" / f"{name}.json")["nodes"]
+                         if n["type"] == "Note")
+        assert f"{name}_calibrate" in notes and "qsched calibrate" not in notes, name

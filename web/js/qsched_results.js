@@ -29,9 +29,15 @@ function boxFor(node) {
   el.style.fontFamily = "monospace";
   el.style.fontSize = "11px";
   el.style.lineHeight = `${LINE_PX}px`;
-  el.style.whiteSpace = "pre";
+  el.style.whiteSpace = "pre-wrap";
+  el.style.overflowWrap = "anywhere";
   el.style.overflow = "auto";
-  const height = () => 8 + LINE_PX * Math.min(MAX_LINES, Math.max(2, el.value.split("\n").length));
+  // Rows the text takes at the node's width (11px monospace is about 6.7px a character), at most MAX_LINES.
+  const rows = () => {
+    const cols = Math.max(20, Math.floor((node.size[0] - 30) / 6.7));
+    return el.value.split("\n").reduce((n, line) => n + Math.max(1, Math.ceil(line.length / cols)), 0);
+  };
+  const height = () => 10 + LINE_PX * Math.min(MAX_LINES, Math.max(2, rows()));
   w = node.addDOMWidget(WIDGET, "qsched_result", el, {
     getValue: () => el.value,
     setValue: (v) => { el.value = v ?? ""; },
