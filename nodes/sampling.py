@@ -350,7 +350,7 @@ class QSchedLoadPreset:
         text = describe(c)
         if c.metadata:
             text += "\n" + "\n".join(f"{k}: {v}" for k, v in sorted(c.metadata.items()))
-        return (c, c.steps, text)
+        return {"ui": {"text": [text]}, "result": (c, c.steps, text)}
 
 
 def _preset_path(name: str):

@@ -394,6 +394,7 @@ EXPECTED_TEXT = {
     "QSchedCalibrate": "best JAQ",
     "QSchedJAQScore": "mean JAQ",
     "QSchedSavePreset": "saved",
+    "QSchedLoadPreset": "2 steps",
 }
 
 
@@ -559,4 +560,21 @@ def test_calibration_progress_cancel_and_resume_on_the_node(page):
     assert ev["type"] == "execution_success", ev
     box = next(b for b in page.result_boxes().values() if b["type"] == "QSchedCalibrate")
     assert f"({kept} from the record, {9 - kept} computed now)" in box["text"], box["text"]
+
+
+def test_preset_nodes_show_their_results(page):
+    """Point 1 for the preset nodes: Save Preset shows the path it wrote, Load Preset what it loaded."""
+    (page.server.models / "qsched" / "browser_good.json").write_text(
+        '{"format": "qsched-coefficients", "version": 1, "steps": 2, "c_x": [0.9, 1.0], "c_eps": [1.1, 1.0]}')
+    _preset_graph(page)
+    page.set_widgets("QSchedSavePreset", name="browser_copy")
+    ev = page.queue()
+    assert ev["type"] == "execution_success", ev
+    boxes = {b["type"]: b for b in page.result_boxes().values()}
+    assert set(boxes) == {"QSchedLoadPreset", "QSchedSavePreset"}
+    for node_type, b in boxes.items():
+        assert b["visible"] and b["inside"] and EXPECTED_TEXT[node_type] in b["text"], b
+    assert str(page.server.models / "qsched" / "browser_copy.json") in boxes["QSchedSavePreset"]["text"]
+    page.fit_view(1.0)
+    page.screenshot(SHOTS / "presets_run.png")
 

@@ -170,7 +170,9 @@ def test_presets_round_trip(folder_paths):  # noqa: F811
     assert "saved" in text
     assert sampling.QSchedLoadPreset.INPUT_TYPES()["required"]["preset"][0] == ["sdxl/turbo_w4a8.json"]
     assert sampling.QSchedLoadPreset.VALIDATE_INPUTS(preset="sdxl/turbo_w4a8.json") is True
-    loaded, steps, summary = sampling.QSchedLoadPreset().load("sdxl/turbo_w4a8.json")
+    out = sampling.QSchedLoadPreset().load("sdxl/turbo_w4a8.json")
+    loaded, steps, summary = out["result"]
+    assert out["ui"]["text"] == [summary]  # shown on the node
     assert loaded == c and steps == 4 and "c_x" in summary
     with pytest.raises(NodeInputError, match="input 'overwrite'"):
         sampling.QSchedSavePreset().save(c, "sdxl/turbo_w4a8", False)
