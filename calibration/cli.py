@@ -235,23 +235,20 @@ def _build_jaq(args):
     import os
 
     from .jaq import JAQ, PRESETS
-    from .metrics import SPECS, resolve
+    from .metrics import resolve
 
     tc, iq = PRESETS[args.jaq]
     weights = {}
+    if args.jaq_weights and not os.path.isdir(args.jaq_weights):
+        raise FileNotFoundError(f"--jaq-weights folder not found: {args.jaq_weights}")
     for m in (tc, iq):
-        path = None
-        if args.jaq_weights:
-            if not os.path.isdir(args.jaq_weights):
-                raise FileNotFoundError(f"--jaq-weights folder not found: {args.jaq_weights}")
-            found = [os.path.join(args.jaq_weights, f) for f in SPECS[m].filenames
-                     if os.path.exists(os.path.join(args.jaq_weights, f))]
-            path = found[0] if found else os.path.join(args.jaq_weights, SPECS[m].filenames[0])
-        weights[m] = str(resolve(m, path))  # missing file -> error naming it, the folders searched and the source
+        # missing file -> error naming it, the folders searched and the source
+        weights[m] = str(resolve(m, None, folders=[args.jaq_weights] if args.jaq_weights else None))
     device = getattr(args, "device", None) or "cpu"
     jaq = JAQ(preset=args.jaq, k=args.k, device=device, weights=weights)
     config = {"preset": args.jaq, "tc": tc, "iq": iq, "k": float(args.k), "k_on": jaq.k_on,
-              "tc_transform": jaq.tc_transform, "weights": {m: os.path.basename(p) for m, p in weights.items()}}
+              "tc_transform": jaq.tc_transform, "score_rule": jaq.score_rule,
+              "weights": {m: os.path.basename(p) for m, p in weights.items()}}
     return jaq, config
 
 
@@ -343,7 +340,7 @@ def _score(args) -> int:
     from ..qsched._io import atomic_write_text
     from .plots import load_images
     from .prompts import load_prompts
-    from .runner import score_images
+    from .runner import point_score, score_images
 
     images = load_images(args.images)
     prompts = list(args.prompt or [])
@@ -360,7 +357,7 @@ def _score(args) -> int:
             for i, (path, v) in enumerate(zip(args.images, values))]
     for r in rows:
         print("\t".join([r["image"]] + [f"{k}={r[k]:.6g}" for k in r if k != "image"]))
-    print(f"mean jaq={sum(values) / len(values):.6g}")
+    print(f"set jaq={point_score(jaq, values, comps):.6g} ({jaq.score_rule})")
     if args.json:
         atomic_write_text(args.json, json.dumps({"jaq": config, "images": rows}, indent=2) + "\n")
     return 0

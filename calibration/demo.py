@@ -78,7 +78,7 @@ def run_demo(out_dir: str = "qsched-demo", *, quant: str = "w4a4", steps: int = 
             log(f"seed {r}: Q-Sched {strategy} searched {res.images_spent} images, best c_x[0] = "
                 f"{res.best_point[0]:.3f}, c_eps[0] = {res.best_point[1]:.3f}; " + ", ".join(
                     f"{x['method']} FD {x['fd']:.2f}" for x in [rows[-len(done) - 1]] + done))
-        result = {"config": dict(E.config([steps], [quant], seeds, per_prompt, points, 2.0, "log", (strategy,), world,
+        result = {"config": dict(E.config([steps], [quant], seeds, per_prompt, points, 2.0, "log_per_image", (strategy,), world,
                                           budget, guard, z), demo=True), "rows": rows}
         table = E.format_table(result)
         summary = E.summary(result, steps, quant, strategy)

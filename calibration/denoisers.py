@@ -11,6 +11,7 @@ import torch
 from ..qsched.schedules import alphas_cumprod_scaled_linear, sigmas_from_alphas_cumprod
 
 
+# Follows k-diffusion external.py DiscreteEpsDDPMDenoiser (ComfyUI comfy/model_sampling.py EPS).
 class UNetEpsDenoiser:
     """EPS UNet (SD1.5/SDXL family): input x/sqrt(1+sigma²) at timestep t(sigma); denoised = x − sigma·eps.
 
@@ -92,6 +93,7 @@ def flux_conditioning(pipe, prompt: str, max_sequence_length: int = 64) -> dict:
 
 # ---- helpers for batched calibration (calibration/generate.py) ------------------------------------------
 
+# diffusers pipelines/latent_consistency_models/pipeline_latent_consistency_text2img.py get_guidance_scale_embedding.
 def guidance_scale_embedding(w: float, embedding_dim: int, dtype=torch.float32) -> torch.Tensor:
     """LCM's w-embedding (diffusers ``get_guidance_scale_embedding`` of ``w = guidance - 1``), shape [1, dim]."""
     w = torch.tensor([float(w)]) * 1000.0

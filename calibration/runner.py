@@ -72,7 +72,7 @@ def scorer_config(scorer, explicit: Mapping | None = None) -> dict:
     if isinstance(cfg, Mapping):
         return dict(cfg)
     out: dict[str, Any] = {"class": type(scorer).__name__}
-    for attr in ("k", "k_on", "tc_transform"):
+    for attr in ("k", "k_on", "tc_transform", "score_rule"):
         if hasattr(scorer, attr):
             out[attr] = getattr(scorer, attr)
     for attr in ("tc", "iq"):
@@ -343,7 +343,7 @@ class Runner:
         if not all(math.isfinite(v) for v in jaq):
             raise ValueError(f"scorer returned a non-finite JAQ for point {list(point)}: {jaq}")
         entry = {"point": [float(v) for v in point], "c_x": list(coeff.c_x), "c_eps": list(coeff.c_eps),
-                 "score": math.fsum(jaq) / len(jaq), "jaq": jaq, "components": comps,
+                 "score": point_score(self.scorer, jaq, comps), "jaq": jaq, "components": comps,
                  "images": len(self.prompts), "seconds": round(seconds, 4)}
         self.record.append(entry)
         self._session_images += len(self.prompts)
@@ -441,6 +441,18 @@ class Runner:
         result.best = preset
         result.preset_path = os.fspath(path)
         return result.preset_path
+
+
+def point_score(scorer, jaq: list[float], comps: Mapping[str, list[float]]) -> float:
+    """One score for a point: ``scorer.aggregate(tc, iq)`` when the scorer defines it (JAQ's ``log`` variant is
+    ln of the mean TC, not a mean of per-image values), else the mean per-image JAQ."""
+    if hasattr(scorer, "aggregate") and "tc" in comps and "iq" in comps:
+        value = float(scorer.aggregate(comps["tc"], comps["iq"]))
+    else:
+        value = math.fsum(jaq) / len(jaq)
+    if not math.isfinite(value):
+        raise ValueError(f"scorer returned a non-finite score {value} for a point")
+    return value
 
 
 def score_images(scorer, images: torch.Tensor, prompts: list[str]) -> tuple[list[float], dict[str, list[float]]]:

@@ -31,35 +31,57 @@ def preset_metrics(preset: str) -> tuple[str, str]:
     return JAQ_PRESETS[preset]
 
 
-def weight_choices() -> list[str]:
-    """``auto`` + weight files and transformers CLIP folders (``name/``) in models/qsched/."""
-    register_qsched_folder()
-    import folder_paths
+def _qsched_folders() -> list[str]:
+    return list(register_qsched_folder().get_folder_paths(QSCHED_FOLDER))
 
+
+def _inside(root: str, rel: str) -> bool:
+    from ..calibration.metrics.weights import UnsafePath, confined
+
+    try:
+        confined(root, rel)
+    except UnsafePath:
+        return False
+    return True
+
+
+def weight_choices() -> list[str]:
+    """``auto`` + weight files and transformers CLIP folders (``name/``) in models/qsched/ (entries that a
+    symlink leads out of the folder are not listed: they would be refused)."""
     out = set()
-    for root in folder_paths.get_folder_paths(QSCHED_FOLDER):
+    for root in _qsched_folders():
         if not os.path.isdir(root):
             continue
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+            if rel != "." and not _inside(root, rel):
+                dirnames[:] = []
+                continue
             if "config.json" in filenames and rel != ".":
                 out.add(rel + "/")  # a transformers CLIP folder: its files are not listed one by one
                 dirnames[:] = []
                 continue
             for f in filenames:
-                if f.lower().endswith(WEIGHT_SUFFIXES):
-                    out.add(f if rel == "." else f"{rel}/{f}")
+                name = f if rel == "." else f"{rel}/{f}"
+                if f.lower().endswith(WEIGHT_SUFFIXES) and _inside(root, name):
+                    out.add(name)
     return [AUTO] + sorted(out)
 
 
-def _choice_path(choice: str) -> str | None:
-    register_qsched_folder()
-    import folder_paths
+def _choice_path(choice: str, input_name: str) -> str | None:
+    """The file a combo value names, confined to the qsched folders: absolute names, '..' and symlinks out of
+    the folder are refused (a shared workflow must not be able to make the pack read any other file)."""
+    from ..calibration.metrics.weights import UnsafePath, confined
 
-    for root in folder_paths.get_folder_paths(QSCHED_FOLDER):
-        p = os.path.join(root, choice.rstrip("/"))
-        if os.path.exists(p):
-            return p
+    for root in _qsched_folders():
+        try:
+            p = confined(root, choice.rstrip("/"))
+        except UnsafePath as exc:
+            raise NodeInputError(LOADER, input_name, (
+                f"{exc}. Only files inside models/{QSCHED_FOLDER}/ (or the '{QSCHED_FOLDER}' paths of "
+                "extra_model_paths.yaml) can be used: pick one from the list")) from None
+        if p.exists():
+            return str(p)
     return None
 
 
@@ -70,14 +92,13 @@ def resolve_weight(metric: str, choice: str, input_name: str) -> str:
     if not isinstance(choice, str) or not choice:
         raise NodeInputError(LOADER, input_name, f"must be '{AUTO}' or a file in models/{QSCHED_FOLDER}/, "
                                                  f"got {choice!r}")
-    register_qsched_folder()  # so calibration.metrics.weights sees ComfyUI's qsched folders
     if choice == AUTO:
         try:
-            return str(resolve(metric, None))
+            return str(resolve(metric, None, folders=_qsched_folders()))
         except WeightFileError as exc:
             raise NodeInputError(LOADER, input_name, f"{exc} (put it in ComfyUI's models/{QSCHED_FOLDER}/ and "
                                                      "press 'r', or pick a file in this list)") from None
-    path = _choice_path(choice)
+    path = _choice_path(choice, input_name)
     if path is None:
         raise NodeInputError(LOADER, input_name, (
             f"{choice!r} not found in models/{QSCHED_FOLDER}/ (or the '{QSCHED_FOLDER}' paths of "
@@ -114,6 +135,9 @@ class ComfyJAQ:
 
     def combine(self, tc, iq):
         return self.jaq.combine(tc, iq)
+
+    def aggregate(self, tc, iq):
+        return self.jaq.aggregate(tc, iq)
 
     def score(self, images, prompts):
         return self.jaq.score(images, prompts)
@@ -169,7 +193,7 @@ def load_jaq(preset: str, k: float, tc_weights: str, iq_weights: str, device: st
             metrics[metric] = get_metric_class(metric)(paths[metric], device=dev, dtype=dt, batch_size=16)
     jaq = JAQ(tc=metrics[tc], iq=metrics[iq], k=float(k))  # Eq. 5: TC + k·IQ
     config = {"preset": preset, "tc": tc, "iq": iq, "k": float(k), "k_on": jaq.k_on,
-              "tc_transform": jaq.tc_transform,
+              "tc_transform": jaq.tc_transform, "score_rule": jaq.score_rule,
               "weights": {m: os.path.basename(p.rstrip("/\\")) for m, p in paths.items()},
               "weights_sha256": {m: weight_digest(p) for m, p in paths.items()},
               "device": str(dev), "dtype": str(dt).replace("torch.", "")}
@@ -196,7 +220,7 @@ def parse_prompt_lines(text, node: str, input_name: str = "prompts") -> list[str
 
 def score_report(scorer: ComfyJAQ, images, prompts: list[str]) -> tuple[float, str, list[float]]:
     """-> (mean JAQ, per-image report text, per-image JAQ)."""
-    from ..calibration.runner import score_images
+    from ..calibration.runner import point_score, score_images
 
     jaq, comps = score_images(scorer, images, prompts)
     c = scorer.config
@@ -205,7 +229,7 @@ def score_report(scorer: ComfyJAQ, images, prompts: list[str]) -> tuple[float, s
         parts = [f"{c['tc']}={comps[c['tc']][i]:.5g}", f"{c['iq']}={comps[c['iq']][i]:.5g}"]
         p = prompts[i]
         lines.append(f"image {i + 1}: JAQ={v:.5g} ({', '.join(parts)}) | {p[:60]}{'…' if len(p) > 60 else ''}")
-    mean = math.fsum(jaq) / len(jaq)
+    mean = point_score(scorer, jaq, comps)
     lines.append(f"mean JAQ over {len(jaq)} image{'s' if len(jaq) != 1 else ''}: {mean:.6g}")
     return mean, "\n".join(lines), jaq
 

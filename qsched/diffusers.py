@@ -18,6 +18,7 @@ import torch
 from .coefficients import Coefficients
 
 
+# Follows enyac-group/q-sched scheduling_*.py step() patches (c_eps on model_output, c_x on sample).
 class QSchedScheduler:
     def __init__(self, base_scheduler, coefficients: Coefficients):
         if not hasattr(base_scheduler, "step") or not hasattr(base_scheduler, "set_timesteps"):

@@ -105,6 +105,7 @@ class PTQDCorrection:
                 raise ValueError(f"{os.fspath(path)}: {exc}") from None
 
 
+# PTQD (Shang et al. 2023, github.com/ziplab/PTQD) correlated-error fit; sign fixed (docs/decisions.md).
 def fit_ptqd(eps_fp: Sequence[torch.Tensor], eps_q: Sequence[torch.Tensor], per_channel: bool = True) -> PTQDCorrection:
     """Least squares, per step: eps_q = (1 + gamma)·eps_fp + delta[c] + r.
 

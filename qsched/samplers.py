@@ -31,6 +31,7 @@ PARAMETERIZATIONS = ("eps", "flow")
 EPS_ONLY = ("tcd",)
 
 
+# Follows ComfyUI comfy/k_diffusion/sampling.py default_noise_sampler (k-diffusion).
 def default_noise_sampler(x: torch.Tensor, seed: int | None = None):
     """Noise source of k-diffusion/ComfyUI: one generator seeded once, one ``randn`` per call."""
     generator = None
@@ -79,6 +80,7 @@ def _callback(callback, x, i, sigma, denoised):
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
 
 
+# Follows ComfyUI comfy/k_diffusion/sampling.py sample_euler (k-diffusion; churn omitted).
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, *, coefficients=None,
                  parameterization="eps"):
@@ -100,6 +102,7 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     return x
 
 
+# Follows ComfyUI comfy/k_diffusion/sampling.py sample_euler_ancestral / sample_euler_ancestral_RF.
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *, coefficients=None,
                            parameterization="eps", eta=1.0, s_noise=1.0, noise_sampler=None):
@@ -132,6 +135,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     return x
 
 
+# k-diffusion get_ancestral_step (ComfyUI comfy/k_diffusion/sampling.py).
 def _ancestral_step(sigma_from, sigma_to, eta):
     if not eta:
         return sigma_to, 0.0
@@ -140,6 +144,7 @@ def _ancestral_step(sigma_from, sigma_to, eta):
     return sigma_down, sigma_up
 
 
+# ComfyUI comfy/k_diffusion/sampling.py sample_euler_ancestral_RF, one step.
 def _euler_ancestral_rf_step(x, denoised, sigma, sigma_next, eta, s_noise, noise_sampler):
     """Rectified flow, alpha = 1 − sigma: Euler step down to sigma_down, then re-noise up to sigma_next.
 
@@ -159,6 +164,7 @@ def _euler_ancestral_rf_step(x, denoised, sigma, sigma_next, eta, s_noise, noise
     return x
 
 
+# Follows diffusers src/diffusers/schedulers/scheduling_tcd.py TCDScheduler.step, in sigma space.
 @torch.no_grad()
 def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, *, coefficients=None,
                parameterization="eps", eta=0.3, alphas_cumprod=None, noise_sampler=None):
@@ -197,6 +203,7 @@ def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, *
     return x
 
 
+# Follows ComfyUI comfy/k_diffusion/sampling.py sample_lcm and diffusers schedulers/scheduling_lcm.py step.
 @torch.no_grad()
 def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, *, coefficients=None,
                parameterization="eps", alphas_cumprod=None, boundary_condition=True, timestep_scaling=10.0,

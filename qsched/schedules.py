@@ -24,6 +24,7 @@ FAMILIES = ("sdxl_turbo", "lcm", "tcd", "pcm", "flux_schnell")
 NUM_TRAIN_TIMESTEPS = 1000
 
 
+# diffusers schedulers/scheduling_ddpm.py betas for beta_schedule="scaled_linear".
 def alphas_cumprod_scaled_linear(beta_start: float = 0.00085, beta_end: float = 0.012,
                                  num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
     """alpha_bar of the "scaled_linear" beta schedule shared by SD1.5/SDXL/LCM/PCM/SDXL-Turbo (float64).
@@ -41,6 +42,7 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1.0 - ac) / ac).sqrt()
 
 
+# ComfyUI comfy/model_sampling.py ModelSamplingDiscrete.timestep.
 def timestep_from_sigma(sigma: float | torch.Tensor, alphas_cumprod: torch.Tensor) -> int:
     """The training timestep whose sigma is nearest in log space (ComfyUI's ``ModelSamplingDiscrete.timestep``)."""
     s = float(sigma)
@@ -50,6 +52,7 @@ def timestep_from_sigma(sigma: float | torch.Tensor, alphas_cumprod: torch.Tenso
     return int(torch.argmin((table.log() - math.log(s)).abs()).item())
 
 
+# diffusers schedulers/scheduling_euler_discrete.py set_timesteps, timestep_spacing="trailing".
 def trailing_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
     """diffusers ``timestep_spacing="trailing"``: round(arange(T, 0, -T/N)) - 1 -> 999, 749, 499, 249 for N=4."""
     check_steps(steps, num_train_timesteps)
@@ -57,6 +60,7 @@ def trailing_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEP
     return [int(round(num_train_timesteps - i * ratio)) - 1 for i in range(steps)]
 
 
+# diffusers schedulers/scheduling_lcm.py LCMScheduler.set_timesteps (original_inference_steps).
 def lcm_timesteps(steps: int, original_steps: int = 50, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
     """LCM/TCD skipping on the distillation grid: orig = [19, 39, ..., 999] reversed, taken at
     floor(linspace(0, len(orig), N, endpoint=False)) -> 999, 759, 499, 259 for N=4."""
@@ -72,6 +76,7 @@ def discrete_sigmas(timesteps: Sequence[int], alphas_cumprod: torch.Tensor) -> t
     return torch.cat([table[torch.as_tensor(list(timesteps), dtype=torch.long)], table.new_zeros(1)])
 
 
+# diffusers schedulers/scheduling_flow_match_euler_discrete.py set_timesteps (static shift).
 def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     """FluxPipeline schedule: sigma = linspace(1, 1/N, N), shifted by shift·s / (1 + (shift - 1)·s), then 0."""
     check_steps(steps, NUM_TRAIN_TIMESTEPS)

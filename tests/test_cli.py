@@ -7,11 +7,10 @@ import pytest
 
 from qsched_pack.calibration.cli import main
 from qsched_pack.qsched import Coefficients
-from test_generate import tiny_models
 
 
-def test_calibrate_sample_score_end_to_end(tmp_path, jaq_dir, capsys):
-    model = str(tiny_models()["sdxl"])
+def test_calibrate_sample_score_end_to_end(tmp_path, jaq_dir, capsys, tiny_pipelines):
+    model = str(tiny_pipelines["sdxl"])
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat sitting on a red chair\na dog in the snow\n")
     out = tmp_path / "run"
@@ -73,8 +72,8 @@ def test_calibrate_bad_input_fails_before_loading_anything_heavy(tmp_path, capsy
     assert not (tmp_path / "o").exists()
 
 
-def test_missing_scorer_weight_file_is_named(tmp_path, capsys):
-    rc = main(["calibrate", "--model", str(tiny_models()["sdxl"]), "--steps", "2", "--size", "32",
+def test_missing_scorer_weight_file_is_named(tmp_path, capsys, tiny_pipelines):
+    rc = main(["calibrate", "--model", str(tiny_pipelines["sdxl"]), "--steps", "2", "--size", "32",
                "--jaq-weights", str(tmp_path), "--out", str(tmp_path / "o")])
     assert rc == 2 and "ViT-L-14.pt" in capsys.readouterr().err
 

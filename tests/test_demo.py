@@ -35,27 +35,70 @@ def _uint8(images):
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def test_demo_runs_end_to_end_writes_every_file_and_reproduces(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out)] + REDUCED) == 0
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One reduced demo run: (output folder, what it printed)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(out)] + REDUCED) == 0
+    return out, printed.getvalue()
+
+
+def _table_rows(text: str) -> dict:
+    """method -> the cells of its row in table.md (steps, model, method, FD, accuracy, ...)."""
+    rows = [ln.strip("| ").split(" | ") for ln in text.splitlines() if ln.startswith("| 4 |")]
+    return {r[2]: r for r in rows}
+
+
+def _mean(cell: str) -> float:
+    return float(cell.split(" ± ")[0])
+
+
+def test_demo_writes_every_file_and_its_table_reports_the_images_the_models_make(demo):
+    out, printed = demo
     for f in ("table.md", "results.json", "landscape.png", "grid.png", "preset.json"):
         assert (out / f).stat().st_size > 0, f
-    result = json.loads((out / "results.json").read_text())
-    rows = result["rows"]
-    assert [x["method"] for x in rows] == ["fp32", "naive", "ptqd", "qsched-zoom"]
-    assert result["config"]["formats"] == ["w4a4"] and result["config"]["steps"] == [4]
-    q = rows[-1]
-    assert 0 < q["images"] <= 600 and q["calib_jaq"] >= q["calib_jaq_identity"]
+    rows = _table_rows((out / "table.md").read_text())
+    assert list(rows) == ["fp32", "naive", "ptqd", "qsched-zoom"]
+    # Measured here without the demo's code path: the packaged model, FP32 / W4A4 / W4A4 + the written preset,
+    # on the 20 prompts x 2 unseen evaluation seeds of seed 0, scored by the reference network.
+    world = TinyWorld.from_file(PACKAGED)
+    net = world.quantized_generator("w4a4")[0]
+    preset = Coefficients.load(out / "preset.json")
+    prompts = [p for p in all_prompts() for _ in range(2)]
+    seeds = E.eval_seeds(0, len(prompts))
+    for method, gen, coeff in (("fp32", world.sampler(4), None), ("naive", world.sampler(4, net=net), None),
+                               ("qsched-zoom", world.sampler(4, net=net), preset)):
+        ref = world.reference().evaluate(gen.generate(coeff, prompts, seeds), prompts)
+        assert _mean(rows[method][3]) == pytest.approx(ref["fd"], abs=0.006), method
+        assert _mean(rows[method][4]) == pytest.approx(ref["accuracy"], abs=0.0006), method
+    assert "wrote" in printed and rows["qsched-zoom"][3] in printed
 
-    # the table and the honest summary are in table.md and on stdout
-    table = (out / "table.md").read_text()
-    assert "| 4 | FP32 | fp32 |" in table and "| 4 | W4A4 | qsched-zoom |" in table
-    gap = E.gap_closed(rows, 4, "w4a4", "qsched-zoom")
-    expected = (f"{gap['pct']:.0f}% of the FD gap closed" if gap["pct"] is not None else "No measurable loss")
-    assert expected in table and expected in printed and "wrote" in printed
 
-    # the preset is the searched best, and the grid shows the actual images of each model (same seeds)
+def test_demo_summary_states_the_gap_its_table_shows(demo):
+    out, printed = demo
+    rows = _table_rows((out / "table.md").read_text())
+    fd = {m: _mean(rows[m][3]) for m in ("fp32", "naive", "qsched-zoom")}
+    gap = fd["naive"] - fd["fp32"]
+    if gap > 0.05 * fd["fp32"]:  # one seed: no spread, the 5% floor decides
+        pct = 100 * (fd["naive"] - fd["qsched-zoom"]) / gap
+        said = [ln for ln in printed.splitlines() if "% of the FD gap closed" in ln]
+        assert len(said) == 1
+        stated = float(said[0].split("% of the FD gap closed")[0].rsplit(" ", 1)[-1])
+        assert stated == pytest.approx(pct, abs=1.5)  # the table's FDs are rounded to 0.01
+        assert said[0] in (out / "table.md").read_text()
+    else:
+        assert "No measurable loss" in printed
+
+
+def test_demo_preset_is_the_searched_best_and_the_grid_shows_each_models_images(demo):
+    out, _ = demo
+    q = json.loads((out / "results.json").read_text())["rows"][-1]
+    assert 0 < q["images"] <= 600 and q["calib_jaq"] >= q["calib_jaq_identity"]  # within budget, never below identity
     preset = Coefficients.load(out / "preset.json")
     assert list(preset.c_x) == q["c_x"] and list(preset.c_eps) == q["c_eps"]
     world = TinyWorld.from_file(PACKAGED)
@@ -74,17 +117,18 @@ def test_demo_runs_end_to_end_writes_every_file_and_reproduces(tmp_path, capsys)
         for col, img in expect.items():
             assert torch.equal(_tile(out / "grid.png", layout, row, col, i), _uint8(img[0])), (row, col, i)
 
-    # same seeds -> the same table and the same grid, byte for byte
+
+def test_demo_is_reproducible_and_matches_the_experiment(demo, tmp_path):
+    out, _ = demo
     again = tmp_path / "again"
     assert main(["demo", "--out", str(again)] + REDUCED) == 0
     assert (again / "table.md").read_bytes() == (out / "table.md").read_bytes()
     assert (again / "grid.png").read_bytes() == (out / "grid.png").read_bytes()
-
     # the demo's numbers are the experiment's rows for the same setting
     exp = E.run(str(tmp_path / "exp"), steps_list=(4,), formats=("w4a4",), seeds=(0,), per_prompt=2, points=5,
                 budget=600, log=None)
     strip = lambda rs: [{k: v for k, v in x.items() if k != "search_seconds"} for x in rs]  # noqa: E731
-    assert strip(exp["rows"]) == strip(rows)
+    assert strip(exp["rows"]) == strip(json.loads((out / "results.json").read_text())["rows"])
 
 
 def test_demo_guard_rows_follow_the_guard(tmp_path, capsys):

@@ -1,12 +1,9 @@
 """Diffusers generator on tiny random SDXL / FLUX pipelines saved to disk and loaded back through
 ``load_pipeline``: common random numbers, batching, text-encoding cache, families, quantization, loading errors."""
 
-import atexit
 import functools
 import json
 import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,36 +16,24 @@ RAMP = Coefficients.ramp(2, 0.9, 1.0, 1.1, 1.0)
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_models() -> dict:
-    """Tiny SDXL-like and FLUX-like pipelines saved once per test process (shared with test_cli/test_search_tiny)."""
-    from qsched_pack.calibration.tiny_pipelines import build_flux_pipeline, build_sdxl_pipeline
-
-    root = Path(tempfile.mkdtemp(prefix="qsched-tiny-"))
-    atexit.register(shutil.rmtree, root, True)
-    sdxl = build_sdxl_pipeline(0)
-    sdxl.save_pretrained(root / "sdxl")
-    build_flux_pipeline(0).save_pretrained(root / "flux")
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in sdxl.unet.state_dict().items()}, str(root / "unet.safetensors"))
-    return {"sdxl": root / "sdxl", "flux": root / "flux", "unet_file": root / "unet.safetensors", "root": root}
+def _load(path: str):
+    return load_pipeline(path)
 
 
-@functools.lru_cache(maxsize=None)
-def loaded(name: str):
-    return load_pipeline(tiny_models()[name])
+def loaded(models: dict, name: str):
+    return _load(str(models[name]))
 
 
-def make(name="sdxl", **kw):
-    args = dict(steps=2, height=32, width=32, batch_size=2, model_file=tiny_models()[name])
+def make(models: dict, name="sdxl", **kw):
+    args = dict(steps=2, height=32, width=32, batch_size=2, model_file=models[name])
     args.update(kw)
-    return DiffusersGenerator(loaded(name), **args)
+    return DiffusersGenerator(loaded(models, name), **args)
 
 
 @pytest.mark.parametrize("name,family", [("sdxl", "sdxl_turbo"), ("sdxl", "tcd"), ("sdxl", "lcm"),
                                          ("flux", "flux_schnell")])
-def test_common_random_numbers_and_batch_invariance(name, family):
-    g = make(name, family=family, eta=0.3 if family == "tcd" else None)
+def test_common_random_numbers_and_batch_invariance(name, family, tiny_pipelines):
+    g = make(tiny_pipelines, name, family=family, eta=0.3 if family == "tcd" else None)
     a = g.generate(RAMP, PROMPTS, [5, 6, 7])
     assert a.shape == (3, 32, 32, 3) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
     assert torch.equal(a, g.generate(RAMP, PROMPTS, [5, 6, 7]))  # same point -> same images, bit for bit
@@ -59,15 +44,15 @@ def test_common_random_numbers_and_batch_invariance(name, family):
     assert not torch.allclose(a, g.generate(Coefficients.identity(2), PROMPTS, [5, 6, 7]), atol=1e-4)
 
 
-def test_identity_matches_stock_sampler_run_by_hand():
+def test_identity_matches_stock_sampler_run_by_hand(tiny_pipelines):
     """The generator is the stock sampler + denoiser wiring: rebuild image 0 by hand and compare."""
     from qsched_pack.calibration.denoisers import UNetEpsDenoiser, sdxl_conditioning
     from qsched_pack.qsched import samplers
     from qsched_pack.qsched.schedules import few_step_sigmas
 
-    g = make(family="sdxl_turbo")
+    g = make(tiny_pipelines, family="sdxl_turbo")
     img = g.generate(Coefficients.identity(2), PROMPTS[:1], [11])
-    pipe = loaded("sdxl")
+    pipe = loaded(tiny_pipelines, "sdxl")
     sig = few_step_sigmas("sdxl_turbo", 2)
     x = torch.randn((1, 4, 4, 4), generator=torch.Generator().manual_seed(11)) * float(sig[0])
     gen = torch.Generator().manual_seed(11 * 1000003 + 1)
@@ -78,49 +63,50 @@ def test_identity_matches_stock_sampler_run_by_hand():
     assert torch.allclose(img, g.decode(lat), atol=1e-5)
 
 
-def test_text_encodings_computed_once_per_prompt(monkeypatch):
+def test_text_encodings_computed_once_per_prompt(monkeypatch, tiny_pipelines):
     from qsched_pack.calibration import denoisers
 
     calls = []
     real = denoisers.conditioning_for
     monkeypatch.setattr(denoisers, "conditioning_for", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
-    g = make()
+    g = make(tiny_pipelines)
     for c in (RAMP, Coefficients.identity(2), RAMP):
         g.generate(c, PROMPTS, [1, 2, 3])
     assert sorted(calls) == sorted(PROMPTS)
 
 
-def test_fingerprint_names_model_hash_family_sampler_quant():
-    g = make("flux", family="flux_schnell")
+def test_fingerprint_names_model_hash_family_sampler_quant(tiny_pipelines):
+    g = make(tiny_pipelines, "flux", family="flux_schnell")
     fp = g.fingerprint()
-    assert fp["model_hash"] == model_hash(tiny_models()["flux"]) and len(fp["model_hash"]) == 64
+    assert fp["model_hash"] == model_hash(tiny_pipelines["flux"]) and len(fp["model_hash"]) == 64
     assert (fp["family"], fp["sampler"], fp["steps"], fp["quant"]) == ("flux_schnell", "euler", 2, None)
     json.dumps(fp)
 
 
-def test_quantized_generator_differs_from_full_precision():
-    q = DiffusersGenerator(load_pipeline(tiny_models()["sdxl"]), steps=2, height=32, width=32, quant="w4a8",
+def test_quantized_generator_differs_from_full_precision(tiny_pipelines):
+    q = DiffusersGenerator(load_pipeline(tiny_pipelines["sdxl"]), steps=2, height=32, width=32, quant="w4a8",
                            model_hash_value="x")
     assert q.fingerprint()["quant"] == "w4a8" and q.quant_report is not None
     a = q.generate(RAMP, PROMPTS[:1], [3])
-    b = make().generate(RAMP, PROMPTS[:1], [3])
+    b = make(tiny_pipelines).generate(RAMP, PROMPTS[:1], [3])
     assert not torch.allclose(a, b, atol=1e-4)
 
 
-def test_single_file_denoiser_with_local_config_folder(tmp_path):
-    m = tiny_models()
+def test_single_file_denoiser_with_local_config_folder(tmp_path, tiny_pipelines):
+    m = tiny_pipelines
     cfg = tmp_path / "cfg"
     shutil.copytree(m["sdxl"], cfg)
     for f in (cfg / "unet").glob("*.safetensors"):
         f.unlink()  # a config folder without the denoiser's weights, like users download
     pipe = load_pipeline(m["unet_file"], config=cfg)
     g = DiffusersGenerator(pipe, steps=2, height=32, width=32, model_file=m["unet_file"])
-    assert torch.allclose(g.generate(RAMP, PROMPTS[:1], [4]), make().generate(RAMP, PROMPTS[:1], [4]), atol=1e-5)
+    assert torch.allclose(g.generate(RAMP, PROMPTS[:1], [4]), make(tiny_pipelines).generate(RAMP, PROMPTS[:1], [4]),
+                          atol=1e-5)
     assert g.model_hash == model_hash(m["unet_file"]) != model_hash(m["sdxl"])
 
 
-def test_loading_errors_name_the_missing_file(tmp_path):
-    m = tiny_models()
+def test_loading_errors_name_the_missing_file(tmp_path, tiny_pipelines):
+    m = tiny_pipelines
     with pytest.raises(FileNotFoundError, match="model not found: .*nope"):
         load_pipeline(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match=r"model_index\.json is missing"):
@@ -138,15 +124,15 @@ def test_loading_errors_name_the_missing_file(tmp_path):
         load_pipeline(m["unet_file"])
 
 
-def test_bad_generator_arguments():
-    pipe = loaded("sdxl")
+def test_bad_generator_arguments(tiny_pipelines):
+    pipe = loaded(tiny_pipelines, "sdxl")
     with pytest.raises(ValueError, match="family must be one of sdxl_turbo, flux_schnell, lcm, tcd, pcm"):
         DiffusersGenerator(pipe, family="sd3", model_hash_value="x")
     with pytest.raises(ValueError, match="sampler must be one of"):
         DiffusersGenerator(pipe, sampler="dpmpp", model_hash_value="x")
     with pytest.raises(ValueError, match="height must be a multiple of 16"):
         DiffusersGenerator(pipe, height=30, model_hash_value="x")
-    g = make()
+    g = make(tiny_pipelines)
     with pytest.raises(ValueError, match="coefficients have 4 steps .* but the sampler runs 2 steps"):
         g.generate(Coefficients.identity(4), PROMPTS, [1, 2, 3])
 

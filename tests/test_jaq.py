@@ -4,8 +4,10 @@ the product's loading code. Every metric is checked against an independent compu
 from __future__ import annotations
 
 import math
+import os
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +66,22 @@ def tv_preprocess(img_bhwc, size):
     x = img_bhwc.permute(0, 3, 1, 2)
     x = v2.CenterCrop(size)(v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(x))
     return (x.clamp(0, 1) - OPENAI_MEAN) / OPENAI_STD
+
+
+def hps_letterbox_preprocess(img_bhwc, size):
+    """HPSv2's eval transform written after its ResizeMaxSize (hpsv2/src/open_clip/transform.py) with torchvision:
+    longest side to ``size`` (round), bicubic on the tensor, zero pad (left/top get the smaller half), Normalize."""
+    from torchvision.transforms import v2
+
+    out = []
+    for img in img_bhwc.permute(0, 3, 1, 2):
+        h, w = img.shape[1:]
+        scale = size / float(max(h, w))
+        new = [round(h * scale), round(w * scale)]
+        img = v2.functional.resize(img, new, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        ph, pw = size - new[0], size - new[1]
+        out.append(v2.functional.pad(img, [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2], fill=0))
+    return (torch.stack(out) - OPENAI_MEAN) / OPENAI_STD
 
 
 def ref_clipscore_openclip(model, imgs, prompts):
@@ -229,10 +247,13 @@ def test_hpsv2_open_clip_checkpoint_matches_explicit_dot(metrics):
     import open_clip
 
     m = metrics["hpsv2"]
-    imgs = images(6, 72, 56)
+    imgs = images(6, 72, 56)  # not square: HPSv2 letterboxes (the official preprocess_val), it does not crop
     got = m(imgs, PROMPTS)
     model = m.encoder.model
-    f_img = F.normalize(model.encode_image(tv_preprocess(imgs, 56)), dim=-1)
+    f_img = F.normalize(model.encode_image(hps_letterbox_preprocess(imgs, 56)), dim=-1)
+    cropped = F.normalize(model.encode_image(tv_preprocess(imgs, 56)), dim=-1)
+    assert (got - torch.diagonal(cropped @ F.normalize(model.encode_text(open_clip.get_tokenizer(TINY_HPS)(
+        PROMPTS)), dim=-1).T)).abs().max() > 1e-3  # the geometry matters: a crop would give other scores
     f_txt = F.normalize(model.encode_text(open_clip.get_tokenizer(TINY_HPS)(PROMPTS)), dim=-1)
     torch.testing.assert_close(got, torch.diagonal(f_img @ f_txt.T), atol=1e-5, rtol=1e-4)
     assert ((got >= -1) & (got <= 1)).all()
@@ -428,23 +449,30 @@ def test_weights_found_through_env_var(files, monkeypatch, metrics):
     assert m.model is metrics["clipiqa"].model
 
 
-def test_comfyui_models_folder_registered_and_searched(files, monkeypatch, tmp_path):
+def test_comfyui_folders_are_passed_in_never_looked_up(files, monkeypatch, tmp_path):
+    """The library never reaches into ComfyUI's ``folder_paths`` module: the nodes pass their folders in."""
+    from qsched_pack.calibration.metrics import weights as W
+
     registered = {}
     fake = types.SimpleNamespace(
         folder_names_and_paths={}, models_dir=str(tmp_path / "models"),
         add_model_folder_path=lambda key, path: registered.setdefault(key, []).append(path),
         get_folder_paths=lambda key: registered.get(key, []) + [str(files["dir"])])
+    W.register_comfy_folder(fake)
+    assert registered == {"qsched": [str(tmp_path / "models" / "qsched")]}
     monkeypatch.setitem(sys.modules, "folder_paths", fake)
     monkeypatch.delenv("QSCHED_MODELS_DIR", raising=False)
-    m = AQMAP(device="cpu", nouns="rules")
-    assert registered == {"qsched": [str(tmp_path / "models" / "qsched")]}
-    assert m.model.visual.image_size == (64, 64)
+    with pytest.raises(WeightFileError, match="Searched: none"):
+        AQMAP(device="cpu", nouns="rules")
+    path = W.resolve("aqmap", folders=fake.get_folder_paths("qsched"))
+    assert path == Path(os.path.realpath(files["dir"] / "ViT-B-16.pt"))
+    assert AQMAP(path, device="cpu", nouns="rules").model.visual.image_size == (64, 64)
 
 
 def test_corrupt_and_mismatched_weight_files(files, tmp_path):
     bad = tmp_path / "RN50.pt"
     bad.write_bytes(b"this is not a checkpoint" * 10)
-    with pytest.raises(WeightFileError, match="cannot load .*RN50.pt"):
+    with pytest.raises(WeightFileError, match="cannot read .*RN50.pt"):
         CLIPIQA(bad, device="cpu")
     truncated = tmp_path / "ViT-B-16.pt"
     truncated.write_bytes(files["vit"].read_bytes()[:100_000])
@@ -479,3 +507,138 @@ def test_gpu_half_precision_close_to_fp32(files, dtype):
         got = cls(path, device="cuda", dtype=dtype, **kw)(imgs, PROMPTS[:4])
         scale = 100.0 if cls is CLIPScore else 1.0
         torch.testing.assert_close(got, ref, atol=0.05 * scale, rtol=0.05)
+
+
+# ---------------------------------------------------------------- reference fidelity (issue 12)
+@pytest.mark.parametrize("hw", [(100, 334), (334, 100), (64, 201), (97, 131), (57, 57), (300, 64)])
+def test_clip_resize_rounds_like_torchvision(hw):
+    """Shortest side to the model size, long side int(size*long/short) (torchvision Resize(int), CLIP's
+    _transform, CLIPImageProcessor), centre crop: equal to torchvision on the same tensor."""
+    from torchvision.transforms import v2
+
+    x = images(2, *hw).permute(0, 3, 1, 2)
+    want = v2.CenterCrop(64)(v2.Resize(64, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(x).clamp(0, 1))
+    torch.testing.assert_close(common.resize_center_crop(x, 64), want, atol=1e-6, rtol=0)
+
+
+def test_clip_resize_long_side_is_truncated_not_rounded():
+    """100x334 -> 64 x int(213.76) = 213 (round() would give 214 and shift the crop by one pixel)."""
+    seen = {}
+    real = common.resize
+    common_resize = lambda x, size, clamp=True: seen.setdefault("size", size) and real(x, size, clamp)  # noqa: E731
+    try:
+        common.resize = common_resize
+        common.resize_center_crop(images(1, 100, 334).permute(0, 3, 1, 2), 64)
+    finally:
+        common.resize = real
+    assert seen["size"] == (64, 213)
+
+
+@pytest.mark.parametrize("hw", [(72, 56), (56, 90), (30, 200), (56, 56), (201, 57)])
+def test_hps_letterbox_equals_the_official_geometry(hw):
+    x = images(2, *hw)
+    want = hps_letterbox_preprocess(x, 56) * OPENAI_STD + OPENAI_MEAN
+    torch.testing.assert_close(common.letterbox(x.permute(0, 3, 1, 2), 56), want, atol=1e-6, rtol=0)
+
+
+def test_letterbox_pads_an_image_whose_long_side_already_fits():
+    """The original leaves a 56x30 image unpadded when the model size is 56 (its ViT then fails): we pad it."""
+    out = common.letterbox(images(1, 56, 30).permute(0, 3, 1, 2), 56)
+    assert out.shape[-2:] == (56, 56) and out[..., :, :13].abs().max() == 0 and out[..., :, 43:].abs().max() == 0
+
+
+class _FixedMetric:
+    def __init__(self, name, values):
+        self.name, self.values = name, torch.tensor(values)
+
+    def __call__(self, images, prompts=None):
+        return self.values
+
+
+def test_log_jaq_is_ln_of_the_mean_like_the_official_criterion():
+    """Official ``new``: torch.log(CLIPScore().compute()) + k*mean(CLIP-IQA); compute() is the mean over images.
+    Two sets where ln-of-mean and mean-of-ln disagree on the ranking."""
+    k = 2.0
+    a_tc, a_iq = [10.0, 40.0], [0.50, 0.50]  # uneven alignment
+    b_tc, b_iq = [21.0, 21.0], [0.52, 0.52]  # even
+    jaq = lambda tc, iq, t: JAQ(_FixedMetric("clipscore", tc), _FixedMetric("clipiqa", iq), k=k, tc_transform=t)  # noqa: E731
+    official = lambda tc, iq: math.log(sum(tc) / len(tc)) + k * sum(iq) / len(iq)  # noqa: E731
+    per_image = lambda tc, iq: sum(math.log(t) + k * q for t, q in zip(tc, iq)) / len(tc)  # noqa: E731
+    for tc, iq in ((a_tc, a_iq), (b_tc, b_iq)):
+        assert jaq(tc, iq, "log").aggregate(torch.tensor(tc), torch.tensor(iq)) == pytest.approx(official(tc, iq))
+        assert jaq(tc, iq, "log_per_image").aggregate(torch.tensor(tc), torch.tensor(iq)) == pytest.approx(
+            per_image(tc, iq))
+        assert jaq(tc, iq, "identity").aggregate(torch.tensor(tc), torch.tensor(iq)) == pytest.approx(
+            sum(t + k * q for t, q in zip(tc, iq)) / 2)
+    assert official(a_tc, a_iq) > official(b_tc, b_iq) and per_image(a_tc, a_iq) < per_image(b_tc, b_iq)
+    j = jaq(a_tc, a_iq, "log")
+    assert j.score_rule == "ln(mean TC) + k*mean(IQ)" and jaq(a_tc, a_iq, "identity").score_rule == "mean(JAQ_i)"
+    # per image, combine() is still ln(TC_i) + k*IQ_i
+    torch.testing.assert_close(j.score(None, ["p", "p"]), torch.tensor([math.log(10) + 1.0, math.log(40) + 1.0]))
+    with pytest.raises(ValueError, match="tc_transform must be one of"):
+        JAQ(_FixedMetric("clipscore", [1.0]), _FixedMetric("clipiqa", [1.0]), tc_transform="ln")
+
+
+def test_runner_ranks_points_by_the_aggregate():
+    from qsched_pack.calibration.runner import point_score
+
+    j = JAQ(_FixedMetric("clipscore", [10.0, 40.0]), _FixedMetric("clipiqa", [0.5, 0.5]), tc_transform="log")
+    comps = {"tc": [10.0, 40.0], "iq": [0.5, 0.5]}
+    per_image = [math.log(10.0) + 1.0, math.log(40.0) + 1.0]
+    assert point_score(j, per_image, comps) == pytest.approx(math.log(25.0) + 1.0)
+    assert point_score(object(), per_image, comps) == pytest.approx(sum(per_image) / 2)
+
+
+class _Tok:
+    def __init__(self, text, pos):
+        self.text, self.pos_, self.is_punct = text, pos, pos == "PUNCT"
+        self.is_stop = text.lower() in {"front", "side", "top", "the", "of", "a", "on"}  # spaCy's list has these
+
+
+class _Doc(list):
+    def __init__(self, toks, chunk_starts):
+        super().__init__(toks)
+        self.noun_chunks = [types.SimpleNamespace(start=s) for s in chunk_starts]
+
+
+def test_spacy_nouns_filter_with_function_words_only(monkeypatch):
+    """The official AQ-MAP drops NLTK stop words (function words); spaCy's is_stop would drop 'front' and 'top'."""
+    from qsched_pack.calibration.metrics import nouns
+
+    doc = _Doc([_Tok("the", "DET"), _Tok("front", "NOUN"), _Tok("of", "ADP"), _Tok("a", "DET"), _Tok("car", "NOUN"),
+                _Tok("on", "ADP"), _Tok("the", "DET"), _Tok("top", "NOUN")], [0, 3, 6])
+    monkeypatch.setattr(nouns, "_spacy", lambda: (lambda prompt: doc))
+    assert nouns.spacy_nouns("the front of a car on the top") == ["front", "car", "top"]
+    assert {"the", "of", "a", "on", "not", "nor", "wouldn't"} <= nouns.NLTK_STOPWORDS
+    assert not {"front", "side", "top", "bottom", "name", "back", "part"} & nouns.NLTK_STOPWORDS
+    assert len(nouns.NLTK_STOPWORDS) == 179
+
+
+def test_rule_nouns_handle_non_ascii_prompts():
+    assert rule_nouns("a café in Zürich next to the old Straße") == ["café", "Zürich", "Straße"]
+    assert rule_nouns("the front of a house") == ["front", "house"]
+    assert rule_nouns("東京 tower at night") == ["tower", "night"]
+    assert rule_nouns("ÉCOLE, naïve façade") == ["ÉCOLE", "façade"]
+
+
+def test_prompt_errors_are_clear():
+    with pytest.raises(ValueError, match="prompts are missing"):
+        common.check_prompts(None, 2)
+    with pytest.raises(TypeError, match=r"prompts\[1\] must be a string, got int"):
+        common.check_prompts(["a", 3], 2)
+    with pytest.raises(TypeError, match="must be a string or a list of strings"):
+        common.check_prompts(5, 1)
+    with pytest.raises(TypeError, match="must be a string or a list of strings"):
+        common.check_prompts(b"bytes", 1)
+
+
+def test_overshoot_messages_tell_the_real_cause():
+    x = images(1)
+    with pytest.raises(ValueError, match=r"max is 1.01\. The values overshoot 1 slightly.*clamp"):
+        common.check_images(x * 1.01)
+    with pytest.raises(ValueError, match="0..255 pixels: divide by 255"):
+        common.check_images(x * 200)
+    with pytest.raises(ValueError, match="dip below 0 slightly"):
+        common.check_images(x - x.min() - 0.02)
+    with pytest.raises(ValueError, match="-1..1"):
+        common.check_images(x * 2 - 1)

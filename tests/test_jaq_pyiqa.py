@@ -22,5 +22,5 @@ def test_pyiqa_backend_equals_open_clip_backend(tmp_path):
 def test_pyiqa_backend_rejects_corrupt_file(tmp_path):
     bad = tmp_path / "RN50.pt"
     bad.write_bytes(b"\0" * 1000)
-    with pytest.raises(WeightFileError, match="pyiqa cannot load"):
+    with pytest.raises(WeightFileError, match="RN50.pt"):
         CLIPIQA(bad, device="cpu", backend="pyiqa")

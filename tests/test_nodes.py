@@ -13,7 +13,6 @@ from qsched_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from qsched_pack.nodes import sampling
 from qsched_pack.nodes.common import COEFFICIENTS, JAQ_SCORER, NodeInputError
 from qsched_pack.qsched.coefficients import C_MAX, Coefficients, check_coefficient
-from test_workflows import folder_paths  # noqa: F401  (fixture)
 
 
 def _refused(validate, **kwargs) -> str:
@@ -37,7 +36,7 @@ def test_expected_nodes_are_registered():
 
 
 @pytest.mark.parametrize("name", NODES)
-def test_schema_is_well_formed(name, folder_paths):  # noqa: F811
+def test_schema_is_well_formed(name, folder_paths):
     cls = NODE_CLASS_MAPPINGS[name]
     assert NODE_DISPLAY_NAME_MAPPINGS[name].startswith("Q-Sched ")
     assert cls.CATEGORY.split("/")[0] in ("sampling", "loaders") and "/qsched" in cls.CATEGORY
@@ -77,16 +76,23 @@ def test_schema_is_well_formed(name, folder_paths):  # noqa: F811
         assert all(p.default is None for p in vparams.values()), "linked inputs arrive as missing: default None"
 
 
-def test_coefficient_sliders():
+def test_coefficient_sliders_reach_the_paper_range_start_at_identity_and_stay_valid():
+    from qsched_pack.calibration.search import DEFAULT_RANGE
+
     req = sampling.QSchedCoefficients.INPUT_TYPES()["required"]
-    for name in ("c_x_start", "c_x_end", "c_eps_start", "c_eps_end"):
+    names = ("c_x_start", "c_x_end", "c_eps_start", "c_eps_end")
+    for name in names:
         kind, opts = req[name]
-        assert kind == "FLOAT"
-        # the range the library accepts ((0, C_MAX]), fine steps from 1.0; no slider squeezing 0.8-1.2 into 4 %
-        assert (opts["min"], opts["max"], opts["step"], opts["default"]) == (0.001, C_MAX, 0.001, 1.0)
-        assert "display" not in opts
+        assert kind == "FLOAT" and opts["default"] == 1.0, name  # untouched sliders = the stock sampler
+        assert opts["min"] <= DEFAULT_RANGE[0] and opts["max"] >= DEFAULT_RANGE[1], name  # the paper's [0.8, 1.2]
+        assert "display" not in opts and opts["step"] == 0.001, name  # no slider squeezing 0.8-1.2
+        assert (opts["min"], opts["max"]) == (0.001, C_MAX), name  # the library's whole range
         check_coefficient(opts["min"], name)
-        check_coefficient(opts["max"], name)
+    node = sampling.QSchedCoefficients()
+    for end in ("min", "max"):  # every slider position is a coefficient the library accepts
+        c, _, _ = node.build(4, *(req[n][1][end] for n in names))
+        assert c.c_x[0] == req["c_x_start"][1][end] and c.c_eps[-1] == req["c_eps_end"][1][end]
+    assert node.build(4, *(req[n][1]["default"] for n in names))[0].is_identity
 
 
 def test_names_and_order_follow_core_ksampler():
@@ -152,7 +158,7 @@ def test_coefficients_validate_inputs():
     assert "steps" in msg
 
 
-def _write_preset(folder_paths, name, text):  # noqa: F811
+def _write_preset(folder_paths, name, text):
     from qsched_pack.nodes.common import register_qsched_folder
 
     register_qsched_folder()
@@ -164,7 +170,7 @@ def _write_preset(folder_paths, name, text):  # noqa: F811
         f.write(text)
 
 
-def test_presets_round_trip(folder_paths):  # noqa: F811
+def test_presets_round_trip(folder_paths):
     c = Coefficients.ramp(4, 0.95, 1.0, 1.05, 1.0)
     text, = sampling.QSchedSavePreset().save(c, "sdxl/turbo_w4a8", True)["ui"]["text"]
     assert "saved" in text
@@ -178,7 +184,7 @@ def test_presets_round_trip(folder_paths):  # noqa: F811
         sampling.QSchedSavePreset().save(c, "sdxl/turbo_w4a8", False)
 
 
-def test_preset_list_shows_only_json(folder_paths):  # noqa: F811
+def test_preset_list_shows_only_json(folder_paths):
     _write_preset(folder_paths, "a.json", Coefficients.identity(2).to_json())
     _write_preset(folder_paths, "weights.pt", "")
     assert sampling.QSchedLoadPreset.INPUT_TYPES()["required"]["preset"][0] == ["a.json"]
@@ -190,7 +196,7 @@ def test_preset_list_shows_only_json(folder_paths):  # noqa: F811
     ('{"c_x": [1.0], "c_eps": [NaN]}', "NaN"),
     ('{"c_x": [1.0], "c_eps": [1.0], "extra": 1}', "unknown preset field"),
 ])
-def test_malformed_preset_is_reported_on_the_preset_input(folder_paths, content, expected):  # noqa: F811
+def test_malformed_preset_is_reported_on_the_preset_input(folder_paths, content, expected):
     _write_preset(folder_paths, "bad.json", content)
     msg = _refused(sampling.QSchedLoadPreset.VALIDATE_INPUTS, preset="bad.json")
     assert "input 'preset'" in msg and expected in msg, msg
@@ -198,7 +204,7 @@ def test_malformed_preset_is_reported_on_the_preset_input(folder_paths, content,
         sampling.QSchedLoadPreset().load("bad.json")
 
 
-def test_missing_preset_is_reported(folder_paths):  # noqa: F811
+def test_missing_preset_is_reported(folder_paths):
     msg = _refused(sampling.QSchedLoadPreset.VALIDATE_INPUTS, preset="gone.json")
     assert "input 'preset'" in msg and "not found" in msg
     msg = _refused(sampling.QSchedLoadPreset.VALIDATE_INPUTS, preset="weights.pt")
@@ -206,14 +212,14 @@ def test_missing_preset_is_reported(folder_paths):  # noqa: F811
 
 
 @pytest.mark.parametrize("name", ["", "  ", "../escape", "a/../b", "bad name!"])
-def test_save_preset_rejects_bad_names(name, folder_paths):  # noqa: F811
+def test_save_preset_rejects_bad_names(name, folder_paths):
     msg = _refused(sampling.QSchedSavePreset.VALIDATE_INPUTS, name=name)
     assert "input 'name'" in msg
     with pytest.raises(NodeInputError, match="input 'name'"):
         sampling.QSchedSavePreset().save(Coefficients.identity(1), name, True)
 
 
-def test_save_preset_checks_its_coefficients(folder_paths):  # noqa: F811
+def test_save_preset_checks_its_coefficients(folder_paths):
     with pytest.raises(NodeInputError, match="input 'coefficients'"):
         sampling.QSchedSavePreset().save({"c_x": [1.0]}, "x", True)
 
@@ -229,7 +235,7 @@ def test_loader_precision_and_backend_errors_name_the_input():
     assert loaders._quantize(model, "fp16", "auto", "Q-Sched Quantize Model")[0] is model
 
 
-def test_loader_combos_list_model_folders(folder_paths, tmp_path):  # noqa: F811
+def test_loader_combos_list_model_folders(folder_paths, tmp_path):
     from qsched_pack.nodes import loaders
 
     ck = tmp_path / "models" / "checkpoints"
@@ -243,7 +249,7 @@ def test_loader_combos_list_model_folders(folder_paths, tmp_path):  # noqa: F811
                            "unet_name")
 
 
-def test_help_pages_exist_for_every_node(folder_paths):  # noqa: F811
+def test_help_pages_exist_for_every_node(folder_paths):
     from pathlib import Path
 
     docs = Path(__file__).resolve().parents[1] / "web" / "docs"
@@ -257,7 +263,7 @@ def test_help_pages_exist_for_every_node(folder_paths):  # noqa: F811
             assert f"`{inp}`" in text, f"{page.name} does not document {inp}"
 
 
-def test_preset_json_format_is_the_core_format(folder_paths):  # noqa: F811
+def test_preset_json_format_is_the_core_format(folder_paths):
     c = Coefficients([0.9, 1.0], [1.1, 1.0])
     sampling.QSchedSavePreset().save(c, "fmt", True)
     d = json.loads(open(folder_paths.get_full_path("qsched", "fmt.json")).read())
@@ -265,12 +271,18 @@ def test_preset_json_format_is_the_core_format(folder_paths):  # noqa: F811
 
 
 # ---- JAQ nodes ---------------------------------------------------------------------------------------------------
-def test_new_nodes_are_registered():
-    assert {"QSchedJAQLoader", "QSchedJAQScore", "QSchedCalibrate"} <= set(NODES)
+def test_errors_name_the_node_by_the_display_name_it_registers():
     from qsched_pack.nodes import calibration, scoring
 
-    assert calibration.QSchedCalibrate.RETURN_TYPES == (COEFFICIENTS, "IMAGE", "IMAGE", "STRING")
-    assert scoring.QSchedJAQLoader.RETURN_TYPES[0] == JAQ_SCORER and scoring.QSchedJAQScore.OUTPUT_NODE
+    assert {"QSchedJAQLoader", "QSchedJAQScore", "QSchedCalibrate"} <= set(NODES)
+    assert len(set(NODE_DISPLAY_NAME_MAPPINGS.values())) == len(NODE_DISPLAY_NAME_MAPPINGS)
+    cases = {"QSchedCoefficients": lambda: sampling.QSchedCoefficients().build(0, 1.0, 1.0, 1.0, 1.0),
+             "QSchedJAQScore": lambda: scoring.QSchedJAQScore().score(None, object(), "a"),
+             "QSchedCalibrate": lambda: calibration.check_settings(steps=0)}
+    for key, call in cases.items():
+        with pytest.raises(NodeInputError) as exc:
+            call()
+        assert exc.value.node == NODE_DISPLAY_NAME_MAPPINGS[key] == NODE_CLASS_MAPPINGS[key].DISPLAY_NAME, key
     assert calibration.QSchedCalibrate.OUTPUT_NODE  # it writes a preset even with no output connected
 
 
@@ -285,7 +297,7 @@ def tiny_scorer_files(tmp_path_factory):
     return d
 
 
-def _qsched_dir(folder_paths):  # noqa: F811
+def _qsched_dir(folder_paths):
     from pathlib import Path
 
     from qsched_pack.nodes.common import register_qsched_folder
@@ -296,7 +308,7 @@ def _qsched_dir(folder_paths):  # noqa: F811
     return d
 
 
-def _install(files, folder_paths, names=("RN50.pt", "ViT-L-14.pt", "clip-vit-large-patch14")):  # noqa: F811
+def _install(files, folder_paths, names=("RN50.pt", "ViT-L-14.pt", "clip-vit-large-patch14")):
     import shutil
 
     d = _qsched_dir(folder_paths)
@@ -306,7 +318,7 @@ def _install(files, folder_paths, names=("RN50.pt", "ViT-L-14.pt", "clip-vit-lar
     return d
 
 
-def test_jaq_loader_lists_weight_files_not_presets(folder_paths, tiny_scorer_files):  # noqa: F811
+def test_jaq_loader_lists_weight_files_not_presets(folder_paths, tiny_scorer_files):
     from qsched_pack.nodes import scoring
 
     d = _install(tiny_scorer_files, folder_paths)
@@ -317,7 +329,7 @@ def test_jaq_loader_lists_weight_files_not_presets(folder_paths, tiny_scorer_fil
     assert choices == ["auto", "RN50.pt", "ViT-L-14.pt", "clip-vit-large-patch14/", "sub/HPS_v2.1_compressed.pt"]
 
 
-def test_jaq_loader_missing_weights_name_the_input_at_queue_time(folder_paths, tiny_scorer_files):  # noqa: F811
+def test_jaq_loader_missing_weights_name_the_input_at_queue_time(folder_paths, tiny_scorer_files):
     from qsched_pack.nodes import scoring
 
     v = scoring.QSchedJAQLoader.VALIDATE_INPUTS
@@ -335,7 +347,7 @@ def test_jaq_loader_missing_weights_name_the_input_at_queue_time(folder_paths, t
     assert v(preset="clip", tc_weights=None, iq_weights=None) is True  # linked: checked at run time
 
 
-def test_jaq_loader_refuses_a_file_of_the_wrong_architecture(folder_paths, tiny_scorer_files):  # noqa: F811
+def test_jaq_loader_refuses_a_file_of_the_wrong_architecture(folder_paths, tiny_scorer_files):
     from qsched_pack.nodes import scoring
 
     _install(tiny_scorer_files, folder_paths)
@@ -349,7 +361,7 @@ def test_jaq_loader_refuses_a_file_of_the_wrong_architecture(folder_paths, tiny_
 
 
 @pytest.mark.parametrize("tc_choice", ["auto", "clip-vit-large-patch14/"])
-def test_jaq_score_node_equals_the_library(folder_paths, tiny_scorer_files, tc_choice):  # noqa: F811
+def test_jaq_score_node_equals_the_library(folder_paths, tiny_scorer_files, tc_choice):
     from jaq_fixtures import planted_images
 
     from qsched_pack.calibration.jaq import JAQ
@@ -379,7 +391,7 @@ def test_jaq_score_node_equals_the_library(folder_paths, tiny_scorer_files, tc_c
         "clipscore": d / tc_file, "clipiqa": d / "RN50.pt"}).score(imgs, "a red car").mean()), rel=1e-6)
 
 
-def test_jaq_score_errors_name_the_input(folder_paths, tiny_scorer_files):  # noqa: F811
+def test_jaq_score_errors_name_the_input(folder_paths, tiny_scorer_files):
     from jaq_fixtures import planted_images
 
     from qsched_pack.nodes import scoring
@@ -507,7 +519,7 @@ def test_prompts_of_equal_shape_share_a_batch_in_prompt_order():
     assert _concat([a]) is a
 
 
-def test_qsched_folder_keeps_extra_model_paths_and_adds_the_default(folder_paths, tmp_path):  # noqa: F811
+def test_qsched_folder_keeps_extra_model_paths_and_adds_the_default(folder_paths, tmp_path):
     """extra_model_paths.yaml may define `qsched:` before the pack loads: the default folder is still added."""
     from qsched_pack.nodes.common import register_qsched_folder
 

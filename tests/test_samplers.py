@@ -322,18 +322,25 @@ def test_same_seed_same_output_different_seed_different(name, kw):
         assert not torch.equal(a, d)
 
 
-@pytest.mark.parametrize("name,kw", ALL)
+@pytest.mark.parametrize("name,kw", ALL + [("lcm", {"boundary_condition": False})])
 def test_callback_sees_every_step_with_preconditioned_denoised(name, kw):
     fn = samplers.SAMPLERS[name]
     sigmas = few_step_sigmas("tcd", 4)
     x = init_noise() * float(sigmas[0])
-    c = Coefficients([0.9, 1.0, 1.0, 1.0], [1.0] * 4)
+    c = Coefficients([0.9, 1.0, 1.0, 1.0], [1.1, 1.0, 1.0, 1.0])
     seen = []
     fn(eps_denoiser, x, sigmas, {"seed": 1}, callback=seen.append, disable=True, coefficients=c, **kw)
     assert [d["i"] for d in seen] == [0, 1, 2, 3]
     raw = eps_denoiser(x, sigmas[0] * x.new_ones(x.shape[0]))
-    expected = 0.9 * x - (x - raw)  # c_x·x − c_eps·(x − denoised)
-    assert torch.allclose(seen[0]["denoised"], expected, rtol=0, atol=1e-12) or name == "lcm"
+    expected = 0.9 * x - 1.1 * (x - raw)  # c_x·x − c_eps·(x − denoised)
+    if name == "lcm" and kw.get("boundary_condition", True):
+        # LCM's boundary condition on the preconditioned sample (diffusers LCMScheduler.step, timestep_scaling 10):
+        # c_out(t)·x0' + c_skip(t)·c_x·x_vp, with x_vp = x / sqrt(1 + sigma²) and t the timestep of sigma.
+        ac = alphas_cumprod_scaled_linear()
+        t = 10.0 * float(torch.argmin((((1 - ac) / ac).sqrt() - float(sigmas[0])).abs()))
+        c_skip, c_out = 0.25 / (t * t + 0.25), t / math.sqrt(t * t + 0.25)
+        expected = c_out * expected + c_skip * 0.9 * x / math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    assert torch.allclose(seen[0]["denoised"], expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", list(samplers.SAMPLERS))

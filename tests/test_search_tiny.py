@@ -10,7 +10,6 @@ from qsched_pack.calibration.generate import DiffusersGenerator, load_pipeline
 from qsched_pack.calibration.runner import calibrate
 from qsched_pack.calibration.testing import ImageStatScorer
 from qsched_pack.qsched import Coefficients
-from test_generate import tiny_models
 
 PROMPTS = ["a cat sitting on a red chair", "a dog in the snow"]
 
@@ -26,11 +25,11 @@ class Logged(DiffusersGenerator):
 
 
 @pytest.mark.parametrize("kind", ["start", "start_end"])
-def test_grid_on_tiny_pipeline_evaluates_exactly_algorithm_1(tmp_path, kind):
-    pipe = load_pipeline(tiny_models()["sdxl"])
+def test_grid_on_tiny_pipeline_evaluates_exactly_algorithm_1(tmp_path, kind, tiny_pipelines):
+    pipe = load_pipeline(tiny_pipelines["sdxl"])
     quant = "w4a8" if kind == "start" else None  # the simulated W4A8 kernels are slow on CPU: once is enough
     prompts = PROMPTS if kind == "start" else PROMPTS[:1]
-    gen = Logged(pipe, steps=3, height=32, width=32, quant=quant, model_file=tiny_models()["sdxl"])
+    gen = Logged(pipe, steps=3, height=32, width=32, quant=quant, model_file=tiny_pipelines["sdxl"])
     n = 3 if kind == "start" else 2
     r = calibrate(gen, ImageStatScorer(), prompts, space=kind, strategy="grid", points=n, seed=42,
                   record=str(tmp_path / "rec.jsonl"), preset=str(tmp_path / "p.json"))

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -72,42 +70,6 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             raise AssertionError(f"node {node['id']} ({node['type']}): {len(values)} widget values left over: {values}")
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
-
-
-@pytest.fixture()
-def folder_paths(monkeypatch, tmp_path):
-    """A stand-in for ComfyUI's ``folder_paths`` module: one folder per key under tmp_path."""
-    fp = types.ModuleType("folder_paths")
-    fp.models_dir = str(tmp_path / "models")
-    fp.folder_names_and_paths = {}
-
-    def add_model_folder_path(name, path, is_default=False):  # idempotent, like ComfyUI's
-        paths = fp.folder_names_and_paths.setdefault(name, ([], set()))[0]
-        if path not in paths:
-            paths.insert(0, path) if is_default else paths.append(path)
-
-    def get_folder_paths(name):
-        return list(fp.folder_names_and_paths.get(name, ([str(tmp_path / "models" / name)], set()))[0])
-
-    def get_filename_list(name):
-        out = []
-        for d in get_folder_paths(name):
-            p = Path(d)
-            if p.is_dir():
-                out += sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.is_file())
-        return out
-
-    def get_full_path(name, filename):
-        for d in get_folder_paths(name):
-            f = Path(d) / filename
-            if f.is_file():
-                return str(f)
-        return None
-
-    fp.add_model_folder_path, fp.get_folder_paths = add_model_folder_path, get_folder_paths
-    fp.get_filename_list, fp.get_full_path = get_filename_list, get_full_path
-    monkeypatch.setitem(sys.modules, "folder_paths", fp)
-    return fp
 
 
 def our_object_info() -> dict:

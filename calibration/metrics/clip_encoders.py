@@ -8,14 +8,18 @@ from pathlib import Path
 
 import torch
 
-from .common import (OPENAI_MEAN, OPENAI_STD, _file_key, _prepare, cached_model, normalize, open_clip_tokenize,
-                     resize_center_crop)
+from .common import (OPENAI_MEAN, OPENAI_STD, _file_key, _prepare, cached_model, letterbox, normalize,
+                     open_clip_tokenize, resize_center_crop)
 from .weights import WeightFileError
 
 
 class OpenClipEncoder:
-    def __init__(self, model):
-        self.model = model
+    """``geometry``: "crop" (CLIP: shortest side, centre crop) or "letterbox" (HPSv2: longest side, zero pad)."""
+
+    def __init__(self, model, geometry: str = "crop"):
+        if geometry not in ("crop", "letterbox"):
+            raise ValueError(f"geometry must be 'crop' or 'letterbox', got {geometry!r}")
+        self.model, self.geometry = model, geometry
         size = model.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
         self.mean = getattr(model.visual, "image_mean", None) or OPENAI_MEAN
@@ -25,7 +29,8 @@ class OpenClipEncoder:
         self.dtype = next(model.parameters()).dtype
 
     def preprocess(self, x01: torch.Tensor) -> torch.Tensor:
-        return normalize(resize_center_crop(x01, self.image_size), self.mean, self.std)
+        fit = letterbox if self.geometry == "letterbox" else resize_center_crop
+        return normalize(fit(x01, self.image_size), self.mean, self.std)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels.to(self.device, self.dtype))

@@ -8,7 +8,7 @@ resolution (no resize, no crop), and the attention-pool **without positional emb
 works). Pixels are 0..1 before CLIP normalisation (the official Q-Sched code fed 0..255 here; we don't).
 
 Backends: ``open_clip`` (default; OpenAI ``RN50.pt``) or ``pyiqa`` (optional, non-commercial licence; needs
-``pip install pyiqa`` and the RN50 file as a TorchScript archive, which is what OpenAI ships). With pyiqa the
+``pip install pyiqa``; its model is built from the tensors of the RN50 file read without running it). With pyiqa the
 same single antonym pair is used (pyiqa's own default averages five pairs).
 """
 
@@ -87,17 +87,32 @@ def _load_pyiqa(path, device):
     from .common import _file_key, cached_model
 
     def build():
+        from .safe_load import read_weights, state_dict_of
+
         try:
             import pyiqa
             from clip import tokenize  # openai-clip, a pyiqa dependency
+            from pyiqa.archs import clip_model, clipiqa_arch
         except ImportError as exc:
             raise ImportError("the pyiqa CLIP-IQA backend needs `pip install pyiqa` (non-commercial licence); "
                               "the default backend='open_clip' does not") from exc
+        # pyiqa's own loader opens the file with torch.jit.load, which would run a TorchScript archive's code: while
+        # its metric is built, that loader is replaced by pyiqa's build_model over the tensors read here (no code).
+        state_dict = state_dict_of(read_weights(path, WHAT), path, WHAT)
+
+        def safe_load(name, device="cpu", *args, **kwargs):
+            model = clip_model.build_model(dict(state_dict)).to(device)
+            return model.float() if str(device) == "cpu" else model
+
+        original = clipiqa_arch.load
+        clipiqa_arch.load = safe_load
         try:
             metric = pyiqa.create_metric("clipiqa", backbone=str(path), device=device, as_loss=False)
         except Exception as exc:
-            raise W.WeightFileError(f"{WHAT}: pyiqa cannot load {path} (it needs the OpenAI TorchScript RN50.pt) "
-                                    f"({type(exc).__name__}: {exc})") from exc
+            raise W.WeightFileError(f"{WHAT}: pyiqa cannot build its CLIP-IQA from {path} "
+                                    f"({type(exc).__name__}: {exc})") from None
+        finally:
+            clipiqa_arch.load = original
         metric.net.prompt_pairs = tokenize(list(ANTONYMS))
         return metric
 

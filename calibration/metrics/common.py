@@ -13,11 +13,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .safe_load import read_weights, state_dict_of
 from .weights import WeightFileError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 RANGE_TOL = 1e-3  # VAE decodes may overshoot 0..1 by float error; anything more is a wrong range
+OVERSHOOT_MAX = 1.5  # above: another pixel range (0..255); up to it: an unclamped 0..1 image
+UNDERSHOOT_MIN = -0.5  # below: -1..1 pixels; down to it: an unclamped 0..1 image
 
 
 def check_images(images: torch.Tensor, device=None) -> torch.Tensor:
@@ -47,13 +50,14 @@ def check_images(images: torch.Tensor, device=None) -> torch.Tensor:
             raise ValueError("images contain NaN or Inf")
         lo, hi = float(x.min()), float(x.max())
         if hi > 1.0 + RANGE_TOL:
-            raise ValueError(
-                f"float images must be in 0..1 (ComfyUI IMAGE); max is {hi:.3g}. This looks like 0..255 pixels: "
-                "divide by 255 first")
+            hint = ("This looks like 0..255 pixels: divide by 255 first" if hi > OVERSHOOT_MAX else
+                    "The values overshoot 1 slightly (e.g. a decoder or an upscaler without a clamp): use "
+                    "images.clamp(0, 1) first")
+            raise ValueError(f"float images must be in 0..1 (ComfyUI IMAGE); max is {hi:.6g}. {hint}")
         if lo < -RANGE_TOL:
-            raise ValueError(
-                f"float images must be in 0..1 (ComfyUI IMAGE); min is {lo:.3g}. This looks like -1..1 "
-                "(VAE/diffusers range): use (images + 1) / 2 first")
+            hint = ("This looks like -1..1 (VAE/diffusers range): use (images + 1) / 2 first" if lo < UNDERSHOOT_MIN
+                    else "The values dip below 0 slightly: use images.clamp(0, 1) first")
+            raise ValueError(f"float images must be in 0..1 (ComfyUI IMAGE); min is {lo:.6g}. {hint}")
         x = x.clamp(0.0, 1.0)
     else:
         raise TypeError(f"images must be float (0..1) or uint8 (0..255), got dtype {images.dtype}")
@@ -66,21 +70,41 @@ def normalize(x: torch.Tensor, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Tensor
     return (x - m) / s
 
 
-def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic, antialiased (torchvision's tensor Resize), clamped back to 0..1."""
+def resize(x: torch.Tensor, size: tuple[int, int], clamp: bool = True) -> torch.Tensor:
+    """Bicubic, antialiased (torchvision's tensor Resize); clamped back to 0..1 unless ``clamp=False`` (PIL, which
+    CLIP's reference preprocessing resizes with, saturates; a tensor pipeline such as HPSv2's does not)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0.0, 1.0)
+    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return x.clamp(0.0, 1.0) if clamp else x
 
 
 def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """CLIP's eval transform: shortest side to ``size`` (bicubic), then a centred ``size`` x ``size`` crop."""
+    """CLIP's eval transform: shortest side to ``size`` (bicubic), then a centred ``size`` x ``size`` crop.
+
+    The long side is ``int(size * long / short)`` (truncated), as torchvision's ``Resize(int)`` and transformers'
+    ``CLIPImageProcessor`` compute it; the crop offsets round like torchvision's ``center_crop``.
+    """
     h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    short, long = min(h, w), max(h, w)
+    new_long = max(size, int(size * long / short))
+    nh, nw = (size, new_long) if h <= w else (new_long, size)
     x = resize(x, (nh, nw))
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     return x[..., top:top + size, left:left + size]
+
+
+def letterbox(x: torch.Tensor, size: int) -> torch.Tensor:
+    """HPSv2's eval transform (``ResizeMaxSize`` of its open_clip fork): the longest side to ``size`` (bicubic,
+    ``round`` of each side), then zero padding to ``size`` x ``size``, left/top getting the smaller half. Runs on
+    the 0..1 tensor like the original (no clamp). The original skips resize and padding when the longest side is
+    already ``size``, which leaves a non-square image its ViT cannot take; we pad it as well."""
+    h, w = x.shape[-2:]
+    scale = size / float(max(h, w))
+    nh, nw = (round(h * scale), round(w * scale)) if scale != 1.0 else (h, w)
+    x = resize(x, (nh, nw), clamp=False)
+    pad_h, pad_w = size - nh, size - nw
+    return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
 
 
 def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
@@ -118,22 +142,24 @@ def _prepare(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
 
 
 def load_openai_clip(path: Path, device, dtype, *, expect: str, what: str):
-    """An OpenAI-format CLIP file (TorchScript archive as released, or its plain state dict) via open_clip.
+    """An OpenAI-format CLIP (the TorchScript archive OpenAI ships, its plain state dict, or a safetensors copy),
+    built as an open_clip model. The archive is read by :mod:`.safe_load` (tensors only; its code never runs).
 
     ``expect`` is "resnet" or "vit": a file of the other family is rejected with a clear error.
     """
 
     def build():
-        import open_clip
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+        from open_clip.model import build_model_from_openai_state_dict
         from open_clip.modified_resnet import ModifiedResNet
 
-        if not path.is_file():
-            raise WeightFileError(f"{what}: {path} is not a file (expected an OpenAI CLIP .pt file)")
+        state_dict = state_dict_of(read_weights(path, what), path, what)
         try:
-            model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
-        except Exception as exc:  # corrupt, truncated or foreign file: say which and why
-            raise WeightFileError(
-                f"{what}: cannot load {path} as an OpenAI CLIP checkpoint ({type(exc).__name__}: {exc})") from exc
+            model = build_model_from_openai_state_dict(state_dict, cast_dtype=None).float()
+        except Exception as exc:  # keys or shapes of another architecture: say which file and why
+            raise WeightFileError(f"{what}: {path} is not an OpenAI CLIP checkpoint "
+                                  f"({type(exc).__name__}: {str(exc)[:300]})") from None
+        model.visual.image_mean, model.visual.image_std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
         is_resnet = isinstance(model.visual, ModifiedResNet)
         if expect in ("resnet", "vit") and (expect == "resnet") != is_resnet:
             got = "ResNet" if is_resnet else "ViT"
@@ -145,21 +171,21 @@ def load_openai_clip(path: Path, device, dtype, *, expect: str, what: str):
 
 
 def load_open_clip(path: Path, model_name: str, device, dtype, *, what: str):
-    """open_clip architecture ``model_name`` built without any download, then the local checkpoint loaded
-    strictly (open_clip training checkpoints ``{"state_dict": ...}`` and plain state dicts both work)."""
+    """open_clip architecture ``model_name`` built without any download, then the local checkpoint (open_clip
+    training checkpoint ``{"state_dict": ...}``, plain state dict or safetensors) loaded strictly, read without
+    running code from the file."""
 
     def build():
         import open_clip
 
-        if not path.is_file():
-            raise WeightFileError(f"{what}: {path} is not a file")
+        state_dict = state_dict_of(read_weights(path, what), path, what)
         model = open_clip.create_model(model_name, pretrained=None, device=device)  # random init is fast on GPU
         try:
-            open_clip.load_checkpoint(model, str(path), strict=True)
+            model.load_state_dict(state_dict, strict=True)
         except Exception as exc:
             raise WeightFileError(
                 f"{what}: {path} is not a loadable {model_name} open_clip checkpoint "
-                f"({type(exc).__name__}: {str(exc)[:500]})") from exc
+                f"({type(exc).__name__}: {str(exc)[:500]})") from None
         return _prepare(model, device, dtype)
 
     return cached_model(("open_clip", _file_key(path), model_name, str(device), dtype), build)
@@ -201,18 +227,28 @@ class TextCache:
 
 
 def check_prompts(prompts, n: int) -> list[str]:
+    """One prompt string per image (or one string for all): anything else raises naming what was given."""
+    if prompts is None:
+        raise ValueError(f"prompts are missing (None): give one prompt string per image, or one string for all "
+                         f"{n} images")
     if isinstance(prompts, str):
         prompts = [prompts] * n
+    elif isinstance(prompts, (bytes, bytearray)) or not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
     prompts = list(prompts)
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompts[{i}] must be a string, got {type(p).__name__} ({p!r:.60})")
     if len(prompts) == 1 and n > 1:
         prompts = prompts * n
-    if len(prompts) != n or not all(isinstance(p, str) for p in prompts):
+    if len(prompts) != n:
         raise ValueError(f"need one prompt string per image (or a single prompt for all): {n} images, "
                          f"{len(prompts)} prompts")
     return prompts
 
 
-__all__ = ["check_images", "check_prompts", "normalize", "resize", "resize_center_crop", "default_device_dtype",
+__all__ = ["check_images", "check_prompts", "normalize", "resize", "resize_center_crop", "letterbox",
+           "default_device_dtype",
            "cached_model", "clear_model_cache", "load_openai_clip", "load_open_clip", "open_clip_tokenize",
            "unit", "chunks", "TextCache"]
 

@@ -3,7 +3,9 @@ preferences (typically 0.2..0.35 on real images; a cosine, so always within -1..
 
 The architecture is built by open_clip from its bundled ``ViT-H-14`` config with ``pretrained=None`` (no
 LAION download, unlike ``hpsv2.score``), then ``HPS_v2.1_compressed.pt`` (``{"state_dict": ...}``) is loaded
-strictly. Preprocessing is HPS's eval transform: shortest side to 224 (bicubic), centre crop, OpenAI mean/std.
+strictly. Preprocessing is HPS's eval transform (``preprocess_val`` of ``hpsv2.img_score``, built with
+``light_augmentation=True``): the longest side to 224 (bicubic), zero padding to a square (letterbox, no crop),
+OpenAI mean/std.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class HPSv2:
                  dtype=None, batch_size: int = 32):
         self.device, self.dtype = default_device_dtype(device, dtype)
         path = W.resolve("hpsv2", weights)
-        self.encoder = OpenClipEncoder(load_open_clip(path, model_name, self.device, self.dtype, what=WHAT))
+        self.encoder = OpenClipEncoder(load_open_clip(path, model_name, self.device, self.dtype, what=WHAT),
+                                       geometry="letterbox")
         self.batch_size = batch_size
         self.text = TextCache(lambda t: unit(self.encoder.encode_text(t)))
 

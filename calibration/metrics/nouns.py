@@ -1,14 +1,17 @@
 """Noun extraction for AQ-MAP: one head noun per noun phrase of the prompt.
 
-``spacy`` follows the official AQ-MAP (Q-Refine) recipe: split the prompt at the starts of spaCy's noun
-chunks (one part when there are fewer than two chunks) and keep, per part, the last NOUN/PROPN token that
-is not a stop word or punctuation ('' when there is none). It needs ``spacy`` and the ``en_core_web_sm``
-package installed by the user (nothing is downloaded).
+``spacy`` follows the official AQ-MAP (Q-Refine / Q-Sched ``src/metrics/aqmap.py``) recipe: split the prompt at
+the starts of spaCy's noun chunks (one part when there are fewer than two chunks) and keep, per part, the last
+NOUN/PROPN token that is not in NLTK's English stop-word list (function words only, compared case-sensitively as
+the official code does) or punctuation ('' when there is none). spaCy's own, much longer stop list is not used: it
+drops real nouns ("front", "side", "top", "bottom", "name"). It needs ``spacy`` and the ``en_core_web_sm`` package
+installed by the user (nothing is downloaded; NLTK is not needed, its list is below).
 
 ``rules`` is our offline fallback that needs nothing: English noun phrases are head-final, so the prompt is
 cut at function words (articles, prepositions, conjunctions, pronouns, auxiliaries), punctuation and verb
 forms (-ing/-ed words not preceded by an article), and the last word of each remaining run is taken as its
-head noun. It is an approximation of the tagger (adjective-final runs such as "is fluffy" give "fluffy").
+head noun. Words are Unicode letter runs ("café", "Zürich", "東京"). It is an approximation of the tagger
+(adjective-final runs such as "is fluffy" give "fluffy").
 
 ``auto`` uses spacy when ``en_core_web_sm`` is installed, else rules.
 """
@@ -31,8 +34,21 @@ is are was were be been being am do does did doing done have has had having will
 could may might must not very too also just only really quite rather almost more most less least much many
 few several there here how why
 """.split())
+#: NLTK's English stop-word list (``nltk.corpus.stopwords.words("english")``, 179 words), which the official AQ-MAP
+#: filters with: pronouns, determiners, prepositions, conjunctions, auxiliaries and contraction pieces only.
+NLTK_STOPWORDS = frozenset("""
+i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him his
+himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom this
+that that'll these those am is are was were be been being have has had having do does did doing a an the and but
+if or because as until while of at by for with about against between into through during before after above below
+to from up down in out on off over under again further then once here there when where why how all any both each
+few more most other some such no nor not only own same so than too very s t can will just don don't should
+should've now d ll m o re ve y ain aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't
+haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't
+weren weren't won won't wouldn wouldn't
+""".split())
 ARTICLES = frozenset("a an the this that these those my your his her its our their some any each every".split())
-WORD = re.compile(r"[A-Za-z][A-Za-z'\-]*|[^\sA-Za-z]")
+WORD = re.compile(r"[^\W\d_][\w'\-]*|[^\w\s]|_|\d+")  # a word starts with a letter of any script
 TITLE_DOT = re.compile(r"\b(Mr|Mrs|Ms|Dr|St|Prof|Jr|Sr)\.")  # "Mr. Beans" is one phrase
 
 
@@ -67,7 +83,8 @@ def spacy_nouns(prompt: str) -> list[str]:
     bounds = [0, len(doc)] if len(starts) < 2 else [0, *starts[1:], len(doc)]
     nouns = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        cand = [t.text for t in doc[lo:hi] if t.pos_ in ("NOUN", "PROPN") and not t.is_stop and not t.is_punct]
+        cand = [t.text for t in doc[lo:hi]
+                if t.pos_ in ("NOUN", "PROPN") and t.text not in NLTK_STOPWORDS and not t.is_punct]
         nouns.append(cand[-1] if cand else "")
     return nouns
 

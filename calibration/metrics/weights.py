@@ -2,9 +2,12 @@
 
 Search order for a weight file (first hit wins):
 1. an explicit path given by the caller (file or folder);
-2. the folder(s) in the environment variable ``QSCHED_MODELS_DIR`` (``os.pathsep``-separated);
-3. inside ComfyUI: ``models/qsched/`` and every extra path registered for the ``qsched`` folder key
-   (``extra_model_paths.yaml``).
+2. the folders the caller passes (CLI ``--jaq-weights``; the ComfyUI nodes pass ``models/qsched/`` and every
+   extra path registered for the ``qsched`` folder key in ``extra_model_paths.yaml``);
+3. the folder(s) in the environment variable ``QSCHED_MODELS_DIR`` (``os.pathsep``-separated).
+In each folder the ``.safetensors`` twin of a ``.pt`` name is tried first.
+
+A name looked up in a folder must stay inside it once symlinks are resolved (:func:`confined`).
 
 Nothing is ever downloaded. A missing file raises :class:`WeightFileError` naming the file, every folder
 searched and where users get it.
@@ -13,9 +16,9 @@ searched and where users get it.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 ENV_VAR = "QSCHED_MODELS_DIR"
 COMFY_FOLDER = "qsched"
@@ -23,6 +26,10 @@ COMFY_FOLDER = "qsched"
 
 class WeightFileError(FileNotFoundError):
     """A scorer weight file is missing, unreadable or does not fit the expected architecture."""
+
+
+class UnsafePath(WeightFileError):
+    """A weight file name that leads out of its model folder (absolute, ``..``, or a symlink out)."""
 
 
 @dataclass(frozen=True)
@@ -64,48 +71,76 @@ SPECS: dict[str, WeightSpec] = {
 }
 
 
-def comfy_folders() -> list[Path]:
-    """Folders ComfyUI knows for the ``qsched`` key; empty outside ComfyUI.
-
-    ``folder_paths`` is only consulted when ComfyUI already imported it: importing it ourselves outside
-    ComfyUI could pick up an unrelated module of that name.
-    """
-    folder_paths = sys.modules.get("folder_paths")
-    if folder_paths is None:
-        return []
-    register_comfy_folder(folder_paths)
-    return [Path(p) for p in folder_paths.get_folder_paths(COMFY_FOLDER)]
-
-
 def register_comfy_folder(folder_paths) -> None:
-    """Add ``ComfyUI/models/qsched`` to the ``qsched`` key. Idempotent; folders from extra_model_paths.yaml
-    stay first, the default one is appended if it is missing (it is not, when the key already exists only
-    because extra_model_paths.yaml defined it, so "adds more" really adds)."""
+    """Add ``ComfyUI/models/qsched`` to the ``qsched`` key of ComfyUI's ``folder_paths`` (passed in by the nodes).
+    Idempotent; folders from extra_model_paths.yaml stay first, the default one is appended if it is missing."""
     folder_paths.add_model_folder_path(COMFY_FOLDER, os.path.join(folder_paths.models_dir, COMFY_FOLDER))
 
 
-def search_folders() -> list[Path]:
-    env = [Path(p).expanduser() for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
-    return env + comfy_folders()
+def env_folders() -> list[Path]:
+    return [Path(p).expanduser() for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
 
 
-def resolve(key: str, path: str | os.PathLike | None = None) -> Path:
-    """Return the local weight file (or transformers folder) for metric ``key``."""
+def search_folders(folders: Sequence[str | os.PathLike] | None = None) -> list[Path]:
+    """``folders`` given by the caller (CLI ``--jaq-weights``; the nodes pass ComfyUI's ``qsched`` folders), then
+    the ``QSCHED_MODELS_DIR`` folders."""
+    return [Path(f).expanduser() for f in (folders or ())] + env_folders()
+
+
+def confined(root: str | os.PathLike, name: str) -> Path:
+    """``root/name`` if ``name`` is a relative name that stays inside ``root`` once every symlink is resolved.
+
+    Raises :class:`UnsafePath` for absolute names, drive letters, ``..`` parts, NUL bytes and names (or symlinks)
+    that lead out of ``root``. The returned path may not exist.
+    """
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise UnsafePath(f"{name!r} is not a file name")
+    parts = name.replace("\\", "/").split("/")
+    drive = len(name) > 1 and name[1] == ":" and name[0].isalpha()  # a Windows drive, on every OS
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or drive or os.path.splitdrive(name)[0] or ".." in parts:
+        raise UnsafePath(f"{name!r} must be a name inside the model folder (no absolute path, no '..')")
+    base = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(base, *[p for p in parts if p not in ("", ".")]))
+    if os.path.commonpath([base, target]) != base:
+        raise UnsafePath(f"{name!r} leads out of the model folder {root} (a symlink to {target}); copy the file "
+                         "into the folder, or register its folder (extra_model_paths.yaml / QSCHED_MODELS_DIR)")
+    return Path(target)
+
+
+def candidates(spec: WeightSpec) -> tuple[str, ...]:
+    """Accepted names, a ``.safetensors`` twin of each ``.pt`` first (it is preferred when both exist)."""
+    out: list[str] = []
+    for n in spec.filenames:
+        if n.endswith(".pt"):
+            out.append(n[:-3] + ".safetensors")
+        out.append(n)
+    return tuple(out)
+
+
+def resolve(key: str, path: str | os.PathLike | None = None,
+            folders: Sequence[str | os.PathLike] | None = None) -> Path:
+    """Return the local weight file (or transformers folder) for metric ``key``.
+
+    ``path`` is an explicit path given by the user (CLI / Python API); it may lie anywhere. Without it the
+    standard names are looked up in ``QSCHED_MODELS_DIR`` and ``folders``, each confined to its folder.
+    """
     spec = SPECS[key]
     if path is not None:
         p = Path(path).expanduser()
         if p.exists():
             return p
-        folders = [p.parent]
-        names = (p.name,)
+        searched_in, names = [p.parent], (p.name,)
     else:
-        folders = search_folders()
-        names = spec.filenames
-        for folder in folders:
+        searched_in, names = search_folders(folders), candidates(spec)
+        for folder in searched_in:
             for name in names:
-                if (folder / name).exists():
-                    return folder / name
-    searched = ", ".join(str(f) for f in folders) or (
+                try:
+                    p = confined(folder, name)
+                except UnsafePath:
+                    continue  # a standard name symlinked out of its folder is skipped, like a missing one
+                if p.exists():
+                    return p
+    searched = ", ".join(str(f) for f in searched_in) or (
         f"none (pass an explicit path, set {ENV_VAR}, or put the file in ComfyUI's models/{COMFY_FOLDER}/)"
     )
     raise WeightFileError(

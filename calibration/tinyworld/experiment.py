@@ -50,9 +50,10 @@ def calib_seeds(r: int, n: int) -> list[int]:
     return [5_000 + 100 * r + i for i in range(n)]
 
 
-def make_jaq(world: TinyWorld, k: float = 2.0, tc_transform: str = "log"):
-    """JAQ over the tiny scorers. Default ``tc_transform="log"``: ln(TC) + k·IQ, the official ``new`` criterion of
-    the CLIP preset (docs/tiny_world.md: with the raw 0..100 TC the search buys alignment with diversity)."""
+def make_jaq(world: TinyWorld, k: float = 2.0, tc_transform: str = "log_per_image"):
+    """JAQ over the tiny scorers. Default ``tc_transform="log_per_image"``: ln(TC_i) + k·IQ_i averaged over the
+    prompts, the rule the stored tiny-world results were made with (the official ``new`` criterion takes ln of the
+    mean TC: ``"log"``; docs/tiny_world.md: with the raw 0..100 TC the search buys alignment with diversity)."""
     from ..jaq import JAQ
 
     return JAQ(tc=world.text_alignment(), iq=world.image_quality(), k=k, tc_transform=tc_transform)
@@ -154,7 +155,7 @@ def quantized_rows(world: TinyWorld, jaq, steps: int, fmt: str, net, r: int, *, 
 
 
 def run(out_dir: str, *, steps_list=STEPS, formats=FORMATS, seeds=SEEDS, per_prompt: int = 20, points: int = 21,
-        strategies=("zoom",), weights: str | None = None, tc_transform: str = "log", k: float = 2.0,
+        strategies=("zoom",), weights: str | None = None, tc_transform: str = "log_per_image", k: float = 2.0,
         budget: int | None = None, guard: bool = False, z: float = 2.0, log=print) -> dict:
     with single_thread():
         return _run(out_dir, steps_list, formats, seeds, per_prompt, points, strategies, weights, tc_transform, k,
@@ -264,7 +265,7 @@ def format_table(result: dict) -> str:
     n_seeds = len(cfg["seeds"])
     note = (f"{n_seeds} seed{'s' * (n_seeds != 1)}; {cfg['per_prompt']} images per prompt x 20 prompts per evaluation; "
             f"Q-Sched calibrated on 20 prompts (1 image each), space 'start', {cfg['points']}-point lattice, "
-            f"JAQ = {'ln(TC)' if cfg['tc_transform'] == 'log' else 'TC'} + {cfg['k']:g}·IQ; ")
+            f"JAQ = {'ln(TC)' if cfg['tc_transform'].startswith('log') else 'TC'} + {cfg['k']:g}·IQ; ")
     if cfg.get("budget") is not None:
         note += f"search budget {cfg['budget']} images; "
     if cfg.get("guard"):
@@ -345,8 +346,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guard", action="store_true",
                    help="also report the guarded Q-Sched rows (calibration.tinyworld.guard; opt-in, the search is unchanged)")
     p.add_argument("--z", type=float, default=2.0, help="guard threshold in standard errors (default 2)")
-    p.add_argument("--tc-transform", choices=["log", "identity"], default="log",
-                   help="JAQ = ln(TC) + k·IQ (log, default) or TC + k·IQ (identity)")
+    p.add_argument("--tc-transform", choices=["log_per_image", "log", "identity"], default="log_per_image",
+                   help="JAQ = mean of ln(TC_i) + k·IQ_i (log_per_image, default), ln(mean TC) + k·mean IQ (log, "
+                        "official) or TC + k·IQ (identity)")
     p.add_argument("--k", type=float, default=2.0, help="JAQ weight of IQ (default 2, the paper's)")
     p.add_argument("--weights", default=None, help="tiny_world.safetensors (default: packaged, then cache)")
 

@@ -17,6 +17,7 @@ def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
     return (v * w.clamp_min(0).sqrt()) @ v.T
 
 
+# The Fréchet distance of pytorch-fid src/pytorch_fid/fid_score.py calculate_frechet_distance, via eigh.
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     """||mu_a − mu_b||² + tr(S_a + S_b − 2·(S_a^½ S_b S_a^½)^½), in float64 (eigendecompositions, no scipy).
 

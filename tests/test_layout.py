@@ -1,0 +1,173 @@
+"""The package's import graph (docs/architecture.md): every arrow points nodes/ -> calibration/ -> qsched/, no
+import cycle between files or packages, and the command-line front ends are the only library files that reach
+the toy world. Every import counts, including the ones inside functions."""
+
+import ast
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("qsched", "calibration", "nodes")
+#: The top-level packages each one may import (the layering of docs/architecture.md).
+ALLOWED = {"qsched": set(), "calibration": {"qsched"}, "nodes": {"calibration", "qsched"}}
+#: Front ends inside calibration/: they sit above the toy world (calibration/tinyworld), which sits above the rest.
+FRONT_ENDS = {"calibration.cli", "calibration.demo"}
+
+
+def import_graph(root: Path, packages=PACKAGES) -> dict[str, set[str]]:
+    """module name -> the pack's modules it imports (relative imports resolved; ``from . import x`` -> ``pkg.x``)."""
+    files = {}
+    for top in packages:
+        for path in sorted((root / top).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            name = ".".join(path.relative_to(root).with_suffix("").parts)
+            files[name[: -len(".__init__")] if name.endswith(".__init__") else name] = path
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                parts = package.split(".")
+                base = parts[: len(parts) - (node.level - 1)]
+                if node.level - 1 > len(parts) - 1:
+                    base = []  # above the top-level packages: the pack's root
+                module = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:
+                    sub = f"{module}.{alias.name}" if module else alias.name
+                    targets.add(sub if sub in files else module)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                bad = [m for m in mods if m == "qsched_pack" or m.startswith("qsched_pack.")]
+                assert not bad, f"{path}: imports {bad} absolutely; imports inside the pack are relative"
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one node (Tarjan), each sorted."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def package_graph(graph: dict[str, set[str]], skip=frozenset()) -> dict[str, set[str]]:
+    """Folder-level graph (a module's package is its folder), leaving out the modules in ``skip``."""
+    def folder(m):
+        return m if (ROOT / m.replace(".", os.sep)).is_dir() else m.rpartition(".")[0]
+
+    out: dict[str, set[str]] = {}
+    for m, targets in graph.items():
+        if m in skip:
+            continue
+        for t in targets:
+            if folder(t) != folder(m):
+                out.setdefault(folder(m), set()).add(folder(t))
+    return out
+
+
+GRAPH = import_graph(ROOT)
+
+
+def test_the_graph_sees_every_module_and_function_level_imports():
+    assert {"qsched.samplers", "calibration.runner", "calibration.tinyworld.world", "nodes.comfy_generator"} <= set(GRAPH)
+    assert "calibration.search" in GRAPH["calibration.runner"]  # module level
+    assert "calibration.tinyworld.world" in GRAPH["calibration.tinyworld.train"]  # inside load_or_train
+    assert "calibration.generate" in GRAPH["nodes.comfy_generator"]
+
+
+def test_no_import_cycle_between_files():
+    assert cycles(GRAPH) == []
+
+
+def test_arrows_point_nodes_to_calibration_to_qsched():
+    wrong = sorted((m, t) for m, targets in GRAPH.items() for t in targets
+                   if t.split(".")[0] != m.split(".")[0] and t.split(".")[0] not in ALLOWED[m.split(".")[0]])
+    assert wrong == []
+
+
+def test_no_import_cycle_between_packages_below_the_front_ends():
+    assert cycles(package_graph(GRAPH, skip=FRONT_ENDS)) == []
+    nobody = sorted(m for m, targets in GRAPH.items() if targets & FRONT_ENDS and m not in FRONT_ENDS)
+    assert nobody == [], "front ends are imported by no library module"
+    reach_toy = sorted(m for m, targets in GRAPH.items() if m.startswith("calibration.")
+                       and not m.startswith("calibration.tinyworld") and m not in FRONT_ENDS
+                       and any(t.startswith("calibration.tinyworld") for t in targets))
+    assert reach_toy == [], "the calibration library must not depend on the toy world"
+
+
+def test_search_is_a_leaf_and_test_doubles_stay_out_of_the_product():
+    assert GRAPH["calibration.search"] <= {"qsched.coefficients"}
+    users = sorted(m for m, targets in GRAPH.items() if "calibration.testing" in targets)
+    assert users == []
+
+
+def test_the_checks_fail_on_a_planted_cycle_and_a_backward_arrow(tmp_path):
+    for rel, text in {"qsched/__init__.py": "", "qsched/a.py": "from .b import x\n",
+                      "qsched/b.py": "def f():\n    from . import a\n", "calibration/__init__.py": "",
+                      "calibration/c.py": "", "nodes/__init__.py": ""}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / "qsched" / "b.py").write_text("from ..calibration import c\ndef f():\n    from . import a\n")
+    g = import_graph(tmp_path)
+    assert cycles(g) == [["qsched.a", "qsched.b"]]
+    assert g["qsched.b"] == {"qsched.a", "calibration.c"}  # the backward arrow qsched -> calibration is seen
+
+
+def _resolves(dotted: str) -> bool:
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module("qsched_pack." + ".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_python_names_in_readme_and_docs_exist():
+    import re
+
+    docs = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+    assert len(docs) > 5
+    for doc in docs:
+        text = re.sub(r"## Moved where.*?(?=\n## )", "", doc.read_text(encoding="utf-8"), flags=re.S)  # old names
+        code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
+        for line in code.splitlines():
+            if line.startswith("from qsched_pack") or line.startswith("import qsched_pack"):
+                exec(line, {})  # noqa: S102  (our own README's import lines)
+        names = set(re.findall(r"`((?:qsched|calibration|nodes)\.[A-Za-z_][\w.]*[\w])(?:\(|`)", text))
+        missing = sorted(n for n in names if not _resolves(n))
+        assert missing == [], f"{doc.name}: {missing}"
