@@ -384,7 +384,8 @@ TINY = {
     "qsched_flux_schnell_w4a8_calibrate": (
         {"QSchedCalibrate": dict(prompts=CALIB_PROMPTS, width=SIZE, height=SIZE, points=3, budget=4, batch=2,
                                  preset_name="browser_flux"),
-         "QSchedJAQLoader": dict(preset="clip")}, _flux_text_encoder),
+         "QSchedJAQLoader": dict(preset="clip"), "EmptySD3LatentImage": dict(width=SIZE, height=SIZE)},
+        _flux_text_encoder),
 }
 #: What each node's result box must show after the run (point 1: every text result visible on its node).
 EXPECTED_TEXT = {
