@@ -113,6 +113,7 @@ class Page:
 
     def load_template(self, name: str, mutate=None) -> dict:
         """Loads the template as the template browser does (its JSON from the server), optionally changed first."""
+        self.close_dialogs()  # e.g. the first-visit template dialog
         wf = json.loads(self.js_async(
             f"const r = await fetch('/api/workflow_templates/{PACK_DIR_NAME}/' + args[0] + '.json');"
             "return await r.text();", name))
@@ -426,6 +427,7 @@ def test_tiny_run_shows_every_text_result_on_its_node(page, name):
     for nid, out in entry["outputs"].items():
         if classes[nid].startswith("QSched"):
             assert "images" not in out, f"{name}: {classes[nid]} draws its own images"
+    page.close_dialogs()
     page.fit_view()
     page.screenshot(SHOTS / f"{name}_run.png")
 
