@@ -520,6 +520,7 @@ def test_bad_input_message_once_on_its_node(page, node_type):
     assert box["text"].count(text) == 1 and box["text"].count("⚠") == 1, (node_type, box["text"])
     others = [b for k, b in boxes.items() if str(k) != str(target) and b["state"] == "error"]
     assert not others, (node_type, others)
+    assert page.overlaps() == [], f"{node_type}: the message pushed the node over another"
     if node_type == "QSchedCalibrate":
         page.center_on(("QSchedCalibrate",), 1.0)
         page.screenshot(SHOTS / "bad_input_calibrate.png")
