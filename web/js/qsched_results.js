@@ -10,7 +10,7 @@ import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
 const WIDGET = "qsched_result";
-const MAX_LINES = 14;
+const MAX_LINES = 8;  // longer text scrolls inside the box (the full error is also in ComfyUI's dialog)
 const LINE_PX = 15;
 
 function isOurs(node) {
