@@ -1,8 +1,11 @@
-"""``qsched`` command line: demo, experiment (docs/tiny_world.md), calibrate, sample, score (docs/calibration.md)."""
+"""``qsched`` command line: demo, experiment (docs/tiny_world.md), calibrate, sample, score (docs/calibration.md),
+quantize (docs/quantization.md)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 
@@ -107,7 +110,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(sub)
     _add_sample(sub)
     _add_score(sub)
+    _add_quantize(sub)
     return p
+
+
+def _add_quantize(sub):
+    q = sub.add_parser("quantize", help="write a pre-quantized diffusion-model file for the Q-Sched ComfyUI loaders",
+                       description="Quantizes the Linear layers of a ComfyUI-layout diffusion model (FLUX, SD1.x/SDXL "
+                                   "UNet, or a checkpoint's model.diffusion_model part) tensor by tensor and writes one "
+                                   "safetensors file (codes, scales, format, skip list, source sha256) that Q-Sched "
+                                   "Diffusion Model Loader loads without a full-precision pass.")
+    q.add_argument("source", help="full-precision .safetensors file")
+    q.add_argument("out", help="output .safetensors file (e.g. models/diffusion_models/flux1-schnell-w4a8.safetensors)")
+    q.add_argument("--format", default="w4a8", help="w8a8, w8a8-fp8, w4a8 (default), w4a6, w4a5, w4a4, w8a16, w4a16")
+    q.add_argument("--device", default=None, help="where the rounding runs (default: cuda if available, else cpu)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    q.set_defaults(func=_quantize)
+
+
+def _quantize(args) -> int:
+    import torch
+
+    from ..qsched.quant.prequant import quantize_file
+
+    if not str(args.source).lower().endswith((".safetensors", ".sft")) or not os.path.isfile(args.source):
+        raise ValueError(f"source {args.source!r}: give an existing .safetensors file")
+    if not str(args.out).lower().endswith(".safetensors"):
+        raise ValueError(f"out {args.out!r}: the output name must end in .safetensors")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    r = quantize_file(args.source, args.out, args.format, device=device, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {r['layers']} Linear layers in {args.format}, {r['bytes'] / 2**30:.2f} GiB "
+          f"({r['bytes'] / r['source_bytes']:.2f}x the source)")
+    return 0
 
 
 # ---- calibrate / sample / score ------------------------------------------------------------------------
@@ -118,8 +152,25 @@ def _positive_float(name: str):
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number > 0, got {text!r}") from None
-        if not v > 0 or v != v or v == float("inf"):
+        if not (v > 0 and math.isfinite(v)):
             raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
+        return v
+
+    return parse
+
+
+def _finite_float(name: str, lo: float | None = None, hi: float | None = None):
+    """argparse type: a finite float (NaN and +-inf refused) within [lo, hi]."""
+    where = (f" in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else
+             f" >= {lo:g}" if lo is not None else f" <= {hi:g}" if hi is not None else "")
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number{where}, got {text!r}") from None
+        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number{where}, got {text!r}")
         return v
 
     return parse
@@ -143,8 +194,10 @@ def _add_model_args(p, steps_default):
                    help="image height and width in pixels (default: the family's)")
     p.add_argument("--quant", help="quantization of the denoiser: w8a8, w4a8, w4a4, ... (qsched.quant formats) "
                                    "or fp16 (none)")
-    p.add_argument("--guidance", type=float, help="LCM w-embedding guidance (default: the family's)")
-    p.add_argument("--eta", type=float, help="TCD gamma / ancestral eta (default: the family's)")
+    p.add_argument("--guidance", type=_finite_float("--guidance", 0.0, 100.0),
+                   help="LCM w-embedding guidance (default: the family's)")
+    p.add_argument("--eta", type=_finite_float("--eta", 0.0, 1.0),
+                   help="TCD gamma / ancestral eta, in [0, 1] (default: the family's)")
     p.add_argument("--batch-size", type=_int_range("--batch-size", 1, 256), default=4, help="images per network call")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
@@ -155,9 +208,11 @@ def _add_jaq_args(p):
     p.add_argument("--jaq", choices=("clip", "preference"), default="clip",
                    help="JAQ variant: clip = CLIPScore + k*CLIP-IQA (LCM/PCM), preference = AQ-MAP + k*HPSv2 "
                         "(SDXL-Turbo/FLUX) (default clip)")
-    p.add_argument("--k", type=float, default=2.0, help="JAQ weight k of the image-quality term (default 2)")
+    p.add_argument("--k", type=_finite_float("--k", 0.0, 1000.0), default=2.0,
+                   help="JAQ weight k of the image-quality term (default 2)")
     p.add_argument("--jaq-weights", help="folder with the scorer weight files (RN50.pt, ViT-L-14.pt, ViT-B-16.pt, "
-                                         "HPS_v2.1_compressed.pt); default: $QSCHED_MODELS_DIR")
+                                         "HPS_v2.1_compressed.pt, or .safetensors copies, which are preferred); "
+                                         "then $QSCHED_MODELS_DIR. Files are read as data, never run")
 
 
 def _add_calibrate(sub):
@@ -236,6 +291,7 @@ def _build_jaq(args):
 
     from .jaq import JAQ, PRESETS
     from .metrics import resolve
+    from .metrics.weights import weights_digest
 
     tc, iq = PRESETS[args.jaq]
     weights = {}
@@ -248,7 +304,8 @@ def _build_jaq(args):
     jaq = JAQ(preset=args.jaq, k=args.k, device=device, weights=weights)
     config = {"preset": args.jaq, "tc": tc, "iq": iq, "k": float(args.k), "k_on": jaq.k_on,
               "tc_transform": jaq.tc_transform, "score_rule": jaq.score_rule,
-              "weights": {m: os.path.basename(p) for m, p in weights.items()}}
+              "weights": {m: os.path.basename(p) for m, p in weights.items()},
+              "weights_sha256": {m: weights_digest(p) for m, p in weights.items()}, "device": str(device)}
     return jaq, config
 
 
@@ -384,8 +441,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except KeyboardInterrupt:
+        hint = (f": every finished point is in {os.path.join(args.out, 'record.jsonl')}; resume with the same "
+                "command plus --resume" if args.command == "calibrate" else "")
+        print(f"qsched {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, UnicodeError) as exc:
         print(f"qsched {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, read-only folder, permissions: name the file, never a traceback
+        target = getattr(exc, "filename", None)
+        print(f"qsched {args.command}: error: {exc.strerror or exc}" + (f": {target}" if target else ""),
+              file=sys.stderr)
         return 2
 
 

@@ -69,6 +69,29 @@ def model_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def pipeline_config_digest(pipe) -> str:
+    """sha256 over the configuration of every pipeline component as loaded (model configs, scheduler config,
+    tokenizer vocabularies), so an edited VAE/UNet/scheduler config changes the fingerprint. Paths and library
+    versions (keys starting with '_', ``transformers_version``) are left out: moving the folder keeps the hash."""
+    h = hashlib.sha256()
+    components = getattr(pipe, "components", None) or {}
+    for name in sorted(components):
+        comp = components[name]
+        cfg = getattr(comp, "config", None)
+        if cfg is not None and hasattr(cfg, "to_dict") and not isinstance(cfg, dict):
+            cfg = cfg.to_dict()
+        if isinstance(cfg, dict):
+            payload = {k: v for k, v in cfg.items() if not str(k).startswith("_") and k != "transformers_version"}
+        elif hasattr(comp, "get_vocab"):
+            vocab = json.dumps(sorted(comp.get_vocab().items()), ensure_ascii=False)
+            payload = {"vocab": hashlib.sha256(vocab.encode()).hexdigest(),
+                       "model_max_length": getattr(comp, "model_max_length", None)}
+        else:
+            payload = None
+        h.update(json.dumps([name, type(comp).__name__, payload], sort_keys=True, default=str).encode() + b"\n")
+    return h.hexdigest()
+
+
 def _check_diffusers_folder(folder: Path, allow_missing_weights: Sequence[str] = ()) -> dict:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
@@ -254,7 +277,12 @@ class DiffusersGenerator:
         if eta is not None:
             if sampler not in ("tcd", "euler_ancestral"):
                 raise ValueError(f"eta applies to samplers tcd and euler_ancestral, not {sampler!r}")
+            if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+                raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
             self.options["eta"] = float(eta)
+        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                     or not math.isfinite(guidance) or guidance < 0):
+            raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
         self.guidance = d_guidance if guidance is None else float(guidance)
         self.height = d_size if height is None else height
         self.width = d_size if width is None else width
@@ -287,7 +315,10 @@ class DiffusersGenerator:
                 "pipeline": type(self.pipe).__name__, "family": self.family, "sampler": self.sampler,
                 "sampler_options": self.options, "steps": self.steps, "quant": self.quant,
                 "height": self.height, "width": self.width, "guidance": self.guidance,
-                "dtype": str(self.denoiser_module.dtype).replace("torch.", "")}
+                "dtype": str(self.denoiser_module.dtype).replace("torch.", ""),
+                # images differ between batch sizes (batched kernels) and devices: a resume must match them
+                "batch_size": self.batch_size, "device": self.device.type,
+                "config_hash": pipeline_config_digest(self.pipe)}
 
     @torch.no_grad()
     def generate(self, coefficients: Coefficients, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:

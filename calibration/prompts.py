@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+from ..qsched._io import PROMPTS_MAX_BYTES, check_nesting, read_text_capped
+
 DATA = Path(__file__).resolve().parent / "data"
 DEFAULT_FILE = DATA / "calibration_prompts.txt"
 FORMATS = (".txt", ".yaml", ".yml", ".json")
@@ -32,25 +34,29 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]
     if p.suffix.lower() not in FORMATS:
         raise ValueError(f"{p}: prompt file must end in one of {', '.join(FORMATS)} (got {p.suffix or 'no suffix'!r})")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_text_capped(p, PROMPTS_MAX_BYTES, "prompt file")
     except FileNotFoundError:
         raise FileNotFoundError(f"prompt file not found: {p}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{p}: is a folder, not a prompt file") from None
     suffix = p.suffix.lower()
+    if suffix != ".txt":
+        check_nesting(text, str(p))
     if suffix == ".txt":
         prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     elif suffix == ".json":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{p}: not valid JSON ({exc})") from None
+            data = json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"{p}: not valid JSON ({str(exc) or 'nested too deeply'})") from None
         prompts = _from_data(data, p)
     else:
         import yaml
 
         try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{p}: not valid YAML ({exc})") from None
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise ValueError(f"{p}: not valid YAML ({str(exc)[:300] or 'nested too deeply'})") from None
         prompts = _from_data(data, p)
     if not prompts:
         raise ValueError(f"{p}: no prompts found (prompt list is empty)")
@@ -59,6 +65,10 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]
             raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
         prompts = prompts[:limit]
     return prompts
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a prompt")
 
 
 def _from_data(data, path: Path) -> list[str]:

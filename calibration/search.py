@@ -325,6 +325,15 @@ def run_strategy(space: SearchSpace, strategy: str, evaluate: Evaluate, n: int |
     return "done"
 
 
+MAX_POINTS_WITHOUT_BUDGET = 1_000_000
+MAX_FIRST_DESIGN = 100_000
+
+
+def _big(n: int) -> str:
+    """An exact count, or its order of magnitude when it has more than 15 digits."""
+    return str(n) if n < 10 ** 15 else f"about 10^{len(str(n)) - 1}"
+
+
 def estimate_points(space: SearchSpace, strategy: str, n: int, options: Mapping[str, Any] | None = None) -> int:
     """Points a run will evaluate: exact for grid; for adaptive strategies a typical count (for the ETA)."""
     options = check_strategy(strategy, options)
@@ -345,20 +354,38 @@ def _identity_on_grid(space: SearchSpace, n: int) -> int:
 def check_budget(space: SearchSpace, strategy: str, n: int, per_point: int, budget: int | None,
                  options: Mapping[str, Any] | None = None) -> None:
     """Refuse, before anything runs, a grid larger than the budget or a budget below an adaptive strategy's
-    first design (identity + coarse grid)."""
+    first design (identity + coarse grid). Without a budget a grid above ``MAX_POINTS_WITHOUT_BUDGET`` points is
+    refused, and a ``zoom`` coarse grid above ``MAX_FIRST_DESIGN`` points always is (sizes are computed as exact
+    integers, nothing is built)."""
+    options = check_strategy(strategy, options)
+    if strategy == "zoom":
+        coarse = options.get("coarse") or default_coarse(space.dim)
+        design = min(coarse, n) ** space.dim
+        if design > MAX_FIRST_DESIGN:
+            raise ValueError(
+                f"strategy 'zoom' would start with a coarse grid of {min(coarse, n)}^{space.dim} = {_big(design)} "
+                f"points (more than {MAX_FIRST_DESIGN:,}): use strategy 'pattern' for a {space.dim}-D space, or a "
+                "smaller space (start, start_end)")
     if budget is None:
+        if strategy == "grid":
+            total = estimate_points(space, strategy, n, options)
+            if total > MAX_POINTS_WITHOUT_BUDGET:
+                raise ValueError(
+                    f"the grid evaluates {n}^{space.dim} = {_big(total)} points x {per_point} prompts = "
+                    f"{_big(total * per_point)} images, more than {MAX_POINTS_WITHOUT_BUDGET:,} points: set a budget "
+                    "(maximum images; CLI --budget) to run a search this large, use fewer points per dimension, "
+                    "a smaller space, or an adaptive strategy (pattern, zoom)")
         return
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget (maximum images) must be an integer >= 1 or unset, got {budget!r}")
-    options = check_strategy(strategy, options)
     if strategy == "grid":
         total = estimate_points(space, strategy, n, options)
         if total * per_point > budget:
             identity = " + identity" if total > n ** space.dim else ""
             raise ValueError(
-                f"budget too small: the grid evaluates {total} points ({n}^{space.dim} grid{identity}) x "
-                f"{per_point} prompts = {total * per_point} images, budget is {budget}: raise the budget to >= "
-                f"{total * per_point}, use fewer points or prompts, or an adaptive strategy (pattern, zoom)")
+                f"budget too small: the grid evaluates {_big(total)} points ({n}^{space.dim} grid{identity}) x "
+                f"{per_point} prompts = {_big(total * per_point)} images, budget is {budget}: raise the budget to >= "
+                f"{_big(total * per_point)}, use fewer points or prompts, or an adaptive strategy (pattern, zoom)")
         return
     first = 1
     if strategy == "zoom":

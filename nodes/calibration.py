@@ -237,7 +237,7 @@ class QSchedCalibrate:
         import folder_paths
 
         from ..calibration.plots import plot_landscape, preview_grid
-        from ..calibration.runner import RecordError, calibrate
+        from ..calibration.runner import RecordError, RecordWriteError, calibrate
 
         lines = check_settings(prompts=prompts, steps=steps, space=space, strategy=strategy, range_min=range_min,
                                range_max=range_max, points=points, budget=budget, base_seed=base_seed, width=width,
@@ -282,7 +282,12 @@ class QSchedCalibrate:
             result = calibrate(gen, scorer, lines, space=sp, strategy=strategy, points=points, seeds=seeds,
                                budget=budget, record=record, resume=True, preset=preset_path, progress=progress.point,
                                interrupt=check, scorer_config=scorer.config, extra_metadata=extra)
-        except RecordError as exc:
+        except comfy.model_management.InterruptProcessingException:
+            # ComfyUI shows its own "interrupted" state; the console says how to go on
+            logging.warning("%s: interrupted. Every finished point is kept in %s: queue the same settings again "
+                            "to resume (nothing is recomputed)", NODE, record)
+            raise
+        except (RecordError, RecordWriteError) as exc:
             raise RuntimeError(f"{NODE}: {exc}") from None
         except comfy.model_management.InterruptProcessingException:
             n = _record_points(record)

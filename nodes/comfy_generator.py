@@ -32,7 +32,7 @@ def _update_tensor(h, t, full: bool = False) -> None:
     t = t.detach()
     h.update(f"{tuple(t.shape)}|{str(t.dtype)}|".encode())
     flat = t.reshape(-1)
-    if flat.numel() == 0:
+    if flat.numel() == 0 or flat.is_meta:
         return
     if not full and flat.numel() > SAMPLE_VALUES:
         n = flat.numel()
@@ -66,21 +66,37 @@ def module_digest(module, backup: dict | None = None, prefix: str = "") -> str:
 
     ``backup``: ComfyUI ModelPatcher's original weights of keys it patched in place (LoRA), so a loaded-and-patched
     model gives the same digest as a fresh one; the patches are digested separately."""
+    import torch
+
     h = hashlib.sha256()
     backup = backup or {}
     for name, t in module.state_dict(keep_vars=True).items():
         saved = backup.get(prefix + name)
         if saved is not None:
             t = saved.weight
+        elif t.is_meta:  # other packs' quantized layers (ComfyUI-GGUF) export placeholders: digest what is held
+            t = _held_tensor(module, name, t)
         h.update(name.encode() + b"\0")
-        _update_tensor(h, t)
+        _update_tensor(h, t.detach().as_subclass(torch.Tensor))
     return h.hexdigest()
+
+
+def _held_tensor(module, name: str, placeholder):
+    """The tensor a module holds under a state-dict name, or the placeholder itself (digested by shape only) for
+    names that exist only in the state dict (GGUF's memory-estimate entries)."""
+    obj = module
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return placeholder
+    return obj if hasattr(obj, "detach") and not obj.is_meta else placeholder
 
 
 def quant_label(module) -> str | None:
     from ..qsched.quant.layers import QuantConv2d, QuantLinear
 
-    names = sorted({m.spec.name for m in module.modules() if isinstance(m, (QuantLinear, QuantConv2d))})
+    names = sorted({m.spec.name for m in module.modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+                   | {m.qsched_spec.name for m in module.modules() if getattr(m, "qsched_spec", None) is not None})
     return "+".join(names) or None
 
 
@@ -168,9 +184,11 @@ class ComfyGenerator:
             self.cond[p] = self._encode(p)
         self.negative = self._encode("")  # used only when cfg != 1
         latent = torch.zeros([1, 4, height // 8, width // 8])
+        import comfy.model_management
         import comfy.sample
 
         self.latent_shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent).shape[1:])
+        self.device = comfy.model_management.get_torch_device()  # the runner records CPU threads only for CPU runs
 
     def _encode(self, text: str):
         tokens = self.clip.tokenize(text)
@@ -184,7 +202,9 @@ class ComfyGenerator:
               "schedule": self.schedule, "sigmas": [round(float(s), 8) for s in self.sigmas],
               "eta": self.eta if self.sampler in ("euler_ancestral", "tcd") else None,
               "cfg": self.cfg, "steps": self.steps, "height": self.height, "width": self.width,
-              "latent_shape": list(self.latent_shape)}
+              "latent_shape": list(self.latent_shape),
+              # images differ by ~1e-3 between batch sizes (batched kernels), so a resume must use the same one
+              "batch_size": self.batch_size}
         return fp
 
     def _groups(self, prompts, n: int):

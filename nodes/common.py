@@ -107,7 +107,13 @@ def register_qsched_folder():
 def preset_names() -> list[str]:
     """The preset files in ``models/qsched/`` (the choices of a preset widget)."""
     folder_paths = register_qsched_folder()
-    return sorted(n for n in folder_paths.get_filename_list(QSCHED_FOLDER) if n.lower().endswith(PRESET_EXT))
+    return sorted(n for n in folder_paths.get_filename_list(QSCHED_FOLDER)
+                  if n.lower().endswith(PRESET_EXT) and not is_hidden(n))
+
+
+def is_hidden(name: str) -> bool:
+    """Temporary files of atomic writes (``.tmp-*``) and other dot-files: never offered or loaded as presets."""
+    return any(part.startswith(".") for part in name.replace("\\", "/").split("/"))
 
 
 def preset_relpath(name, node: str = "Q-Sched Save Preset", input_name: str = "name") -> str:

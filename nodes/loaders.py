@@ -1,165 +1,266 @@
-"""Loader nodes: a checkpoint or diffusion model loaded by ComfyUI's own loaders, then quantized on a clone.
+"""Loader nodes: quantized models that ComfyUI's memory manager handles like its own.
 
-The quantization itself is ``qsched.quant.quantize_comfy_model`` (issue #3): it clones the ModelPatcher and installs
-a quantized copy of ``diffusion_model`` as an object patch, so the full-precision MODEL stays usable and LoRAs or
-other patches loaded before it keep working. ComfyUI modules are imported inside functions only.
+* The two loaders hand ComfyUI's own loader ``model_options["custom_operations"]`` (``qsched.quant.comfy_ops``): each
+  Linear is quantized while its weights stream in, or read from a pre-quantized file (Save Quantized Model /
+  ``qsched quantize``), so the full-precision model never exists in RAM or VRAM.
+* Quantize Model builds a new model object from any MODEL (core, GGUF, after LoRA); the input MODEL is untouched.
+* Save Quantized Model writes the pre-quantized file.
+ComfyUI modules are imported inside functions only.
 """
 
 from __future__ import annotations
 
-from ..qsched.quant import BACKENDS, QuantSpec, quantize_comfy_model
+import os
+
+from ..qsched.quant import QuantSpec, load_quantized, quantize_comfy_model, save_quantized
+from ..qsched.quant.comfy_ops import COMFY_BACKENDS
 from .common import CATEGORY_LOADERS, NodeInputError
 
-#: fp16 / bf16 = no quantization (weights kept in that dtype); the rest are qsched.quant formats.
-PRECISIONS = ("fp16", "bf16", "w8a8", "w4a8", "w4a6", "w4a5", "w4a4")
+#: fp16 / bf16 = no quantization (weights kept in that dtype); "fast 8-bit" = w8a8-fp8 on GPUs with FP8 tensor cores
+#: (Ada, Hopper, newer), else w8a8; the rest are qsched.quant formats.
 FLOAT_PRECISIONS = ("fp16", "bf16")
+FAST_8BIT = "fast 8-bit"
+QUANT_PRECISIONS = ("w8a8", "w8a8-fp8", FAST_8BIT, "w4a8", "w4a6", "w4a5", "w4a4")
+PRECISIONS = FLOAT_PRECISIONS + QUANT_PRECISIONS
 
-_PRECISION = (list(PRECISIONS), {"default": "w4a8", "tooltip":
-              "fp16/bf16: no quantization. wXaY: X-bit weights and Y-bit activations on every Linear layer of "
-              "the diffusion model (embedders and final layer stay in full precision); w4a8 is the paper's "
-              "main setting. Text encoders and VAE are never quantized."})
-_BACKEND = (list(BACKENDS), {"default": "auto", "tooltip":
-            "How quantized layers run. auto: native integer kernels where the device has them, else exact "
-            "simulation. simulated: round-trip in float (same numbers, any device). bitsandbytes: int8/nf4 "
-            "kernels of bitsandbytes (w8a8 only here)."})
+_PRECISION_TIP = ("wXaY: X-bit weights and Y-bit activations on every Linear layer of the diffusion model (embedders "
+                  "and final layer stay in 16 bit); w4a8 is the paper's main setting. w8a8-fp8: float8 weights and "
+                  "activations, the fastest format on GPUs with FP8 (RTX 40xx, L4/L40, H100/H200); 'fast 8-bit' "
+                  "picks it there and int8 w8a8 elsewhere.")
+_BACKEND = (list(COMFY_BACKENDS), {"default": "auto", "tooltip":
+            "How quantized layers run. auto / native: integer and FP8 kernels where the device has them. simulated: "
+            "round-trip in float32 (same numbers, any device, slow)."})
+
+
+def resolve_precision(precision: str) -> str:
+    """'fast 8-bit' -> w8a8-fp8 on an FP8 GPU, else w8a8; other names unchanged."""
+    if precision != FAST_8BIT:
+        return precision
+    import torch
+
+    import comfy.model_management as mm
+
+    dev = mm.get_torch_device()
+    if getattr(dev, "type", str(dev)) == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9):
+        return "w8a8-fp8"
+    return "w8a8"
 
 
 def _dtype_options(precision: str) -> dict:
     import torch
 
-    if precision == "fp16":
-        return {"dtype": torch.float16}
-    if precision == "bf16":
-        return {"dtype": torch.bfloat16}
-    return {}
+    return {"fp16": {"dtype": torch.float16}, "bf16": {"dtype": torch.bfloat16}}.get(precision, {})
 
 
-def _quantize(model, precision: str, backend: str, node: str):
-    """-> (MODEL, report text). fp16/bf16 leave the MODEL as loaded."""
-    if precision not in PRECISIONS:
-        raise NodeInputError(node, "precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
-    if backend not in BACKENDS:
-        raise NodeInputError(node, "backend", f"{backend!r} is not one of {', '.join(BACKENDS)}")
-    if precision in FLOAT_PRECISIONS:
-        return model, f"{precision}: not quantized"
-    try:
-        spec = QuantSpec.parse(precision)
-        quantized, report = quantize_comfy_model(model, spec, backend)
-    except ValueError as exc:
-        raise NodeInputError(node, "backend", f"precision {precision!r} with backend {backend!r}: {exc}") from None
-    return quantized, str(report)
+def _ui(model, report: str, *extra):
+    return {"ui": {"text": [report]}, "result": (model, *extra, report)}
 
 
-def _full_path(folder: str, name: str, node: str, input_name: str) -> str:
-    import folder_paths
+class _QSchedLoaderBase:
+    """Shared by the checkpoint and diffusion-model loaders: resolve the file, load with quantizing operations,
+    turn every bad input into one error naming the input and the file."""
 
-    path = folder_paths.get_full_path(folder, name)
-    if path is None:
-        raise NodeInputError(node, input_name, f"file {name!r} not found in models/{folder}/ (or the '{folder}' "
-                                               "paths of extra_model_paths.yaml)")
-    return path
-
-
-class QSchedCheckpointLoader:
-    DESCRIPTION = ("Loads a checkpoint (e.g. sd_xl_turbo_1.0_fp16.safetensors) like Load Checkpoint and quantizes "
-                   "its diffusion model (MODEL) to the chosen precision. CLIP and VAE stay in full precision.")
     CATEGORY = CATEGORY_LOADERS
+    FUNCTION = "load"
+    NODE_NAME = ""
+    FOLDER = ""
+    FILE_INPUT = ""
+    CHECKPOINT = False
+
+    @classmethod
+    def file_input(cls, tooltip: str) -> dict:
+        import folder_paths
+
+        return {"required": {
+            cls.FILE_INPUT: (folder_paths.get_filename_list(cls.FOLDER), {"tooltip": tooltip}),
+            "precision": (list(PRECISIONS), {"default": "w4a8", "tooltip":
+                          _PRECISION_TIP + " fp16/bf16: no quantization. A pre-quantized file keeps its own format."}),
+            "backend": _BACKEND,
+        }}
+
+    def _path(self, name: str) -> str:
+        import folder_paths
+
+        path = folder_paths.get_full_path(self.FOLDER, name)
+        if path is None:
+            raise NodeInputError(self.NODE_NAME, self.FILE_INPUT, f"file {name!r} not found in models/{self.FOLDER}/ "
+                                 f"(or the '{self.FOLDER}' paths of extra_model_paths.yaml)")
+        return path
+
+    def _check(self, precision: str, backend: str) -> str:
+        if precision not in PRECISIONS:
+            raise NodeInputError(self.NODE_NAME, "precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
+        if backend not in COMFY_BACKENDS:
+            raise NodeInputError(self.NODE_NAME, "backend", f"{backend!r} is not one of {', '.join(COMFY_BACKENDS)}")
+        return resolve_precision(precision)
+
+    def _load_float(self, path: str, precision: str):
+        raise NotImplementedError
+
+    def load_file(self, name: str, precision: str, backend: str):
+        """-> (model, clip, vae, report text)"""
+        precision = self._check(precision, backend)
+        path = self._path(name)
+        from safetensors import SafetensorError
+
+        try:
+            if precision in FLOAT_PRECISIONS:
+                from ..qsched.quant import prequant
+
+                if prequant.read_metadata(path) is None:
+                    return (*self._load_float(path, precision), f"{precision}: not quantized")
+            model, clip, vae, report = load_quantized(path, QuantSpec.parse(
+                "w4a8" if precision in FLOAT_PRECISIONS else precision), backend, checkpoint=self.CHECKPOINT,
+                embedding_directory=self._embeddings())
+        except (ValueError, SafetensorError, OSError) as exc:
+            raise NodeInputError(self.NODE_NAME, self.FILE_INPUT, f"{name!r}: {exc}") from None
+        except RuntimeError as exc:  # ComfyUI: "Could not detect model type of ..."
+            raise NodeInputError(self.NODE_NAME, self.FILE_INPUT, f"{name!r}: {str(exc).splitlines()[0]}; is it a "
+                                 f"{'checkpoint' if self.CHECKPOINT else 'diffusion model'} file?") from None
+        text = f"{os.path.basename(path)}: {report}\nComfyUI size: {model.model_size() / 2**30:.2f} GiB"
+        return model, clip, vae, text
+
+    def _embeddings(self):
+        import folder_paths
+
+        return folder_paths.get_folder_paths("embeddings")
+
+
+class QSchedCheckpointLoader(_QSchedLoaderBase):
+    DESCRIPTION = ("Loads a checkpoint (e.g. sd_xl_turbo_1.0_fp16.safetensors) like Load Checkpoint; its diffusion "
+                   "model's Linear layers are quantized while they load (no full-precision copy). CLIP and VAE stay "
+                   "in full precision.")
     RETURN_TYPES = ("MODEL", "CLIP", "VAE", "STRING")
     RETURN_NAMES = ("MODEL", "CLIP", "VAE", "report")
     OUTPUT_TOOLTIPS = ("The quantized diffusion model.", "The text encoder(s).", "The VAE.",
-                       "What was quantized, and how.")
-    FUNCTION = "load"
+                       "What was quantized, and how; ComfyUI's size of the model.")
+    NODE_NAME, FOLDER, FILE_INPUT, CHECKPOINT = "Q-Sched Checkpoint Loader", "checkpoints", "ckpt_name", True
+    DISPLAY_NAME = "Q-Sched Checkpoint Loader (quantized)"
 
     @classmethod
     def INPUT_TYPES(cls):
-        import folder_paths
+        return cls.file_input("A checkpoint file in models/checkpoints/ (UNet + text encoders + VAE in one file).")
 
-        return {"required": {
-            "ckpt_name": (folder_paths.get_filename_list("checkpoints"), {"tooltip":
-                          "A checkpoint file in models/checkpoints/ (UNet + text encoders + VAE in one file)."}),
-            "precision": _PRECISION,
-            "backend": _BACKEND,
-        }}
+    def _load_float(self, path, precision):
+        import comfy.sd
+
+        out = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
+                                                    embedding_directory=self._embeddings(),
+                                                    model_options=_dtype_options(precision))
+        if out[0] is None:
+            raise ValueError("ComfyUI found no diffusion model in this file")
+        return out[:3]
 
     def load(self, ckpt_name, precision, backend):
-        import comfy.sd
-        import folder_paths
-
-        node = "Q-Sched Checkpoint Loader"
-        path = _full_path("checkpoints", ckpt_name, node, "ckpt_name")
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
-            path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"),
-            model_options=_dtype_options(precision))[:3]
-        if model is None:
-            raise NodeInputError(node, "ckpt_name", f"{ckpt_name!r}: ComfyUI found no diffusion model in this file")
-        model, report = _quantize(model, precision, backend, node)
-        return {"ui": {"text": [report]}, "result": (model, clip, vae, report)}
+        model, clip, vae, text = self.load_file(ckpt_name, precision, backend)
+        return {"ui": {"text": [text]}, "result": (model, clip, vae, text)}
 
 
-class QSchedDiffusionModelLoader:
+class QSchedDiffusionModelLoader(_QSchedLoaderBase):
     DESCRIPTION = ("Loads a diffusion model alone (e.g. flux1-schnell.safetensors from models/diffusion_models/) "
-                   "like Load Diffusion Model and quantizes it. Load its text encoders and VAE with the core nodes.")
-    CATEGORY = CATEGORY_LOADERS
+                   "like Load Diffusion Model, quantizing its Linear layers while they load; also loads the "
+                   "pre-quantized files of Q-Sched Save Quantized Model. Load text encoders and VAE with core nodes.")
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("MODEL", "report")
-    OUTPUT_TOOLTIPS = ("The quantized diffusion model.", "What was quantized, and how.")
-    FUNCTION = "load"
+    OUTPUT_TOOLTIPS = ("The quantized diffusion model.", "What was quantized, and how; ComfyUI's size of the model.")
+    NODE_NAME, FOLDER, FILE_INPUT = "Q-Sched Diffusion Model Loader", "diffusion_models", "unet_name"
+    DISPLAY_NAME = "Q-Sched Diffusion Model Loader (quantized)"
 
     @classmethod
     def INPUT_TYPES(cls):
-        import folder_paths
+        return cls.file_input("A diffusion-model file in models/diffusion_models/ (e.g. flux1-schnell.safetensors), "
+                              "or a pre-quantized file written by Q-Sched Save Quantized Model.")
 
-        return {"required": {
-            "unet_name": (folder_paths.get_filename_list("diffusion_models"), {"tooltip":
-                          "A diffusion-model file in models/diffusion_models/ (e.g. flux1-schnell.safetensors)."}),
-            "precision": _PRECISION,
-            "backend": _BACKEND,
-        }}
-
-    def load(self, unet_name, precision, backend):
+    def _load_float(self, path, precision):
         import comfy.sd
 
-        node = "Q-Sched Diffusion Model Loader"
-        path = _full_path("diffusion_models", unet_name, node, "unet_name")
-        model = comfy.sd.load_diffusion_model(path, model_options=_dtype_options(precision))
-        if model is None:
-            raise NodeInputError(node, "unet_name", f"{unet_name!r}: ComfyUI could not detect the model type")
-        model, report = _quantize(model, precision, backend, node)
-        return {"ui": {"text": [report]}, "result": (model, report)}
+        return comfy.sd.load_diffusion_model(path, model_options=_dtype_options(precision)), None, None
+
+    def load(self, unet_name, precision, backend):
+        model, _, _, text = self.load_file(unet_name, precision, backend)
+        return _ui(model, text)
 
 
 class QSchedQuantizeModel:
-    DESCRIPTION = ("Quantizes any MODEL (from Load Checkpoint, a GGUF loader, after LoRAs...) on a clone: the input "
-                   "MODEL is left unchanged, so full-precision and quantized branches can share one load.")
+    DESCRIPTION = ("Quantizes any MODEL (Load Checkpoint, a GGUF loader, after LoRAs...) into a new model: the input "
+                   "MODEL is left unchanged, and ComfyUI loads, counts and evicts the two independently, so "
+                   "full-precision and quantized branches can share one load.")
     CATEGORY = CATEGORY_LOADERS
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("MODEL", "report")
-    OUTPUT_TOOLTIPS = ("The quantized clone.", "What was quantized, and how.")
+    OUTPUT_TOOLTIPS = ("The quantized model (a new model object).", "What was quantized, and how.")
     FUNCTION = "quantize"
+    NODE_NAME = DISPLAY_NAME = "Q-Sched Quantize Model"
 
     @classmethod
     def INPUT_TYPES(cls):
-        precision = (list(PRECISIONS[2:]), {**_PRECISION[1], "tooltip":
-                     "wXaY: X-bit weights, Y-bit activations on the diffusion model's Linear layers; w4a8 is the "
-                     "paper's main setting."})
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to quantize (not modified)."}),
-            "precision": precision,
+            "model": ("MODEL", {"tooltip": "The model to quantize (not modified). LoRAs applied to it are merged."}),
+            "precision": (list(QUANT_PRECISIONS), {"default": "w4a8", "tooltip": _PRECISION_TIP}),
             "backend": _BACKEND,
         }}
 
     def quantize(self, model, precision, backend):
-        model, report = _quantize(model, precision, backend, "Q-Sched Quantize Model")
-        return {"ui": {"text": [report]}, "result": (model, report)}
+        if precision not in QUANT_PRECISIONS:
+            raise NodeInputError(self.NODE_NAME, "precision", f"{precision!r} is not one of "
+                                 f"{', '.join(QUANT_PRECISIONS)}")
+        if backend not in COMFY_BACKENDS:
+            raise NodeInputError(self.NODE_NAME, "backend", f"{backend!r} is not one of {', '.join(COMFY_BACKENDS)}")
+        try:
+            quantized, report = quantize_comfy_model(model, QuantSpec.parse(resolve_precision(precision)), backend)
+        except ValueError as exc:
+            raise NodeInputError(self.NODE_NAME, "model", str(exc)) from None
+        text = f"{report}\nComfyUI size: {quantized.model_size() / 2**30:.2f} GiB (input MODEL: " \
+               f"{model.model_size() / 2**30:.2f} GiB)"
+        return _ui(quantized, text)
+
+
+class QSchedSaveQuantizedModel:
+    DESCRIPTION = ("Writes a quantized MODEL (from the Q-Sched loaders or Quantize Model) to "
+                   "models/diffusion_models/<name>.safetensors: codes, scales, format, skip list and the source "
+                   "file's hash. Q-Sched Diffusion Model Loader loads it directly (no full-precision pass).")
+    CATEGORY = CATEGORY_LOADERS
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("Where the file was written.",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    NODE_NAME = DISPLAY_NAME = "Q-Sched Save Quantized Model"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A MODEL quantized by a Q-Sched loader or Q-Sched Quantize Model."}),
+            "filename": ("STRING", {"default": "flux1-schnell-w4a8", "tooltip":
+                         "File name (without folder) in models/diffusion_models/; .safetensors is added."}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+        }}
+
+    def save(self, model, filename, overwrite):
+        import folder_paths
+
+        name = (filename or "").strip()
+        if name.lower().endswith(".safetensors"):
+            name = name[:-len(".safetensors")]
+        if not name or os.path.basename(name) != name or name.startswith("."):
+            raise NodeInputError(self.NODE_NAME, "filename", f"{filename!r}: give a plain file name (no folders, not "
+                                 "starting with '.')")
+        folder = folder_paths.get_folder_paths("diffusion_models")[0]
+        path = os.path.join(folder, name + ".safetensors")
+        if os.path.exists(path) and not overwrite:
+            raise NodeInputError(self.NODE_NAME, "filename", f"{path} exists; choose another name or set overwrite")
+        try:
+            size = save_quantized(model, path)
+        except ValueError as exc:
+            raise NodeInputError(self.NODE_NAME, "model", str(exc)) from None
+        text = f"wrote {path} ({size / 2**30:.2f} GiB)"
+        return {"ui": {"text": [text]}, "result": (path,)}
 
 
 NODE_CLASS_MAPPINGS = {
     "QSchedCheckpointLoader": QSchedCheckpointLoader,
     "QSchedDiffusionModelLoader": QSchedDiffusionModelLoader,
     "QSchedQuantizeModel": QSchedQuantizeModel,
+    "QSchedSaveQuantizedModel": QSchedSaveQuantizedModel,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "QSchedCheckpointLoader": "Q-Sched Checkpoint Loader (quantized)",
-    "QSchedDiffusionModelLoader": "Q-Sched Diffusion Model Loader (quantized)",
-    "QSchedQuantizeModel": "Q-Sched Quantize Model",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {key: cls.DISPLAY_NAME for key, cls in NODE_CLASS_MAPPINGS.items()}

@@ -13,7 +13,7 @@ from ..qsched import samplers as qsamplers
 from ..qsched import schedules as qschedules
 from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_steps
 from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, PRESET_EXT, QSCHED_FOLDER, NodeInputError,
-                     check_combo, is_flow, model_sampling_of, node_input, preset_names, preset_relpath,
+                     check_combo, is_flow, is_hidden, model_sampling_of, node_input, preset_names, preset_relpath,
                      register_qsched_folder, steps_input, validation_result)
 
 #: The samplers of ``qsched.samplers.SAMPLERS`` in widget order (SDXL-Turbo's first).
@@ -360,7 +360,7 @@ def _preset_path(name: str):
 
 def _load_preset(name: str) -> Coefficients:
     node = "Q-Sched Load Preset"
-    if not isinstance(name, str) or not name.lower().endswith(PRESET_EXT):
+    if not isinstance(name, str) or not name.lower().endswith(PRESET_EXT) or is_hidden(name):
         raise NodeInputError(node, "preset", f"must name a *{PRESET_EXT} file in models/{QSCHED_FOLDER}/, got {name!r}")
     path = _preset_path(name)
     if path is None:

@@ -7,11 +7,9 @@ paths of extra_model_paths.yaml); nothing is ever downloaded. ComfyUI modules ar
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 
-from ..qsched._io import update_from_file
 from .common import (CATEGORY_SCORING, JAQ_SCORER, QSCHED_FOLDER, NodeInputError, check_combo, node_input,
                      register_qsched_folder, validation_result)
 
@@ -52,11 +50,14 @@ def weight_choices() -> list[str]:
     for root in _qsched_folders():
         if not os.path.isdir(root):
             continue
+        seen = set()
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
-            if rel != "." and not _inside(root, rel):
+            real = os.path.realpath(dirpath)
+            if (rel != "." and not _inside(root, rel)) or real in seen:  # out of the folder, or a symlink loop
                 dirnames[:] = []
                 continue
+            seen.add(real)
             if "config.json" in filenames and rel != ".":
                 out.add(rel + "/")  # a transformers CLIP folder: its files are not listed one by one
                 dirnames[:] = []
@@ -104,23 +105,6 @@ def resolve_weight(metric: str, choice: str, input_name: str) -> str:
             f"{choice!r} not found in models/{QSCHED_FOLDER}/ (or the '{QSCHED_FOLDER}' paths of "
             f"extra_model_paths.yaml). {metric} needs {SPECS[metric].what}; get it from: {SPECS[metric].source}"))
     return path
-
-
-_DIGESTS: dict[tuple, str] = {}
-
-
-def weight_digest(path: str) -> str:
-    """sha256 of a weight file (or of every file of a folder), cached by (path, size, mtime)."""
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-    key = tuple((f, os.path.getsize(f), os.path.getmtime(f)) for f in files)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(os.path.relpath(f, path).encode() + b"\0")
-            update_from_file(h, f)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
 
 
 class ComfyJAQ:
@@ -179,6 +163,7 @@ def load_jaq(preset: str, k: float, tc_weights: str, iq_weights: str, device: st
              dtype: str = AUTO) -> ComfyJAQ:
     from ..calibration.jaq import JAQ
     from ..calibration.metrics import get_metric_class
+    from ..calibration.metrics.weights import weights_digest
 
     if preset not in PRESETS:
         raise NodeInputError(LOADER, "preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
@@ -195,7 +180,7 @@ def load_jaq(preset: str, k: float, tc_weights: str, iq_weights: str, device: st
     config = {"preset": preset, "tc": tc, "iq": iq, "k": float(k), "k_on": jaq.k_on,
               "tc_transform": jaq.tc_transform, "score_rule": jaq.score_rule,
               "weights": {m: os.path.basename(p.rstrip("/\\")) for m, p in paths.items()},
-              "weights_sha256": {m: weight_digest(p) for m, p in paths.items()},
+              "weights_sha256": {m: weights_digest(p) for m, p in paths.items()},
               "device": str(dev), "dtype": str(dt).replace("torch.", "")}
     return ComfyJAQ(jaq, config)
 

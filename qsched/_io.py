@@ -20,7 +20,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> str
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    except OSError as exc:  # read-only folder, permissions: name the target
+        if exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, path) from None
     try:
         os.close(fd)
         os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; presets and images are shared files
@@ -28,6 +33,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> str
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if exc.errno is None:
+            raise
+        # name the file the caller asked for, not the temporary one (disk full, read-only folder, permissions)
+        raise type(exc)(exc.errno, exc.strerror, path) from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -65,3 +77,59 @@ def _file_mode(path: str) -> int:
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+class TextFileError(ValueError):
+    """A text file the pack reads (preset, prompt file) is too large, too deeply nested or not UTF-8 text."""
+
+
+#: Presets hold two vectors of at most 1000 numbers plus a little metadata.
+PRESET_MAX_BYTES = 1 << 20
+#: Prompt files: sDCI.yaml-sized lists with room to spare.
+PROMPTS_MAX_BYTES = 32 << 20
+#: Nesting of JSON/YAML brackets: presets need 3, prompt files 2.
+MAX_NESTING = 32
+
+
+def read_text_capped(path: str | os.PathLike, max_bytes: int, what: str) -> str:
+    """UTF-8 text of ``path`` (a UTF-8 BOM is accepted), refused before reading when larger than ``max_bytes``;
+    errors name the file. Raises ``FileNotFoundError`` or :class:`TextFileError`."""
+    path = os.fspath(path)
+    size = os.stat(path).st_size
+    if size > max_bytes:
+        raise TextFileError(f"{path}: {size:,} bytes is too large for a {what} (at most {max_bytes:,})")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew while we looked
+        raise TextFileError(f"{path}: too large for a {what} (at most {max_bytes:,} bytes)")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise TextFileError(f"{path}: the {what} is UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise TextFileError(f"{path}: the {what} is not UTF-8 text (invalid byte at offset {exc.start}); save it "
+                            "as UTF-8") from None
+
+
+def check_nesting(text: str, what: str, max_depth: int = MAX_NESTING) -> None:
+    """Refuse JSON/YAML flow text nested deeper than ``max_depth`` brackets before it is parsed (the parsers
+    recurse). Quoted strings are skipped, so brackets inside prompts do not count."""
+    depth, quote, escape = 0, "", False
+    for ch in text:
+        if quote:
+            if escape:
+                escape = False
+            elif ch == "\\" and quote == '"':
+                escape = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise TextFileError(f"{what}: nested more than {max_depth} levels deep")
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "\n":
+            quote = ""  # an unclosed quote (e.g. an apostrophe in plain YAML text) ends with its line

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from ._io import atomic_write_text
+from ._io import PRESET_MAX_BYTES, atomic_write_text, check_nesting, read_text_capped
 
 FORMAT = "qsched-coefficients"
 VERSION = 1
@@ -183,10 +183,15 @@ class Coefficients:
 
     @classmethod
     def from_json(cls, text: str) -> "Coefficients":
+        if len(text) > PRESET_MAX_BYTES:
+            raise ValueError(f"preset text of {len(text):,} characters is too large (at most {PRESET_MAX_BYTES:,})")
+        check_nesting(text, "preset")
         try:
             d = json.loads(text, parse_constant=_reject_constant)
         except json.JSONDecodeError as exc:
             raise ValueError(f"preset is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ValueError("preset is nested too deeply") from None
         return cls.from_dict(d)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -196,8 +201,7 @@ class Coefficients:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Coefficients":
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            text = read_text_capped(path, PRESET_MAX_BYTES, "Q-Sched preset")
         except FileNotFoundError:
             raise FileNotFoundError(f"Q-Sched preset not found: {os.fspath(path)}") from None
         try:

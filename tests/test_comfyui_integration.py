@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -379,6 +380,42 @@ def test_missing_weight_file_is_rejected_naming_the_input(server):
     assert "ckpt_name" in errors and "no_such_model.safetensors" in errors, errors
 
 
+def test_jaq_loader_confines_names_and_never_runs_archive_code(server, tmp_path):
+    """A workflow cannot name a scorer file outside models/qsched/ (.., absolute, symlink out): refused at queue
+    time. A TorchScript archive whose __setstate__ writes a file, placed as a scorer weight, never runs."""
+    from test_security import _malicious_archive
+
+    target = tmp_path / "pwned"
+    outside = server.root / "outside"
+    outside.mkdir(exist_ok=True)
+    evil = _malicious_archive(outside / "evil.pt", target)
+    q = server.models / "qsched"
+    link = q / "it_linked_evil.pt"
+    link.unlink(missing_ok=True)
+    link.symlink_to(evil)
+
+    def loader(iq):
+        return {"1": {"class_type": "QSchedJAQLoader", "inputs": {
+                    "preset": "clip", "k": 2.0, "tc_weights": "auto", "iq_weights": iq, "device": "auto",
+                    "dtype": "auto"}},
+                "2": {"class_type": "EmptyImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1,
+                                                             "color": 0}},
+                "3": {"class_type": "QSchedJAQScore", "inputs": {"images": ["2", 0], "scorer": ["1", 0],
+                                                                 "prompts": "a square"}}}
+
+    for name in (os.path.relpath(evil, q), str(evil), "it_linked_evil.pt"):
+        errors = _rejected(server, loader(name))
+        assert "iq_weights" in errors and ("inside" in errors or "leads out" in errors), (name, errors)
+    shutil.copy(evil, q / "it_evil_RN50.pt")
+    entry = server.run(loader("it_evil_RN50.pt"))
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    msg = _error_message(entry)
+    assert "iq_weights" in msg and "it_evil_RN50.pt" in msg, msg
+    assert not target.exists()
+    link.unlink()
+    (q / "it_evil_RN50.pt").unlink()
+
+
 def test_bad_override_is_rejected_naming_the_input(server):
     p = {"1": {"class_type": "QSchedCoefficients", "inputs": {
               "steps": 4, "c_x_start": 1.0, "c_x_end": 1.0, "c_eps_start": 1.0, "c_eps_end": 1.0,
@@ -576,6 +613,7 @@ def test_sdxl_turbo_calibration_workflow_interrupt_and_resume(server, object_inf
     done = _record_points(record)
     assert 2 <= done < 5, done
     assert not resumed_preset.exists()
+    assert "queue the same settings again to resume" in server.log_text()
 
     entry = server.run(p)
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -604,8 +642,8 @@ def test_flux_schnell_calibration_workflow(server, object_info):
 
 def test_calibration_bad_input_names_the_input(server, object_info):
     cases = [(dict(prompts="\n  \n"), "prompts", "is empty"),
-             (dict(strategy="grid", points=5, budget=10), "budget", "too small for this grid"),
-             (dict(range_min=1.2, range_max=0.8), "range_min", "smaller than range_max"),
+             (dict(strategy="grid", points=5, budget=10), "budget", "budget too small: the grid evaluates"),
+             (dict(range_min=1.2, range_max=0.8), "range_min", "low < high"),
              (dict(preset_name="../x"), "preset_name", "not a plain file name")]
     for settings, name, text in cases:
         p = calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_bad", budget=12)

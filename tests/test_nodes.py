@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from qsched_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from qsched_pack.nodes import sampling
@@ -227,12 +228,14 @@ def test_save_preset_checks_its_coefficients(folder_paths):
 def test_loader_precision_and_backend_errors_name_the_input():
     from qsched_pack.nodes import loaders
 
+    q = loaders.QSchedQuantizeModel()
     with pytest.raises(NodeInputError, match="input 'precision'"):
-        loaders._quantize(object(), "w3a3", "auto", "Q-Sched Quantize Model")
+        q.quantize(object(), "w3a3", "auto")
     with pytest.raises(NodeInputError, match="input 'backend'"):
-        loaders._quantize(object(), "w4a8", "cuda-magic", "Q-Sched Quantize Model")
-    model = object()
-    assert loaders._quantize(model, "fp16", "auto", "Q-Sched Quantize Model")[0] is model
+        q.quantize(object(), "w4a8", "cuda-magic")
+    with pytest.raises(NodeInputError, match="input 'backend'"):
+        loaders.QSchedDiffusionModelLoader()._check("w4a8", "bitsandbytes")
+    assert loaders.resolve_precision("w4a8") == "w4a8" and "w8a8-fp8" in loaders.QUANT_PRECISIONS
 
 
 def test_loader_combos_list_model_folders(folder_paths, tmp_path):
@@ -245,8 +248,29 @@ def test_loader_combos_list_model_folders(folder_paths, tmp_path):
     assert req["ckpt_name"][0] == ["sd_xl_turbo_1.0_fp16.safetensors"]
     assert req["precision"][0] == list(loaders.PRECISIONS) and req["precision"][1]["default"] == "w4a8"
     with pytest.raises(NodeInputError, match="input 'unet_name'.*not found"):
-        loaders._full_path("diffusion_models", "flux1-schnell.safetensors", "Q-Sched Diffusion Model Loader",
-                           "unet_name")
+        loaders.QSchedDiffusionModelLoader().load("flux1-schnell.safetensors", "w4a8", "auto")
+
+
+def test_save_quantized_refuses_paths_and_existing_files(folder_paths, tmp_path):  # noqa: F811
+    from qsched_pack.nodes import loaders
+
+    dm = tmp_path / "models" / "diffusion_models"
+    dm.mkdir(parents=True, exist_ok=True)
+    (dm / "taken.safetensors").write_bytes(b"x")
+    node = loaders.QSchedSaveQuantizedModel()
+    for bad in ("../escape", "a/b", "", ".hidden"):
+        with pytest.raises(NodeInputError, match="input 'filename'"):
+            node.save(object(), bad, False)
+    with pytest.raises(NodeInputError, match="input 'filename'.*exists"):
+        node.save(object(), "taken", False)
+    with pytest.raises(NodeInputError, match="input 'model'.*no Q-Sched quantized layers"):
+        node.save(_FakePatcher(), "new", False)
+    assert (dm / "taken.safetensors").read_bytes() == b"x" and not (dm / "new.safetensors").exists()
+
+
+class _FakePatcher:
+    class model:  # noqa: N801
+        diffusion_model = torch.nn.Sequential(torch.nn.Linear(2, 2))
 
 
 def test_help_pages_exist_for_every_node(folder_paths):

@@ -67,25 +67,17 @@ def test_fp8_act_quant_kernel_matches_qmath(tk, k):
     assert (q.float() != rq).float().mean() < 0.02
 
 
-def test_activation_cache_is_exact_and_invalidated(tk):
-    lin = nn.Linear(512, 256).cuda().to(torch.bfloat16)
-    a, b = nn.Sequential(copy.deepcopy(lin)), nn.Sequential(copy.deepcopy(lin))
-    quantize_(a, "w8a8-fp8")
-    quantize_(b, "w8a8-fp8")
-    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
-    from qsched_pack.qsched.quant import layers
-
+@pytest.mark.parametrize("fmt", ["w8a8", "w8a8-fp8", "w4a8", "w4a16"])
+def test_quantized_layers_compile_without_graph_breaks(tk, fmt):
+    """Each quantized Linear is one registered custom op under torch.compile: fullgraph works and the compiled
+    output equals eager (no Python cache keyed on tensor identity inside forward)."""
+    lin = nn.Sequential(nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 512)).cuda().to(torch.bfloat16)
+    quantize_(lin, fmt, skip=())
+    x = torch.randn(2, 64, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        ya = a(x)
-        yb = b(x)  # served from the cache
-        x.mul_(2)  # in place: the next call must requantize
-        yb2 = b(x)
-        layers._LAST_ACT.clear()
-        ref2 = b(x)
-        x2 = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
-        ya2 = a(x2)
-    assert torch.equal(ya, yb) and torch.equal(yb2, ref2) and not torch.equal(yb, yb2)
-    assert _rel(ya2, lin(x2)) < 0.06
+        eager = lin(x)
+        compiled = torch.compile(lin, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("n,k,g", [(3072, 3072, 64), (96, 256, 128), (33, 192, 64)])
@@ -202,10 +194,8 @@ def test_w4a8_layer_fused_vs_dequant_path(fmt, kw, m):
     x = torch.randn(m, 3072, device="cuda", dtype=torch.bfloat16)
     g = layer.in_features // layer.wscale.shape[1]
     with torch.no_grad():
-        layers._LAST_ACT.clear()
         y = layer(x)
         layer.fused_w4a8 = False
-        layers._LAST_ACT.clear()
         y_old = layer(x)
     xq, xs, _ = kernels.quantize_act_int8(x, layer.spec.a_bits, True, perm=g)
     direct = kernels.w4a8_gemm(xq, xs, layer.qweight, layer.wscale, layer.bias, torch.bfloat16)
@@ -226,10 +216,8 @@ def test_w4a8_routing_by_token_count(m, fused):
     quantize_(q, "w4a8", "native")
     x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        layers._LAST_ACT.clear()
         y = q(x)
         q[0].fused_w4a8 = False
-        layers._LAST_ACT.clear()
         y_old = q(x)
     assert torch.equal(y, y_old) != fused
 
@@ -243,10 +231,8 @@ def test_w4a8_ineligible_layers_keep_dequant_path(fmt, kw):
     quantize_(q, QuantSpec.parse(fmt, **kw), "native")
     x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        layers._LAST_ACT.clear()
         y = q(x)
         q[0].fused_w4a8 = False
-        layers._LAST_ACT.clear()
         assert torch.equal(y, q(x))
 
 
@@ -259,7 +245,6 @@ def test_w4a8_fused_under_cuda_graph(tk):
 
     with torch.no_grad():
         ref = q(x)
-        layers._LAST_ACT.clear()  # capture the activation quantize too
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = q(x)

@@ -221,6 +221,7 @@ def test_node_refuses_names_and_symlinks_out_of_the_folder_before_running(folder
             scoring.load_jaq("clip", 2.0, bad, "auto", device="cpu")
     assert v(preset="clip", tc_weights="sub/ViT-L-14.pt", iq_weights="auto") is True
     assert v(preset="clip", tc_weights="inside_link.pt", iq_weights="RN50.pt") is True
+    os.symlink(d, d / "sub" / "loop")  # a symlink loop inside the folder is listed once, not followed forever
     choices = scoring.weight_choices()
     assert "linked.pt" not in choices and not any(c.startswith("linked_dir") for c in choices)
     assert {"RN50.pt", "sub/ViT-L-14.pt", "inside_link.pt"} <= set(choices)

@@ -122,7 +122,14 @@ class _ArchiveUnpickler(pickle.Unpickler):
         if entry not in self._names:
             raise pickle.UnpicklingError(f"storage {key!r} missing from the archive")
         if key not in self._storages:
-            raw = bytearray(self._zip.read(entry))
+            raw = bytearray(self._zip.getinfo(entry).file_size)
+            with self._zip.open(entry) as f:  # straight into the buffer the tensor will own (no extra copy)
+                view, got = memoryview(raw), 0
+                while got < len(raw):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise pickle.UnpicklingError(f"storage {key!r} is truncated")
+                    got += n
             itemsize = torch.empty((), dtype=dtype).element_size()
             if len(raw) % itemsize or (isinstance(numel, int) and numel * itemsize > len(raw)):
                 raise pickle.UnpicklingError(f"storage {key!r} has {len(raw)} bytes, expected {numel} x {itemsize}")
@@ -168,7 +175,7 @@ def read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
             raise WeightFileError(f"{path}: damaged TorchScript archive ({type(exc).__name__}: {exc})") from None
     out: dict[str, torch.Tensor] = {}
     _tensors_of(root, "", out)
-    return {k: v.clone() for k, v in out.items()}  # own the memory (views of the archive's byte buffers)
+    return out  # views of per-storage buffers read from the archive (like torch.load's shared storages)
 
 
 def _is_safetensors(path: Path) -> bool:

@@ -15,6 +15,7 @@ searched and where users get it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,3 +148,24 @@ def resolve(key: str, path: str | os.PathLike | None = None,
         f"{spec.what}: weight file {' or '.join(repr(n) for n in names)} not found. "
         f"Searched: {searched}. Get it from: {spec.source}. Nothing is downloaded at run time."
     )
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """sha256 of a weight file, or over (relative name, bytes) of every file of a folder; cached by (path, size,
+    mtime). Recorded with calibration results, so a resume with another file of the same name is refused."""
+    from ...qsched._io import update_from_file
+
+    path = os.fspath(path)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    key = tuple((f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(os.path.relpath(f, path).replace(os.sep, "/").encode() + b"\0")
+            update_from_file(h, f)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]

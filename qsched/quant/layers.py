@@ -17,8 +17,6 @@ scales) and four ways to run it, chosen per layer when the model is quantized:
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,23 +34,197 @@ def _triton():
     return kernels if kernels.available() else None
 
 
+def _param(t: torch.Tensor) -> nn.Parameter:
+    # Quantized data are (frozen) parameters, not buffers: ComfyUI's memory manager counts, moves and offloads a
+    # module's parameters (partial / lowvram loading skips modules that only hold buffers).
+    return nn.Parameter(t, requires_grad=False)
+
+
+# ------------------------------------------------------------------------------------------------ the layer math
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, wsum: torch.Tensor | None,
+                 bias: torch.Tensor | None, spec: QuantSpec, kernel: str, out_features: int,
+                 fused_max_m: int = -1) -> torch.Tensor:
+    """``y = x @ W^T + b`` for quantized weights (codes ``qweight`` + scales ``wscale``). The only entry point of
+    every quantized Linear (the diffusers swap and ComfyUI's load-time ops). ``fused_max_m``: token count up to
+    which the fused W4A8 GEMM runs (-1: kernels.W4A8_FUSED_MAX_M, 0: never).
+
+    Under torch.compile the call is one registered custom op (``torch.ops.qsched.quant_linear``), so Dynamo
+    neither traces into Triton launches nor breaks the graph; eager calls skip the dispatcher overhead."""
+    args = (x, qweight, wscale, wsum, bias, kernel, spec.w_bits, spec.a_bits, spec.a_dtype, spec.act_symmetric,
+            out_features, fused_max_m)
+    if torch.compiler.is_compiling():
+        return torch.ops.qsched.quant_linear(*args)
+    return _quant_linear_impl(*args)
+
+
+def _quant_linear_impl(x, qweight, wscale, wsum, bias, kernel: str, w_bits: int, a_bits: int, a_dtype: str,
+                       act_symmetric: bool, out_features: int, fused_max_m: int) -> torch.Tensor:
+    in_features = x.shape[-1]
+    packed = qweight.dtype == torch.uint8
+    if kernel == "simulated":
+        return _simulated(x, qweight, wscale, bias, packed, a_bits, act_symmetric, a_dtype)
+    shape = x.shape
+    x2 = x.reshape(-1, in_features)
+    if kernel == "int8_mm":
+        y = _int8_mm(x2, qweight, wscale, wsum, bias, a_bits, act_symmetric)
+    elif kernel == "fp8_mm":
+        y = _fp8_mm(x2, qweight, wscale, bias)
+    else:
+        tk = _triton() if x2.is_cuda else None
+        group = _fused_group(x2, tk, packed, wscale, a_bits, a_dtype, act_symmetric, fused_max_m)
+        if group:
+            q, xs, _ = tk.quantize_act_int8(x2, a_bits, True, perm=group)
+            y = tk.w4a8_gemm(q, xs, qweight, wscale, bias, x2.dtype)
+        else:
+            w = dequantize(qweight, wscale, in_features, x.dtype)
+            y = F.linear(_act(x2, a_bits, act_symmetric, a_dtype), w, None if bias is None else bias.to(x.dtype))
+    return y.reshape(*shape[:-1], out_features)
+
+
+if hasattr(torch.library, "custom_op"):
+    @torch.library.custom_op("qsched::quant_linear", mutates_args=())
+    def _quant_linear_op(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, wsum: torch.Tensor | None,
+                         bias: torch.Tensor | None, kernel: str, w_bits: int, a_bits: int, a_dtype: str,
+                         act_symmetric: bool, out_features: int, fused_max_m: int) -> torch.Tensor:
+        return _quant_linear_impl(x, qweight, wscale, wsum, bias, kernel, w_bits, a_bits, a_dtype, act_symmetric,
+                                  out_features, fused_max_m)
+
+    @_quant_linear_op.register_fake
+    def _(x, qweight, wscale, wsum, bias, kernel, w_bits, a_bits, a_dtype, act_symmetric, out_features,
+          fused_max_m):
+        return x.new_empty((*x.shape[:-1], out_features))
+
+
+def dequantize(qweight: torch.Tensor, wscale: torch.Tensor, in_features: int, dtype=torch.float32) -> torch.Tensor:
+    """The float weight [N, K] of stored codes (int8, packed 4-bit uint8 or float8) and scales."""
+    tk = _triton() if qweight.is_cuda else None
+    packed = qweight.dtype == torch.uint8
+    if tk is not None and packed:
+        return tk.dequant_int4(qweight, wscale, in_features, dtype)
+    codes = qmath.unpack_int4(qweight) if packed else qweight
+    if wscale.shape[1] == 1 and dtype != torch.float32:
+        return (codes.to(dtype) * wscale.to(dtype)).to(dtype)
+    return qmath.dequantize_weight(codes, wscale, dtype)
+
+
+def _fused_group(x2, tk, packed, wscale, a_bits, a_dtype, act_symmetric, fused_max_m) -> int:
+    """The weight group size if this call runs the fused W4A8 GEMM, else 0."""
+    if (tk is None or fused_max_m == 0 or not packed or a_bits > 8 or a_dtype != "int" or not act_symmetric
+            or x2.dtype not in (torch.bfloat16, torch.float16)):
+        return 0
+    max_m = tk.W4A8_FUSED_MAX_M if fused_max_m < 0 else fused_max_m
+    if x2.shape[0] > max_m:
+        return 0
+    group = x2.shape[1] // wscale.shape[1]
+    return group if group in tk.W4A8_GROUPS else 0
+
+
+def _simulated(x, qweight, wscale, bias, packed, a_bits, act_symmetric, a_dtype) -> torch.Tensor:
+    xq = qmath.fake_quant_act(x.float(), a_bits, act_symmetric, a_dtype)
+    codes = qmath.unpack_int4(qweight) if packed else qweight
+    w = qmath.dequantize_weight(codes, wscale)
+    return F.linear(xq, w, None if bias is None else bias.float()).to(x.dtype)
+
+
+def _act(x2: torch.Tensor, a_bits, act_symmetric, a_dtype) -> torch.Tensor:
+    """Per-token quantize-dequantize in x's dtype (fused on CUDA)."""
+    if a_bits >= 16:
+        return x2
+    tk = _triton() if x2.is_cuda else None
+    if tk is not None:
+        return tk.fake_quant_act(x2, a_bits, act_symmetric, a_dtype)
+    return qmath.fake_quant_act(x2, a_bits, act_symmetric, a_dtype)
+
+
+def _pad_rows(x2: torch.Tensor) -> torch.Tensor:
+    # torch._int_mm on CUDA wants M > 16: pad small batches (the M = 1 modulation layers of a DiT) with zero
+    # rows, which quantize to zero codes and are sliced off. Faster than a bf16 GEMV: the weight read is 1 byte.
+    m = x2.shape[0]
+    return x2 if (x2.is_cpu or m >= 32) else F.pad(x2, (0, 0, 0, 32 - m))
+
+
+def _int8_mm(x2, qweight, wscale, wsum, bias, a_bits, act_symmetric) -> torch.Tensor:
+    m = x2.shape[0]
+    tk = _triton() if x2.is_cuda else None
+    xp = _pad_rows(x2)
+    if tk is not None:
+        q, xs, xz = tk.quantize_act_int8(xp, a_bits, act_symmetric)
+        acc = torch._int_mm(q, qweight.t())
+        return tk.int_mm_epilogue(acc, xs, xz, wscale, wsum, bias, x2.dtype)[:m]
+    q, xs, xz = qmath.quantize_act(xp, a_bits, act_symmetric)
+    acc = torch._int_mm(q.to(torch.int8), qweight.t())
+    if xz is not None:
+        acc = acc - xz.to(torch.int32) * wsum
+    y = acc.float() * xs * wscale.view(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y[:m].to(x2.dtype)
+
+
+def _fp8_mm(x2, qweight, wscale, bias) -> torch.Tensor:
+    m = x2.shape[0]
+    xp = _pad_rows(x2)
+    tk = _triton() if x2.is_cuda else None
+    if tk is None:
+        # torch's CPU _scaled_mm takes per-tensor scales only (torch 2.11); the same product in float32:
+        # float8 values are exact in float32.
+        q, xs, _ = qmath.quantize_act(xp, 8, True, "fp8")
+        y = F.linear(q, qweight.float()) * xs * wscale.view(1, -1)
+        if bias is not None:
+            y = y + bias.float()
+        return y[:m].to(x2.dtype)
+    q, xs = tk.quantize_act_fp8(xp)
+    # Row-wise scaled FP8 GEMM on CUDA produces bfloat16 only.
+    y = torch._scaled_mm(q, qweight.t(), scale_a=xs, scale_b=wscale.view(1, -1), out_dtype=torch.bfloat16,
+                         bias=None if bias is None else bias.to(torch.bfloat16))
+    return y[:m].to(x2.dtype)
+
+
+def quantize_linear_weight(w: torch.Tensor, spec: QuantSpec, kernel: str, group_size: int | None,
+                           device: torch.device | None = None) -> dict:
+    """Codes and scales of one Linear weight [N, K], computed on ``device`` (default: where ``w`` is) and returned
+    where ``w`` lives: {"qweight", "wscale"[, "wsum"]}. 4-bit (and narrower) int codes are packed two per byte."""
+    home = w.device
+    codes, scale = qmath.quantize_weight(w.detach().to(device or home), spec.w_bits, group_size, spec.w_dtype)
+    if codes.dtype == torch.int8 and spec.w_bits <= 4 and codes.shape[1] % 2 == 0:
+        codes = qmath.pack_int4(codes)
+    out = {"qweight": codes.to(home), "wscale": scale.to(home)}
+    if kernel == "int8_mm" and not spec.act_symmetric:
+        out["wsum"] = codes.sum(1, dtype=torch.int32).to(home)
+    return out
+
+
+def requantize_with_scales(w: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Codes of a float weight ``w`` [N, K] rounded with the existing scales (a LoRA merged into a quantized layer:
+    the scales stay, so restoring the old codes restores the layer exactly). Values beyond the range are clamped."""
+    scale = wscale.to(w.device).float()
+    n, k = w.shape
+    wg = w.float().reshape(n, scale.shape[1], k // scale.shape[1]) / scale[..., None]
+    if qweight.dtype == qmath.FP8:
+        return wg.clamp(-qmath.FP8_MAX, qmath.FP8_MAX).reshape(n, k).to(qmath.FP8)
+    qm = qmath.qmax(spec.w_bits)
+    codes = torch.round(wg).clamp_(-qm, qm).to(torch.int8).reshape(n, k)
+    return qmath.pack_int4(codes) if qweight.dtype == torch.uint8 else codes
+
+
 class QuantLinear(nn.Module):
     fused_w4a8 = True  # CUDA: run eligible ``dequant`` layers through the fused W4A8 Triton GEMM
     fused_w4a8_max_m: int | None = None  # token count up to which it is used; None: kernels.W4A8_FUSED_MAX_M
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, kernel: str, group_size: int | None,
-                 qweight: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None):
+                 qweight: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None,
+                 wsum: torch.Tensor | None = None):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"invalid kernel={kernel!r}; allowed: {KERNELS}")
         self.in_features, self.out_features = in_features, out_features
         self.spec, self.kernel, self.group_size = spec, kernel, group_size
         self.packed = qweight.dtype == torch.uint8
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("wscale", wscale)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.qweight = _param(qweight)
+        self.wscale = _param(wscale)
+        self.bias = None if bias is None else _param(bias)
         if kernel == "int8_mm" and not spec.act_symmetric:
-            self.register_buffer("wsum", qweight.sum(1, dtype=torch.int32))
+            self.wsum = _param(qweight.sum(1, dtype=torch.int32) if wsum is None else wsum)
         else:
             self.wsum = None
 
@@ -60,13 +232,10 @@ class QuantLinear(nn.Module):
     def from_linear(cls, lin: nn.Linear, spec: QuantSpec, kernel: str, group_size: int | None,
                     device: torch.device | None = None) -> "QuantLinear":
         """Quantize ``lin`` (left unchanged) on ``device`` (default: where its weight lives)."""
-        w = lin.weight.detach()
-        home = w.device
-        codes, scale = qmath.quantize_weight(w.to(device or home), spec.w_bits, group_size, spec.w_dtype)
-        if codes.dtype == torch.int8 and spec.w_bits <= 4 and codes.shape[1] % 2 == 0:
-            codes = qmath.pack_int4(codes)
+        q = quantize_linear_weight(lin.weight, spec, kernel, group_size, device)
         bias = None if lin.bias is None else lin.bias.detach().clone()
-        return cls(lin.in_features, lin.out_features, spec, kernel, group_size, codes.to(home), scale.to(home), bias)
+        return cls(lin.in_features, lin.out_features, spec, kernel, group_size, q["qweight"], q["wscale"], bias,
+                   q.get("wsum"))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.spec.name}, "
@@ -76,134 +245,16 @@ class QuantLinear(nn.Module):
         return qmath.unpack_int4(self.qweight) if self.packed else self.qweight
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        tk = _triton() if self.qweight.is_cuda else None
-        if tk is not None and self.packed:
-            return tk.dequant_int4(self.qweight, self.wscale, self.in_features, dtype)
-        if self.wscale.shape[1] == 1 and dtype != torch.float32:
-            return (self.codes().to(dtype) * self.wscale.to(dtype)).to(dtype)
-        return qmath.dequantize_weight(self.codes(), self.wscale, dtype)
+        return dequantize(self.qweight, self.wscale, self.in_features, dtype)
 
-    # --------------------------------------------------------------------------------------------- forward
+    def _fused_max_m(self) -> int:
+        if not self.fused_w4a8:
+            return 0
+        return -1 if self.fused_w4a8_max_m is None else int(self.fused_w4a8_max_m)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "simulated":
-            return self._simulated(x)
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if self.kernel == "int8_mm":
-            y = self._int8_mm(x2)
-        elif self.kernel == "fp8_mm":
-            y = self._fp8_mm(x2)
-        else:
-            tk = _triton() if x2.is_cuda else None
-            group = self._fused_group(x2, tk)
-            if group:
-                y = self._w4a8_fused(x2, tk, group)
-            else:
-                y = F.linear(self._act(x2), self.dequantized_weight(x.dtype), self.bias)
-        return y.reshape(*shape[:-1], self.out_features)
-
-    def _fused_group(self, x2: torch.Tensor, tk) -> int:
-        """The weight group size if this call runs the fused W4A8 GEMM, else 0."""
-        s = self.spec
-        if (tk is None or not self.fused_w4a8 or not self.packed or s.a_bits > 8 or s.a_dtype != "int"
-                or not s.act_symmetric or x2.dtype not in (torch.bfloat16, torch.float16)):
-            return 0
-        max_m = tk.W4A8_FUSED_MAX_M if self.fused_w4a8_max_m is None else self.fused_w4a8_max_m
-        if x2.shape[0] > max_m:
-            return 0
-        group = self.in_features // self.wscale.shape[1]
-        return group if group in tk.W4A8_GROUPS else 0
-
-    def _w4a8_fused(self, x2: torch.Tensor, tk, group: int) -> torch.Tensor:
-        s = self.spec
-        q, xs, _ = _cached(x2, x2, ("int-perm", s.a_bits, group),
-                           lambda: tk.quantize_act_int8(x2, s.a_bits, True, perm=group))
-        return tk.w4a8_gemm(q, xs, self.qweight, self.wscale, self.bias, x2.dtype)
-
-    def _simulated(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.spec
-        xq = qmath.fake_quant_act(x.float(), s.a_bits, s.act_symmetric, s.a_dtype)
-        w = qmath.dequantize_weight(self.codes(), self.wscale)
-        return F.linear(xq, w, None if self.bias is None else self.bias.float()).to(x.dtype)
-
-    def _act(self, x2: torch.Tensor) -> torch.Tensor:
-        """Per-token quantize-dequantize in x's dtype (fused on CUDA)."""
-        s = self.spec
-        if s.a_bits >= 16:
-            return x2
-        tk = _triton() if x2.is_cuda else None
-        if tk is not None:
-            return _cached(x2, x2, ("fake", s.a_bits, s.act_symmetric, s.a_dtype),
-                           lambda: tk.fake_quant_act(x2, s.a_bits, s.act_symmetric, s.a_dtype))
-        return qmath.fake_quant_act(x2, s.a_bits, s.act_symmetric, s.a_dtype)
-
-    @staticmethod
-    def _pad_rows(x2: torch.Tensor) -> torch.Tensor:
-        # torch._int_mm on CUDA wants M > 16: pad small batches (the M = 1 modulation layers of a DiT) with zero
-        # rows, which quantize to zero codes and are sliced off. Faster than a bf16 GEMV: the weight read is 1 byte.
-        m = x2.shape[0]
-        return x2 if (x2.is_cpu or m >= 32) else F.pad(x2, (0, 0, 0, 32 - m))
-
-    def _int8_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        s = self.spec
-        m = x2.shape[0]
-        tk = _triton() if x2.is_cuda else None
-        if tk is not None:
-            xp = self._pad_rows(x2)
-            q, xs, xz = _cached(xp, x2, ("int", s.a_bits, s.act_symmetric),
-                                lambda: tk.quantize_act_int8(xp, s.a_bits, s.act_symmetric))
-            acc = torch._int_mm(q, self.qweight.t())
-            return tk.int_mm_epilogue(acc, xs, xz, self.wscale, self.wsum, self.bias, x2.dtype)[:m]
-        xp = self._pad_rows(x2)
-        q, xs, xz = qmath.quantize_act(xp, s.a_bits, s.act_symmetric)
-        acc = torch._int_mm(q.to(torch.int8), self.qweight.t())
-        if xz is not None:
-            acc = acc - xz.to(torch.int32) * self.wsum
-        y = acc.float() * xs * self.wscale.view(1, -1)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y[:m].to(x2.dtype)
-
-    def _fp8_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        m = x2.shape[0]
-        xp = self._pad_rows(x2)
-        tk = _triton() if x2.is_cuda else None
-        if tk is not None:
-            q, xs = _cached(xp, x2, ("fp8",), lambda: tk.quantize_act_fp8(xp))
-        else:
-            # torch's CPU _scaled_mm takes per-tensor scales only (torch 2.11); the same product in float32:
-            # float8 values are exact in float32.
-            q, xs, _ = qmath.quantize_act(xp, 8, True, "fp8")
-            y = F.linear(q, self.qweight.float()) * xs * self.wscale.view(1, -1)
-            if self.bias is not None:
-                y = y + self.bias.float()
-            return y[:m].to(x2.dtype)
-        # Row-wise scaled FP8 GEMM on CUDA produces bfloat16 only.
-        y = torch._scaled_mm(q, self.qweight.t(), scale_a=xs, scale_b=self.wscale.view(1, -1),
-                             out_dtype=torch.bfloat16, bias=None if self.bias is None else self.bias.to(torch.bfloat16))
-        return y[:m].to(x2.dtype)
-
-
-# Attention projections (q, k, v; FLUX single blocks also the MLP-in) read the same input tensor one after another:
-# quantize it once. One entry, keyed on the tensor object (weakly held, so a freed tensor whose memory is reused
-# can never match) and its version counter (an in-place change invalidates it).
-_LAST_ACT: dict = {}
-
-
-def _layout(xp: torch.Tensor, x2: torch.Tensor) -> tuple:
-    return tuple(xp.shape), xp.dtype, x2.data_ptr(), x2.stride()
-
-
-def _cached(xp: torch.Tensor, x2: torch.Tensor, key: tuple, compute):
-    src = x2._base if x2._base is not None else x2
-    ref = _LAST_ACT.get("src")
-    if (ref is not None and ref() is src and _LAST_ACT["version"] == src._version and _LAST_ACT["key"] == key
-            and _LAST_ACT["shape"] == _layout(xp, x2)):
-        return _LAST_ACT["value"]
-    value = compute()
-    _LAST_ACT.update(src=weakref.ref(src), version=src._version, key=key, shape=_layout(xp, x2),
-                     value=value)
-    return value
+        return quant_linear(x, self.qweight, self.wscale, self.wsum, self.bias, self.spec, self.kernel,
+                            self.out_features, self._fused_max_m())
 
 
 class QuantConv2d(nn.Module):
@@ -221,9 +272,9 @@ class QuantConv2d(nn.Module):
         self.packed = codes.dtype == torch.int8 and spec.w_bits <= 4 and codes.shape[1] % 2 == 0
         if self.packed:
             codes = qmath.pack_int4(codes)
-        self.register_buffer("qweight", codes.to(w.device))
-        self.register_buffer("wscale", scale.to(w.device))
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.qweight = _param(codes.to(w.device))
+        self.wscale = _param(scale.to(w.device))
+        self.bias = None if conv.bias is None else _param(conv.bias.detach().clone())
 
     def extra_repr(self) -> str:
         return f"weight_shape={self.weight_shape}, format={self.spec.name}, group_size={self.group_size}"

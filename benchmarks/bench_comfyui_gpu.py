@@ -1,0 +1,457 @@
+"""Real ComfyUI (0.3.64, in-process) at full size with random weights: core, GGUF and the pack's quantized models
+side by side, plus small simulated cards and the Quantize Model scenarios (issue 11).
+
+    python benchmarks/bench_comfyui_gpu.py --comfy COMFYUI_DIR --gguf-nodes DIR/comfyui_gguf --work /tmp/qsb \
+        --out benchmarks/results
+
+--gguf-nodes: a checkout of city96/ComfyUI-GGUF in a folder whose name is a Python identifier (needs ``gguf``).
+--tiny: the same script on the CPU with the tiny test models (a smoke test of the script, not a measurement).
+
+Models (written by the script, random normal(0, 1/sqrt(fan_in)) weights): FLUX.1-schnell transformer (bf16, 11.9 B
+parameters), GGUF Q8_0 / Q4_0 of it, SDXL UNet (fp16, 2.6 B). Sampling: 4 steps euler / "simple", batch 1,
+FLUX 1024² (4096 image + 512 text tokens), SDXL 512². Per config: load time, peak anonymous host RAM during the
+load (RssAnon: memory-mapped file pages are page cache and not counted), ComfyUI's model_size(), VRAM held by
+PyTorch after sampling, s/step eager (second run) and compiled (ComfyUI's TorchCompileModel wrapper, inductor).
+Small cards: ComfyUI's free/total memory queries answer for a card of N GiB and PyTorch's allocator is capped there
+(``torch.cuda.set_per_process_memory_fraction``). Every result is appended to OUT/comfyui_h200.json as it comes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+P = argparse.ArgumentParser()
+P.add_argument("--comfy", required=True)
+P.add_argument("--gguf-nodes", default=None)
+P.add_argument("--work", required=True)
+P.add_argument("--out", required=True)
+P.add_argument("--tiny", action="store_true")
+P.add_argument("--budget-s", type=float, default=520.0)
+P.add_argument("--skip", default="", help="comma-separated sections to skip")
+P.add_argument("--gguf-only", action="store_true", help="FLUX: core bf16 (state dict in memory) vs GGUF Q8_0/Q4_0")
+ARGS = P.parse_args()
+T0 = time.time()
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.argv = [sys.argv[0]] + (["--cpu"] if ARGS.tiny else [])
+sys.path.insert(0, os.path.abspath(ARGS.comfy))
+sys.path.insert(0, HERE)
+if ARGS.gguf_nodes:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(ARGS.gguf_nodes)))
+
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+
+import torch  # noqa: E402
+
+import comfy.model_management as mm  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.sd  # noqa: E402
+from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
+from hostmem import AnonPeak  # noqa: E402
+from qsched_pack.qsched.quant import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
+
+DEV = mm.get_torch_device()
+CUDA = getattr(DEV, "type", "cpu") == "cuda"
+os.makedirs(ARGS.work, exist_ok=True)
+os.makedirs(ARGS.out, exist_ok=True)
+OUT = os.path.join(ARGS.out, "comfyui_tiny_cpu.json" if ARGS.tiny else "comfyui_h200.json")
+R = {"gpu": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__, "configs": [],
+     "cards": [], "scenarios": {}, "files": {}, "errors": [], "skipped": []}
+GiB = 2 ** 30
+SKIP = set(filter(None, ARGS.skip.split(",")))
+
+
+def save():
+    with open(OUT + ".tmp", "w") as f:
+        json.dump(R, f, indent=1, default=str)
+    os.replace(OUT + ".tmp", OUT)
+
+
+def left():
+    return ARGS.budget_s - (time.time() - T0)
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def guarded(name, need_s=0.0):
+    """Decorator: run a section if time allows; record errors and go on."""
+    def deco(fn):
+        def run(*a, **k):
+            if name in SKIP or left() < need_s:
+                R["skipped"].append(f"{name} ({left():.0f} s left, needs {need_s:.0f})")
+                log("skip", name)
+                save()
+                return None
+            try:
+                return fn(*a, **k)
+            except Exception as exc:  # a failed config is a result too: recorded, the benchmark goes on
+                R["errors"].append({"section": name, "error": f"{type(exc).__name__}: {exc}",
+                                    "trace": traceback.format_exc()[-2000:]})
+                log("ERROR", name, type(exc).__name__, str(exc)[:300])
+                return None
+            finally:
+                save()
+        return run
+    return deco
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def clean():
+    mm.unload_all_models()
+    mm.cleanup_models_gc()
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------------ models
+def flux_model(device):
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    if ARGS.tiny:
+        kw = dict(vec_in_dim=2048, depth=1, depth_single_blocks=0)
+    else:
+        kw = dict(vec_in_dim=768, depth=19, depth_single_blocks=38)
+    return Flux(image_model="flux", in_channels=16, out_channels=16, context_in_dim=4096, hidden_size=3072,
+                mlp_ratio=4.0, num_heads=24, axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True,
+                guidance_embed=False, dtype=torch.bfloat16, device=device, operations=comfy.ops.disable_weight_init,
+                **kw)
+
+
+def sdxl_model(device):
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    if ARGS.tiny:
+        kw = dict(num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+                  transformer_depth_middle=1, context_dim=768, num_heads=8, use_linear_in_transformer=False,
+                  adm_in_channels=None)
+    else:
+        kw = dict(num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+                  transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10,
+                  context_dim=2048, num_head_channels=64, use_linear_in_transformer=True, adm_in_channels=2816,
+                  num_classes="sequential")
+    return UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, use_spatial_transformer=True,
+                     legacy=False, use_temporal_attention=False, use_temporal_resblock=False, dtype=torch.float16,
+                     device=device, operations=comfy.ops.disable_weight_init, **kw)
+
+
+def random_state_dict(module, dtype, seed):
+    """normal(0, 1/sqrt(fan_in)) for matrices/kernels, 1 for norm scales, 0 for biases; generated on the device."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    sd = {}
+    for name, p in module.state_dict().items():
+        if p.ndim >= 2:
+            t = torch.randn(p.shape, generator=g, device=DEV, dtype=torch.float32) / p[0].numel() ** 0.5
+        elif name.endswith("bias"):
+            t = torch.zeros(p.shape, device=DEV)
+        else:
+            t = torch.ones(p.shape, device=DEV)
+        sd[name] = t.to(dtype).cpu()
+    return sd
+
+
+FILES = {}
+
+
+@guarded("files")
+def write_files():
+    from safetensors.torch import save_file
+
+    for fam, build, dtype in (("flux", flux_model, torch.bfloat16), ("sdxl", sdxl_model, torch.float16)):
+        t = time.time()
+        sd = random_state_dict(build("meta"), dtype, 5 if fam == "flux" else 2)
+        path = os.path.join(ARGS.work, f"{fam}.safetensors")
+        save_file(sd, path)
+        FILES[fam] = path
+        R["files"][fam] = {"bytes": os.path.getsize(path), "write_s": time.time() - t}
+        log("wrote", path, os.path.getsize(path) / GiB)
+        if fam == "flux" and ARGS.gguf_nodes and "gguf" not in SKIP:
+            from gguf_files import write_gguf
+
+            for q in ("Q8_0", "Q4_0"):
+                t = time.time()
+                gp = os.path.join(ARGS.work, f"flux_{q}.gguf")
+                R["files"][f"flux_{q}"] = {"bytes": write_gguf(gp, sd, q, "flux", device=DEV),
+                                          "write_s": time.time() - t}
+                FILES[f"flux_{q}"] = gp
+                log("wrote", gp)
+        del sd
+        gc.collect()
+
+
+# ------------------------------------------------------------------------------------------------------ loaders
+def core(fam, fp8_fast=False):
+    def load():
+        opts = {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True} if fp8_fast else {}
+        return comfy.sd.load_diffusion_model(FILES[fam], model_options=opts)
+    return load
+
+
+def pack(fam, fmt):
+    return lambda: load_quantized(FILES[fam], fmt)[0]
+
+
+def gguf(q):
+    def load():
+        import importlib
+
+        gn = importlib.import_module(os.path.basename(os.path.abspath(ARGS.gguf_nodes)) + ".nodes")
+        ops = gn.GGMLOps()
+        ops.Linear.dequant_dtype = ops.Linear.patch_dtype = None
+        m = comfy.sd.load_diffusion_model_state_dict(gn.gguf_sd_loader(FILES[f"flux_{q}"]),
+                                                     model_options={"custom_operations": ops})
+        return gn.GGUFModelPatcher.clone(m)
+    return load
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+def inputs(fam):
+    g = torch.Generator().manual_seed(11)
+    if fam == "flux":
+        n = 8 if ARGS.tiny else 128
+        ctx, pooled = (torch.randn(1, 8, 4096, generator=g), torch.randn(1, 2048, generator=g)) if ARGS.tiny else (
+            torch.randn(1, 512, 4096, generator=g), torch.randn(1, 768, generator=g))
+        return [[ctx, {"pooled_output": pooled}]], torch.zeros(1, 16, n, n)
+    n = 8 if ARGS.tiny else 64
+    if ARGS.tiny:
+        return [[torch.randn(1, 77, 768, generator=g), {}]], torch.zeros(1, 4, n, n)
+    return [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g),
+                                                      "width": 512, "height": 512}]], torch.zeros(1, 4, n, n)
+
+
+def sample(model, fam, steps=4):
+    cond, latent = inputs(fam)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(7))
+    sync()
+    t = time.time()
+    out = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, seed=7,
+                              disable_pbar=True)
+    sync()
+    return out.float(), time.time() - t
+
+
+def held():
+    loaded = [(type(lm.model.model).__name__, lm.model.loaded_size(), lm.model.model_size(),
+               bool(getattr(lm.model.model, "model_lowvram", False))) for lm in mm.current_loaded_models
+              if not lm.is_dead()]
+    return {"allocated": torch.cuda.memory_allocated() if CUDA else 0,
+            "loaded": [{"class": c, "loaded": a, "size": s, "lowvram": lv} for c, a, s, lv in loaded]}
+
+
+def measure(name, fam, loader, *, compiled=False, card=None, keep=False):
+    clean()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    with AnonPeak() as peak:
+        t = time.time()
+        model = loader()
+        load_s = time.time() - t
+    rec = {"name": name, "family": fam, "card_gib": card, "load_s": load_s, "host_anon_peak_growth": peak.growth,
+           "comfy_size": model.model_size()}
+    y, first = sample(model, fam)
+    y2, dt = sample(model, fam)
+    rec.update(first_run_s=first, s_per_step=dt / 4, finite=bool(torch.isfinite(y2).all()),
+               repeat_equal=bool(torch.equal(y, y2)), **held())
+    lm = [x for x in rec["loaded"] if x["size"] == rec["comfy_size"]]
+    rec["weights_on_gpu"] = lm[0]["loaded"] if lm else None
+    rec["partial"] = lm[0]["lowvram"] if lm else None
+    if compiled:
+        c = model.clone()
+        set_torch_compile_wrapper(model=c, backend="inductor")
+        _, first_c = sample(c, fam)
+        yc, dtc = sample(c, fam)
+        rec.update(compile_first_run_s=first_c, s_per_step_compiled=dtc / 4,
+                   compiled_vs_eager=float((yc - y2).norm() / (y2.norm() + 1e-12)))
+        del c
+    log(name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items() if k != "loaded"})
+    (R["cards"] if card else R["configs"]).append(rec)
+    save()
+    return (model, y2) if keep else None
+
+
+# ------------------------------------------------------------------------------------------------------ cards
+class Card:
+    """ComfyUI sees a card of ``gib`` GiB: its free/total queries answer for it, and PyTorch cannot allocate more."""
+
+    def __init__(self, gib):
+        self.gib = gib
+
+    def __enter__(self):
+        if not CUDA:
+            return self
+        cap = int(self.gib * GiB)
+        total = torch.cuda.get_device_properties(0).total_memory
+        self.saved = (mm.get_free_memory, mm.get_total_memory, mm.total_vram)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+
+        def get_total_memory(dev=None, torch_total_too=False):
+            return (cap, cap) if torch_total_too else cap
+
+        def get_free_memory(dev=None, torch_free_too=False):
+            st = torch.cuda.memory_stats()
+            active, reserved = st["active_bytes.all.current"], st["reserved_bytes.all.current"]
+            free_torch = reserved - active
+            free_total = max(0, cap - reserved) + free_torch
+            return (free_total, free_torch) if torch_free_too else free_total
+
+        mm.get_free_memory, mm.get_total_memory, mm.total_vram = get_free_memory, get_total_memory, cap / 2 ** 20
+        return self
+
+    def __exit__(self, *exc):
+        if CUDA:
+            clean()
+            mm.get_free_memory, mm.get_total_memory, mm.total_vram = self.saved
+            torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+# ------------------------------------------------------------------------------------------------------ sections
+@guarded("flux", 150)
+def flux_configs():
+    measure("core bf16", "flux", core("flux"))
+    measure("core fp8_e4m3fn_fast", "flux", core("flux", fp8_fast=True))
+    measure("pack w4a8", "flux", pack("flux", "w4a8"))
+    measure("pack w8a8-fp8", "flux", pack("flux", "w8a8-fp8"))
+    measure("pack w8a8", "flux", pack("flux", "w8a8"))
+    for q in ("Q8_0", "Q4_0"):
+        if f"flux_{q}" in FILES:
+            measure(f"GGUF {q}", "flux", gguf(q))
+            clean()
+            os.remove(FILES.pop(f"flux_{q}"))  # disk: the device has 64 GiB for all files
+
+
+@guarded("prequant", 60)
+def prequant():
+    clean()
+    q, _, _, _ = load_quantized(FILES["flux"], "w4a8")
+    path = os.path.join(ARGS.work, "flux_w4a8_qsched.safetensors")
+    t = time.time()
+    size = save_quantized(q, path)
+    R["files"]["flux_w4a8_prequant"] = {"bytes": size, "write_s": time.time() - t}
+    del q
+    clean()
+    FILES["flux_w4a8_file"] = path
+    measure("pack w4a8 (pre-quantized file)", "flux", lambda: load_quantized(path, "w4a8")[0])
+
+
+@guarded("cards", 120)
+def cards():
+    pre = FILES.get("flux_w4a8_file")
+    with Card(12):
+        measure("core bf16", "flux", core("flux"), card=12)
+        measure("core fp8_e4m3fn_fast", "flux", core("flux", fp8_fast=True), card=12)
+        measure("pack w4a8" + (" (pre-quantized file)" if pre else ""), "flux",
+                (lambda: load_quantized(pre, "w4a8")[0]) if pre else pack("flux", "w4a8"), card=12)
+        measure("pack w8a8-fp8", "flux", pack("flux", "w8a8-fp8"), card=12)
+    with Card(6):
+        measure("core fp16", "sdxl", core("sdxl"), card=6)
+        measure("pack w4a8", "sdxl", pack("sdxl", "w4a8"), card=6)
+        measure("pack w8a8", "sdxl", pack("sdxl", "w8a8"), card=6)
+        measure("pack w8a8-fp8", "sdxl", pack("sdxl", "w8a8-fp8"), card=6)
+
+
+@guarded("scenarios", 90)
+def scenarios():
+    """Quantize Model on an already-loaded FLUX, and two Quantize Model results alternating with the original."""
+    clean()
+    base = comfy.sd.load_diffusion_model(FILES["flux"])
+    y0, _ = sample(base, "flux")
+    before = held()
+    t = time.time()
+    q4, _ = quantize_comfy_model(base, "w4a8")
+    quant_s = time.time() - t
+    y4, _ = sample(q4, "flux")
+    after_q4 = held()
+    q8, _ = quantize_comfy_model(base, "w8a8-fp8")
+    seq, ok = [], True
+    ref = {"base": y0, "q4": y4}
+    for name, m in (("q8", q8), ("base", base), ("q4", q4), ("q8", q8), ("base", base)):
+        y, dt = sample(m, "flux")
+        same = bool(torch.equal(y, ref[name])) if name in ref else None
+        ref.setdefault(name, y)
+        ok = ok and same is not False
+        seq.append({"run": name, "same_as_first": same, "s": dt, **held()})
+    R["scenarios"]["quantize_loaded_flux"] = {"quantize_s": quant_s, "held_before": before, "held_after_q4": after_q4,
+                                              "sizes": {"base": base.model_size(), "q4": q4.model_size(),
+                                                        "q8": q8.model_size()}}
+    R["scenarios"]["clones_alternating"] = {"all_repeats_identical": ok, "sequence": seq}
+    log("scenarios", R["scenarios"]["quantize_loaded_flux"], ok)
+    del base, q4, q8
+    clean()
+
+
+@guarded("sdxl", 60)
+def sdxl_configs():
+    measure("core fp16", "sdxl", core("sdxl"))
+    measure("core fp8_e4m3fn_fast", "sdxl", core("sdxl", fp8_fast=True))
+    for fmt in ("w4a8", "w8a8", "w8a8-fp8"):
+        measure(f"pack {fmt}", "sdxl", pack("sdxl", fmt))
+
+
+COMPILE = [("sdxl", "pack w4a8", 45), ("sdxl", "pack w8a8-fp8", 45), ("sdxl", "pack w8a8", 45),
+           ("flux", "pack w4a8", 110), ("flux", "pack w8a8-fp8", 110), ("sdxl", "core fp16", 45),
+           ("flux", "core bf16", 110), ("flux", "pack w8a8", 110)]
+
+
+def compile_all():
+    """ComfyUI's TorchCompileModel wrapper (inductor) on each config, as long as time allows."""
+    for fam, name, need in COMPILE:
+        loader = core(fam) if name.startswith("core") else pack(fam, name.split()[-1])
+        guarded(f"compile {fam} {name}", need)(measure)(name, fam, loader, compiled=True)
+
+
+@guarded("gguf_only")
+def gguf_only():
+    """A second, short run: the GGUF rows beside core bf16 (the first run could not import ComfyUI-GGUF)."""
+    from gguf_files import write_gguf
+
+    sd = random_state_dict(flux_model("meta"), torch.bfloat16, 5)
+    for q in ("Q8_0", "Q4_0"):
+        t = time.time()
+        FILES[f"flux_{q}"] = os.path.join(ARGS.work, f"flux_{q}.gguf")
+        R["files"][f"flux_{q}"] = {"bytes": write_gguf(FILES[f"flux_{q}"], sd, q, "flux", device=DEV),
+                                  "write_s": time.time() - t}
+    for q in ("Q8_0", "Q4_0"):
+        measure(f"GGUF {q}", "flux", gguf(q))
+    measure("core bf16 (state dict in memory)", "flux", lambda: comfy.sd.load_diffusion_model_state_dict(sd))
+
+
+if __name__ == "__main__" and ARGS.gguf_only:
+    OUT = OUT.replace(".json", "_gguf.json")
+    gguf_only()
+    R["total_s"] = time.time() - T0
+    save()
+    log("done", OUT)
+elif __name__ == "__main__":
+    log("device", R["gpu"], torch.__version__)
+    if CUDA:
+        import shutil
+
+        R["disk_free_gib"] = shutil.disk_usage(ARGS.work).free / GiB
+    write_files()
+    if "flux" in FILES:
+        flux_configs()
+        prequant()
+    if "sdxl" in FILES:
+        cards()
+        scenarios()
+        sdxl_configs()
+        if not ARGS.tiny and "compile" not in SKIP:
+            compile_all()
+    R["total_s"] = time.time() - T0
+    save()
+    log("done", OUT)

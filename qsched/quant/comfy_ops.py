@@ -1,0 +1,221 @@
+"""ComfyUI custom operations that create every Linear quantized while its weights stream in.
+
+``make_ops(spec)`` returns an operations class for ``model_options["custom_operations"]`` (the extension point
+ComfyUI-GGUF and the NF4 pack use): ComfyUI builds the diffusion model with it, and each Linear's
+``_load_from_state_dict`` turns the one weight it is handed into codes + scales, so the full-precision model never
+exists at once. The classes subclass ComfyUI's own ``comfy.ops`` classes, so they are built lazily (this module
+imports no ``comfy`` at import time).
+
+What ComfyUI's memory manager sees (comfy/model_patcher.py, 0.3.64):
+* codes (``weight``: int8, packed int4 as uint8, or float8), ``weight_scale`` [, ``weight_sum``] and ``bias`` are
+  frozen ``nn.Parameter``s: ``model_size()`` / ``module_size()`` count the real bytes, full loads move them, and
+  partial (lowvram) loading streams them per call through ``forward_comfy_cast_weights`` like core layers;
+* LoRA and other weight patches go through ``convert_weight`` / ``set_weight`` (the hooks core's scaled-fp8 layers
+  use): the codes are dequantized, the patch is added in float32, and the result is rounded back with the layer's
+  existing scales. Keeping the scales means ComfyUI's backup of ``weight`` restores the layer exactly on unpatch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import _param, dequantize, quant_linear, quantize_linear_weight, requantize_with_scales
+from .spec import QuantSpec
+from .swap import DEFAULT_SKIP, QuantReport, _matches, _native_kernel
+
+# ComfyUI's own module names (UNetModel of SD1.x/SDXL, Flux): the embedders and the final layer stay in 16 bit.
+COMFY_SKIP = DEFAULT_SKIP["comfy_unet"] + DEFAULT_SKIP["comfy_flux"]
+COMFY_BACKENDS = ("auto", "native", "simulated")
+
+
+def layer_kernel(spec: QuantSpec, backend: str, in_features: int, out_features: int, cuda: bool):
+    """(kernel, group size, fallback reason or None) for one Linear of this shape."""
+    group = spec.group_size
+    why = None
+    if group is not None and in_features % group:
+        why = f"in_features {in_features} not a multiple of group_size {group}: one scale per channel"
+        group = None
+    if backend == "simulated":
+        return "simulated", group, why
+    kernel, reason = _native_kernel(spec, in_features, out_features, group, cuda)
+    return kernel, group, reason or why
+
+
+def check_runnable(spec: QuantSpec, device) -> None:
+    """ValueError if ``device`` cannot run the format (float8 activations need an FP8 GPU: Ada / Hopper or newer)."""
+    device = torch.device(device) if device is not None else None
+    if spec.a_dtype == "fp8" and device is not None and device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
+            raise ValueError(f"format {spec.name!r} needs a GPU with FP8 tensor cores (compute capability 8.9+: "
+                             f"RTX 40xx, L4/L40, H100/H200 or newer); {name} has {cap[0]}.{cap[1]}. Choose w8a8 "
+                             "(int8) or w4a8 instead")
+
+
+def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_device=None, run_device=None,
+             prequantized: dict | None = None, report: QuantReport | None = None):
+    """ComfyUI operations class quantizing Linear layers to ``spec`` at load time.
+
+    ``quant_device``: where the rounding runs (e.g. the GPU while the model is loaded to the CPU; results go back to
+    where each weight came from). ``run_device``: where the model will run (picks the kernels; None: CPU).
+    ``prequantized``: {layer name: {"format", "group_size"}} of a pre-quantized file (codes are read, not computed).
+    ``report`` collects what happened to each layer."""
+    import comfy.float
+    import comfy.model_management
+    import comfy.ops
+
+    spec = QuantSpec.parse(spec)
+    if backend not in COMFY_BACKENDS:
+        raise ValueError(f"invalid backend={backend!r} for load-time quantization; allowed: {COMFY_BACKENDS}")
+    if spec.w_dtype in ("nf4", "fp4"):
+        raise ValueError(f"format {spec.name!r} (bitsandbytes) cannot be created at load time; allowed: int and "
+                         "fp8 formats (w8a8, w8a8-fp8, w4a8, ...)")
+    check_runnable(spec, run_device)
+    patterns = tuple(COMFY_SKIP if skip is None else skip) + tuple(extra_skip)
+    cuda = run_device is not None and torch.device(run_device).type == "cuda"
+    report = report if report is not None else QuantReport(spec, backend, "comfy")
+    base = comfy.ops.disable_weight_init
+    cast_to = comfy.model_management.cast_to
+
+    class Linear(base.Linear):
+        qsched_spec = None  # QuantSpec of this layer, None: left in 16 bit
+        qsched_kernel = None
+
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+            nn.Module.__init__(self)  # no float weight is allocated: it arrives in _load_from_state_dict
+            self.in_features, self.out_features = in_features, out_features
+            self.weight = None
+            self.bias = None
+            self.weight_scale = None
+            self.weight_sum = None
+            self._qsched_dtype, self._qsched_has_bias = dtype, bias
+
+        def reset_parameters(self):
+            return None
+
+        def _load_from_state_dict(self, sd, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                  error_msgs):
+            name = prefix[:-1]
+            bkey = prefix + "bias"
+            if bkey in sd:
+                b = sd[bkey]
+                self.bias = _param(b.to(self._qsched_dtype or b.dtype, copy=True))
+            elif self._qsched_has_bias:
+                missing_keys.append(bkey)
+            if prequantized is not None and name in prequantized:
+                self._load_prequantized(sd, prefix, name, prequantized[name])
+                return
+            w = sd.get(prefix + "weight")
+            if w is None or w.is_meta:
+                missing_keys.append(prefix + "weight")
+                return
+            if tuple(w.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"{name}.weight: shape {tuple(w.shape)} != ({self.out_features}, "
+                                  f"{self.in_features})")
+                return
+            if prequantized is not None or _matches(name, patterns):
+                self.weight = _param(w.to(self._qsched_dtype or w.dtype, copy=True))
+                report.skipped[name] = "skip list" if prequantized is None else "16 bit in the file"
+                return
+            kernel, group, why = layer_kernel(spec, backend, self.in_features, self.out_features, cuda)
+            q = quantize_linear_weight(w, spec, kernel, group, quant_device)
+            self._set_codes(QuantSpec.parse(spec, group_size=group), kernel, q["qweight"], q["wscale"],
+                            q.get("wsum"))
+            report.quantized[name] = kernel
+            if why:
+                report.fallbacks[name] = why
+
+        def _load_prequantized(self, sd, prefix, name, info):
+            lspec = QuantSpec.parse(info["format"], group_size=info.get("group_size"))
+            check_runnable(lspec, run_device)
+            codes, scale = sd.get(prefix + "qweight"), sd.get(prefix + "weight_scale")
+            if codes is None or scale is None:
+                raise ValueError(f"layer {name!r}: qweight/weight_scale missing")
+            k, n = self.in_features, self.out_features
+            packed = codes.dtype == torch.uint8
+            want = (n, k // 2) if packed else (n, k)
+            groups = 1 if lspec.group_size is None else k // lspec.group_size
+            if tuple(codes.shape) != want or tuple(scale.shape) != (n, groups):
+                raise ValueError(f"layer {name!r}: codes {tuple(codes.shape)} / scales {tuple(scale.shape)} do not "
+                                 f"fit a Linear({k} -> {n}) in {lspec.name} (expected {want} / {(n, groups)})")
+            kernel, group, _ = layer_kernel(lspec, backend, k, n, cuda)
+            if group != lspec.group_size:
+                raise ValueError(f"layer {name!r}: group size {lspec.group_size} does not divide {k}")
+            self._set_codes(lspec, kernel, codes, scale, sd.get(prefix + "weight_sum"))
+            report.quantized[name] = kernel
+
+        def _set_codes(self, lspec, kernel, codes, scale, wsum):
+            self.qsched_spec, self.qsched_kernel = lspec, kernel
+            self.weight = _param(codes)
+            self.weight_scale = _param(scale)
+            if kernel == "int8_mm" and not lspec.act_symmetric:
+                self.weight_sum = _param(codes.sum(1, dtype=torch.int32) if wsum is None else wsum)
+
+        def extra_repr(self):
+            fmt = "16 bit" if self.qsched_spec is None else f"{self.qsched_spec.name}, kernel={self.qsched_kernel}"
+            return f"in_features={self.in_features}, out_features={self.out_features}, {fmt}"
+
+        # ----------------------------------------------------------------------------------------- forward
+        def forward(self, x, *args, **kwargs):
+            if self.qsched_spec is None:
+                return super().forward(x, *args, **kwargs)
+            if self.comfy_cast_weights or len(self.weight_function) > 0 or len(self.bias_function) > 0:
+                return self.forward_comfy_cast_weights(x)
+            return quant_linear(x, self.weight, self.weight_scale, self.weight_sum, self.bias, self.qsched_spec,
+                                self.qsched_kernel, self.out_features)
+
+        def forward_comfy_cast_weights(self, x, *args, **kwargs):
+            if self.qsched_spec is None:
+                return super().forward_comfy_cast_weights(x, *args, **kwargs)
+            # Partial (lowvram) loading: this layer's data stay on the offload device and come over per call;
+            # LoRA patches arrive as weight_function entries (ComfyUI's LowVramPatch, which calls
+            # convert_weight / set_weight and returns codes).
+            dev = x.device
+            nb = comfy.model_management.device_supports_non_blocking(dev)
+            w = cast_to(self.weight, None, dev, non_blocking=nb, copy=len(self.weight_function) > 0)
+            for f in self.weight_function:
+                w = f(w)
+            scale = cast_to(self.weight_scale, None, dev, non_blocking=nb)
+            wsum = None if self.weight_sum is None else cast_to(self.weight_sum, None, dev, non_blocking=nb)
+            bias = None
+            if self.bias is not None:
+                bias = cast_to(self.bias, x.dtype, dev, non_blocking=nb, copy=len(self.bias_function) > 0)
+                for f in self.bias_function:
+                    bias = f(bias)
+            return quant_linear(x, w, scale, wsum, bias, self.qsched_spec, self.qsched_kernel, self.out_features)
+
+        # ----------------------------------------------------------------------------------------- patches
+        def convert_weight(self, weight, inplace=False, **kwargs):
+            """ComfyUI hands a float32 copy of the stored ``weight``: for a quantized layer, the codes."""
+            if self.qsched_spec is None:
+                return weight
+            codes = weight.to(self.weight.dtype)  # code values are exact in float32
+            return dequantize(codes, self.weight_scale.to(weight.device), self.in_features, torch.float32)
+
+        def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+            if self.qsched_spec is None:
+                new = comfy.float.stochastic_rounding(weight, self.weight.dtype, seed=seed)
+            else:
+                new = requantize_with_scales(weight, self.weight, self.weight_scale, self.qsched_spec)
+            if return_weight:
+                return new
+            if inplace_update:
+                self.weight.data.copy_(new)
+            else:
+                self.weight = _param(new)
+
+    class QSchedOps(base):
+        pass
+
+    QSchedOps.Linear = Linear
+    QSchedOps.qsched_report = report
+    return QSchedOps
+
+
+def quantized_layers(module: nn.Module):
+    """(name, layer) of every Linear created quantized by ``make_ops``."""
+    for name, m in module.named_modules():
+        if getattr(m, "qsched_spec", None) is not None and hasattr(m, "weight_scale"):
+            yield name, m

@@ -1,0 +1,148 @@
+"""Pre-quantized diffusion-model files: one safetensors file with codes, scales, the format and the skip list.
+
+Layout (format_version 1). For every quantized Linear ``L`` (names as in ComfyUI's diffusion model):
+``L.qweight`` (int8 codes; 4-bit codes packed two per byte as uint8; or float8_e4m3fn), ``L.weight_scale``
+(float32 per output channel, or float16 per group of ``group_size`` inputs), optional ``L.weight_sum`` (int32,
+asymmetric int8 activations) and ``L.bias``. Every other tensor is stored as in the source (16 bit). The header
+metadata (strings) holds ``qsched.format_version``, ``qsched.arch`` (ComfyUI model config class), ``qsched.layers``
+(JSON: {L: {"format", "group_size", "shape", "dtype"}}), ``qsched.skip`` (JSON list), ``qsched.spec``,
+``qsched.source_sha256`` and ``qsched.source_name``.
+
+The codes are *not* stored under ``L.weight``: ComfyUI detects the architecture from weight shapes, and packed
+4-bit codes have half the columns. The loader hands ComfyUI a meta-device placeholder of the original shape and
+dtype under ``L.weight`` (no memory), and the layer reads ``L.qweight``. Pure torch + safetensors; no ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .._io import atomic_write
+
+FORMAT_VERSION = "1"
+KEY = "qsched.format_version"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def read_metadata(path: str) -> dict | None:
+    """The ``qsched.*`` header entries of a safetensors file, or None for a file written by someone else.
+    ValueError (naming the file) for a file that is not readable safetensors."""
+    if not str(path).lower().endswith((".safetensors", ".sft")):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own SafetensorError for a bad header
+        raise ValueError(f"{os.path.basename(path)} is not a readable safetensors file ({exc}): the file is "
+                         "corrupt or truncated; copy it again or re-create it") from None
+    if KEY not in meta:
+        return None
+    if meta[KEY] != FORMAT_VERSION:
+        raise ValueError(f"{os.path.basename(path)}: pre-quantized format version {meta[KEY]!r}, this pack reads "
+                         f"{FORMAT_VERSION!r}; re-create the file with this version (qsched quantize)")
+    try:
+        meta["layers"] = json.loads(meta["qsched.layers"])
+        meta["skip"] = json.loads(meta.get("qsched.skip", "[]"))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{os.path.basename(path)}: damaged qsched header ({exc}); re-create the file") from None
+    return meta
+
+
+def comfy_state_dict(path: str, meta: dict) -> dict:
+    """The tensors of a pre-quantized file as ComfyUI's loader should see them: each quantized layer also gets a
+    meta-device ``L.weight`` placeholder of its original shape and dtype (for model detection; no memory).
+    Tensors stay memory-mapped. ValueError for a file whose tensors do not match its header."""
+    from safetensors import safe_open
+
+    name = os.path.basename(path)
+    sd = {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for k in f.keys():
+                sd[k] = f.get_tensor(k)
+    except Exception as exc:
+        raise ValueError(f"{name}: cannot read its tensors ({exc}); the file is corrupt or truncated: copy it "
+                         "again or re-create it") from None
+    for layer, info in meta["layers"].items():
+        for key in ("qweight", "weight_scale"):
+            if f"{layer}.{key}" not in sd:
+                raise ValueError(f"{name}: tensor {layer}.{key} listed in the header is missing; the file is "
+                                 "damaged: re-create it")
+        shape = info.get("shape")
+        dtype = _DTYPES.get(info.get("dtype"), None)
+        if not (isinstance(shape, list) and len(shape) == 2 and dtype is not None):
+            raise ValueError(f"{name}: header entry for {layer} is damaged ({info}); re-create the file")
+        sd[f"{layer}.weight"] = torch.empty(shape, dtype=dtype, device="meta")
+    return sd
+
+
+def write(path: str, tensors: dict, layers: dict, *, spec_name: str, arch: str, skip=(), source_sha256: str = "",
+          source_name: str = "") -> int:
+    """Write the file atomically (``qsched._io.atomic_write``); returns its size in bytes."""
+    from safetensors.torch import save_file
+
+    meta = {KEY: FORMAT_VERSION, "qsched.spec": spec_name, "qsched.arch": arch,
+            "qsched.layers": json.dumps(layers, sort_keys=True), "qsched.skip": json.dumps(list(skip)),
+            "qsched.source_sha256": source_sha256, "qsched.source_name": source_name}
+    atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                             metadata=meta))
+    return os.path.getsize(path)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def quantize_file(src: str, out: str, spec, *, skip=None, device=None, overwrite: bool = False) -> dict:
+    """Pre-quantize a ComfyUI-layout diffusion-model file (FLUX, SD1.x/SDXL UNet; a full checkpoint's
+    ``model.diffusion_model.*`` part) without building the model: every 2-D ``*.weight`` not on the skip list is a
+    Linear weight in these layouts and is quantized one tensor at a time (memory: the codes plus one layer).
+    ``device``: where the rounding runs. Returns a summary. ValueError (naming the file) for bad input."""
+    from safetensors import safe_open
+
+    from .._io import file_sha256
+    from .comfy_ops import COMFY_SKIP, layer_kernel
+    from .layers import quantize_linear_weight
+    from .spec import QuantSpec
+    from .swap import _matches
+
+    spec = QuantSpec.parse(spec)
+    if spec.is_identity or spec.w_dtype in ("nf4", "fp4"):
+        raise ValueError(f"format {spec.name!r} cannot be written as a pre-quantized file; allowed: int and fp8 "
+                         "formats (w8a8, w8a8-fp8, w4a8, ...)")
+    if os.path.exists(out) and not overwrite:
+        raise ValueError(f"{out} exists; choose another name or pass --overwrite")
+    name = os.path.basename(src)
+    if read_metadata(src) is not None:
+        raise ValueError(f"{name} is already a pre-quantized file; quantize the full-precision file")
+    patterns = tuple(COMFY_SKIP if skip is None else skip)
+    tensors, layers = {}, {}
+    with safe_open(src, framework="pt", device="cpu") as f:
+        keys = list(f.keys())
+        prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in keys) else ""
+        for k in keys:
+            if not k.startswith(prefix):
+                continue
+            key = k[len(prefix):]
+            t = f.get_tensor(k)
+            layer, _, attr = key.rpartition(".")
+            if attr != "weight" or t.ndim != 2 or not t.is_floating_point() or _matches(layer, patterns):
+                tensors[key] = t
+                continue
+            n, kdim = t.shape
+            kernel, group, _ = layer_kernel(spec, "native", kdim, n, False)
+            q = quantize_linear_weight(t, spec, kernel, group, device)
+            tensors[f"{layer}.qweight"], tensors[f"{layer}.weight_scale"] = q["qweight"], q["wscale"]
+            if "wsum" in q:
+                tensors[f"{layer}.weight_sum"] = q["wsum"]
+            layers[layer] = {"format": spec.name, "group_size": group, "shape": [n, kdim], "dtype": dtype_name(t.dtype)}
+    if not layers:
+        raise ValueError(f"{name}: no Linear weight found to quantize (is it a ComfyUI-layout diffusion model?)")
+    size = write(out, tensors, layers, spec_name=spec.name, arch="", skip=patterns, source_sha256=file_sha256(src),
+                 source_name=name)
+    return {"layers": len(layers), "bytes": size, "source_bytes": os.path.getsize(src)}

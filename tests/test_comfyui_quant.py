@@ -1,0 +1,91 @@
+"""Quantized models in a real ComfyUI 0.3.64, in-process (tests/comfy_quant_checks.py run with ComfyUI's python):
+load-time quantization, accounting, partial (lowvram) loading, LoRA, Quantize Model clones alternating with the
+original, pre-quantized files, bad files, no graph breaks. Needs COMFYUI_PATH (and COMFYUI_PYTHON)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.comfyui
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+if not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "main.py").is_file():
+    pytest.skip("COMFYUI_PATH does not point at a ComfyUI checkout", allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def quant_env(tmp_path_factory):
+    shim = tmp_path_factory.mktemp("shim")
+    (shim / "qsched_pack").symlink_to(REPO, target_is_directory=True)
+    work = Path(os.environ.get("QSCHED_QUANT_MODELS") or tmp_path_factory.mktemp("quant_models"))
+    work.mkdir(parents=True, exist_ok=True)
+    return shim, work
+
+
+def check(quant_env, name: str) -> dict:
+    shim, work = quant_env
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    p = subprocess.run([COMFYUI_PYTHON, str(REPO / "tests" / "comfy_quant_checks.py"), str(shim), str(work), name],
+                       cwd=COMFYUI_PATH, env=env, capture_output=True, text=True, timeout=1200)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, (p.stdout[-3000:], p.stderr[-6000:])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_flux_quantized_while_loading(quant_env):
+    r = check(quant_env, "load_time")
+    assert r["size_ratio"] < 0.3  # vs the same model loaded by core (float32 on CPU)
+    assert r["rel_err"] < 0.15
+    # anonymous memory while loading: quantized model + a few float32 layer temporaries, never the float model
+    assert r["anon_growth"] < r["size"] + 4 * r["largest_layer_fp32"] + 200 * 2**20, r
+
+
+def test_accounting_and_error_of_each_format(quant_env):
+    r = check(quant_env, "formats")
+    for key, v in r.items():
+        assert v["rel_err"] < (0.35 if key.startswith("sd/") else 0.15), (key, v)
+
+
+def test_partial_lowvram_loading_streams_quantized_layers(quant_env):
+    r = check(quant_env, "lowvram")
+    assert r["streamed_layers"] > 0
+
+
+def test_lora_on_quantized_layers(quant_env):
+    r = check(quant_env, "lora")
+    assert r["lora_effect"] > 0.01
+
+
+def test_quantize_model_clones_alternate_with_the_original(quant_env):
+    r = check(quant_env, "clones")
+    assert r["size_ratio_w4a8"] < r["size_ratio_w8a8"] < 1
+
+
+def test_prequantized_file_loads_without_quantizing(quant_env):
+    r = check(quant_env, "prequant")
+    assert r["model_size"] <= r["file_bytes"]
+    assert r["anon_growth"] <= 0.3 * r["file_bytes"] + 64 * 2**20, r
+
+
+def test_bad_files_name_the_file_and_what_to_do(quant_env):
+    r = check(quant_env, "bad_input")
+    assert set(r) == {"truncated", "garbage", "arch", "shape", "checkpoint_loader", "no_fp8"}
+
+
+def test_no_graph_breaks_from_quantized_layers(quant_env):
+    check(quant_env, "compile")
+
+
+@pytest.mark.skipif(not os.environ.get("QSCHED_GGUF_NODES"), reason="QSCHED_GGUF_NODES (a checkout of "
+                    "city96/ComfyUI-GGUF, folder name a Python identifier) not set; needs the gguf package")
+def test_qsched_nodes_on_a_gguf_model(quant_env):
+    r = check(quant_env, "gguf")
+    assert set(r) == {"Q8_0", "Q4_0"}
