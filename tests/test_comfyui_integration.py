@@ -246,7 +246,7 @@ def test_pack_imports_and_registers(server, object_info):
         assert name in object_info, name
         assert object_info[name]["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[name]
     spec = object_info["QSchedCoefficients"]["input"]["required"]["c_eps_start"][1]
-    assert (spec["min"], spec["max"], spec["step"], spec["display"]) == (0.5, 1.5, 0.001, "slider")
+    assert (spec["min"], spec["max"], spec["step"], spec.get("display")) == (0.001, 10.0, 0.001, None)
     templates = server.get("/api/workflow_templates")
     assert sorted(templates[PACK_DIR_NAME]) == sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
