@@ -283,16 +283,14 @@ class QSchedCalibrate:
                                budget=budget, record=record, resume=True, preset=preset_path, progress=progress.point,
                                interrupt=check, scorer_config=scorer.config, extra_metadata=extra)
         except comfy.model_management.InterruptProcessingException:
-            # ComfyUI shows its own "interrupted" state; the console says how to go on
+            # ComfyUI shows its own "interrupted" state; the node and the console say how to go on
             logging.warning("%s: interrupted. Every finished point is kept in %s: queue the same settings again "
                             "to resume (nothing is recomputed)", NODE, record)
-            raise
-        except (RecordError, RecordWriteError) as exc:
-            raise RuntimeError(f"{NODE}: {exc}") from None
-        except comfy.model_management.InterruptProcessingException:
             n = _record_points(record)
             progress.text(f"interrupted — queue again to resume ({n} point{'s' if n != 1 else ''} kept)")
             raise
+        except (RecordError, RecordWriteError) as exc:
+            raise RuntimeError(f"{NODE}: {exc}") from None
         computed = gen.calls
         from_record = len(result.points) - computed
         n_prev = min(PREVIEW_PROMPTS, len(lines))
