@@ -460,6 +460,9 @@ BAD_INPUT = {
                         {"QSchedCalibrate": dict(prompts=CALIB_PROMPTS, strategy="grid", points=5, budget=10)},
                         "input 'budget'", "queue"),
     "QSchedLoadPreset": (None, {"QSchedLoadPreset": {"preset": "browser_broken.json"}}, "input 'preset'", "queue"),
+    "QSchedQuantizeModel": ("quant", {"QSchedQuantizeModel": {"precision": "w2a2"}}, "precision", "queue"),
+    "QSchedSaveQuantizedModel": ("quant", {"QSchedSaveQuantizedModel": {"filename": "../outside"}},
+                                 "input 'filename'", "run"),
     "QSchedSavePreset": (None, {"QSchedSavePreset": {"name": "../outside"}}, "input 'name'", "queue"),
 }
 
@@ -473,6 +476,22 @@ def _unlink_steps(wf: dict) -> None:
         for out in n.get("outputs", []):
             out["links"] = [x for x in out.get("links") or [] if x != inp["link"]]
     ks["inputs"].remove(inp)
+
+
+def _quant_graph(page: Page):
+    """Core checkpoint loader -> Q-Sched Quantize Model -> Q-Sched Save Quantized Model."""
+    page.js("""
+        const LG = window.LiteGraph, g = window.app.graph;
+        g.clear();
+        const a = LG.createNode('CheckpointLoaderSimple'), b = LG.createNode('QSchedQuantizeModel'),
+              c = LG.createNode('QSchedSaveQuantizedModel');
+        a.pos = [100, 100]; b.pos = [500, 100]; c.pos = [900, 100];
+        g.add(a); g.add(b); g.add(c);
+        a.widgets.find(w => w.name === 'ckpt_name').value = 'sd_xl_turbo_1.0_fp16.safetensors';
+        a.connect(0, b, 0);
+        b.connect(0, c, 0);
+        window.app.canvas.setDirty(true, true);
+    """)
 
 
 def _preset_graph(page: Page):
@@ -495,7 +514,11 @@ def test_bad_input_message_once_on_its_node(page, node_type):
     (page.server.models / "qsched" / "browser_good.json").write_text(
         '{"format": "qsched-coefficients", "version": 1, "steps": 2, "c_x": [0.9, 1.0], "c_eps": [1.1, 1.0]}')
     if template is None:
+        page.close_dialogs()
         _preset_graph(page)
+    elif template == "quant":
+        page.close_dialogs()
+        _quant_graph(page)
     else:
         page.load_template(template, _unlink_steps if node_type == "QSchedKSampler" else TINY[template][1])
         for t, values in TINY[template][0].items():
