@@ -121,10 +121,12 @@ class ProgressInfo:
     elapsed: float  # seconds of this session
     eta: float | None  # seconds left (None until one new point has been timed)
     cached: bool  # the last point came from the record
+    #: how points_total is known: "" exact (grid), "~" a typical count (adaptive), "<=" capped by the budget
+    points_kind: str = "~"
 
     def line(self) -> str:
         eta = "?" if self.eta is None else _hms(self.eta)
-        return (f"[{self.points_done}/~{self.points_total} points] "
+        return (f"[{self.points_done}/{self.points_kind}{self.points_total} points] "
                 f"images {self.images_spent}/{self.images_total} best {self.best_score:.5g} "
                 f"(identity {self.identity_score if self.identity_score is None else format(self.identity_score, '.5g')}) "
                 f"elapsed {_hms(self.elapsed)} eta {eta}")
@@ -533,6 +535,9 @@ class Runner:
         ident = self.record.entries.get(Record.key(self.space.identity))
         total_pts = max(self.estimate, len(self._evaluated))
         per_point = len(self.prompts)
+        kind = "" if self.strategy == "grid" else "~"
+        if self.budget is not None and self.budget // per_point < total_pts:
+            total_pts, kind = max(len(self._evaluated), self.budget // per_point), "<="
         images_total = total_pts * per_point
         if self.budget is not None:
             images_total = min(images_total, self.budget)
@@ -542,7 +547,7 @@ class Runner:
             eta = left * self._session_seconds / self._session_images
         self.progress(ProgressInfo(len(self._evaluated), total_pts, self.images_spent, images_total, max(scores),
                                    None if ident is None else ident["score"], time.perf_counter() - self._t0, eta,
-                                   cached))
+                                   cached, kind))
 
     # -- run ----------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -20,7 +20,7 @@ from .common import (CATEGORY_CALIBRATION, COEFFICIENTS, ETA, JAQ_SCORER, MAX_UI
                      check_combo, check_int, node_input, preset_relpath, register_qsched_folder, steps_input,
                      validation_result)
 from .comfy_generator import PREVIEW_PROMPTS, ComfyGenerator
-from .sampling import SAMPLER_NAMES, SCHEDULES, describe
+from .sampling import ETA_TIP, SAMPLER_NAMES, SAMPLER_TIP, comfy_schedulers, describe
 from .scoring import check_scorer, parse_prompt_lines
 
 NODE = "Q-Sched Calibrate"
@@ -104,6 +104,15 @@ class _Progress:
         self.node_id = node_id
         self.done = 0
 
+    def text(self, line: str) -> None:
+        """A line on the node (ComfyUI's progress text) and in the log."""
+        log.info("[%s] %s", NODE, line)
+        if self.node_id is not None:
+            from server import PromptServer
+
+            if PromptServer.instance is not None and hasattr(PromptServer.instance, "send_progress_text"):
+                PromptServer.instance.send_progress_text(line, self.node_id)
+
     def images(self, n: int) -> None:
         self.done += n
         self.bar.update_absolute(self.done)
@@ -111,13 +120,15 @@ class _Progress:
     def point(self, info) -> None:
         self.done = info.images_spent
         self.bar.update_absolute(info.images_spent, max(1, info.images_total))
-        line = info.line()
-        log.info("[%s] %s", NODE, line)
-        if self.node_id is not None:
-            from server import PromptServer
+        self.text(info.line())
 
-            if PromptServer.instance is not None and hasattr(PromptServer.instance, "send_progress_text"):
-                PromptServer.instance.send_progress_text(line, self.node_id)
+
+def _record_points(path: str) -> int:
+    """Points already in a calibration record (lines after the header)."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb") as f:
+        return max(0, sum(1 for line in f if line.strip()) - 1)
 
 
 def _png_to_image(path: str):
@@ -161,13 +172,12 @@ class QSchedCalibrate:
                             "20 Q-Sched calibration prompts. Every point costs one image per prompt."}),
                 "steps": steps_input("Sampling steps to calibrate for; the preset only fits samplers with the same "
                                       "steps (4 for SDXL-Turbo and FLUX schnell)."),
-                "sampler": (list(SAMPLER_NAMES), {"default": "euler_ancestral", "tooltip":
-                            "Base sampler, as in Q-Sched Sampler: euler_ancestral (SDXL-Turbo), euler (FLUX schnell), "
-                            "tcd (TCD/PCM, eps models only), lcm (LCM)."}),
-                "schedule": (list(SCHEDULES), {"default": "simple", "tooltip":
-                             "Timesteps, as in Q-Sched Scheduler: simple = the paper's for SDXL-Turbo / FLUX "
-                             "schnell; the family names give that family's diffusers schedule."}),
-                "eta": ETA,
+                "sampler_name": (list(SAMPLER_NAMES), {"default": "euler_ancestral", "tooltip":
+                                 "As on the sampler you will use. " + SAMPLER_TIP}),
+                "scheduler": (comfy_schedulers(), {"default": "simple", "tooltip":
+                              "ComfyUI's schedulers, as on KSampler / Q-Sched KSampler: simple = the paper's timesteps "
+                              "for SDXL-Turbo and FLUX schnell."}),
+                "eta": (ETA[0], {**ETA[1], "tooltip": ETA_TIP}),
                 "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip":
                                   "Classifier-free guidance (negative = empty prompt). 1.0 for SDXL-Turbo and FLUX "
                                   "schnell (no negative pass, half the cost)."}),
@@ -220,8 +230,9 @@ class QSchedCalibrate:
                                  base_seed=base_seed, width=width, height=height, batch=batch,
                                  preset_name=preset_name)
 
-    def calibrate(self, model, clip, vae, scorer, prompts, steps, sampler, schedule, eta, cfg, space, strategy,
+    def calibrate(self, model, clip, vae, scorer, prompts, steps, sampler_name, scheduler, eta, cfg, space, strategy,
                   range_min, range_max, points, budget, base_seed, width, height, batch, preset_name, unique_id=None):
+        sampler, schedule = sampler_name, scheduler
         import comfy.model_management
         import folder_paths
 
@@ -232,15 +243,23 @@ class QSchedCalibrate:
                                range_max=range_max, points=points, budget=budget, base_seed=base_seed, width=width,
                                height=height, batch=batch, preset_name=preset_name)
         scorer = check_scorer(scorer, NODE)
-        check_combo(NODE, "sampler", sampler, SAMPLER_NAMES)
+        check_combo(NODE, "sampler_name", sampler, SAMPLER_NAMES)
+        check_combo(NODE, "scheduler", schedule, comfy_schedulers())
         sp = SearchSpace(space, steps, float(range_min), float(range_max))
         seeds = [base_seed + i for i in range(len(lines))]
         check = comfy.model_management.throw_exception_if_processing_interrupted
-        progress = None
+        n_points = estimate_points(sp, strategy, points)
+        if n_points * len(lines) > budget:
+            n_points, about = budget // len(lines), "at most "
+        else:
+            about = "" if strategy == "grid" else "about "
+        progress = _Progress(min(budget, n_points * len(lines)), unique_id)
 
         def on_images(n):
-            if progress is not None:
-                progress.images(n)
+            progress.images(n)
+
+        progress.text(f"starting: {about}{n_points} points x {len(lines)} prompts = {about}"
+                      f"{min(budget, n_points * len(lines))} images (budget {budget}); encoding the prompts")
 
         gen = ComfyGenerator(model, clip, vae, lines, steps=steps, sampler=sampler, schedule=schedule, eta=eta,
                              cfg=cfg, width=width, height=height, batch_size=batch, on_images=on_images,
@@ -251,8 +270,10 @@ class QSchedCalibrate:
         register_qsched_folder()
         preset_path = os.path.join(folder_paths.get_folder_paths(QSCHED_FOLDER)[0],
                                    preset_relpath(preset_name, NODE, "preset_name"))
-        total = min(budget, estimate_points(sp, strategy, points) * len(lines))
-        progress = _Progress(total, unique_id)
+        kept = _record_points(record)
+        if kept:
+            progress.text(f"resuming: {kept} point{'s' if kept != 1 else ''} from the record "
+                          f"({os.path.basename(record)}), computing the rest")
         identity = Coefficients.identity(steps)
         gen.keep_for.add((identity.c_x, identity.c_eps))  # the first point scored: reused for the preview
         extra = {"sampling": {"sampler": sampler, "schedule": schedule, "eta": gen_fp["eta"], "cfg": float(cfg),
@@ -262,9 +283,11 @@ class QSchedCalibrate:
                                budget=budget, record=record, resume=True, preset=preset_path, progress=progress.point,
                                interrupt=check, scorer_config=scorer.config, extra_metadata=extra)
         except comfy.model_management.InterruptProcessingException:
-            # ComfyUI shows its own "interrupted" state; the console says how to go on
+            # ComfyUI shows its own "interrupted" state; the node and the console say how to go on
             logging.warning("%s: interrupted. Every finished point is kept in %s: queue the same settings again "
                             "to resume (nothing is recomputed)", NODE, record)
+            n = _record_points(record)
+            progress.text(f"interrupted — queue again to resume ({n} point{'s' if n != 1 else ''} kept)")
             raise
         except (RecordError, RecordWriteError) as exc:
             raise RuntimeError(f"{NODE}: {exc}") from None
@@ -289,8 +312,8 @@ class QSchedCalibrate:
             f"preset: {preset_path}",
             f"record: {record}",
         ])
-        ui_images = [{"filename": f, "subfolder": "qsched", "type": "temp"} for f in (landscape_file, preview_file)]
-        return {"ui": {"text": [summary], "images": ui_images},
+        # The images go out through the 'landscape' / 'preview' outputs only (Preview Image shows them once).
+        return {"ui": {"text": [summary]},
                 "result": (result.best, _png_to_image(os.path.join(tmp, landscape_file)),
                            _png_to_image(os.path.join(tmp, preview_file)), summary)}
 

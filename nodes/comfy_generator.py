@@ -176,7 +176,7 @@ class ComfyGenerator:
         self.node = node
         self.flow = is_flow(model_sampling_of(model))
         make_sampler(sampler, eta, None, node=node)  # checks the sampler name before anything is encoded
-        with node_input(node, "sampler"):
+        with node_input(node, "sampler_name"):
             qsamplers.check_sampler(sampler, "flow" if self.flow else "eps")
         self.sigmas = schedule_sigmas(model, schedule, steps, 1.0, node=node)
         self.cond = {}

@@ -42,6 +42,11 @@ class NodeInputError(ValueError):
         super().__init__(f"{node}: input '{input_name}': {message}")
 
 
+# ComfyUI shows an error's type as ``module.qualname``; under ComfyUI the module is the pack's folder path
+# ("/home/me/ComfyUI/custom_nodes/ComfyUI-QSched.nodes.common.NodeInputError"). A short, stable name instead.
+NodeInputError.__module__ = "qsched"
+
+
 @contextmanager
 def node_input(node: str, input_name: str, hint: str = ""):
     """``with node_input(NODE, "steps"): check_steps(steps)``: a ``ValueError`` (or a missing file) raised inside by
@@ -55,11 +60,13 @@ def node_input(node: str, input_name: str, hint: str = ""):
 
 
 def validation_result(check, *args, **kwargs):
-    """For ``VALIDATE_INPUTS``: True when ``check(*args, **kwargs)`` passes, else its error message."""
-    try:
-        check(*args, **kwargs)
-    except (ValueError, FileNotFoundError) as exc:
-        return str(exc)
+    """For ``VALIDATE_INPUTS``: True when ``check(*args, **kwargs)`` passes; otherwise its error is RAISED.
+
+    Why raise instead of returning the message: ComfyUI 0.3.64 (execution.py ``validate_inputs``) files a returned
+    message once per input named in ``VALIDATE_INPUTS``' signature (26 copies on Q-Sched Calibrate, each labelled
+    "Custom validation failed for node: <input> - ..."), but a raised exception once, on this node ("Exception when
+    validating node: <message>"). Our messages name the input they concern ("Q-Sched X: input 'budget': ...")."""
+    check(*args, **kwargs)
     return True
 
 

@@ -11,7 +11,7 @@ import os
 
 from ..qsched import samplers as qsamplers
 from ..qsched import schedules as qschedules
-from ..qsched.coefficients import Coefficients, check_coefficient, check_steps
+from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_steps
 from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, PRESET_EXT, QSCHED_FOLDER, NodeInputError,
                      check_combo, is_flow, is_hidden, model_sampling_of, node_input, preset_names, preset_relpath,
                      register_qsched_folder, steps_input, validation_result)
@@ -22,13 +22,37 @@ NOISY_SAMPLERS = ("euler_ancestral", "tcd", "lcm")
 #: "simple" / "sgm_uniform" are ComfyUI's own schedules on the model's sigma table (the paper's timesteps for
 #: SDXL-Turbo, FLUX schnell, and LCM models patched with ModelSamplingDiscrete "lcm"); the family names give the
 #: diffusers schedules of ``qsched.schedules`` (e.g. "tcd": 999, 759, 499, 259 on a plain SDXL/SD1.5 model).
-SCHEDULES = ("simple", "sgm_uniform") + qschedules.FAMILIES
+#: ComfyUI's own schedulers (``comfy.samplers.KSampler.SCHEDULERS`` of 0.3.64), used where ComfyUI is absent (unit
+#: tests); in ComfyUI the live list is read, so schedulers added by core or other packs appear too.
+COMFY_SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                    "linear_quadratic", "kl_optimal")
+#: The few-step families of ``qsched.schedules`` (Q-Sched Scheduler): the diffusers timesteps of that family.
+FAMILY_SCHEDULES = tuple(qschedules.FAMILIES)
+#: Everything ``schedule_sigmas`` accepts (ComfyUI's names first, then the families).
+SCHEDULES = COMFY_SCHEDULERS + FAMILY_SCHEDULES
 
-_SLIDER = {"default": 1.0, "min": 0.5, "max": 1.5, "step": 0.001, "display": "slider"}
+#: Coefficient widgets: the whole range the library accepts ((0, C_MAX]), moved in steps of 0.001 from 1.0 (a
+#: slider over that range would put 0.8-1.2, where every useful value lies, in 4 % of its width).
+_COEFF = {"default": 1.0, "min": 0.001, "max": C_MAX, "step": 0.001, "round": 0.001}
 
 
-def _slider(tooltip: str) -> tuple:
-    return ("FLOAT", {**_SLIDER, "tooltip": tooltip})
+def _coeff(tooltip: str) -> tuple:
+    return ("FLOAT", {**_COEFF, "tooltip": tooltip})
+
+
+def comfy_schedulers() -> list[str]:
+    """ComfyUI's scheduler names (the core KSampler's list), or ``COMFY_SCHEDULERS`` without ComfyUI."""
+    try:
+        import comfy.samplers
+    except ImportError:
+        return list(COMFY_SCHEDULERS)
+    return list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+SAMPLER_TIP = ("Base update rule. euler_ancestral: SDXL-Turbo. euler: FLUX schnell (flow Euler). tcd: TCD/PCM LoRAs "
+               "(eps models only, not FLUX). lcm: LCM models/LoRAs. Same names as ComfyUI's samplers.")
+ETA_TIP = ("Used only by euler_ancestral (ancestral noise; 1 = SDXL-Turbo's EulerAncestral) and tcd (gamma; 0.3 is "
+           "TCD's default, 0 = deterministic). euler and lcm ignore it.")
 
 
 _COEFFS_OPTIONAL = (COEFFICIENTS, {"tooltip": "Per-step c_x / c_eps from Q-Sched Coefficients or Q-Sched Load Preset. "
@@ -51,7 +75,7 @@ def qsched_sample(model, x, sigmas, extra_args=None, callback=None, disable=None
         with node_input(node, "coefficients", f" (steps = length of SIGMAS - 1): set steps={steps} on the Q-Sched "
                                               f"Coefficients node, or make the schedule {coefficients.steps} steps"):
             coefficients.check_steps(steps)
-    with node_input(node, "sampler"):
+    with node_input(node, "sampler_name"):
         qsamplers.check_sampler(base, "flow" if flow else "eps")
     fn = qsamplers.SAMPLERS[base]
     kwargs = {"coefficients": coefficients, "parameterization": "flow" if flow else "eps"}
@@ -73,7 +97,7 @@ def _alphas_cumprod(model_sampling, node):
 
     sigmas = getattr(model_sampling, "sigmas", None)
     if sigmas is None or len(sigmas) != qschedules.NUM_TRAIN_TIMESTEPS:
-        raise NodeInputError(node, "sampler", (
+        raise NodeInputError(node, "sampler_name", (
             "'tcd' needs a model on the 1000-step discrete schedule (SD1.5 / SDXL); this MODEL's sampling has "
             f"{'no sigma table' if sigmas is None else f'{len(sigmas)} sigmas'} (remove ModelSamplingDiscrete 'lcm' "
             "or similar patches before a TCD sampler)"))
@@ -81,11 +105,84 @@ def _alphas_cumprod(model_sampling, node):
     return 1.0 / (1.0 + s * s)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the cheap flow-vs-eps check: which model file feeds a sampler, read from the graph and the file's header
+# ---------------------------------------------------------------------------------------------------------------
+#: Loader nodes whose model file can be looked at before it is loaded: class -> (file input, ComfyUI folder).
+MODEL_FILE_LOADERS = {"QSchedDiffusionModelLoader": ("unet_name", "diffusion_models"),
+                      "UNETLoader": ("unet_name", "diffusion_models"),
+                      "QSchedCheckpointLoader": ("ckpt_name", "checkpoints"),
+                      "CheckpointLoaderSimple": ("ckpt_name", "checkpoints")}
+#: Key fragments of flow-matching transformers (FLUX double/single blocks, SD3 joint blocks).
+FLOW_KEYS = ("double_blocks.", "single_blocks.", "joint_blocks.")
+
+
+def safetensors_is_flow(path: str) -> bool | None:
+    """True for a FLUX / SD3 file, False for another diffusion model, None when the header cannot be read. Reads
+    only the safetensors JSON header (no tensor data, no code)."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 0 < n <= 100_000_000:
+                return None
+            keys = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return None
+    if not isinstance(keys, dict):
+        return None
+    return any(frag in k for k in keys for frag in FLOW_KEYS)
+
+
+def graph_model_is_flow(prompt: dict, node_id: str) -> bool | None:
+    """Follows the MODEL that reaches the sampler made by node ``node_id`` (through SamplerCustom(Advanced), a
+    guider and MODEL pass-through nodes such as LoRA loaders) back to a loader node, and reads its file's header.
+    None when the graph does not say (a linked file name, an unknown loader, a file that is not safetensors)."""
+    if not isinstance(prompt, dict):
+        return None
+
+    def link(v):
+        return str(v[0]) if isinstance(v, list) and len(v) == 2 and isinstance(v[0], (str, int)) else None
+
+    def model_source(nid, seen):
+        node = prompt.get(nid)
+        if node is None or nid in seen:
+            return None
+        seen.add(nid)
+        loader = MODEL_FILE_LOADERS.get(node.get("class_type"))
+        inputs = node.get("inputs", {})
+        if loader is not None:
+            name = inputs.get(loader[0])
+            if not isinstance(name, str) or not name.endswith((".safetensors", ".sft")):
+                return None
+            import folder_paths
+
+            path = folder_paths.get_full_path(loader[1], name)
+            return None if path is None else safetensors_is_flow(path)
+        up = link(inputs.get("model"))
+        return None if up is None else model_source(up, seen)
+
+    for nid, node in prompt.items():
+        inputs = node.get("inputs", {})
+        if link(inputs.get("sampler")) != str(node_id):
+            continue
+        src = link(inputs.get("model"))  # SamplerCustom
+        if src is None and link(inputs.get("guider")) is not None:  # SamplerCustomAdvanced -> guider -> model
+            src = link(prompt.get(link(inputs["guider"]), {}).get("inputs", {}).get("model"))
+        if src is not None:
+            found = model_source(src, set())
+            if found is not None:
+                return found
+    return None
+
+
 def make_sampler(base: str, eta: float, coefficients, node: str = "Q-Sched Sampler", noise_sampler=None):
     """ComfyUI ``KSAMPLER`` running ``qsched_sample`` (shared by the sampler, KSampler and calibration nodes)."""
     import comfy.samplers
 
-    check_combo(node, "sampler", base, SAMPLER_NAMES)
+    check_combo(node, "sampler_name", base, SAMPLER_NAMES)
     if coefficients is not None and not isinstance(coefficients, Coefficients):
         raise NodeInputError(node, "coefficients", f"expected {COEFFICIENTS}, got {type(coefficients).__name__}")
     options = {"base": base, "eta": float(eta), "coefficients": coefficients, "node": node}
@@ -94,17 +191,19 @@ def make_sampler(base: str, eta: float, coefficients, node: str = "Q-Sched Sampl
     return comfy.samplers.KSAMPLER(qsched_sample, extra_options=options)
 
 
-def schedule_sigmas(model, schedule: str, steps: int, denoise: float = 1.0, node: str = "Q-Sched Scheduler"):
-    """``steps + 1`` sigmas (float32, last 0). ``denoise < 1`` keeps the last ``steps`` of a longer schedule, as
-    ComfyUI's KSampler and BasicScheduler do."""
+def schedule_sigmas(model, schedule: str, steps: int, denoise: float = 1.0, node: str = "Q-Sched Scheduler",
+                    input_name: str = "scheduler"):
+    """``steps + 1`` sigmas (float32, last 0): a ComfyUI scheduler name or a family of ``qsched.schedules``.
+    ``denoise < 1`` keeps the last ``steps`` of a longer schedule, as ComfyUI's KSampler and BasicScheduler do."""
     import torch
 
-    check_combo(node, "schedule", schedule, SCHEDULES)
+    if schedule not in FAMILY_SCHEDULES:
+        check_combo(node, input_name, schedule, comfy_schedulers())
     if denoise <= 0.0:
         return torch.FloatTensor([])
     total = steps if denoise >= 0.9999 else int(steps / denoise)
     ms = model_sampling_of(model)
-    if schedule in ("simple", "sgm_uniform"):
+    if schedule not in FAMILY_SCHEDULES:
         import comfy.samplers
 
         sigmas = comfy.samplers.calculate_sigmas(ms, schedule, total).cpu()
@@ -112,8 +211,9 @@ def schedule_sigmas(model, schedule: str, steps: int, denoise: float = 1.0, node
         flow = is_flow(ms)
         if flow != (schedule == "flux_schnell"):
             kind = "a flow model (FLUX, SD3)" if flow else "an eps-prediction model (SD1.5, SDXL, LCM/TCD/PCM)"
-            fits = "'flux_schnell' or 'simple'" if flow else "'sdxl_turbo', 'lcm', 'tcd', 'pcm' or 'simple'"
-            raise NodeInputError(node, "schedule", f"'{schedule}' does not fit this MODEL, which is {kind}: use {fits}")
+            fits = "'flux_schnell'" if flow else "'sdxl_turbo', 'lcm', 'tcd' or 'pcm'"
+            raise NodeInputError(node, input_name, f"'{schedule}' does not fit this MODEL, which is {kind}: use "
+                                                   f"{fits}")
         if flow:
             sigmas = qschedules.few_step_sigmas(schedule, total)
         else:
@@ -177,9 +277,11 @@ class QSchedCoefficients:
                    "each step (paper Eq. 4). Linear ramps from start (first step) to end (last step), like the "
                    "official linspace(start, end, steps). All 1.0 = the stock sampler.")
     CATEGORY = CATEGORY_SAMPLING
-    RETURN_TYPES = (COEFFICIENTS, "STRING")
-    RETURN_NAMES = ("coefficients", "summary")
+    RETURN_TYPES = (COEFFICIENTS, "INT", "STRING")
+    RETURN_NAMES = ("coefficients", "steps", "summary")
     OUTPUT_TOOLTIPS = ("Coefficients for Q-Sched Sampler / Q-Sched KSampler / Q-Sched Save Preset.",
+                       "This node's steps: connect it to the sampler's (or Q-Sched Scheduler's) steps so the two "
+                       "always match (same slot as on Q-Sched Load Preset).",
                        "The per-step values as text.")
     FUNCTION = "build"
 
@@ -189,12 +291,12 @@ class QSchedCoefficients:
             "required": {
                 "steps": steps_input("Number of sampling steps; must equal the steps of the sampler/scheduler "
                                       "these coefficients are used with."),
-                "c_x_start": _slider("c_x (sample multiplier) at the first step. <1 shrinks the noisy sample, "
-                                     ">1 grows it. The paper searches 0.8-1.2."),
-                "c_x_end": _slider("c_x at the last step (linear ramp in between). The official search keeps 1.0."),
-                "c_eps_start": _slider("c_eps (noise-prediction multiplier) at the first step. >1 removes more "
+                "c_x_start": _coeff("c_x (sample multiplier) at the first step. <1 shrinks the noisy sample, "
+                                    ">1 grows it. The paper searches 0.8-1.2; allowed (0, 10]."),
+                "c_x_end": _coeff("c_x at the last step (linear ramp in between). The official search keeps 1.0."),
+                "c_eps_start": _coeff("c_eps (noise-prediction multiplier) at the first step. >1 removes more "
                                        "predicted noise; quantized models often need slightly >1."),
-                "c_eps_end": _slider("c_eps at the last step (linear ramp in between). The official search keeps "
+                "c_eps_end": _coeff("c_eps at the last step (linear ramp in between). The official search keeps "
                                      "1.0."),
             },
             "optional": {
@@ -214,7 +316,7 @@ class QSchedCoefficients:
 
     def build(self, steps, c_x_start, c_x_end, c_eps_start, c_eps_end, c_x_override="", c_eps_override=""):
         c = build_coefficients(steps, c_x_start, c_x_end, c_eps_start, c_eps_end, c_x_override, c_eps_override)
-        return (c, describe(c))
+        return (c, c.steps, describe(c))
 
 
 class QSchedLoadPreset:
@@ -248,7 +350,7 @@ class QSchedLoadPreset:
         text = describe(c)
         if c.metadata:
             text += "\n" + "\n".join(f"{k}: {v}" for k, v in sorted(c.metadata.items()))
-        return (c, c.steps, text)
+        return {"ui": {"text": [text]}, "result": (c, c.steps, text)}
 
 
 def _preset_path(name: str):
@@ -322,23 +424,27 @@ class QSchedSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "sampler": (list(SAMPLER_NAMES), {"default": "euler_ancestral", "tooltip":
-                            "Base update rule. euler_ancestral: SDXL-Turbo. euler: FLUX schnell (flow Euler). "
-                            "tcd: TCD/PCM LoRAs (eps models only). lcm: LCM models/LoRAs."}),
-                "eta": ETA,
+                "sampler_name": (list(SAMPLER_NAMES), {"default": "euler_ancestral", "tooltip": SAMPLER_TIP}),
+                "eta": (ETA[0], {**ETA[1], "tooltip": ETA_TIP}),
             },
             "optional": {"coefficients": _COEFFS_OPTIONAL},
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
-    def get_sampler(self, sampler, eta, coefficients=None):
-        return (make_sampler(sampler, eta, coefficients),)
+    def get_sampler(self, sampler_name, eta, coefficients=None, prompt=None, unique_id=None):
+        if sampler_name in qsamplers.EPS_ONLY and unique_id is not None and graph_model_is_flow(prompt, unique_id):
+            # The model that will reach this sampler is a flow model: say so here, on this node, before anything
+            # is sampled (else the error comes from inside SamplerCustomAdvanced, after loading and quantizing).
+            with node_input(self.DISPLAY_NAME, "sampler_name"):
+                qsamplers.check_sampler(sampler_name, "flow")
+        return (make_sampler(sampler_name, eta, coefficients),)
 
 
 class QSchedScheduler:
     DISPLAY_NAME = "Q-Sched Scheduler"
-    DESCRIPTION = ("SIGMAS for few-step models. 'simple' reproduces the timesteps diffusers uses for SDXL-Turbo "
-                   "(999, 749, 499, 249), FLUX schnell (1, .75, .5, .25) and LCM-patched models; the family "
-                   "schedules (lcm/tcd/pcm: 999, 759, 499, 259) follow diffusers on an unpatched SD/SDXL model.")
+    DESCRIPTION = ("SIGMAS of a few-step family, as diffusers runs it: sdxl_turbo (999, 749, 499, 249), "
+                   "flux_schnell (1, .75, .5, .25), lcm / tcd / pcm (999, 759, 499, 259 on the plain SD/SDXL "
+                   "table). For ComfyUI's own schedulers use BasicScheduler.")
     CATEGORY = CATEGORY_SAMPLING
     RETURN_TYPES = ("SIGMAS",)
     OUTPUT_TOOLTIPS = ("Connect to the sigmas input of SamplerCustom or SamplerCustomAdvanced.",)
@@ -348,23 +454,23 @@ class QSchedScheduler:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to sample; its noise schedule (eps or flow) is used."}),
-            "schedule": (list(SCHEDULES), {"default": "simple", "tooltip":
-                         "simple: ComfyUI 'simple' (the paper's timesteps for SDXL-Turbo / FLUX schnell). "
-                         "sdxl_turbo / lcm / tcd / pcm / flux_schnell: the diffusers schedule of that family."}),
+            "scheduler": (list(FAMILY_SCHEDULES), {"default": "sdxl_turbo", "tooltip":
+                          "The model family whose diffusers timesteps to use: sdxl_turbo, lcm, tcd, pcm (eps models) "
+                          "or flux_schnell (flow). sdxl_turbo / flux_schnell equal ComfyUI's 'simple'."}),
             "steps": steps_input("Number of steps; must equal the steps of the Q-Sched coefficients."),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                         "1.0 for text-to-image; lower keeps only the last steps (image-to-image)."}),
         }}
 
-    def get_sigmas(self, model, schedule, steps, denoise):
-        return (schedule_sigmas(model, schedule, steps, denoise),)
+    def get_sigmas(self, model, scheduler, steps, denoise):
+        return (schedule_sigmas(model, scheduler, steps, denoise),)
 
 
 class QSchedKSampler:
     DISPLAY_NAME = "Q-Sched KSampler"
-    DESCRIPTION = ("All-in-one sampler: ComfyUI's KSampler with a Q-Sched sampler and coefficients. With no "
-                   "coefficients (or all 1.0) it gives the same latent as KSampler with the same sampler and the "
-                   "'simple' scheduler.")
+    DESCRIPTION = ("All-in-one sampler: ComfyUI's KSampler (same inputs, same order) with a Q-Sched sampler and "
+                   "coefficients. With no coefficients (or all 1.0) it gives the same latent as KSampler with the same "
+                   "sampler_name and scheduler.")
     CATEGORY = CATEGORY_SAMPLING
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The denoised latent.",)
@@ -385,19 +491,19 @@ class QSchedKSampler:
                                       "equal the steps of the coefficients."),
                 "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip":
                                   "Classifier-free guidance. 1.0 for SDXL-Turbo and FLUX schnell (no negative pass)."}),
-                "sampler": (list(SAMPLER_NAMES), {"default": "euler_ancestral", "tooltip":
-                            "euler_ancestral: SDXL-Turbo. euler: FLUX schnell. tcd: TCD/PCM (eps only). lcm: LCM."}),
-                "schedule": (list(SCHEDULES), {"default": "simple", "tooltip":
-                             "simple = ComfyUI 'simple' (paper timesteps for SDXL-Turbo/FLUX schnell); the family "
-                             "names give that family's diffusers schedule."}),
-                "eta": ETA,
+                "sampler_name": (list(SAMPLER_NAMES), {"default": "euler_ancestral", "tooltip": SAMPLER_TIP}),
+                "scheduler": (comfy_schedulers(), {"default": "simple", "tooltip":
+                              "ComfyUI's schedulers, as on KSampler. simple = the paper's timesteps for SDXL-Turbo "
+                              "and FLUX schnell (999, 749, 499, 249). Family schedules (lcm / tcd / pcm): Q-Sched "
+                              "Scheduler with SamplerCustom."}),
+                "eta": (ETA[0], {**ETA[1], "tooltip": ETA_TIP}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                             "1.0 for text-to-image; lower for image-to-image."}),
             },
             "optional": {"coefficients": _COEFFS_OPTIONAL},
         }
 
-    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler, schedule, eta, denoise,
+    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, eta, denoise,
                coefficients=None):
         import comfy.sample
         import comfy.utils
@@ -405,13 +511,15 @@ class QSchedKSampler:
 
         node = self.DISPLAY_NAME
         if coefficients is not None:
-            with node_input(node, "coefficients", ": connect Q-Sched Load Preset's 'steps' output to 'steps', or set "
-                                                  "steps on Q-Sched Coefficients"):
+            with node_input(node, "coefficients", ": connect the 'steps' output of Q-Sched Coefficients / Q-Sched "
+                                                  "Load Preset to 'steps' so the two always match"):
                 coefficients.check_steps(steps, "input 'steps'")
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-        sigmas = schedule_sigmas(model, schedule, steps, denoise, node=node)
-        ksampler = make_sampler(sampler, eta, coefficients, node=node)
+        if scheduler in FAMILY_SCHEDULES:  # a family name is Q-Sched Scheduler's choice, not a ComfyUI scheduler
+            check_combo(node, "scheduler", scheduler, comfy_schedulers())
+        sigmas = schedule_sigmas(model, scheduler, steps, denoise, node=node)
+        ksampler = make_sampler(sampler_name, eta, coefficients, node=node)
         callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
         samples = comfy.sample.sample_custom(model, noise, cfg, ksampler, sigmas, positive, negative, latent,
                                              noise_mask=latent_image.get("noise_mask"), callback=callback,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import os
 
-from .common import (CATEGORY_SCORING, JAQ_SCORER, QSCHED_FOLDER, NodeInputError, node_input, register_qsched_folder,
-                     validation_result)
+from .common import (CATEGORY_SCORING, JAQ_SCORER, QSCHED_FOLDER, NodeInputError, check_combo, node_input,
+                     register_qsched_folder, validation_result)
 
 PRESETS = ("preference", "clip")
 AUTO = "auto"
@@ -269,14 +269,11 @@ class QSchedJAQLoader:
         # Naming these turns off ComfyUI's combo checks for them: membership and file existence are checked here.
         if preset is None:
             return True
-        if preset not in PRESETS:
-            return f"input 'preset': {preset!r} is not one of {', '.join(PRESETS)}"
+        check_combo(LOADER, "preset", preset, PRESETS)
         tc, iq = preset_metrics(preset)
         for metric, name, choice in ((tc, "tc_weights", tc_weights), (iq, "iq_weights", iq_weights)):
             if choice is not None:
-                found = validation_result(resolve_weight, metric, choice, name)
-                if found is not True:
-                    return found
+                validation_result(resolve_weight, metric, choice, name)
         return True
 
     def load(self, preset, k, tc_weights, iq_weights, device, dtype):

@@ -122,7 +122,7 @@ class Coefficients:
         if len(vals) == 1:
             vals = vals * steps
         if len(vals) != steps:
-            raise ValueError(f"{field_name} has {len(vals)} values but the sampler runs {steps} steps: give 1 or {steps} values")
+            raise ValueError(f"{field_name} has {len(vals)} values but steps = {steps}: give 1 value or {steps} values")
         return tuple(check_coefficient(v, f"{field_name}[{i}]") for i, v in enumerate(vals))
 
     # ---- queries -------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def test_parse_list_errors():
         Coefficients.parse_list("  ", 4, "c_x")
     with pytest.raises(ValueError, match=r"c_x\[1\] = 'abc' is not a number"):
         Coefficients.parse_list("1.0, abc", 2, "c_x")
-    with pytest.raises(ValueError, match="has 3 values but the sampler runs 4 steps"):
+    with pytest.raises(ValueError, match="has 3 values but steps = 4: give 1 value or 4 values"):
         Coefficients.parse_list("1, 1, 1", 4, "c_x")
 
 

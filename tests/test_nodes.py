@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,15 @@ import torch
 from qsched_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from qsched_pack.nodes import sampling
 from qsched_pack.nodes.common import COEFFICIENTS, JAQ_SCORER, NodeInputError
-from qsched_pack.qsched.coefficients import Coefficients
+from qsched_pack.qsched.coefficients import C_MAX, Coefficients, check_coefficient
+
+
+def _refused(validate, **kwargs) -> str:
+    """VALIDATE_INPUTS refuses by raising NodeInputError (ComfyUI 0.3.64 then reports it once, on the node; a
+    returned message would be repeated once per input of the signature). Returns the message."""
+    with pytest.raises(NodeInputError) as exc:
+        validate(**kwargs)
+    return str(exc.value)
 
 SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "SAMPLER", "SIGMAS", COEFFICIENTS,
                 JAQ_SCORER}
@@ -77,22 +86,48 @@ def test_coefficient_sliders_reach_the_paper_range_start_at_identity_and_stay_va
         kind, opts = req[name]
         assert kind == "FLOAT" and opts["default"] == 1.0, name  # untouched sliders = the stock sampler
         assert opts["min"] <= DEFAULT_RANGE[0] and opts["max"] >= DEFAULT_RANGE[1], name  # the paper's [0.8, 1.2]
+        assert "display" not in opts and opts["step"] == 0.001, name  # no slider squeezing 0.8-1.2
+        assert (opts["min"], opts["max"]) == (0.001, C_MAX), name  # the library's whole range
+        check_coefficient(opts["min"], name)
     node = sampling.QSchedCoefficients()
     for end in ("min", "max"):  # every slider position is a coefficient the library accepts
-        c, _ = node.build(4, *(req[n][1][end] for n in names))
+        c, _, _ = node.build(4, *(req[n][1][end] for n in names))
         assert c.c_x[0] == req["c_x_start"][1][end] and c.c_eps[-1] == req["c_eps_end"][1][end]
     assert node.build(4, *(req[n][1]["default"] for n in names))[0].is_identity
 
 
+def test_names_and_order_follow_core_ksampler():
+    """Point 7: the inputs core's KSampler has carry its names, in its order; eta says which samplers use it."""
+    core = json.loads((Path(__file__).resolve().parent / "data" / "object_info_core.json").read_text())["KSampler"]
+    core_widgets = [n for n in core["input_order"]["required"] if n in ("seed", "steps", "cfg", "sampler_name",
+                                                                           "scheduler", "denoise")]
+    ours = list(sampling.QSchedKSampler.INPUT_TYPES()["required"])
+    assert [n for n in ours if n in core_widgets] == core_widgets
+    assert list(sampling.QSchedSampler.INPUT_TYPES()["required"]) == ["sampler_name", "eta"]
+    from qsched_pack.nodes import calibration
+
+    cal = calibration.QSchedCalibrate.INPUT_TYPES()["required"]
+    assert "sampler_name" in cal and "scheduler" in cal and "sampler" not in cal and "schedule" not in cal
+    # one kind of name per list: ComfyUI's schedulers on KSampler / Calibrate, the families on Q-Sched Scheduler
+    assert sampling.QSchedKSampler.INPUT_TYPES()["required"]["scheduler"][0] == list(sampling.COMFY_SCHEDULERS)
+    assert cal["scheduler"][0] == list(sampling.COMFY_SCHEDULERS)
+    assert sampling.QSchedScheduler.INPUT_TYPES()["required"]["scheduler"][0] == list(sampling.FAMILY_SCHEDULES)
+    assert not set(sampling.COMFY_SCHEDULERS) & set(sampling.FAMILY_SCHEDULES)
+    for cls in (sampling.QSchedKSampler, sampling.QSchedSampler, calibration.QSchedCalibrate):
+        tip = cls.INPUT_TYPES()["required"]["eta"][1]["tooltip"]
+        assert tip.startswith("Used only by euler_ancestral") and "ignore" in tip
+
+
 def test_coefficients_node_ramp_and_override():
-    c, summary = sampling.QSchedCoefficients().build(4, 0.9, 1.0, 1.2, 1.0)
+    c, steps, summary = sampling.QSchedCoefficients().build(4, 0.9, 1.0, 1.2, 1.0)
+    assert steps == 4  # the 'steps' output (same slot as Q-Sched Load Preset's)
     assert isinstance(c, Coefficients)
     assert c.c_x == pytest.approx((0.9, 0.9333333, 0.9666667, 1.0))
     assert c.c_eps == pytest.approx((1.2, 1.1333333, 1.0666667, 1.0))
     assert "c_eps" in summary and "4 steps" in summary
-    c, _ = sampling.QSchedCoefficients().build(4, 0.9, 1.0, 1.2, 1.0, c_x_override="1, 0.99; 0.98 0.97")
+    c, _, _ = sampling.QSchedCoefficients().build(4, 0.9, 1.0, 1.2, 1.0, c_x_override="1, 0.99; 0.98 0.97")
     assert c.c_x == (1.0, 0.99, 0.98, 0.97) and c.c_eps[0] == 1.2
-    c, _ = sampling.QSchedCoefficients().build(3, 1.0, 1.0, 1.0, 1.0, c_eps_override="1.05")
+    c, _, _ = sampling.QSchedCoefficients().build(3, 1.0, 1.0, 1.0, 1.0, c_eps_override="1.05")
     assert c.c_eps == (1.05, 1.05, 1.05)
     assert sampling.QSchedCoefficients().build(2, 1.0, 1.0, 1.0, 1.0)[0].is_identity
 
@@ -116,12 +151,12 @@ def test_coefficients_validate_inputs():
     assert v(steps=4, c_x_override="", c_eps_override="") is True
     assert v(steps=4, c_x_override="1,1,1,0.9") is True
     assert v(steps=None) is True  # steps linked from another node: checked at run time
-    msg = v(steps=4, c_x_override="1, 2, three")
-    assert isinstance(msg, str) and "c_x_override" in msg and "three" in msg
-    msg = v(steps=4, c_eps_override="1, 1, 1")
-    assert isinstance(msg, str) and "c_eps_override" in msg and "3 values" in msg
-    msg = v(steps=101)
-    assert isinstance(msg, str) and "steps" in msg
+    msg = _refused(v, steps=4, c_x_override="1, 2, three")
+    assert "c_x_override" in msg and "three" in msg
+    msg = _refused(v, steps=4, c_eps_override="1, 1, 1")
+    assert "c_eps_override" in msg and "3 values" in msg
+    msg = _refused(v, steps=101)
+    assert "steps" in msg
 
 
 def _write_preset(folder_paths, name, text):
@@ -142,7 +177,9 @@ def test_presets_round_trip(folder_paths):
     assert "saved" in text
     assert sampling.QSchedLoadPreset.INPUT_TYPES()["required"]["preset"][0] == ["sdxl/turbo_w4a8.json"]
     assert sampling.QSchedLoadPreset.VALIDATE_INPUTS(preset="sdxl/turbo_w4a8.json") is True
-    loaded, steps, summary = sampling.QSchedLoadPreset().load("sdxl/turbo_w4a8.json")
+    out = sampling.QSchedLoadPreset().load("sdxl/turbo_w4a8.json")
+    loaded, steps, summary = out["result"]
+    assert out["ui"]["text"] == [summary]  # shown on the node
     assert loaded == c and steps == 4 and "c_x" in summary
     with pytest.raises(NodeInputError, match="input 'overwrite'"):
         sampling.QSchedSavePreset().save(c, "sdxl/turbo_w4a8", False)
@@ -162,23 +199,23 @@ def test_preset_list_shows_only_json(folder_paths):
 ])
 def test_malformed_preset_is_reported_on_the_preset_input(folder_paths, content, expected):
     _write_preset(folder_paths, "bad.json", content)
-    msg = sampling.QSchedLoadPreset.VALIDATE_INPUTS(preset="bad.json")
-    assert isinstance(msg, str) and "input 'preset'" in msg and expected in msg, msg
+    msg = _refused(sampling.QSchedLoadPreset.VALIDATE_INPUTS, preset="bad.json")
+    assert "input 'preset'" in msg and expected in msg, msg
     with pytest.raises(NodeInputError, match=expected):
         sampling.QSchedLoadPreset().load("bad.json")
 
 
 def test_missing_preset_is_reported(folder_paths):
-    msg = sampling.QSchedLoadPreset.VALIDATE_INPUTS(preset="gone.json")
-    assert isinstance(msg, str) and "input 'preset'" in msg and "not found" in msg
-    msg = sampling.QSchedLoadPreset.VALIDATE_INPUTS(preset="weights.pt")
-    assert isinstance(msg, str) and ".json" in msg
+    msg = _refused(sampling.QSchedLoadPreset.VALIDATE_INPUTS, preset="gone.json")
+    assert "input 'preset'" in msg and "not found" in msg
+    msg = _refused(sampling.QSchedLoadPreset.VALIDATE_INPUTS, preset="weights.pt")
+    assert ".json" in msg
 
 
 @pytest.mark.parametrize("name", ["", "  ", "../escape", "a/../b", "bad name!"])
 def test_save_preset_rejects_bad_names(name, folder_paths):
-    msg = sampling.QSchedSavePreset.VALIDATE_INPUTS(name=name)
-    assert isinstance(msg, str) and "input 'name'" in msg
+    msg = _refused(sampling.QSchedSavePreset.VALIDATE_INPUTS, name=name)
+    assert "input 'name'" in msg
     with pytest.raises(NodeInputError, match="input 'name'"):
         sampling.QSchedSavePreset().save(Coefficients.identity(1), name, True)
 
@@ -320,15 +357,15 @@ def test_jaq_loader_missing_weights_name_the_input_at_queue_time(folder_paths, t
     from qsched_pack.nodes import scoring
 
     v = scoring.QSchedJAQLoader.VALIDATE_INPUTS
-    msg = v(preset="clip", tc_weights="auto", iq_weights="auto")
-    assert isinstance(msg, str) and "input 'tc_weights'" in msg and "ViT-L-14.pt" in msg and "openai/CLIP" in msg
+    msg = _refused(v, preset="clip", tc_weights="auto", iq_weights="auto")
+    assert "input 'tc_weights'" in msg and "ViT-L-14.pt" in msg and "openai/CLIP" in msg
     _install(tiny_scorer_files, folder_paths, names=("ViT-L-14.pt",))
-    msg = v(preset="clip", tc_weights="auto", iq_weights="auto")
-    assert isinstance(msg, str) and "input 'iq_weights'" in msg and "RN50.pt" in msg
-    msg = v(preset="clip", tc_weights="gone.pt", iq_weights="auto")
-    assert isinstance(msg, str) and "input 'tc_weights'" in msg and "gone.pt" in msg
-    msg = v(preset="best", tc_weights="auto", iq_weights="auto")
-    assert isinstance(msg, str) and "input 'preset'" in msg
+    msg = _refused(v, preset="clip", tc_weights="auto", iq_weights="auto")
+    assert "input 'iq_weights'" in msg and "RN50.pt" in msg
+    msg = _refused(v, preset="clip", tc_weights="gone.pt", iq_weights="auto")
+    assert "input 'tc_weights'" in msg and "gone.pt" in msg
+    msg = _refused(v, preset="best", tc_weights="auto", iq_weights="auto")
+    assert "input 'preset'" in msg
     _install(tiny_scorer_files, folder_paths, names=("RN50.pt",))
     assert v(preset="clip", tc_weights="auto", iq_weights="auto") is True
     assert v(preset="clip", tc_weights=None, iq_weights=None) is True  # linked: checked at run time
@@ -391,7 +428,7 @@ def test_jaq_score_errors_name_the_input(folder_paths, tiny_scorer_files):
         node.score(imgs, scorer, "a\nb\nc")
     with pytest.raises(NodeInputError, match="input 'prompts'.*is empty"):
         node.score(imgs, scorer, " \n# only a comment\n")
-    assert "input 'prompts'" in scoring.QSchedJAQScore.VALIDATE_INPUTS(prompts="")
+    assert "input 'prompts'" in _refused(scoring.QSchedJAQScore.VALIDATE_INPUTS, prompts="")
     assert scoring.QSchedJAQScore.VALIDATE_INPUTS(prompts=None) is True
     with pytest.raises(NodeInputError, match="input 'images'.*0..1"):
         node.score(imgs * 255, scorer, "a")
@@ -441,8 +478,8 @@ def test_calibrate_bad_settings_name_the_input(change, input_name, text):
     with pytest.raises(NodeInputError) as exc:
         calibration.check_settings(**{**GOOD, **change})
     assert exc.value.input_name == input_name and text in str(exc.value), str(exc.value)
-    msg = calibration.QSchedCalibrate.VALIDATE_INPUTS(**{**GOOD, **change})
-    assert isinstance(msg, str) and msg.startswith(f"Q-Sched Calibrate: input '{input_name}'") and text in msg
+    msg = _refused(calibration.QSchedCalibrate.VALIDATE_INPUTS, **{**GOOD, **change})
+    assert msg.startswith(f"Q-Sched Calibrate: input '{input_name}'") and text in msg
 
 
 def test_calibrate_validation_accepts_good_and_linked_settings():
@@ -451,7 +488,7 @@ def test_calibrate_validation_accepts_good_and_linked_settings():
     v = calibration.QSchedCalibrate.VALIDATE_INPUTS
     assert v(**GOOD) is True
     assert v(**{**GOOD, "strategy": "grid", "points": 5, "budget": 50}) is True  # exactly fits
-    assert "input 'budget'" in v(**{**GOOD, "strategy": "grid", "points": 5, "budget": 49})
+    assert "input 'budget'" in _refused(v, **{**GOOD, "strategy": "grid", "points": 5, "budget": 49})
     assert v(**{**GOOD, "budget": None, "strategy": "grid", "points": 50}) is True  # budget linked: run-time check
     assert v(**{k: None for k in GOOD}) is True
     assert calibration.check_settings(**GOOD) == ["a", "b"]

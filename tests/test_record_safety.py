@@ -175,8 +175,8 @@ def test_temp_files_are_cleaned_and_never_listed_as_presets(tmp_path, clean, fol
     assert preset_names() == ["a.json"]
     from qsched_pack.nodes.sampling import QSchedLoadPreset
 
-    msg = QSchedLoadPreset.VALIDATE_INPUTS(preset=".tmp-abc123a.json")
-    assert isinstance(msg, str) and "input 'preset'" in msg
+    with pytest.raises(ValueError, match="input 'preset'"):  # refused on queue: VALIDATE_INPUTS raises
+        QSchedLoadPreset.VALIDATE_INPUTS(preset=".tmp-abc123a.json")
 
 
 # ------------------------------------------------------------------ disk full / read-only, interrupts

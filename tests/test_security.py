@@ -212,8 +212,10 @@ def test_node_refuses_names_and_symlinks_out_of_the_folder_before_running(folder
     v = scoring.QSchedJAQLoader.VALIDATE_INPUTS
     for bad in (str(outside / "ViT-L-14.pt"), "../outside/ViT-L-14.pt", "linked.pt", "linked_dir/ViT-L-14.pt",
                 "sub/../../outside/ViT-L-14.pt"):
-        msg = v(preset="clip", tc_weights=bad, iq_weights="auto")
-        assert isinstance(msg, str) and msg.startswith("Q-Sched JAQ Loader: input 'tc_weights'"), (bad, msg)
+        with pytest.raises(NodeInputError) as exc:  # refused on queue: VALIDATE_INPUTS raises (one message)
+            v(preset="clip", tc_weights=bad, iq_weights="auto")
+        msg = str(exc.value)
+        assert msg.startswith("Q-Sched JAQ Loader: input 'tc_weights'"), (bad, msg)
         assert "inside" in msg or "leads out" in msg, msg
         with pytest.raises(NodeInputError, match="input 'tc_weights'"):
             scoring.load_jaq("clip", 2.0, bad, "auto", device="cpu")

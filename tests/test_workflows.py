@@ -181,8 +181,17 @@ def test_our_nodes_accept_the_workflow_values(path, object_info, folder_paths):
                     if k in inspect.signature(validate).parameters and not isinstance(v, list)}
             assert validate(**args) is True, (nid, node)
         if "steps" in node["inputs"]:
-            steps[node["class_type"]] = node["inputs"]["steps"]
+            steps[nid] = node["inputs"]["steps"]
+    for nid, v in steps.items():  # a linked steps input takes the steps of the node it comes from
+        while isinstance(v, list):
+            v = prompt[v[0]]["inputs"]["steps"]
+        steps[nid] = v
     assert len(set(steps.values())) == 1, f"steps differ between nodes: {steps}"
+
+
+def _id_of(prompt: dict, class_type: str) -> str:
+    (nid,) = [k for k, v in prompt.items() if v["class_type"] == class_type]
+    return nid
 
 
 def test_sdxl_turbo_workflow_settings(object_info):
@@ -190,7 +199,8 @@ def test_sdxl_turbo_workflow_settings(object_info):
     by_type = {v["class_type"]: v["inputs"] for v in p.values()}
     assert by_type["QSchedCheckpointLoader"]["precision"] == "w4a8"
     ks = by_type["QSchedKSampler"]
-    assert (ks["sampler"], ks["steps"], ks["schedule"], ks["cfg"]) == ("euler_ancestral", 4, "simple", 1.0)
+    assert (ks["sampler_name"], ks["scheduler"], ks["cfg"]) == ("euler_ancestral", "simple", 1.0)
+    assert ks["steps"] == [_id_of(p, "QSchedCoefficients"), 1]  # steps come from the coefficients node
     assert isinstance(ks["coefficients"], list)
     lat = by_type["EmptyLatentImage"]
     assert (lat["width"], lat["height"]) == (512, 512)
@@ -200,8 +210,10 @@ def test_flux_schnell_workflow_settings(object_info):
     p = ui_to_api(_load(REPO / "workflows" / "qsched_flux_schnell_w4a8.json"), object_info)
     by_type = {v["class_type"]: v["inputs"] for v in p.values()}
     assert by_type["QSchedDiffusionModelLoader"]["precision"] == "w4a8"
-    assert by_type["QSchedSampler"]["sampler"] == "euler" and isinstance(by_type["QSchedSampler"]["coefficients"], list)
-    assert (by_type["QSchedScheduler"]["schedule"], by_type["QSchedScheduler"]["steps"]) == ("simple", 4)
+    assert by_type["QSchedSampler"]["sampler_name"] == "euler"
+    assert isinstance(by_type["QSchedSampler"]["coefficients"], list)
+    assert by_type["QSchedScheduler"]["scheduler"] == "flux_schnell"
+    assert by_type["QSchedScheduler"]["steps"] == [_id_of(p, "QSchedCoefficients"), 1]
     lat = by_type["EmptySD3LatentImage"]
     assert (lat["width"], lat["height"]) == (1024, 1024)
     assert by_type["DualCLIPLoader"]["type"] == "flux"
@@ -243,7 +255,7 @@ def test_calibration_workflow_settings(name, loader, sampler, size, object_info)
     cal = by_type["QSchedCalibrate"]
     assert all(isinstance(cal[k], list) for k in ("model", "clip", "vae", "scorer"))
     assert parse_prompt_lines(cal["prompts"], "test") == default_prompts()
-    assert (cal["steps"], cal["sampler"], cal["schedule"], cal["cfg"]) == (4, sampler, "simple", 1.0)
+    assert (cal["steps"], cal["sampler_name"], cal["scheduler"], cal["cfg"]) == (4, sampler, "simple", 1.0)
     assert (cal["width"], cal["height"]) == (size, size)
     assert (cal["space"], cal["strategy"], cal["range_min"], cal["range_max"]) == ("start", "pattern", 0.8, 1.2)
     assert "qsched_" + cal["preset_name"] == name.replace("_calibrate", "_calibrated")
@@ -257,22 +269,27 @@ def test_calibration_workflow_settings(name, loader, sampler, size, object_info)
     # the sampling workflow of the same family samples the same way (steps, sampler, size)
     sampling = ui_to_api(_load(REPO / "workflows" / f"{name.replace('_calibrate', '')}.json"), object_info)
     st = {v["class_type"]: v["inputs"] for v in sampling.values()}
+    assert st["QSchedCoefficients"]["steps"] == cal["steps"]  # the sampler's steps are linked to it
     if "QSchedKSampler" in st:
-        assert (st["QSchedKSampler"]["steps"], st["QSchedKSampler"]["sampler"]) == (cal["steps"], cal["sampler"])
+        assert st["QSchedKSampler"]["sampler_name"] == cal["sampler_name"]
         assert st["QSchedKSampler"]["eta"] == cal["eta"]
         lat = st["EmptyLatentImage"]
     else:
-        assert (st["QSchedScheduler"]["steps"], st["QSchedSampler"]["sampler"]) == (cal["steps"], cal["sampler"])
+        assert st["QSchedSampler"]["sampler_name"] == cal["sampler_name"]
         lat = st["EmptySD3LatentImage"]
     assert (lat["width"], lat["height"]) == (cal["width"], cal["height"])
 
 
-def test_sdxl_calibration_workflow_samples_with_the_calibrated_coefficients(object_info):
-    wf = _load(REPO / "workflows" / "qsched_sdxl_turbo_w4a8_calibrate.json")
+@pytest.mark.parametrize("name, sampler", [("qsched_sdxl_turbo_w4a8_calibrate", "QSchedKSampler"),
+                                           ("qsched_flux_schnell_w4a8_calibrate", "QSchedSampler")])
+def test_calibration_workflow_samples_with_the_calibrated_coefficients(name, sampler, object_info):
+    """Both calibration templates render (and score) an image with the coefficients they found (point 9)."""
+    wf = _load(REPO / "workflows" / f"{name}.json")
     p = ui_to_api(wf, object_info)
     cal = next(k for k, v in p.items() if v["class_type"] == "QSchedCalibrate")
-    ks = next(v for v in p.values() if v["class_type"] == "QSchedKSampler")
+    ks = next(v for v in p.values() if v["class_type"] == sampler)
     assert ks["inputs"]["coefficients"] == [cal, 0]
+    assert any(v["class_type"] == "SaveImage" for v in p.values())
     score = next(v for v in p.values() if v["class_type"] == "QSchedJAQScore")
     text = next(v for v in p.values() if v["class_type"] == "CLIPTextEncode" and v["inputs"]["text"])
     assert score["inputs"]["prompts"] == text["inputs"]["text"]  # scored against the prompt it was made from
@@ -300,3 +317,32 @@ def test_no_node_of_ours_gets_an_unintended_control_widget(folder_paths):
                     assert "control_after_generate" in _opts(spec), (name, inp)
     calib = our_object_info()["QSchedCalibrate"]["input"]["required"]
     assert "base_seed" in calib and not has_control_widget("base_seed", calib["base_seed"])
+
+
+def test_templates_carry_thumbnails_titles_and_model_metadata():
+    """Point 6: what the template browser and the missing-model dialog need (core templates carry the same)."""
+    info = json.loads((REPO / "web" / "templates.json").read_text())
+    assert sorted(info) == sorted(p.stem for p in WORKFLOWS)
+    for path in WORKFLOWS:
+        meta = info[path.stem]
+        assert meta["title"] and meta["title"] != path.stem and len(meta["description"]) > 40, path.stem
+        assert path.stem.replace("_", " ") not in meta["description"], path.stem  # not the file name again
+        thumb = path.with_suffix(".jpg")
+        assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name}: missing or not a JPEG"
+        wf = _load(path)
+        for node in wf["nodes"]:
+            files = [v for v in node.get("widgets_values") or [] if isinstance(v, str) and v.endswith(".safetensors")]
+            models = {m["name"]: m for m in node.get("properties", {}).get("models", [])}
+            for f in files:
+                m = models.get(f)
+                assert m, f"{path.stem}: {node['type']} names {f} without model metadata"
+                assert m["url"].startswith("https://huggingface.co/") and m["url"].split("?")[0].endswith("/" + f)
+                assert m["directory"] in ("checkpoints", "diffusion_models", "text_encoders", "vae")
+
+
+def test_notes_point_to_the_calibration_templates():
+    """Point 8: the sampling templates send the artist to the bundled calibration templates, not to the CLI."""
+    for name in ("qsched_sdxl_turbo_w4a8", "qsched_flux_schnell_w4a8"):
+        notes = " ".join(n["widgets_values"][0] for n in _load(REPO / "workflows" / f"{name}.json")["nodes"]
+                         if n["type"] == "Note")
+        assert f"{name}_calibrate" in notes and "qsched calibrate" not in notes, name
