@@ -15,7 +15,8 @@ def _demo(args) -> int:
     tiny_only = {"--quant": args.quant, "--seeds": args.seeds, "--per-prompt": args.per_prompt,
                  "--points": args.points, "--strategy": args.strategy, "--budget": args.budget,
                  "--no-budget": args.no_budget or None, "--grid-images": args.grid_images, "--weights": args.weights,
-                 "--guard": args.guard or None}
+                 "--guard": args.guard or None, "--family": args.family,
+                 "--world": None if args.world == "shapes" else args.world}
     if args.random_models:
         given = [k for k, v in tiny_only.items() if v is not None]
         if given:
@@ -26,6 +27,22 @@ def _demo(args) -> int:
     given = [k for k, v in {"--size": args.size, "--seed": args.seed}.items() if v is not None]
     if given:
         raise ValueError(f"{', '.join(given)} only apply to --random-models (the trained-model demo takes --seeds)")
+    kw = {k: getattr(args, k) for k in ("quant", "seeds", "per_prompt", "points", "strategy", "budget",
+                                         "grid_images") if getattr(args, k) is not None}
+    if args.no_budget:
+        if args.budget is not None:
+            raise ValueError("give --budget or --no-budget, not both")
+        kw["budget"] = None
+    if args.world == "shapes":
+        from .shapeworld import demo as shape_demo
+
+        if args.family is not None:
+            kw["family"] = args.family
+        shape_demo.run_demo(out_dir=args.out, steps=args.steps or shape_demo.DEFAULTS["steps"], guard=args.guard,
+                            weights=args.weights, **kw)
+        return 0
+    if args.family is not None:
+        raise ValueError("--family only applies to --world shapes (the digits world has one flow model)")
     import importlib.util
 
     try:
@@ -33,14 +50,8 @@ def _demo(args) -> int:
     except ValueError:  # sklearn in sys.modules with no spec
         found = False
     if not found:
-        raise ValueError("the trained-model demo needs scikit-learn, whose handwritten digits are its data: "
-                         "pip install scikit-learn (or run qsched demo --random-models)")
-    kw = {k: getattr(args, k) for k in ("quant", "seeds", "per_prompt", "points", "strategy", "budget",
-                                         "grid_images") if getattr(args, k) is not None}
-    if args.no_budget:
-        if args.budget is not None:
-            raise ValueError("give --budget or --no-budget, not both")
-        kw["budget"] = None
+        raise ValueError("the digits demo needs scikit-learn, whose handwritten digits are its data: "
+                         "pip install scikit-learn (or run qsched demo, the shape world, which needs nothing extra)")
     demo.run_demo(out_dir=args.out, steps=args.steps or 4, guard=args.guard, weights=args.weights, **kw)
     return 0
 
@@ -54,36 +65,46 @@ def _experiment(args) -> int:
 
 def _add_demo(sub):
     from .demo import DEFAULTS as D
+    from .shapeworld.demo import DEFAULTS as S
 
     d = sub.add_parser(
-        "demo", help="the trained tiny model: quantize, calibrate Q-Sched with JAQ, evaluate; writes a table, the "
-                     "search landscape and a sample grid (--random-models: every sampler on tiny random models)",
-        description="Trained-model demo (default): quantizes the tiny digit generator shipped with the pack, "
-                    "calibrates Q-Sched with JAQ on the 20 prompts (adaptive search, small image budget) and "
-                    "compares FP32, naive, PTQD and Q-Sched on the reference metrics (Fréchet distance, accuracy) "
-                    "and JAQ. Writes table.md, results.json, landscape.png, grid.png, preset.json into --out.")
+        "demo", help="trained models: quantize, calibrate Q-Sched with JAQ, evaluate; writes a table, the search "
+                     "landscape and a sample grid (--random-models: every sampler on tiny random models)",
+        description="Trained-model demo. Default (--world shapes, docs/shape_world.md): the shape world's few-step "
+                    "models (flow / LCM / TCD) quantized by the pack, calibrated with the pack's real JAQ "
+                    "(CLIPScore + CLIP-IQA on a tiny CLIP trained here) and compared with FP, naive and PTQD on an "
+                    "independent reference (Fréchet distance, attribute accuracy). --world digits: the older "
+                    "handwritten-digit world (docs/tiny_world.md, needs scikit-learn). Writes table.md, results.json, "
+                    "landscape.png, grid.png, preset.json into --out.")
     d.add_argument("--out", default="qsched-demo", help="output folder (default: qsched-demo)")
+    d.add_argument("--world", choices=("shapes", "digits"), default="shapes",
+                   help="shapes (default: 32x32 colour scenes, real JAQ code) or digits (the issue-7 world)")
+    d.add_argument("--family", choices=("flow", "lcm", "tcd"),
+                   help=f"shapes only: model family (default {S['family']})")
     d.add_argument("--steps", type=_int_range("--steps", 1, 8), default=None, help="sampling steps, 1-8 (default 4)")
-    d.add_argument("--quant", help=f"quantization of the denoiser: w8a8, w4a8, w4a4, w4a6, ... (default {D['quant']}: "
-                                   "the setting with a real loss; w8a8/w4a8 lose nothing on this model)")
+    d.add_argument("--quant", help=f"quantization of the denoiser: w8a8, w4a8, w4a4, w4a6, ... (default: shapes "
+                                   f"{S['quant']}, digits {D['quant']}, the settings with a real loss)")
     d.add_argument("--seeds", type=_int_range("--seeds", 0, 10**6), nargs="+",
-                   help="seed indices; each one is a fresh set of calibration and evaluation seeds (default 0 1 2)")
+                   help="seed indices; each one is a fresh set of calibration and evaluation seeds (default: shapes "
+                        f"{' '.join(map(str, S['seeds']))}, digits 0 1 2)")
     d.add_argument("--per-prompt", type=_int_range("--per-prompt", 1, 1000),
-                   help=f"evaluation images per prompt (default {D['per_prompt']}; x 20 prompts)")
+                   help=f"evaluation images per prompt (default: shapes {S['per_prompt']}, digits {D['per_prompt']}; "
+                        "x 20 prompts)")
     d.add_argument("--points", type=_int_range("--points", 3, 201),
                    help=f"search lattice values per dimension over [0.8, 1.2] (default {D['points']})")
     d.add_argument("--strategy", choices=("zoom", "pattern"), help=f"adaptive search (default {D['strategy']})")
     d.add_argument("--budget", type=_int_range("--budget", 1, 10**9),
-                   help=f"maximum images the search may spend (default {D['budget']})")
+                   help=f"maximum images the search may spend (default: shapes {S['budget']}, digits {D['budget']})")
     d.add_argument("--no-budget", action="store_true", help="no image budget for the search")
     d.add_argument("--guard", action="store_true",
-                   help="also report the opt-in acceptance guard (calibration.tinyworld.guard): Q-Sched coefficients only if "
-                        "the JAQ gain is significant, the quantized model lost JAQ vs FP32 and the best does not "
-                        "overshoot FP32; else identity")
+                   help="also report the opt-in acceptance guard (calibration.tinyworld.guard): Q-Sched "
+                        "coefficients only if the JAQ gain is significant, the quantized model lost JAQ vs FP32 and "
+                        "the best does not overshoot FP32; else identity")
     d.add_argument("--grid-images", type=_int_range("--grid-images", 1, 16),
                    help=f"images per prompt in each column of grid.png (default {D['grid_images']})")
-    d.add_argument("--weights", help="tiny_world.safetensors (default: the packaged file, then the cache; trained "
-                                     "into the cache if neither exists)")
+    d.add_argument("--weights", help="shapes: the folder holding shapeworld.safetensors and shapeworld_clip.pt "
+                                     "(default: the packaged one); digits: tiny_world.safetensors (default: the "
+                                     "packaged file, then the cache; trained into the cache if neither exists)")
     d.add_argument("--random-models", action="store_true",
                    help="instead: every sampler with identity and Q-Sched coefficients on tiny random SDXL-like / "
                         "FLUX-like pipelines (the machinery demo)")

@@ -34,6 +34,24 @@ DEFAULTS = dict(quant="w4a4", steps=4, seeds=(0, 1, 2), per_prompt=20, points=21
                 grid_images=4)
 
 
+def check_demo_options(seeds, strategy: str, per_prompt: int, grid_images: int | None, points: int, steps: int,
+                       budget: int | None, default_grid_images: int) -> tuple[list, int]:
+    """The trained-model demos' option checks, before anything is loaded or written: (unique seeds, grid images)."""
+    from .search import SearchSpace, check_budget, check_points
+
+    seeds = list(dict.fromkeys(seeds))
+    if not seeds:
+        raise ValueError("give at least one seed")
+    if strategy not in ("zoom", "pattern"):
+        raise ValueError(f"strategy must be an adaptive one (zoom, pattern), got {strategy!r}")
+    grid_images = min(default_grid_images, per_prompt) if grid_images is None else grid_images
+    if not 1 <= grid_images <= per_prompt:
+        raise ValueError(f"grid images per prompt must be in [1, per-prompt = {per_prompt}], got {grid_images}")
+    check_points(points)
+    check_budget(SearchSpace("start", steps), strategy, points, 20, budget)
+    return seeds, grid_images
+
+
 def run_demo(out_dir: str = "qsched-demo", *, quant: str = "w4a4", steps: int = 4, seeds=(0, 1, 2),
              per_prompt: int = 20, points: int = 21, strategy: str = "zoom", budget: int | None = 1500,
              guard: bool = False, z: float = 2.0, weights: str | None = None, grid_images: int | None = None,
@@ -43,18 +61,8 @@ def run_demo(out_dir: str = "qsched-demo", *, quant: str = "w4a4", steps: int = 
     from .tinyworld.train import load_or_train
     from .plots import plot_landscape
 
-    seeds = list(dict.fromkeys(seeds))
-    if not seeds:
-        raise ValueError("give at least one seed")
-    if strategy not in ("zoom", "pattern"):
-        raise ValueError(f"strategy must be an adaptive one (zoom, pattern), got {strategy!r}")
-    grid_images = min(DEFAULTS["grid_images"], per_prompt) if grid_images is None else grid_images
-    if not 1 <= grid_images <= per_prompt:
-        raise ValueError(f"grid images per prompt must be in [1, per-prompt = {per_prompt}], got {grid_images}")
-    from .search import SearchSpace, check_budget, check_points
-
-    check_points(points)
-    check_budget(SearchSpace("start", steps), strategy, points, 20, budget)  # before loading anything
+    seeds, grid_images = check_demo_options(seeds, strategy, per_prompt, grid_images, points, steps, budget,
+                                            DEFAULTS["grid_images"])
     log = log or (lambda *a: None)
     t0 = time.perf_counter()
     with E.single_thread():
@@ -111,6 +119,11 @@ def run_demo(out_dir: str = "qsched-demo", *, quant: str = "w4a4", steps: int = 
             f"({grid_images} images each, the same seeds in every column; seed {seeds[0]}). landscape.png: the "
             f"search of seed {seeds[0]}. preset.json: its coefficients.\n")
     atomic_write_text(files["table"], text)
+    return finish_demo(log, result, table, summary, files, seconds)
+
+
+def finish_demo(log, result: dict, table: str, summary: list, files: dict, seconds: float) -> dict:
+    """Print the table, the summary and the files written; the demos' return value."""
     log("")
     log(table)
     log("\n".join(summary))

@@ -54,6 +54,17 @@ class Generator(Protocol):
 # ---------------------------------------------------------------------------------------------------------
 # hashing and loading
 
+def check_generate_args(coefficients, prompts: Sequence[str], seeds: Sequence[int], steps: int):
+    """The checks every generator runs first: coefficients for ``steps`` (or None), one seed per prompt.
+    Returns (prompts, seeds) as lists."""
+    if coefficients is not None:
+        coefficients.check_steps(steps)
+    prompts, seeds = list(prompts), list(seeds)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+    return prompts, seeds
+
+
 def model_hash(path: str | os.PathLike) -> str:
     """sha256 of a single-file checkpoint; for a diffusers folder, sha256 over (relative name, file sha256)
     of every weight file in it, so renaming the folder keeps the hash and changing any weight changes it."""
@@ -322,9 +333,7 @@ class DiffusersGenerator:
 
     @torch.no_grad()
     def generate(self, coefficients: Coefficients, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        coefficients.check_steps(self.steps)
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+        prompts, seeds = check_generate_args(coefficients, prompts, seeds, self.steps)
         out = []
         for s in range(0, len(prompts), self.batch_size):
             out.append(self._batch(coefficients, list(prompts[s:s + self.batch_size]),

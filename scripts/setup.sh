@@ -24,4 +24,12 @@ fi
 "$PIP" install -q --disable-pip-version-check -c constraints.txt addict einops future opencv-python-headless \
     scikit-image scipy sentencepiece
 "$PIP" install -q --disable-pip-version-check -c constraints.txt --no-deps --no-build-isolation -e .
+# The only torchvision 0.28 wheel on some machines is the CUDA build; with CPU torch its C ops do not load and its
+# fake-op registration then raises at import (open_clip imports torchvision). Same guard as setup_comfyui.sh.
+if ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
+  TV=$("$VENV/bin/python" -c 'import importlib.util,os;print(os.path.dirname(importlib.util.find_spec("torchvision").origin))')
+  sed -i -E 's/^@torch\.library\.register_fake\("torchvision::(nms|qnms)"\)/@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda f: f))/' \
+    "$TV/_meta_registrations.py"
+fi
+"$VENV/bin/python" -c "import torchvision"
 echo "$want" > "$stamp"

@@ -1,5 +1,6 @@
-"""``qsched demo`` (the trained tiny world, and ``--random-models``) and ``qsched experiment``, end to end on
-reduced budgets: quantize -> calibrate -> evaluate -> files written, reproducibly."""
+"""``qsched demo --world digits`` (the trained digits world, and ``--random-models``) and ``qsched experiment``, end
+to end on reduced budgets: quantize -> calibrate -> evaluate -> files written, reproducibly. The default world
+(shapes) is tested in tests/test_shape_world.py."""
 
 import json
 import sys
@@ -19,7 +20,7 @@ from qsched_pack.calibration.tinyworld.checkpoint import PACKAGED  # noqa: E402
 from qsched_pack.calibration.tinyworld.world import TinyWorld  # noqa: E402
 
 # a reduced demo: 1 seed, 2 evaluation images per prompt, a 5x5 lattice, 600-image budget
-REDUCED = ["--seeds", "0", "--per-prompt", "2", "--points", "5", "--budget", "600"]
+REDUCED = ["--world", "digits", "--seeds", "0", "--per-prompt", "2", "--points", "5", "--budget", "600"]
 
 
 def _tile(path, layout, row, col, i):
@@ -172,9 +173,11 @@ def test_demo_trains_and_caches_the_weights_when_they_are_missing(tmp_path, monk
     (["--random-models", "--quant", "w4a8"], "--quant only apply to the trained-model demo"),
     (["--random-models", "--guard"], "--guard only apply to the trained-model demo"),
     (["--size", "32"], "--size only apply to --random-models"),
-    (["--budget", "100"], "budget too small: strategy 'zoom' needs at least 26 points x 20 prompts"),
-    (["--budget", "900", "--no-budget"], "give --budget or --no-budget, not both"),
-    (["--per-prompt", "2", "--grid-images", "3"], "grid images per prompt must be in [1, per-prompt = 2]"),
+    (["--world", "digits", "--budget", "100"], "budget too small: strategy 'zoom' needs at least 26 points x 20 "
+                                                "prompts"),
+    (["--world", "digits", "--budget", "900", "--no-budget"], "give --budget or --no-budget, not both"),
+    (["--world", "digits", "--per-prompt", "2", "--grid-images", "3"],
+     "grid images per prompt must be in [1, per-prompt = 2]"),
 ])
 def test_demo_bad_options_fail_before_anything_is_written(tmp_path, capsys, argv, msg):
     assert main(["demo", "--out", str(tmp_path / "o")] + argv) == 2
@@ -184,7 +187,7 @@ def test_demo_bad_options_fail_before_anything_is_written(tmp_path, capsys, argv
 
 def test_demo_without_scikit_learn_says_what_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ImportError
-    assert main(["demo", "--out", str(tmp_path / "o")]) == 2
+    assert main(["demo", "--world", "digits", "--out", str(tmp_path / "o")]) == 2
     assert "needs scikit-learn" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 

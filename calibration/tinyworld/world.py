@@ -138,11 +138,9 @@ class TinyGenerator:
 
     @torch.no_grad()
     def latents(self, coefficients: Coefficients | None, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        prompts, seeds = list(prompts), list(seeds)
-        if len(prompts) != len(seeds):
-            raise ValueError(f"one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
-        if coefficients is not None:
-            coefficients.check_steps(self.steps)
+        from ..generate import check_generate_args
+
+        prompts, seeds = check_generate_args(coefficients, prompts, seeds, self.steps)
         model = self.denoiser(prompts)
         if self.model_wrapper is not None:
             model = self.model_wrapper(model, self.sigmas)

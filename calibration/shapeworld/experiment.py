@@ -1,0 +1,396 @@
+"""The paper's Table 1 in miniature on the shape world: FP vs W8A8 / W4A8 / W4A4 naive vs PTQD vs Q-Sched (grid and
+adaptive) at 2/4/8 steps for the LCM, TCD and flow families, plus the JAQ-gaming guards.
+
+For every (family, steps, seed r):
+
+* evaluation: the 20 calibration prompts x ``per_prompt`` images on unseen seeds ``1_000_000 + 10_000·r + i`` and the
+  20 held-out prompts x ``per_prompt`` (seeds ``2_000_000 + ...``); reference metric (Fréchet distance in
+  ``ReferenceNet`` features vs held-out renders of the same prompts, attribute accuracy) and JAQ (the pack's JAQ,
+  CLIPScore + CLIP-IQA on the tiny CLIP: the calibration objective, here on unseen images);
+* ``fp`` and ``fp+qsched`` (Q-Sched calibrated on the unquantized model: can the coefficients beat FP?);
+* per format: ``naive``; ``ptqd`` (``qsched.ptqd.fit_ptqd`` on the FP trajectories of the calibration prompts);
+  ``qsched-zoom`` / ``qsched-grid`` (``calibration.search.calibrate``, 2-D ``start`` space in [0.8, 1.2], 21-point
+  lattice, 20 calibration prompts x 1 image, seeds ``5_000 + 100·r + i``, JAQ = ln(CLIPScore) + 2·CLIP-IQA);
+* guards on the zoom search (cheap, no change to the search): ``+accept`` the existing acceptance guard (JAQ gain
+  significant, a JAQ loss vs FP exists, no overshoot above FP; 20 extra FP images); ``+trust`` a trust region
+  (the same search in [0.9, 1.1], the same lattice spacing); ``+heldout`` keep the best only if its JAQ gain over
+  identity holds on the 20 held-out prompts (paired, z = 2; 40 extra images).
+
+``python -m qsched_pack.calibration.shapeworld.experiment --out DIR`` runs everything in one process;
+``--families/--formats`` and ``--no-fp`` split it (the GPU run uses one process per family x format, then
+``--merge``). Same seeds -> same numbers on one device (CPU and GPU differ by float error; docs/shape_world.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from ...qsched._io import atomic_write_text
+from ...qsched.ptqd import collect_pairs, fit_ptqd
+from . import data as D
+from ..tinyworld.guard import acceptance, paired
+from .world import FAMILIES, ShapeWorld
+
+FORMATS = ("w8a8", "w4a8", "w4a4")
+STEPS = (2, 4, 8)
+SEEDS = (0, 1, 2)
+METRICS = ("fd", "accuracy", "jaq", "tc", "iq", "fd_heldout", "accuracy_heldout", "jaq_heldout")
+TRUST = (0.9, 1.1)
+
+
+def eval_seeds(r: int, n: int, heldout: bool = False) -> list[int]:
+    return [(2_000_000 if heldout else 1_000_000) + 10_000 * r + i for i in range(n)]
+
+
+def calib_seeds(r: int, n: int, heldout: bool = False) -> list[int]:
+    return [(6_000 if heldout else 5_000) + 100 * r + i for i in range(n)]
+
+
+class Evaluator:
+    """Scores generated images: JAQ (components) + reference metrics, on calibration and held-out prompts."""
+
+    def __init__(self, world: ShapeWorld, per_prompt: int, jaq=None, heldout: bool = True):
+        self.world, self.per_prompt, self.heldout = world, per_prompt, heldout
+        self.jaq = world.jaq() if jaq is None else jaq
+        self.ref = world.reference()
+        if heldout:
+            from .world import HELDOUT_SEED, REFERENCE_PER_PROMPT, Reference
+
+            caps = [c for c in D.heldout_prompts() for _ in range(REFERENCE_PER_PROMPT)]
+            real = D.make_scenes(len(caps), HELDOUT_SEED + 1, world.device, captions=caps)
+            self.ref_heldout = Reference(world.ref_net, real.images)
+
+    def prompts(self, heldout: bool = False) -> list[str]:
+        base = D.heldout_prompts() if heldout else D.calibration_prompts()
+        return [p for p in base for _ in range(self.per_prompt)]
+
+    def measure(self, gen, coefficients, r: int) -> dict:
+        out = {}
+        for held in (False, True) if self.heldout else (False,):
+            prompts = self.prompts(held)
+            images = gen.generate(coefficients, prompts, eval_seeds(r, len(prompts), held))
+            comps = self.jaq.components(images, prompts)
+            ref = self.ref_heldout if held else self.ref
+            suffix = "_heldout" if held else ""
+            out["fd" + suffix] = ref.fd(images)
+            out["accuracy" + suffix] = ref.accuracy(images, prompts)
+            out["jaq" + suffix] = float(self.jaq.aggregate(comps["tc"], comps["iq"]))
+            if not held:
+                out.update(tc=float(comps["tc"].mean()), iq=float(comps["iq"].mean()))
+        return out
+
+    def per_prompt_jaq(self, gen, coefficients, prompts, seeds) -> list[float]:
+        return [float(v) for v in self.jaq.score(gen.generate(coefficients, prompts, seeds), prompts)]
+
+
+def fit_ptqd_for(world: ShapeWorld, family: str, steps: int, net_q, prompts, seeds):
+    from ...qsched import samplers
+
+    fp, q = world.generator(family, steps), world.generator(family, steps, net=net_q)
+    fn = samplers.SAMPLERS[fp.sampler]
+    eps_fp, eps_q = collect_pairs(fn, fp.denoiser(prompts), q.denoiser(prompts), fp.start(seeds),
+                                  fp.sigmas.to(fp.device), **fp.sampler_kwargs(seeds))
+    return fit_ptqd(eps_fp, eps_q)
+
+
+def _search(gen, jaq, r, points, strategy, budget, low=0.8, high=1.2):
+    from ..runner import calibrate
+
+    prompts = D.calibration_prompts()
+    t0 = time.perf_counter()
+    res = calibrate(gen, jaq, prompts, space="start", strategy=strategy, points=points,
+                    seeds=calib_seeds(r, len(prompts)), budget=budget, low=low, high=high)
+    return res, time.perf_counter() - t0
+
+
+def _qrow(base, method, res, seconds, m, **extra) -> dict:
+    return dict(base, method=method, images=res.images_spent, search_seconds=round(seconds, 2),
+                c_x=list(res.best.c_x), c_eps=list(res.best.c_eps), calib_jaq=res.best_score,
+                calib_jaq_identity=res.identity_score, stopped=res.stopped, **extra, **m)
+
+
+def grid_rows(world, ev: Evaluator, family: str, steps: int, r: int, formats, nets, *, points: int, budget,
+              log=None) -> list[dict]:
+    """The ``qsched-grid`` rows of (family, steps, seed r): Algorithm 1's full grid on the same lattice."""
+    rows = []
+    for fmt in formats:
+        gen = world.generator(family, steps, net=nets[fmt], quant=fmt)
+        res, sec = _search(gen, ev.jaq, r, points, "grid", budget)
+        rows.append(_qrow(dict(family=family, steps=steps, seed=r, format=fmt), "qsched-grid", res, sec,
+                          ev.measure(gen, res.best, r)))
+        if log:
+            log(f"{family} steps {steps} seed {r} {fmt}: grid fd {rows[-1]['fd']:.2f} jaq {rows[-1]['jaq']:.3f}")
+    return rows
+
+
+GUARDS = ("accept", "heldout", "trust")
+
+
+def setting_rows(world, ev: Evaluator, family: str, steps: int, r: int, formats, nets, *, fp: bool, points: int,
+                 strategies, budget, z: float, guards=GUARDS, fp_search: bool = True, keep: dict | None = None,
+                 log=None) -> list[dict]:
+    """Every row of (family, steps, seed r) for ``formats`` (and the FP rows if ``fp``), except the full grid."""
+    rows = []
+    base0 = dict(family=family, steps=steps, seed=r)
+    fp_gen = world.generator(family, steps)
+    prompts = D.calibration_prompts()
+    cs = calib_seeds(r, len(prompts))
+    fp_calib = ev.per_prompt_jaq(fp_gen, None, prompts, cs)  # for the acceptance guard (20 images)
+    if fp:
+        rows.append(dict(base0, format="fp32", method="fp", **ev.measure(fp_gen, None, r)))
+        if "zoom" in strategies and fp_search:
+            res, sec = _search(fp_gen, ev.jaq, r, points, "zoom", budget)
+            rows.append(_qrow(dict(base0, format="fp32"), "fp+qsched-zoom", res, sec,
+                              ev.measure(fp_gen, res.best, r)))
+    held_prompts = D.heldout_prompts()
+    hs = calib_seeds(r, len(held_prompts), heldout=True)
+    for fmt in formats:
+        net = nets[fmt]
+        base = dict(base0, format=fmt)
+        gen = world.generator(family, steps, net=net, quant=fmt)
+        naive = dict(base, method="naive", **ev.measure(gen, None, r))
+        rows.append(naive)
+        corr = fit_ptqd_for(world, family, steps, net, prompts, cs)
+        pg = world.generator(family, steps, net=net, quant=fmt, model_wrapper=corr.wrap)
+        rows.append(dict(base, method="ptqd", gamma=list(corr.gamma), **ev.measure(pg, None, r)))
+        for strategy in strategies:
+            res, sec = _search(gen, ev.jaq, r, points, strategy, budget)
+            m = ev.measure(gen, res.best, r)
+            row = _qrow(base, f"qsched-{strategy}", res, sec, m)
+            rows.append(row)
+            if keep is not None:
+                keep[(fmt, strategy)] = res
+            if strategy != "zoom":
+                continue
+            if "accept" in guards:  # guard 1: the existing acceptance guard (FP-anchored)
+                rows.append(_accept_row(base, res, row, naive, fp_calib, z, len(prompts)))
+            if "heldout" in guards:  # guard 2: held-out prompt split
+                rows.append(_heldout_row(base, ev, gen, res, row, naive, held_prompts, hs, z))
+            if "trust" in guards:  # guard 3: trust region around identity
+                tpoints = (points - 1) // 2 + 1 if (points - 1) % 2 == 0 else points
+                tres, tsec = _search(gen, ev.jaq, r, tpoints, "zoom", budget, *TRUST)
+                rows.append(_qrow(base, "qsched-zoom+trust", tres, tsec, ev.measure(gen, tres.best, r)))
+        if log:
+            log(f"{family} steps {steps} seed {r} {fmt}: " + ", ".join(
+                f"{x['method']} fd {x['fd']:.2f} jaq {x['jaq']:.3f}" for x in rows if x.get("format") == fmt))
+    return rows
+
+
+def _accept_row(base, res, row, naive, fp_calib, z, n_prompts) -> dict:
+    acc = acceptance(res, fp_calib, z)
+    src = row if acc.accept else naive
+    return dict(base, method="qsched-zoom+accept", images=res.images_spent + n_prompts, accepted=acc.accept,
+                reasons=acc.reasons, **{k: src[k] for k in METRICS if k in src})
+
+
+def _heldout_row(base, ev, gen, res, row, naive, held_prompts, seeds, z) -> dict:
+    """Keep the best only if its JAQ gain over identity holds on the held-out prompts (paired, > z·SE)."""
+    if tuple(res.best_point) == tuple(res.space.identity):
+        ok, gain, se = False, 0.0, 0.0
+    else:
+        gain, se = paired(ev.per_prompt_jaq(gen, res.best, held_prompts, seeds),
+                          ev.per_prompt_jaq(gen, None, held_prompts, seeds))
+        ok = gain > z * se
+    src = row if ok else naive
+    return dict(base, method="qsched-zoom+heldout", images=res.images_spent + 2 * len(held_prompts), accepted=ok,
+                heldout_gain=gain, heldout_se=se, **{k: src[k] for k in METRICS if k in src})
+
+
+@contextlib.contextmanager
+def threads(n: int | None):
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def run(out_dir: str, *, families=FAMILIES, steps_list=STEPS, formats=FORMATS, seeds=SEEDS, per_prompt: int = 20,
+        points: int = 21, strategies=("zoom", "grid"), budget: int | None = None, z: float = 2.0, fp: bool = True,
+        weights=None, device=None, deadline: float | None = None, num_threads: int | None = 1, log=print,
+        name: str = "results", guards=GUARDS) -> dict:
+    """Run the rows of ``families`` x ``steps_list`` x ``seeds`` x ``formats``; write ``out_dir/<name>.json`` after
+    every setting (so a killed run keeps what it finished) and ``table.md``. ``deadline`` (a ``time.time()``):
+    grid searches are skipped once it has passed (the rows say so)."""
+    t_start = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with threads(num_threads):
+        world = ShapeWorld.load(weights, device=device)
+        ev = Evaluator(world, per_prompt)
+        rows: list[dict] = []
+        skipped = []
+        cfg = dict(families=list(families), steps=list(steps_list), formats=list(formats), seeds=list(seeds),
+                   per_prompt=per_prompt, points=points, strategies=list(strategies), budget=budget, z=z,
+                   guards=list(guards),
+                   model_hash=world.model_hash, device=str(device), torch=torch.__version__)
+        first = [s for s in strategies if s != "grid"]
+        result = None
+
+        def save():
+            nonlocal result
+            result = {"config": dict(cfg, grid_skipped=skipped), "rows": rows,
+                      "seconds": time.perf_counter() - t_start}
+            os.makedirs(out_dir, exist_ok=True)
+            atomic_write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(result, indent=1) + "\n")
+
+        nets = {fam: {f: world.quantized(fam, f)[0] for f in formats} for fam in families}
+        settings = [(fam, steps, r) for fam in families for steps in steps_list for r in seeds]
+        for fam, steps, r in settings:  # pass 1: everything but the full grid
+            rows += setting_rows(world, ev, fam, steps, r, formats, nets[fam], fp=fp, points=points,
+                                 strategies=first, budget=budget, z=z, guards=guards, log=log)
+            save()
+        if "grid" in strategies:  # pass 2: the full grid, while time is left
+            for fam, steps, r in settings:
+                if deadline is not None and time.time() > deadline:
+                    skipped.append([fam, steps, r])
+                    continue
+                rows += grid_rows(world, ev, fam, steps, r, formats, nets[fam], points=points, budget=budget, log=log)
+                save()
+            save()
+    atomic_write_text(os.path.join(out_dir, f"{'table' if name == 'results' else name}.md"), format_table(result))
+    return result
+
+
+def merge(out_dir: str, parts: list[str]) -> dict:
+    """One result from several worker results (same config apart from families / formats / steps / seeds)."""
+    rows, cfg, skipped, seconds = [], None, [], 0.0
+    for p in parts:
+        with open(p, encoding="utf-8") as f:
+            res = json.load(f)
+        rows += res["rows"]
+        skipped += res["config"].get("grid_skipped", [])
+        seconds = max(seconds, res["seconds"])
+        if cfg is None:
+            cfg = dict(res["config"])
+            cfg["families"], cfg["formats"], cfg["steps"], cfg["seeds"] = [], [], [], []
+        for k in ("families", "formats", "steps", "seeds"):
+            cfg[k] += [v for v in res["config"][k] if v not in cfg[k]]
+    cfg["steps"], cfg["seeds"] = sorted(cfg["steps"]), sorted(cfg["seeds"])
+    cfg["families"] = [f for f in FAMILIES if f in cfg["families"]]
+    cfg["formats"] = [f for f in FORMATS if f in cfg["formats"]] + [f for f in cfg["formats"] if f not in FORMATS]
+    cfg["grid_skipped"] = skipped
+    result = {"config": cfg, "rows": rows, "seconds": seconds}
+    atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(os.path.join(out_dir, "table.md"), format_table(result))
+    return result
+
+
+# ------------------------------------------------------------------------------------------ table
+def _ms(vals, digits: int) -> str:
+    t = torch.tensor(vals, dtype=torch.float64)
+    std = float(t.std()) if len(vals) > 1 else 0.0
+    return f"{float(t.mean()):.{digits}f} ± {std:.{digits}f}"
+
+
+METHODS = ("fp", "fp+qsched-zoom", "naive", "ptqd", "qsched-zoom", "qsched-grid", "qsched-zoom+accept",
+           "qsched-zoom+heldout", "qsched-zoom+trust")
+
+
+def select(rows, family, steps, fmt, method):
+    return [x for x in rows if x["family"] == family and x["steps"] == steps and x["format"] == fmt
+            and x["method"] == method]
+
+
+def gap_closed(rows, family, steps, fmt, method, key="fd") -> float | None:
+    """Share of the FP -> naive gap of ``key`` (lower is better) that ``method`` removes, paired by seed; None
+    unless the mean gap exceeds twice its spread over seeds and 5% of FP's value."""
+    fp = {x["seed"]: x[key] for x in select(rows, family, steps, "fp32", "fp")}
+    naive = {x["seed"]: x[key] for x in select(rows, family, steps, fmt, "naive")}
+    sel = [x for x in select(rows, family, steps, fmt, method) if x["seed"] in fp and x["seed"] in naive]
+    if not sel:
+        return None
+    gaps = [naive[x["seed"]] - fp[x["seed"]] for x in sel]
+    gain = [naive[x["seed"]] - x[key] for x in sel]
+    mean_gap = sum(gaps) / len(gaps)
+    spread = float(torch.tensor(gaps, dtype=torch.float64).std()) if len(gaps) > 1 else 0.0
+    fp_mean = sum(fp.values()) / len(fp)
+    if mean_gap > max(2 * spread, 0.05 * fp_mean):
+        return 100 * sum(gain) / len(gain) / mean_gap
+    return None
+
+
+def format_table(result: dict) -> str:
+    rows, cfg = result["rows"], result["config"]
+    lines = ["| family | steps | model | method | FD ↓ | FD held-out prompts ↓ | accuracy ↑ | JAQ ↑ | "
+             "CLIPScore | CLIP-IQA | FD gap closed | search images |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for family in cfg["families"]:
+        for steps in cfg["steps"]:
+            for fmt in ["fp32"] + cfg["formats"]:
+                for method in METHODS:
+                    sel = select(rows, family, steps, fmt, method)
+                    if not sel:
+                        continue
+                    closed = ""
+                    if fmt != "fp32" and method != "naive":
+                        pct = gap_closed(rows, family, steps, fmt, method)
+                        closed = "n/a (no gap)" if pct is None else f"{pct:.0f}%"
+                    label = method
+                    if "accepted" in sel[0]:
+                        label += f" ({sum(bool(x['accepted']) for x in sel)}/{len(sel)} kept)"
+                    if any(x.get("stopped") == "budget" for x in sel):
+                        label += " (budget hit)"
+                    images = _ms([x["images"] for x in sel], 0) if "images" in sel[0] else ""
+                    lines.append(
+                        f"| {family} | {steps} | {fmt.upper()} | {label} | {_ms([x['fd'] for x in sel], 2)} | "
+                        f"{_ms([x['fd_heldout'] for x in sel], 2) if 'fd_heldout' in sel[0] else ''} | "
+                        f"{_ms([x['accuracy'] for x in sel], 3)} | "
+                        f"{_ms([x['jaq'] for x in sel], 3)} | {_ms([x['tc'] for x in sel], 2)} | "
+                        f"{_ms([x['iq'] for x in sel], 3)} | {closed} | {images} |")
+    n = len(cfg["seeds"])
+    held = any("fd_heldout" in x for x in rows)
+    lines += ["", f"{n} seed{'s' * (n != 1)}; {cfg['per_prompt']} images per prompt x 20 calibration prompts (FD, "
+              f"accuracy, JAQ)" + (" and x 20 held-out prompts (FD held-out)" if held else "") + "; Q-Sched: 20 "
+              f"calibration prompts x 1 image, 'start' space in [0.8, 1.2], {cfg['points']}-point lattice, JAQ = "
+              f"mean of per-image ln(CLIPScore) + 2·CLIP-IQA (tiny CLIP, the pack's metric code); device "
+              f"{cfg.get('device')}; model {str(cfg['model_hash'])[:12]}."]
+    if cfg.get("grid_skipped"):
+        lines.append(f"Grid search skipped (time limit) for {len(cfg['grid_skipped'])} (family, steps, seed) "
+                     f"settings: {cfg['grid_skipped']}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qsched_pack.calibration.shapeworld.experiment",
+                                description="Shape world: FP vs W8A8/W4A8/W4A4 naive vs PTQD vs Q-Sched, with guards.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
+    p.add_argument("--formats", nargs="+", default=list(FORMATS))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--per-prompt", type=int, default=20)
+    p.add_argument("--points", type=int, default=21)
+    p.add_argument("--strategies", nargs="+", default=["zoom", "grid"], choices=["zoom", "grid", "pattern"])
+    p.add_argument("--budget", type=int, default=None)
+    p.add_argument("--no-fp", action="store_true", help="skip the FP rows (another worker computes them)")
+    p.add_argument("--weights", default=None, help="folder with the two weight files (default: packaged)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--deadline", type=float, default=None, help="unix time after which grid searches are skipped")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default="results")
+    p.add_argument("--guards", nargs="*", default=list(GUARDS), choices=GUARDS)
+    p.add_argument("--merge", nargs="+", default=None, help="merge these worker result files into --out")
+    a = p.parse_args(argv)
+    if a.merge:
+        print(format_table(merge(a.out, a.merge)))
+        return 0
+    res = run(a.out, families=a.families, steps_list=a.steps, formats=a.formats, seeds=a.seeds,
+              per_prompt=a.per_prompt, points=a.points, strategies=tuple(a.strategies), budget=a.budget,
+              fp=not a.no_fp, weights=a.weights, device=a.device, deadline=a.deadline, num_threads=a.threads,
+              name=a.name, guards=tuple(a.guards))
+    print(format_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

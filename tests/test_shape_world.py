@@ -1,0 +1,171 @@
+"""The shape world (issue 15, docs/shape_world.md): renderer and captions, the shipped weights (tiny CLIP loaded by
+the pack's own CLIPScore / CLIP-IQA loaders, generators, reference), quantization loss on the reference, the
+default ``qsched demo``, and the whole pipeline (train -> assemble -> experiment) on a reduced CPU setting."""
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip", reason="the JAQ metrics need open_clip_torch")
+
+from qsched_pack.calibration.cli import main  # noqa: E402
+from qsched_pack.calibration.metrics.clipiqa import CLIPIQA  # noqa: E402
+from qsched_pack.calibration.metrics.clipscore import CLIPScore  # noqa: E402
+from qsched_pack.calibration.shapeworld import data as D  # noqa: E402
+from qsched_pack.calibration.shapeworld import experiment as E  # noqa: E402
+from qsched_pack.calibration.shapeworld import train as T  # noqa: E402
+from qsched_pack.calibration.shapeworld.world import CLIP_FILE, PACKAGED, WEIGHTS, ShapeWorld, assemble  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.set_num_threads(1)
+    return ShapeWorld.load()
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_every_caption_parses_back_to_its_factors_and_bad_captions_are_named():
+    caps = D.all_captions()
+    assert len(caps) == len(set(caps)) == 576
+    for c in caps:
+        assert D.caption(D.parse_caption(c)) == c
+    with pytest.raises(ValueError, match="not a shape-world caption: 'three red circles above a blue square'"):
+        D.parse_caption("three red circles above a blue square")
+    with pytest.raises(ValueError, match="not a shape-world caption"):
+        D.parse_caption("a red circles above a blue square")  # singular count, plural noun
+    calib, held = D.prompt_sets()
+    assert len(calib) == len(held) == 20 and not set(calib) & set(held)
+
+
+def test_renders_are_seeded_in_range_and_follow_their_captions():
+    caps = D.calibration_prompts()[:6]
+    a, b = D.make_scenes(6, 5, captions=caps), D.make_scenes(6, 5, captions=caps)
+    assert torch.equal(a.images, b.images) and a.captions == caps
+    assert a.images.shape == (6, 3, 32, 32) and 0 <= float(a.images.min()) and float(a.images.max()) <= 1
+    assert not torch.equal(a.images, D.make_scenes(6, 6, captions=caps).images)
+    # a "red" object puts red-dominant pixels in the image, a scene without red has none
+    red = [i for i, c in enumerate(caps) if "red" in c]
+    no_red = [i for i, c in enumerate(caps) if "red" not in c]
+    x = a.images
+    reddish = ((x[:, 0] > 0.6) & (x[:, 1] < 0.35) & (x[:, 2] < 0.35)).flatten(1).sum(1)
+    assert all(reddish[i] > 10 for i in red) and all(reddish[i] == 0 for i in no_red)
+
+
+def test_degradations_blur_and_noise_what_they_say():
+    x = D.make_scenes(64, 3).images
+    y, words = D.degrade(x, torch.Generator().manual_seed(0))
+    assert set(words) == {"good", "blurry", "noisy"}
+    for i, w in enumerate(words):
+        hf = lambda im: (im[:, 1:] - im[:, :-1]).abs().mean()  # noqa: E731  high-frequency energy
+        if w == "good":
+            assert torch.equal(y[i], x[i])
+        elif w == "blurry":
+            assert hf(y[i]) < hf(x[i])
+        else:
+            assert hf(y[i]) > hf(x[i])
+
+
+# ---------------------------------------------------------------------------------------------- shipped weights
+def test_shipped_weights_are_16_bit_and_within_the_size_budget():
+    from safetensors import safe_open
+
+    total = (PACKAGED / WEIGHTS).stat().st_size + (PACKAGED / CLIP_FILE).stat().st_size
+    assert total <= 10 * 1000 * 1000, total
+    for name in (WEIGHTS, CLIP_FILE):
+        with safe_open(str(PACKAGED / name), framework="pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} <= {"F16", "I64"}, name
+            if name == CLIP_FILE:  # CLIP's BPE vocabulary, as the pack's tokenizer needs
+                assert f.get_slice("token_embedding.weight").get_shape()[0] == 49408
+
+
+def test_tiny_clip_loads_through_the_packs_metric_loaders_and_scores_alignment_and_quality(world):
+    caps = D.calibration_prompts()[:10]
+    real = D.to_image(D.make_scenes(10, 11, captions=caps).images)
+    cs, iq = CLIPScore(str(world.clip_path)), CLIPIQA(str(world.clip_path))  # the shipped loaders, unchanged
+    right = cs(real, caps)
+    wrong = cs(real, caps[1:] + caps[:1])
+    assert float(right.mean()) > float(wrong.mean()) + 10, (right, wrong)
+    blurry = D.to_image(D.gaussian_blur(D.make_scenes(10, 11, captions=caps).images, torch.full((10,), 1.2)))
+    assert float(iq(real).mean()) > 0.9 > 0.2 > float(iq(blurry).mean())
+
+
+def test_reference_recognises_real_renders_and_punishes_blur(world):
+    ref = world.reference()
+    caps = [c for c in D.calibration_prompts() for _ in range(5)]
+    real = D.make_scenes(len(caps), 99, captions=caps).images
+    blurred = D.gaussian_blur(real, torch.full((len(caps),), 1.0))
+    good, bad = ref.evaluate(D.to_image(real), caps), ref.evaluate(D.to_image(blurred), caps)
+    assert good["accuracy"] >= 0.95 and good["fd"] < bad["fd"] / 3, (good, bad)
+
+
+def test_generators_are_deterministic_and_quantization_hurts_the_flow_model(world):
+    prompts = [c for c in D.calibration_prompts() for _ in range(4)]
+    seeds = E.eval_seeds(0, len(prompts))
+    fp = world.generator("flow", 4)
+    a = fp.generate(None, prompts, seeds)
+    assert torch.equal(a, fp.generate(None, prompts, seeds)) and a.shape == (80, 32, 32, 3)
+    net, report = world.quantized("flow", "w4a4")
+    assert len(report.quantized) >= 15 and "conv_in" not in report.quantized
+    q = world.generator("flow", 4, net=net, quant="w4a4").generate(None, prompts, seeds)
+    ref = world.reference()
+    fd_fp, fd_q = ref.fd(a), ref.fd(q)
+    assert fd_q > 1.3 * fd_fp, (fd_fp, fd_q)  # the acceptance setting: FP measurably better than naive W4A4
+    for fam in ("lcm", "tcd"):  # the distilled students run through the lcm / tcd samplers (EPS view)
+        g = world.generator(fam, 2)
+        img = g.generate(None, prompts[:4], seeds[:4])
+        assert torch.equal(img, g.generate(None, prompts[:4], seeds[:4])) and 0 <= float(img.min())
+
+
+# ---------------------------------------------------------------------------------------------- demo (default world)
+def test_default_demo_is_the_shape_world_and_writes_every_file(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--seeds", "0", "--per-prompt", "1", "--points", "5", "--budget", "600",
+            "--grid-images", "1", "--steps", "2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "shape world" in printed and "flow family, W4A8, 2 steps" in printed
+    for f in ("table.md", "results.json", "grid.png", "landscape.png", "preset.json"):
+        assert (out / f).is_file(), f
+    res = json.loads((out / "results.json").read_text())
+    methods = {x["method"] for x in res["rows"]}
+    assert methods == {"fp", "naive", "ptqd", "qsched-zoom"}
+    q = next(x for x in res["rows"] if x["method"] == "qsched-zoom")
+    assert q["images"] <= 600 and len(q["c_x"]) == 2
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--world", "digits", "--family", "lcm"], "--family only applies to --world shapes"),
+    (["--per-prompt", "2", "--grid-images", "3"], "grid images per prompt must be in [1, per-prompt = 2]"),
+    (["--budget", "100"], "budget too small"),
+    (["--random-models", "--world", "digits"], "--world only apply to the trained-model demo"),
+])
+def test_shape_demo_bad_options_fail_before_anything_is_written(tmp_path, capsys, argv, msg):
+    assert main(["demo", "--out", str(tmp_path / "o")] + argv) == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------- reduced pipeline
+def test_reduced_pipeline_trains_assembles_and_runs_the_experiment(tmp_path):
+    """CI's end-to-end run: every part trained a few steps on the CPU, the files written in the shipped format,
+    loaded back, and the experiment's rows (naive, PTQD, Q-Sched with every guard, grid) computed and tabled."""
+    parts = tmp_path / "parts"
+    T.run_parts(str(parts), T.PARTS, T.REDUCED, torch.device("cpu"), log=None)
+    files = assemble(str(parts), str(tmp_path / "w"), dict(T.REDUCED, reduced=True))
+    assert os.path.getsize(files["weights"]) > 0 and os.path.getsize(files["clip"]) > 0
+    steps = {p: json.loads((parts / f"{p}.steps.json").read_text())["steps"] for p in T.PARTS}
+    assert steps == {"flow": 8, "lcm": 4, "tcd": 4, "clip": 10, "ref": 8}
+    res = E.run(str(tmp_path / "exp"), families=("tcd",), steps_list=(2,), formats=("w4a4",), seeds=(0,),
+                per_prompt=1, points=3, strategies=("zoom", "grid"), weights=str(tmp_path / "w"), device="cpu",
+                log=None)
+    methods = [x["method"] for x in res["rows"]]
+    assert methods == ["fp", "fp+qsched-zoom", "naive", "ptqd", "qsched-zoom", "qsched-zoom+accept",
+                       "qsched-zoom+heldout", "qsched-zoom+trust", "qsched-grid"]
+    grid = res["rows"][-1]
+    assert grid["images"] == 9 * 20 and all(k in grid for k in E.METRICS)
+    table = (tmp_path / "exp" / "table.md").read_text()
+    assert "| tcd | 2 | W4A4 | qsched-grid |" in table
+    merged = E.merge(str(tmp_path / "m"), [str(tmp_path / "exp" / "results.json")])
+    assert merged["rows"] == res["rows"]
