@@ -100,9 +100,16 @@ class StepGraphs:
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    fn(*s_args, **s_kwargs)
+            # A host sync (``.item()``, ``nonzero``) inside a capture aborts it and leaves the CUDA generator in
+            # capture state (every later ``randn`` then fails): find syncs in the eager warm-up instead.
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup):
+                        fn(*s_args, **s_kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):

@@ -72,12 +72,22 @@ def test_quantized_layers_compile_without_graph_breaks(tk, fmt):
     """Each quantized Linear is one registered custom op under torch.compile: fullgraph works and the compiled
     output equals eager (no Python cache keyed on tensor identity inside forward)."""
     lin = nn.Sequential(nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 512)).cuda().to(torch.bfloat16)
+    ref = copy.deepcopy(lin)
     quantize_(lin, fmt, skip=())
     x = torch.randn(2, 64, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
+        exact = ref.float()(x.float())
         eager = lin(x)
         compiled = torch.compile(lin, fullgraph=True)(x)
-    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+    if fmt.endswith("fp8"):
+        # compiled: activation quantization traced as torch ops; eager: the Triton kernel, which may round a code
+        # one float8 step the other way (test_fp8_act_quant_kernel_matches_qmath). Both must be as accurate.
+        err = {name: ((out.float() - exact).norm() / exact.norm()).item()
+               for name, out in (("eager", eager), ("compiled", compiled))}
+        assert err["compiled"] <= 1.1 * err["eager"] + 1e-3, err
+        assert ((compiled.float() - eager.float()).norm() / exact.norm()).item() < 0.5 * err["eager"], err
+    else:
+        torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("n,k,g", [(3072, 3072, 64), (96, 256, 128), (33, 192, 64)])
