@@ -58,6 +58,7 @@ def main() -> int:
                 ours = read_weights(path)
                 times["restricted reader"].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
+                # the baseline being replaced; only ever on the archive this script wrote a moment ago
                 theirs = torch.jit.load(str(path), map_location="cpu").state_dict()
                 times["torch.jit.load + state_dict"].append(time.perf_counter() - t0)
             equal = sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
