@@ -125,7 +125,7 @@ def test_generators_are_deterministic_and_quantization_hurts_the_flow_model(worl
 # ---------------------------------------------------------------------------------------------- many points per call
 @pytest.mark.parametrize("family", ["flow", "lcm", "tcd"])
 def test_many_points_per_network_call_give_the_same_images_as_one_point_at_a_time(world, family):
-    """``generate_many`` (the grid's fast path: K sampler runs share one network call per step) must give each
+    """``generate_points`` (the grid's fast path: K sampler runs share one network call per step) must give each
     point's images as ``generate`` does (same noise per image, same coefficients), up to float error; in chunks
     (``max_images``) and through a model wrapper (PTQD's), which each run applies to its own calls."""
     prompts = D.calibration_prompts()[:3]
@@ -136,7 +136,7 @@ def test_many_points_per_network_call_give_the_same_images_as_one_point_at_a_tim
     for wrapper in (None, corr.wrap):
         gen = world.generator(family, 2, model_wrapper=wrapper)
         one = torch.cat([gen.generate(c, prompts, seeds) for c in sets])
-        many = gen.generate_many(sets, prompts, seeds, max_images=6)  # chunks of 2 sets and one of 1
+        many = gen.generate_points(sets, prompts, seeds, max_images=6)  # chunks of 2 sets and one of 1
         assert many.shape == one.shape == (15, 32, 32, 3)
         torch.testing.assert_close(many, one, atol=1e-5, rtol=0)
         assert not torch.equal(one[:3], one[3:6])  # the coefficients do act
@@ -144,7 +144,7 @@ def test_many_points_per_network_call_give_the_same_images_as_one_point_at_a_tim
     # can flip a code: images move a little, as they already do when the prompts are split into other batches
     gen = world.generator(family, 2, net=world.quantized(family, "w4a8")[0], quant="w4a8")
     one = torch.cat([gen.generate(c, prompts, seeds) for c in sets])
-    assert float((gen.generate_many(sets, prompts, seeds) - one).abs().mean()) < 3e-3
+    assert float((gen.generate_points(sets, prompts, seeds) - one).abs().mean()) < 3e-3
 
 
 def test_runner_evaluates_a_grid_in_batches_with_the_same_result_and_budget(world):
@@ -180,7 +180,7 @@ def test_a_failing_run_in_a_batch_raises_its_own_error_and_stops_the_others(worl
     gen = world.generator("tcd", 2, model_wrapper=wrapper)
     space = SearchSpace("start", 2)
     with pytest.raises(ValueError, match="run 2 failed"):
-        gen.generate_many([space.coefficients((0.9, 1.0)) for _ in range(4)], D.calibration_prompts()[:2],
+        gen.generate_points([space.coefficients((0.9, 1.0)) for _ in range(4)], D.calibration_prompts()[:2],
                           [1, 2])
 
 

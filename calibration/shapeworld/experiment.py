@@ -337,6 +337,7 @@ def merge(out_dir: str, parts: list[str]) -> dict:
     cfg["families"] = [f for f in FAMILIES if f in cfg["families"]]
     cfg["formats"] = [f for f in FORMATS if f in cfg["formats"]] + [f for f in cfg["formats"] if f not in FORMATS]
     cfg.update(status(plan, done, grid_plan, grid_done))
+    cfg["fp"] = any(p[3] == "fp32" for p in plan)
     result = {"config": cfg, "plan": plan, "grid_plan": grid_plan, "done": done, "grid_done": grid_done,
               "workers": workers, "rows": rows, "seconds": seconds}
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1) + "\n")

@@ -232,8 +232,8 @@ class ShapeGenerator:
         return torch.cat(out)
 
 
-    def generate_many(self, coefficient_list: Sequence[Coefficients | None], prompts, seeds,
-                      max_images: int = 2560) -> torch.Tensor:
+    def generate_points(self, coefficient_list: Sequence[Coefficients | None], prompts, seeds,
+                        max_images: int = 2560) -> torch.Tensor:
         """The images of every coefficient set, set after set (``[len(coefficient_list)·B, 32, 32, 3]``): the same
         images as one :meth:`generate` per set up to float error, but the network runs once per step on up to
         ``max_images`` images of many sets (:class:`Lockstep`). Each set's sampler run, noise and coefficients are
@@ -333,8 +333,9 @@ class Lockstep:
 
 
 class PointBatched:
-    """A :class:`ShapeGenerator` that offers ``generate_many``, so ``calibration.runner`` evaluates a search's
-    points together (the grid sends 64 at a time, zoom its polls); same fingerprint plus ``point_batched``."""
+    """A :class:`ShapeGenerator` that offers ``generate_many`` (its ``generate_points``), so ``calibration.runner``
+    evaluates a search's points together (the grid sends 64 at a time, zoom its polls); same fingerprint plus
+    ``point_batched``. Opt-in: a plain ShapeGenerator is evaluated one point at a time, as before."""
 
     def __init__(self, gen: ShapeGenerator, max_images: int = 2560):
         self.gen, self.max_images = gen, max_images
@@ -347,7 +348,7 @@ class PointBatched:
         return self.gen.generate(coefficients, prompts, seeds)
 
     def generate_many(self, coefficient_list, prompts, seeds) -> torch.Tensor:
-        return self.gen.generate_many(coefficient_list, prompts, seeds, self.max_images)
+        return self.gen.generate_points(coefficient_list, prompts, seeds, self.max_images)
 
 
 class Reference:
