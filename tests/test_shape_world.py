@@ -4,6 +4,7 @@ default ``qsched demo``, and the whole pipeline (train -> assemble -> experiment
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from qsched_pack.calibration.metrics.clipiqa import CLIPIQA  # noqa: E402
 from qsched_pack.calibration.metrics.clipscore import CLIPScore  # noqa: E402
 from qsched_pack.calibration.shapeworld import data as D  # noqa: E402
 from qsched_pack.calibration.shapeworld import experiment as E  # noqa: E402
+from qsched_pack.calibration.shapeworld import report as R  # noqa: E402
 from qsched_pack.calibration.shapeworld import train as T  # noqa: E402
 from qsched_pack.calibration.runner import calibrate  # noqa: E402
 from qsched_pack.calibration.search import SearchSpace  # noqa: E402
@@ -162,6 +164,8 @@ def test_runner_evaluates_a_grid_in_batches_with_the_same_result_and_budget(worl
     cut, ref = calibrate(PointBatched(gen, 64), jaq, prompts, **kw), calibrate(gen, jaq, prompts, **kw)
     assert cut.stopped == ref.stopped == "budget" and cut.images_spent == ref.images_spent == 108
     assert [p.point for p in cut.points] == [p.point for p in ref.points]
+    with pytest.raises(E.DeadlinePassed):  # the experiment's deadline stops a search between batches
+        E._search(gen, jaq, 0, 3, "grid", None, batch=64, deadline=time.time() - 1)
 
 
 def test_a_failing_run_in_a_batch_raises_its_own_error_and_stops_the_others(world):
@@ -225,7 +229,7 @@ def test_reduced_pipeline_trains_assembles_and_runs_the_experiment(tmp_path):
     assert steps == {"flow": 8, "lcm": 4, "tcd": 4, "clip": 10, "ref": 8}
     res = E.run(str(tmp_path / "exp"), families=("tcd",), steps_list=(2,), formats=("w4a4",), seeds=(0,),
                 per_prompt=1, points=3, strategies=("zoom", "grid"), weights=str(tmp_path / "w"), device="cpu",
-                log=None)
+                log=None, batch=40)  # the GPU run's path: a search's points evaluated together
     methods = [x["method"] for x in res["rows"]]
     assert methods == ["fp", "fp+qsched-zoom", "naive", "ptqd", "qsched-zoom", "qsched-zoom+accept",
                        "qsched-zoom+heldout", "qsched-zoom+trust", "qsched-grid"]
@@ -234,4 +238,21 @@ def test_reduced_pipeline_trains_assembles_and_runs_the_experiment(tmp_path):
     table = (tmp_path / "exp" / "table.md").read_text()
     assert "| tcd | 2 | W4A4 | qsched-grid |" in table
     merged = E.merge(str(tmp_path / "m"), [str(tmp_path / "exp" / "results.json")])
-    assert merged["rows"] == res["rows"]
+    assert merged["rows"] == res["rows"] and merged["config"]["missing"] == merged["config"]["grid_skipped"] == []
+    # a worker whose deadline has passed computes nothing and says so; the merge and the report carry it
+    late = E.run(str(tmp_path / "late"), families=("tcd",), steps_list=(2,), formats=("w4a4",), seeds=(1,),
+                 per_prompt=1, points=3, weights=str(tmp_path / "w"), device="cpu", log=None, deadline=time.time() - 1)
+    assert late["rows"] == [] and late["config"]["missing"] == [["tcd", 2, 1, "fp32"], ["tcd", 2, 1, "w4a4"]]
+    merged = E.merge(str(tmp_path / "m"), [str(tmp_path / "exp" / "results.json"),
+                                           str(tmp_path / "late" / "results.json")])
+    assert merged["rows"] == res["rows"] and merged["config"]["grid_skipped"] == [["tcd", 2, 1, "w4a4"]]
+    assert "Not computed (time limit): the rows of 2" in (tmp_path / "m" / "table.md").read_text()
+    text = R.report(merged)
+    assert "### TCD family: FD" in text and "| 2 | W4A4 |" in text and "1 grid searches [['tcd', 2, 1, 'w4a4']]" in text
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# title\n{R.BEGIN}\nold\n{R.END}\ntail\n")
+    R.insert(str(doc), text)
+    assert doc.read_text() == f"# title\n{R.BEGIN}\n{text}{R.END}\ntail\n"
+    doc.write_text("no markers")
+    with pytest.raises(ValueError, match="needs exactly one <!-- shapeworld-report:begin -->"):
+        R.insert(str(doc), text)
