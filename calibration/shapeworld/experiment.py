@@ -260,32 +260,32 @@ def run(out_dir: str, *, families=FAMILIES, steps_list=STEPS, formats=FORMATS, s
     t_start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch = POINT_BATCH.get(device.type, 0) if batch is None else int(batch)
+    rows: list[dict] = []
+    plan = plan_of(families, steps_list, seeds, formats, fp)
+    grid_plan = plan_of(families, steps_list, seeds, formats, False) if "grid" in strategies else []
+    done, grid_done = [], []
+    cfg = dict(families=list(families), steps=list(steps_list), formats=list(formats), seeds=list(seeds),
+               per_prompt=per_prompt, points=points, strategies=list(strategies), budget=budget, z=z,
+               guards=list(guards), fp=fp, batch=batch, model_hash=None, device=str(device), torch=torch.__version__)
+    first = [s for s in strategies if s != "grid"]
+    result = None
+
+    def save():
+        nonlocal result
+        result = {"config": dict(cfg, **status(plan, done, grid_plan, grid_done)), "plan": plan,
+                  "grid_plan": grid_plan, "done": done, "grid_done": grid_done, "rows": rows,
+                  "seconds": time.perf_counter() - t_start}
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(result, indent=1) + "\n")
+
+    def late() -> bool:
+        return deadline is not None and time.time() > deadline
+
+    save()  # first of all: a worker killed while loading still says what it was to compute
     with threads(num_threads):
         world = ShapeWorld.load(weights, device=device)
+        cfg["model_hash"] = world.model_hash
         ev = Evaluator(world, per_prompt)
-        rows: list[dict] = []
-        plan = plan_of(families, steps_list, seeds, formats, fp)
-        grid_plan = plan_of(families, steps_list, seeds, formats, False) if "grid" in strategies else []
-        done, grid_done = [], []
-        cfg = dict(families=list(families), steps=list(steps_list), formats=list(formats), seeds=list(seeds),
-                   per_prompt=per_prompt, points=points, strategies=list(strategies), budget=budget, z=z,
-                   guards=list(guards), fp=fp, batch=batch,
-                   model_hash=world.model_hash, device=str(device), torch=torch.__version__)
-        first = [s for s in strategies if s != "grid"]
-        result = None
-
-        def save():
-            nonlocal result
-            result = {"config": dict(cfg, **status(plan, done, grid_plan, grid_done)), "plan": plan,
-                      "grid_plan": grid_plan, "done": done, "grid_done": grid_done, "rows": rows,
-                      "seconds": time.perf_counter() - t_start}
-            os.makedirs(out_dir, exist_ok=True)
-            atomic_write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(result, indent=1) + "\n")
-
-        def late() -> bool:
-            return deadline is not None and time.time() > deadline
-
-        save()
         nets = {fam: {f: world.quantized(fam, f)[0] for f in formats} for fam in families}
         settings = [(fam, steps, r) for fam in families for steps in steps_list for r in seeds]
         for fam, steps, r in settings:  # pass 1: everything but the full grid
@@ -333,6 +333,7 @@ def merge(out_dir: str, parts: list[str]) -> dict:
             cfg["families"], cfg["formats"], cfg["steps"], cfg["seeds"] = [], [], [], []
         for k in ("families", "formats", "steps", "seeds"):
             cfg[k] += [v for v in res["config"][k] if v not in cfg[k]]
+        cfg["model_hash"] = cfg.get("model_hash") or res["config"].get("model_hash")  # None: killed while loading
     cfg["steps"], cfg["seeds"] = sorted(cfg["steps"]), sorted(cfg["seeds"])
     cfg["families"] = [f for f in FAMILIES if f in cfg["families"]]
     cfg["formats"] = [f for f in FORMATS if f in cfg["formats"]] + [f for f in cfg["formats"] if f not in FORMATS]
