@@ -337,6 +337,9 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=F
     base = model
     if compiled:
         def do_compile():
+            # each config compiles the same forward code objects again: without a reset, dynamo's recompile limit
+            # (8 per code object) would silently leave later configs eager, and old graphs would keep old weights
+            torch._dynamo.reset()
             c = model.clone()
             set_torch_compile_wrapper(model=c, backend="inductor")
             _, first_c = sample(c, fam)
