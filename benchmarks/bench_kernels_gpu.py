@@ -125,6 +125,8 @@ def main():
                         except Exception as exc:  # a configuration that does not compile is a result too
                             row[tag] = f"{type(exc).__name__}: {str(exc)[:160]}"
                 row["fp8w4 best"] = best
+                row["fp8w4 expand only"] = bench(lambda: kernels.fp8w4_expand(layer.qweight, layer.wexp))
+                row["fp8w4 route"] = "fused" if m <= kernels.FP8W4_FUSED_MAX_M else "expand + _scaled_mm"
                 # quantize share
                 row["copy"] = bench(lambda: x.clone())
                 row["act quant fp8 (Triton)"] = bench(lambda: kernels.quantize_act_fp8(x))
@@ -137,6 +139,8 @@ def main():
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("fp8w4 (")}, default=str), flush=True)
         save()
 
+    R["attention"] = attention_section(bench, left)
+    save()
     # compiled LayerNorm -> Linear blocks, fused vs opaque activation quantization, and CUDA-graph replay
     for m, k, n in ((4608, 3072, 12288), (4096, 640, 640), (1, 3072, 18432)):
         if left() < 40:
@@ -175,6 +179,52 @@ def main():
     write_md(R, os.path.join(args.out, "kernels_h200.md"))
 
 
+ATTN_SHAPES = [("FLUX 1024²", 1, 24, 4608, 128), ("SDXL 512² level 1", 1, 10, 1024, 64),
+               ("SDXL 512² level 2", 1, 20, 256, 64)]
+
+
+def attention_section(bench, left) -> list:
+    """bf16 SDPA time at the models' shapes (the attention the pack leaves in 16-bit), whether this torch offers a
+    float8 SDPA (aten._scaled_dot_product_attention_quantized, or SDPA taking float8 inputs), and the error that
+    float8 q/k/v (one scale per head, e4m3) would add, simulated: quantize-dequantize, then bf16 SDPA."""
+    import torch.nn.functional as F
+
+    out = []
+    for name, b, h, s, d in ATTN_SHAPES:
+        if left() < 15:
+            break
+        rec = {"shape": name, "B": b, "H": h, "S": s, "D": d}
+        try:
+            g = torch.Generator(device="cuda").manual_seed(3)
+            q, k, v = (torch.randn(b, h, s, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+            ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double()) if s <= 1024 else None
+            y = F.scaled_dot_product_attention(q, k, v)
+            rec["bf16_ms"] = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+
+            def fq(t):
+                sc = t.float().abs().amax((-1, -2), keepdim=True).clamp_min(1e-12) / 448.0
+                return (t.float() / sc).to(torch.float8_e4m3fn).float() * sc
+
+            ys = F.scaled_dot_product_attention(fq(q).to(torch.bfloat16), fq(k).to(torch.bfloat16),
+                                                fq(v).to(torch.bfloat16))
+            base = ref if ref is not None else y.double()
+            rec["err_fp8_qkv_sim_vs_ref"] = float((ys.double() - base).norm() / base.norm())
+            if ref is not None:
+                rec["err_bf16_vs_f64"] = float((y.double() - ref).norm() / ref.norm())
+            rec["fp8_sdpa_api"] = hasattr(torch.ops.aten, "_scaled_dot_product_attention_quantized")
+            try:
+                f8 = [t.to(torch.float8_e4m3fn) for t in (q, k, v)]
+                F.scaled_dot_product_attention(*f8)
+                rec["sdpa_takes_float8"] = True
+            except Exception as exc:  # the answer is the message: which backend refused float8 and why
+                rec["sdpa_takes_float8"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+        except Exception as exc:
+            rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        print(json.dumps(rec, default=str), flush=True)
+        out.append(rec)
+    return out
+
+
 def write_md(R, path):
     def f(v):
         return f"{v:.3f}" if isinstance(v, float) else ("–" if v is None else str(v))
@@ -194,6 +244,19 @@ def write_md(R, path):
                      f"{'–' if not best else f'{best[1]:.3f} ({best[1] / b:.2f}×) {best[0][6:]}'} | "
                      f"{f(r.get('act quant fp8 (Triton)'))} | {f(r.get('copy'))} | "
                      f"{f(r.get('w4a8 err vs bf16'))} / {f(r.get('w4a8-fp8 err vs bf16'))} |")
+    lines += ["", "w4a8-fp8 routing: up to FP8W4_FUSED_MAX_M tokens the fused GEMM, above it the one-pass float8 "
+              "expansion + torch._scaled_mm (ms of the expansion alone):", ""]
+    lines += [f"- {r['M']}×{r['K']}×{r['N']}: {r.get('fp8w4 route')}, expand {f(r.get('fp8w4 expand only'))}"
+              for r in R["shapes"] if "fp8w4 route" in r]
+    if R.get("attention"):
+        lines += ["", "Attention (torch SDPA, bf16) and float8 q/k/v:", "",
+                  "| shape | B×H×S×D | bf16 ms | err fp8 q/k/v (simulated) | err bf16 vs float64 | float8 SDPA in this "
+                  "torch |", "|" + "---|" * 6]
+        for r in R["attention"]:
+            api = "aten._scaled_dot_product_attention_quantized" if r.get("fp8_sdpa_api") else "none"
+            lines.append(f"| {r['shape']} | {r['B']}×{r['H']}×{r['S']}×{r['D']} | {f(r.get('bf16_ms'))} | "
+                         f"{f(r.get('err_fp8_qkv_sim_vs_ref'))} | {f(r.get('err_bf16_vs_f64'))} | {api}; SDPA with "
+                         f"float8 inputs: {str(r.get('sdpa_takes_float8'))[:90]} |")
     lines += ["", "Compiled LayerNorm → Linear (inductor), ms:", "",
               "| M×K×N | format | act quant traced (fusable) | eager | compiled | compiled + CUDA graph | "
               "compiled vs eager |", "|" + "---|" * 7]

@@ -352,3 +352,40 @@ def test_w4a8_fp8_layer_close_to_simulated(shape, m):
         y, ys = q(x), sim(x)
         assert _rel(y, ys) < 5e-3
         assert _rel(y, lin(x)) < 0.12
+
+
+@pytest.mark.parametrize("n,k,g", [(3072, 3072, 32), (18432, 3072, 32), (640, 2048, 64), (96, 256, 128),
+                                   (7, 4096, 32)])
+def test_fp8w4_expand_is_bit_exact(tk, n, k, g):
+    """The one-pass expansion of the packed codes equals qmath's float8 values code * 2^e bit for bit (every code,
+    exponents over the whole range)."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    codes = torch.randint(-7, 8, (n, k), device="cuda", generator=gen, dtype=torch.int8)
+    exps = torch.randint(qmath.FP8W4_EMIN, qmath.FP8W4_EMAX + 1, (n, k // g), device="cuda", generator=gen,
+                         dtype=torch.int8)
+    out = tk.fp8w4_expand(qmath.pack_int4(codes), exps)
+    ref = qmath.fp8w4_values(codes, exps)
+    assert out.dtype == torch.float8_e4m3fn and torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("m", [1, 16, 17, 4608])
+def test_w4a8_fp8_routing_by_token_count(tk, m, monkeypatch):
+    """Up to FP8W4_FUSED_MAX_M tokens the fused GEMM runs, above it the float8 expansion + torch._scaled_mm; both
+    against the float64 reference of the same codes (eager and traced forms give the same numbers)."""
+    from qsched_pack.qsched.quant import layers as qlayers
+
+    calls = []
+    for name in ("fp8w4_gemm", "fp8w4_expand"):
+        real = getattr(tk, name)
+        monkeypatch.setattr(tk, name, lambda *a, _r=real, _n=name, **kw: (calls.append(_n), _r(*a, **kw))[1])
+    x, codes, exps, scale = _fp8w4_case(m, 3072, 3072, 32)
+    packed = qmath.pack_int4(codes)
+    b = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = qlayers._fp8w4_mm(x, packed, scale, exps, b)
+        yt = qlayers._fp8w4_mm(x, packed, scale, exps, b, traceable=True)
+    fused = m <= tk.FP8W4_FUSED_MAX_M
+    assert calls[0] == ("fp8w4_gemm" if fused else "fp8w4_expand"), calls
+    xq0, xs = tk.quantize_act_fp8(x)
+    ref = _fp8w4_ref(xq0, xs, codes, exps, scale, b)
+    assert _rel(y, ref) < 4e-3 and _rel(yt, ref) < 4e-3

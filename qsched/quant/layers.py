@@ -15,8 +15,10 @@ scales) and four ways to run it, chosen per layer when the model is quantized:
   instance) to force the dequantize + float GEMM path.
 * ``fp8w4``: ``w4a8-fp8``: packed int4 codes with power-of-two group exponents (int8 ``wexp``) and a float32
   per-channel scale. CUDA: float8 per-token activations x ``kernels.fp8w4_gemm`` (codes -> exact float8 inside the
-  K loop, FP8 tensor cores); layers the kernel does not take materialise the float8 weights for
-  ``torch._scaled_mm``. CPU: the same product in float32 (exact for float8 values).
+  K loop, FP8 tensor cores) for calls of at most ``kernels.FP8W4_FUSED_MAX_M`` tokens; larger calls (and layers the
+  kernel does not take) expand the weights to their exact float8 values in one pass (``kernels.fp8w4_expand``, a
+  transient buffer of the layer's size) for cuBLASLt's ``torch._scaled_mm``. CPU: the same product in float32
+  (exact for float8 values).
 
 The auxiliary weight tensor ``waux`` of ``quant_linear`` is the int32 weight-row sums (asymmetric int8 activations)
 or the int8 group exponents (``w4a8-fp8``), else None.
@@ -134,6 +136,16 @@ if hasattr(torch.library, "custom_op"):
     def _(xq, xs, packed, wexp, wscale, bias, out_dtype):
         return xq.new_empty((xq.shape[0], packed.shape[0]), dtype=out_dtype)
 
+    @torch.library.custom_op("qsched::fp8w4_expand", mutates_args=())
+    def _fp8w4_expand_op(packed: torch.Tensor, wexp: torch.Tensor) -> torch.Tensor:
+        from . import kernels
+
+        return kernels.fp8w4_expand(packed, wexp)
+
+    @_fp8w4_expand_op.register_fake
+    def _(packed, wexp):
+        return packed.new_empty((packed.shape[0], 2 * packed.shape[1]), dtype=qmath.FP8)
+
 
 def dequantize(qweight: torch.Tensor, wscale: torch.Tensor, in_features: int, dtype=torch.float32,
                wexp: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,19 +249,24 @@ def _fp8_mm(x2, qweight, wscale, bias, triton_quant: bool = True) -> torch.Tenso
 
 def _fp8w4_mm(x2, packed, wscale, wexp, bias, traceable: bool = False) -> torch.Tensor:
     """w4a8-fp8: float8 per-token activations x (codes * 2^wexp) on the FP8 tensor cores, per-channel scale after.
-    ``traceable``: activation quantization in torch ops and the GEMM as the custom op ``qsched::fp8w4_gemm``."""
-    k = x2.shape[1]
+    CUDA, up to ``kernels.FP8W4_FUSED_MAX_M`` tokens: the fused W4A8-FP8 GEMM (4-bit weights read once); more
+    tokens: the weights expanded to float8 in one pass, then torch._scaled_mm (``_fp8_mm``). ``traceable``:
+    activation quantization in torch ops and the Triton launches as custom ops (``qsched::fp8w4_gemm``,
+    ``qsched::fp8w4_expand``)."""
+    m, k = x2.shape
     tk = _triton() if x2.is_cuda else None
-    if tk is not None and tk.fp8w4_eligible(k, k // wexp.shape[1], x2.dtype):
+    if tk is not None and m <= tk.FP8W4_FUSED_MAX_M and tk.fp8w4_eligible(k, k // wexp.shape[1], x2.dtype):
         b = None if bias is None else bias.to(x2.dtype)
         if traceable:
             q, xs = qmath.quantize_act_fp8(x2, block_perm=tk.FP8W4_BLOCK_K)
             return torch.ops.qsched.fp8w4_gemm(q, xs, packed, wexp, wscale, b, x2.dtype)
         q, xs = tk.quantize_act_fp8(x2, perm=tk.FP8W4_BLOCK_K)
         return tk.fp8w4_gemm(q, xs, packed, wexp, wscale, b, x2.dtype)
-    # Other shapes (and the CPU): the float8 weight values, then the fp8 path (torch._scaled_mm on CUDA, the exact
-    # float32 product elsewhere): the same numbers as the fused kernel up to float32 summation order.
-    return _fp8_mm(x2, qmath.fp8w4_values(qmath.unpack_int4(packed), wexp), wscale, bias, triton_quant=not traceable)
+    if tk is not None:
+        w8 = torch.ops.qsched.fp8w4_expand(packed, wexp) if traceable else tk.fp8w4_expand(packed, wexp)
+    else:  # the CPU: the same float8 values in torch ops, then the exact float32 product of _fp8_mm
+        w8 = qmath.fp8w4_values(qmath.unpack_int4(packed), wexp)
+    return _fp8_mm(x2, w8, wscale, bias, triton_quant=not traceable)
 
 
 def quantize_linear_weight(w: torch.Tensor, spec: QuantSpec, kernel: str, group_size: int | None,
