@@ -85,10 +85,11 @@ def new_tables(runs: list) -> list:
             continue
         out += [f"## {TITLE[fam]}: eager, compiled, CUDA graph", "",
                 "× = over core " + ("bf16" if fam == "flux" else "fp16") + " of the same mode in the same part "
-                "(compiled and graph columns: over core compiled). Part = the device call the row came from.", "",
-                "| config | part | load s | ComfyUI size GB | VRAM held GB | s/step eager (×) | s/step compiled (×) "
+                "(compiled and graph columns: over core compiled). Part = the device call the row came from; "
+                "measured = the config's mode (every mode measures eager first).", "",
+                "| config | measured | part | load s | ComfyUI size GB | VRAM held GB | s/step eager (×) | s/step compiled (×) "
                 "| + CUDA graph, eager model (× compiled core) | + CUDA graph, compiled model (× compiled core) "
-                "| graph output = without graph |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "| graph output = without graph |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for run, r in recs:
             be, de = _core_value(runs, fam, "s_per_step", run)
             bc, dc = _core_value(runs, fam, "s_per_step_compiled", run)
@@ -101,7 +102,7 @@ def new_tables(runs: list) -> list:
                 comp_cell = "failed: " + str(r.get("stage_errors", {}).get("compile", "?"))[:80]
             else:
                 comp_cell = _cell(comp, _ratio(comp, bc), dc)
-            out.append(f"| {r['name']} | {run['_part']} | {_f(r.get('load_s'), 1)} | {_gb(r.get('comfy_size'))} | "
+            out.append(f"| {r['name']} | {r.get('mode')} | {run['_part']} | {_f(r.get('load_s'), 1)} | {_gb(r.get('comfy_size'))} | "
                        f"{_gb(r.get('allocated'))} | "
                        f"{_cell(r.get('s_per_step'), _ratio(r.get('s_per_step'), be), de)} | {comp_cell} | "
                        f"{_cell(r.get('s_per_step_graph'), _ratio(r.get('s_per_step_graph'), bc), dc)} | "

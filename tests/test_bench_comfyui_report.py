@@ -139,7 +139,7 @@ def test_report_ratios_use_the_same_part_and_mark_other_parts(tmp_path):
     rep.main([_write(tmp_path, "a.json", a), _write(tmp_path, "b.json", b), "--earlier",
               _write(tmp_path, "old.json", old) + "=first run (04:00)", "--out", out])
     text = open(out).read()
-    assert "| pack w8a8-fp8 | A | 1.0 | 2.00 | 2.10 | 0.150 (0.75×) | 0.060 (0.60×) |" in text
+    assert "| pack w8a8-fp8 | compiled | A | 1.0 | 2.00 | 2.10 | 0.150 (0.75×) | 0.060 (0.60×) |" in text
     assert "| core bf16 compiled + CUDA graph | A | 0.320 | 0.80 | 1 / 7 / 0 |" in text
     assert "0.120 (1.20×†)" in text and "† baseline from another part" in text  # part B's FLUX row: A's core
     assert "rel. err 1.0e-03" in text and "bit-exact" in text
