@@ -516,11 +516,53 @@ class Runner:
         self._session_seconds += seconds
         return entry
 
-    def evaluate(self, points) -> list[float]:
-        out = []
+    def _evaluate_many(self, points) -> set:
+        """Optional batched path: when the generator has ``generate_many(coefficient_list, prompts, seeds)`` (the
+        images of every point, point after point, in one call: the same images as one ``generate`` per point up
+        to float error), the uncached points of ``points`` are generated and scored together, as many as the
+        budget allows, in order; each is recorded exactly as :meth:`_evaluate_one` records it. The per-point
+        loop then finds them in the record (and stops at the budget where it always did). Returns their keys."""
+        many = getattr(self.generator, "generate_many", None)
+        todo, keys = [], set()
         for p in points:
             key = Record.key(p)
-            cached = key in self.record.entries
+            if key not in self.record.entries and key not in keys:
+                todo.append(p)
+                keys.add(key)
+        if self.budget is not None:
+            todo = todo[:max(0, (self.budget - self.images_spent) // len(self.prompts))]
+        if many is None or len(todo) < 2:
+            return set()
+        if self.interrupt is not None:
+            self.interrupt()
+        coeffs = [self.space.coefficients(p) for p in todo]
+        n = len(self.prompts)
+        t0 = time.perf_counter()
+        images = many(coeffs, self.prompts, self.seeds)
+        _check_images(images, n * len(todo))
+        if self.interrupt is not None:
+            self.interrupt()
+        jaq, comps = score_images(self.scorer, images, self.prompts * len(todo))
+        seconds = (time.perf_counter() - t0) / len(todo)
+        for j, (point, coeff) in enumerate(zip(todo, coeffs)):
+            part = jaq[j * n:(j + 1) * n]
+            if not all(math.isfinite(v) for v in part):
+                raise ValueError(f"scorer returned a non-finite JAQ for point {list(point)}: {part}")
+            pc = {k: v[j * n:(j + 1) * n] for k, v in comps.items()}
+            self.record.append({"point": [float(v) for v in point], "c_x": list(coeff.c_x),
+                                "c_eps": list(coeff.c_eps), "score": point_score(self.scorer, part, pc),
+                                "jaq": part, "components": pc, "images": n, "seconds": round(seconds, 4)})
+            self._session_images += n
+            self._session_seconds += seconds
+        return {Record.key(p) for p in todo}
+
+    def evaluate(self, points) -> list[float]:
+        out = []
+        fresh = self._evaluate_many(points)
+        for p in points:
+            key = Record.key(p)
+            cached = key in self.record.entries and key not in fresh
+            fresh.discard(key)
             e = self._evaluate_one(p)
             if key not in self._evaluated:
                 self._evaluated.append(key)

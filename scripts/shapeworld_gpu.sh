@@ -5,6 +5,8 @@
 # parts (flow/clip/ref in the first, the students in the second): docs/shape_world.md.
 # Writes into $OUT: weights/shapeworld.safetensors, weights/shapeworld_clip.pt, results.json, table.md, logs.
 # Wheels (open_clip_torch, ftfy, wcwidth) travel in .whl/shapeworld; see scripts/device_gpu_tests.sh for how.
+# The experiment alone with the shipped weights (all families, the full grid, point batching, deadlines):
+# scripts/shapeworld_gpu_experiment.sh.
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-/tmp/shapeworld-out}

@@ -4,6 +4,7 @@ default ``qsched demo``, and the whole pipeline (train -> assemble -> experiment
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -15,8 +16,13 @@ from qsched_pack.calibration.metrics.clipiqa import CLIPIQA  # noqa: E402
 from qsched_pack.calibration.metrics.clipscore import CLIPScore  # noqa: E402
 from qsched_pack.calibration.shapeworld import data as D  # noqa: E402
 from qsched_pack.calibration.shapeworld import experiment as E  # noqa: E402
+from qsched_pack.calibration.shapeworld import report as R  # noqa: E402
 from qsched_pack.calibration.shapeworld import train as T  # noqa: E402
-from qsched_pack.calibration.shapeworld.world import CLIP_FILE, PACKAGED, WEIGHTS, ShapeWorld, assemble  # noqa: E402
+from qsched_pack.calibration.runner import calibrate  # noqa: E402
+from qsched_pack.calibration.search import SearchSpace  # noqa: E402
+from qsched_pack.calibration.shapeworld.world import (CLIP_FILE, PACKAGED, WEIGHTS, PointBatched,  # noqa: E402
+                                                      ShapeWorld, assemble)
+from qsched_pack.qsched.ptqd import PTQDCorrection  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +124,70 @@ def test_generators_are_deterministic_and_quantization_hurts_the_flow_model(worl
         assert torch.equal(img, g.generate(None, prompts[:4], seeds[:4])) and 0 <= float(img.min())
 
 
+# ---------------------------------------------------------------------------------------------- many points per call
+@pytest.mark.parametrize("family", ["flow", "lcm", "tcd"])
+def test_many_points_per_network_call_give_the_same_images_as_one_point_at_a_time(world, family):
+    """``generate_points`` (the grid's fast path: K sampler runs share one network call per step) must give each
+    point's images as ``generate`` does (same noise per image, same coefficients), up to float error; in chunks
+    (``max_images``) and through a model wrapper (PTQD's), which each run applies to its own calls."""
+    prompts = D.calibration_prompts()[:3]
+    seeds = E.calib_seeds(0, 3)
+    space = SearchSpace("start", 2)
+    sets = [None] + [space.coefficients(p) for p in [(0.8, 1.2), (1.1, 0.9), (1.2, 1.2), (1.0, 0.85)]]
+    corr = PTQDCorrection(gamma=(0.1, -0.05), delta=((0.01, 0.0, -0.02), (0.0,)))
+    for wrapper in (None, corr.wrap):
+        gen = world.generator(family, 2, model_wrapper=wrapper)
+        one = torch.cat([gen.generate(c, prompts, seeds) for c in sets])
+        many = gen.generate_points(sets, prompts, seeds, max_images=6)  # chunks of 2 sets and one of 1
+        assert many.shape == one.shape == (15, 32, 32, 3)
+        torch.testing.assert_close(many, one, atol=1e-5, rtol=0)
+        assert not torch.equal(one[:3], one[3:6])  # the coefficients do act
+    # quantized activations are rounded, so a float-level difference (another batch size picks other kernels)
+    # can flip a code: images move a little, as they already do when the prompts are split into other batches
+    gen = world.generator(family, 2, net=world.quantized(family, "w4a8")[0], quant="w4a8")
+    one = torch.cat([gen.generate(c, prompts, seeds) for c in sets])
+    assert float((gen.generate_points(sets, prompts, seeds) - one).abs().mean()) < 3e-3
+
+
+def test_runner_evaluates_a_grid_in_batches_with_the_same_result_and_budget(world):
+    gen = world.generator("flow", 2)
+    jaq = world.jaq()
+    prompts = D.calibration_prompts()[:4]
+    kw = dict(space="start", strategy="grid", points=3, seeds=E.calib_seeds(0, 4))
+    one = calibrate(gen, jaq, prompts, **kw)
+    many = calibrate(PointBatched(gen, 64), jaq, prompts, **kw)
+    assert [p.point for p in many.points] == [p.point for p in one.points] and len(one.points) == 9
+    assert [p.score for p in many.points] == pytest.approx([p.score for p in one.points], abs=1e-5)
+    assert many.best_point == one.best_point and many.images_spent == one.images_spent == 36
+    # a budget that ends inside a batch (zoom: 25 coarse points, then a poll of >= 3 of which 2 fit): same stop
+    kw.update(strategy="zoom", points=9, budget=110)
+    cut, ref = calibrate(PointBatched(gen, 64), jaq, prompts, **kw), calibrate(gen, jaq, prompts, **kw)
+    assert cut.stopped == ref.stopped == "budget" and cut.images_spent == ref.images_spent == 108
+    assert [p.point for p in cut.points] == [p.point for p in ref.points]
+    with pytest.raises(E.DeadlinePassed):  # the experiment's deadline stops a search between batches
+        E._search(gen, jaq, 0, 3, "grid", None, batch=64, deadline=time.time() - 1)
+
+
+def test_a_failing_run_in_a_batch_raises_its_own_error_and_stops_the_others(world):
+    made = []
+
+    def wrapper(model, sigmas):
+        made.append(1)
+        broken = len(made) == 2  # the second run of the batch fails at its first network call
+
+        def call(x, sigma, **kw):
+            if broken:
+                raise ValueError("run 2 failed")
+            return model(x, sigma, **kw)
+        return call
+
+    gen = world.generator("tcd", 2, model_wrapper=wrapper)
+    space = SearchSpace("start", 2)
+    with pytest.raises(ValueError, match="run 2 failed"):
+        gen.generate_points([space.coefficients((0.9, 1.0)) for _ in range(4)], D.calibration_prompts()[:2],
+                          [1, 2])
+
+
 # ---------------------------------------------------------------------------------------------- demo (default world)
 def test_default_demo_is_the_shape_world_and_writes_every_file(tmp_path, capsys):
     out = tmp_path / "demo"
@@ -159,7 +229,7 @@ def test_reduced_pipeline_trains_assembles_and_runs_the_experiment(tmp_path):
     assert steps == {"flow": 8, "lcm": 4, "tcd": 4, "clip": 10, "ref": 8}
     res = E.run(str(tmp_path / "exp"), families=("tcd",), steps_list=(2,), formats=("w4a4",), seeds=(0,),
                 per_prompt=1, points=3, strategies=("zoom", "grid"), weights=str(tmp_path / "w"), device="cpu",
-                log=None)
+                log=None, batch=40)  # the GPU run's path: a search's points evaluated together
     methods = [x["method"] for x in res["rows"]]
     assert methods == ["fp", "fp+qsched-zoom", "naive", "ptqd", "qsched-zoom", "qsched-zoom+accept",
                        "qsched-zoom+heldout", "qsched-zoom+trust", "qsched-grid"]
@@ -168,4 +238,21 @@ def test_reduced_pipeline_trains_assembles_and_runs_the_experiment(tmp_path):
     table = (tmp_path / "exp" / "table.md").read_text()
     assert "| tcd | 2 | W4A4 | qsched-grid |" in table
     merged = E.merge(str(tmp_path / "m"), [str(tmp_path / "exp" / "results.json")])
-    assert merged["rows"] == res["rows"]
+    assert merged["rows"] == res["rows"] and merged["config"]["missing"] == merged["config"]["grid_skipped"] == []
+    # a worker whose deadline has passed computes nothing and says so; the merge and the report carry it
+    late = E.run(str(tmp_path / "late"), families=("tcd",), steps_list=(2,), formats=("w4a4",), seeds=(1,),
+                 per_prompt=1, points=3, weights=str(tmp_path / "w"), device="cpu", log=None, deadline=time.time() - 1)
+    assert late["rows"] == [] and late["config"]["missing"] == [["tcd", 2, 1, "fp32"], ["tcd", 2, 1, "w4a4"]]
+    merged = E.merge(str(tmp_path / "m"), [str(tmp_path / "exp" / "results.json"),
+                                           str(tmp_path / "late" / "results.json")])
+    assert merged["rows"] == res["rows"] and merged["config"]["grid_skipped"] == [["tcd", 2, 1, "w4a4"]]
+    assert "Not computed (time limit): the rows of 2" in (tmp_path / "m" / "table.md").read_text()
+    text = R.report(merged)
+    assert "### TCD family: FD" in text and "| 2 | W4A4 |" in text and "1 grid searches [['tcd', 2, 1, 'w4a4']]" in text
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# title\n{R.BEGIN}\nold\n{R.END}\ntail\n")
+    R.insert(str(doc), text)
+    assert doc.read_text() == f"# title\n{R.BEGIN}\n{text}{R.END}\ntail\n"
+    doc.write_text("no markers")
+    with pytest.raises(ValueError, match="needs exactly one <!-- shapeworld-report:begin -->"):
+        R.insert(str(doc), text)

@@ -37,7 +37,7 @@ from ...qsched._io import atomic_write_text
 from ...qsched.ptqd import collect_pairs, fit_ptqd
 from . import data as D
 from ..tinyworld.guard import acceptance, paired
-from .world import FAMILIES, ShapeWorld
+from .world import FAMILIES, PointBatched, ShapeWorld
 
 FORMATS = ("w8a8", "w4a8", "w4a4")
 STEPS = (2, 4, 8)
@@ -101,13 +101,26 @@ def fit_ptqd_for(world: ShapeWorld, family: str, steps: int, net_q, prompts, see
     return fit_ptqd(eps_fp, eps_q)
 
 
-def _search(gen, jaq, r, points, strategy, budget, low=0.8, high=1.2):
+class DeadlinePassed(Exception):
+    """A search was stopped because the run's deadline passed (its rows are reported as skipped)."""
+
+
+def _search(gen, jaq, r, points, strategy, budget, low=0.8, high=1.2, *, batch: int = 0,
+            deadline: float | None = None):
+    """``calibration.runner.calibrate`` on the 20 calibration prompts. ``batch`` > 0: the runner evaluates a
+    strategy's points together, up to ``batch`` images per network call (``world.PointBatched``: the same images
+    up to float error); ``deadline`` (a ``time.time()``): stop with :class:`DeadlinePassed` once it has passed."""
     from ..runner import calibrate
+
+    def interrupt():
+        if deadline is not None and time.time() > deadline:
+            raise DeadlinePassed(f"{strategy} search stopped at the deadline")
 
     prompts = D.calibration_prompts()
     t0 = time.perf_counter()
-    res = calibrate(gen, jaq, prompts, space="start", strategy=strategy, points=points,
-                    seeds=calib_seeds(r, len(prompts)), budget=budget, low=low, high=high)
+    res = calibrate(PointBatched(gen, batch) if batch else gen, jaq, prompts, space="start", strategy=strategy,
+                    points=points, seeds=calib_seeds(r, len(prompts)), budget=budget, low=low, high=high,
+                    interrupt=interrupt if deadline is not None else None)
     return res, time.perf_counter() - t0
 
 
@@ -118,12 +131,12 @@ def _qrow(base, method, res, seconds, m, **extra) -> dict:
 
 
 def grid_rows(world, ev: Evaluator, family: str, steps: int, r: int, formats, nets, *, points: int, budget,
-              log=None) -> list[dict]:
+              log=None, batch: int = 0, deadline: float | None = None) -> list[dict]:
     """The ``qsched-grid`` rows of (family, steps, seed r): Algorithm 1's full grid on the same lattice."""
     rows = []
     for fmt in formats:
         gen = world.generator(family, steps, net=nets[fmt], quant=fmt)
-        res, sec = _search(gen, ev.jaq, r, points, "grid", budget)
+        res, sec = _search(gen, ev.jaq, r, points, "grid", budget, batch=batch, deadline=deadline)
         rows.append(_qrow(dict(family=family, steps=steps, seed=r, format=fmt), "qsched-grid", res, sec,
                           ev.measure(gen, res.best, r)))
         if log:
@@ -136,8 +149,9 @@ GUARDS = ("accept", "heldout", "trust")
 
 def setting_rows(world, ev: Evaluator, family: str, steps: int, r: int, formats, nets, *, fp: bool, points: int,
                  strategies, budget, z: float, guards=GUARDS, fp_search: bool = True, keep: dict | None = None,
-                 log=None) -> list[dict]:
-    """Every row of (family, steps, seed r) for ``formats`` (and the FP rows if ``fp``), except the full grid."""
+                 log=None, batch: int = 0) -> list[dict]:
+    """Every row of (family, steps, seed r) for ``formats`` (and the FP rows if ``fp``), except the full grid.
+    ``batch``: see :func:`_search`."""
     rows = []
     base0 = dict(family=family, steps=steps, seed=r)
     fp_gen = world.generator(family, steps)
@@ -147,7 +161,7 @@ def setting_rows(world, ev: Evaluator, family: str, steps: int, r: int, formats,
     if fp:
         rows.append(dict(base0, format="fp32", method="fp", **ev.measure(fp_gen, None, r)))
         if "zoom" in strategies and fp_search:
-            res, sec = _search(fp_gen, ev.jaq, r, points, "zoom", budget)
+            res, sec = _search(fp_gen, ev.jaq, r, points, "zoom", budget, batch=batch)
             rows.append(_qrow(dict(base0, format="fp32"), "fp+qsched-zoom", res, sec,
                               ev.measure(fp_gen, res.best, r)))
     held_prompts = D.heldout_prompts()
@@ -162,7 +176,7 @@ def setting_rows(world, ev: Evaluator, family: str, steps: int, r: int, formats,
         pg = world.generator(family, steps, net=net, quant=fmt, model_wrapper=corr.wrap)
         rows.append(dict(base, method="ptqd", gamma=list(corr.gamma), **ev.measure(pg, None, r)))
         for strategy in strategies:
-            res, sec = _search(gen, ev.jaq, r, points, strategy, budget)
+            res, sec = _search(gen, ev.jaq, r, points, strategy, budget, batch=batch)
             m = ev.measure(gen, res.best, r)
             row = _qrow(base, f"qsched-{strategy}", res, sec, m)
             rows.append(row)
@@ -176,7 +190,7 @@ def setting_rows(world, ev: Evaluator, family: str, steps: int, r: int, formats,
                 rows.append(_heldout_row(base, ev, gen, res, row, naive, held_prompts, hs, z))
             if "trust" in guards:  # guard 3: trust region around identity
                 tpoints = (points - 1) // 2 + 1 if (points - 1) % 2 == 0 else points
-                tres, tsec = _search(gen, ev.jaq, r, tpoints, "zoom", budget, *TRUST)
+                tres, tsec = _search(gen, ev.jaq, r, tpoints, "zoom", budget, *TRUST, batch=batch)
                 rows.append(_qrow(base, "qsched-zoom+trust", tres, tsec, ev.measure(gen, tres.best, r)))
         if log:
             log(f"{family} steps {steps} seed {r} {fmt}: " + ", ".join(
@@ -215,71 +229,118 @@ def threads(n: int | None):
         torch.set_num_threads(old)
 
 
+def plan_of(families, steps_list, seeds, formats, fp: bool) -> list[list]:
+    """What a run computes rows for: ``[family, steps, seed, model]``, model ``"fp32"`` (the FP rows, if ``fp``)
+    or a format."""
+    return [[fam, st, r, m] for fam in families for st in steps_list for r in seeds
+            for m in (["fp32"] if fp else []) + list(formats)]
+
+
+def status(plan, done, grid_plan, grid_done) -> dict:
+    """What was planned but not computed (time limit, or a worker killed): ``missing`` (settings without their
+    rows) and ``grid_skipped`` (full-grid searches without their row), as ``[family, steps, seed, model]``."""
+    return {"missing": [p for p in plan if p not in done], "grid_skipped": [p for p in grid_plan if p not in grid_done]}
+
+
+#: images per network call when a search's points are evaluated together, by device type (0: one point at a
+#: time). The CPU gains nothing from large batches (it is compute-bound; per-image cost rises with the batch);
+#: a GPU running these tiny models is bound by kernel launches, which batching removes.
+POINT_BATCH = {"cuda": 2560, "cpu": 0}
+
+
 def run(out_dir: str, *, families=FAMILIES, steps_list=STEPS, formats=FORMATS, seeds=SEEDS, per_prompt: int = 20,
         points: int = 21, strategies=("zoom", "grid"), budget: int | None = None, z: float = 2.0, fp: bool = True,
         weights=None, device=None, deadline: float | None = None, num_threads: int | None = 1, log=print,
-        name: str = "results", guards=GUARDS) -> dict:
-    """Run the rows of ``families`` x ``steps_list`` x ``seeds`` x ``formats``; write ``out_dir/<name>.json`` after
-    every setting (so a killed run keeps what it finished) and ``table.md``. ``deadline`` (a ``time.time()``):
-    grid searches are skipped once it has passed (the rows say so)."""
+        name: str = "results", guards=GUARDS, batch: int | None = None) -> dict:
+    """Run the rows of ``families`` x ``steps_list`` x ``seeds`` x ``formats``; write ``out_dir/<name>.json`` at the
+    start and after every setting / grid search (so a killed run keeps what it finished, and says what it did not)
+    and ``table.md``. ``deadline`` (a ``time.time()``): settings not started by then are skipped and a grid search
+    running then is stopped (the JSON's ``missing`` / ``grid_skipped`` list them). ``batch``: images per network
+    call for a search's points (None: ``POINT_BATCH`` of the device; 0: one point at a time)."""
     t_start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch = POINT_BATCH.get(device.type, 0) if batch is None else int(batch)
+    rows: list[dict] = []
+    plan = plan_of(families, steps_list, seeds, formats, fp)
+    grid_plan = plan_of(families, steps_list, seeds, formats, False) if "grid" in strategies else []
+    done, grid_done = [], []
+    cfg = dict(families=list(families), steps=list(steps_list), formats=list(formats), seeds=list(seeds),
+               per_prompt=per_prompt, points=points, strategies=list(strategies), budget=budget, z=z,
+               guards=list(guards), fp=fp, batch=batch, model_hash=None, device=str(device), torch=torch.__version__)
+    first = [s for s in strategies if s != "grid"]
+    result = None
+
+    def save():
+        nonlocal result
+        result = {"config": dict(cfg, **status(plan, done, grid_plan, grid_done)), "plan": plan,
+                  "grid_plan": grid_plan, "done": done, "grid_done": grid_done, "rows": rows,
+                  "seconds": time.perf_counter() - t_start}
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(result, indent=1) + "\n")
+
+    def late() -> bool:
+        return deadline is not None and time.time() > deadline
+
+    save()  # first of all: a worker killed while loading still says what it was to compute
     with threads(num_threads):
         world = ShapeWorld.load(weights, device=device)
+        cfg["model_hash"] = world.model_hash
         ev = Evaluator(world, per_prompt)
-        rows: list[dict] = []
-        skipped = []
-        cfg = dict(families=list(families), steps=list(steps_list), formats=list(formats), seeds=list(seeds),
-                   per_prompt=per_prompt, points=points, strategies=list(strategies), budget=budget, z=z,
-                   guards=list(guards),
-                   model_hash=world.model_hash, device=str(device), torch=torch.__version__)
-        first = [s for s in strategies if s != "grid"]
-        result = None
-
-        def save():
-            nonlocal result
-            result = {"config": dict(cfg, grid_skipped=skipped), "rows": rows,
-                      "seconds": time.perf_counter() - t_start}
-            os.makedirs(out_dir, exist_ok=True)
-            atomic_write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(result, indent=1) + "\n")
-
         nets = {fam: {f: world.quantized(fam, f)[0] for f in formats} for fam in families}
         settings = [(fam, steps, r) for fam in families for steps in steps_list for r in seeds]
         for fam, steps, r in settings:  # pass 1: everything but the full grid
+            if late():
+                continue
             rows += setting_rows(world, ev, fam, steps, r, formats, nets[fam], fp=fp, points=points,
-                                 strategies=first, budget=budget, z=z, guards=guards, log=log)
+                                 strategies=first, budget=budget, z=z, guards=guards, log=log, batch=batch)
+            done.extend([fam, steps, r, m] for m in (["fp32"] if fp else []) + list(formats))
             save()
-        if "grid" in strategies:  # pass 2: the full grid, while time is left
-            for fam, steps, r in settings:
-                if deadline is not None and time.time() > deadline:
-                    skipped.append([fam, steps, r])
-                    continue
-                rows += grid_rows(world, ev, fam, steps, r, formats, nets[fam], points=points, budget=budget, log=log)
-                save()
+        for fam, steps, r, fmt in grid_plan:  # pass 2: the full grid, while time is left
+            if late():
+                continue
+            try:
+                rows += grid_rows(world, ev, fam, steps, r, [fmt], nets[fam], points=points, budget=budget,
+                                  log=log, batch=batch, deadline=deadline)
+            except DeadlinePassed:
+                if log:
+                    log(f"{fam} steps {steps} seed {r} {fmt}: grid stopped at the deadline")
+                continue
+            grid_done.append([fam, steps, r, fmt])
             save()
+        save()
     atomic_write_text(os.path.join(out_dir, f"{'table' if name == 'results' else name}.md"), format_table(result))
     return result
 
 
 def merge(out_dir: str, parts: list[str]) -> dict:
-    """One result from several worker results (same config apart from families / formats / steps / seeds)."""
-    rows, cfg, skipped, seconds = [], None, [], 0.0
+    """One result from several worker results (same config apart from families / formats / steps / seeds). A
+    worker killed before it finished contributes what it saved; its unfinished settings and grid searches are
+    listed in ``config.missing`` / ``config.grid_skipped``."""
+    rows, cfg, seconds = [], None, 0.0
+    plan, done, grid_plan, grid_done, workers = [], [], [], [], []
     for p in parts:
         with open(p, encoding="utf-8") as f:
             res = json.load(f)
         rows += res["rows"]
-        skipped += res["config"].get("grid_skipped", [])
+        plan += res.get("plan", [])
+        done += res.get("done", [])
+        grid_plan += res.get("grid_plan", [])
+        grid_done += res.get("grid_done", [])
         seconds = max(seconds, res["seconds"])
+        workers.append({"file": os.path.basename(p), "seconds": round(res["seconds"], 1), "rows": len(res["rows"])})
         if cfg is None:
             cfg = dict(res["config"])
             cfg["families"], cfg["formats"], cfg["steps"], cfg["seeds"] = [], [], [], []
         for k in ("families", "formats", "steps", "seeds"):
             cfg[k] += [v for v in res["config"][k] if v not in cfg[k]]
+        cfg["model_hash"] = cfg.get("model_hash") or res["config"].get("model_hash")  # None: killed while loading
     cfg["steps"], cfg["seeds"] = sorted(cfg["steps"]), sorted(cfg["seeds"])
     cfg["families"] = [f for f in FAMILIES if f in cfg["families"]]
     cfg["formats"] = [f for f in FORMATS if f in cfg["formats"]] + [f for f in cfg["formats"] if f not in FORMATS]
-    cfg["grid_skipped"] = skipped
-    result = {"config": cfg, "rows": rows, "seconds": seconds}
+    cfg.update(status(plan, done, grid_plan, grid_done))
+    cfg["fp"] = any(p[3] == "fp32" for p in plan)
+    result = {"config": cfg, "plan": plan, "grid_plan": grid_plan, "done": done, "grid_done": grid_done,
+              "workers": workers, "rows": rows, "seconds": seconds}
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1) + "\n")
     atomic_write_text(os.path.join(out_dir, "table.md"), format_table(result))
     return result
@@ -354,9 +415,12 @@ def format_table(result: dict) -> str:
               f"calibration prompts x 1 image, 'start' space in [0.8, 1.2], {cfg['points']}-point lattice, JAQ = "
               f"mean of per-image ln(CLIPScore) + 2·CLIP-IQA (tiny CLIP, the pack's metric code); device "
               f"{cfg.get('device')}; model {str(cfg['model_hash'])[:12]}."]
+    if cfg.get("missing"):
+        lines.append(f"Not computed (time limit): the rows of {len(cfg['missing'])} (family, steps, seed, model) "
+                     f"settings: {cfg['missing']}.")
     if cfg.get("grid_skipped"):
-        lines.append(f"Grid search skipped (time limit) for {len(cfg['grid_skipped'])} (family, steps, seed) "
-                     f"settings: {cfg['grid_skipped']}.")
+        lines.append(f"Grid search skipped (time limit) for {len(cfg['grid_skipped'])} (family, steps, seed"
+                     f"{', format' if len(cfg['grid_skipped'][0]) == 4 else ''}) settings: {cfg['grid_skipped']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -375,10 +439,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-fp", action="store_true", help="skip the FP rows (another worker computes them)")
     p.add_argument("--weights", default=None, help="folder with the two weight files (default: packaged)")
     p.add_argument("--device", default=None)
-    p.add_argument("--deadline", type=float, default=None, help="unix time after which grid searches are skipped")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="unix time after which settings are skipped and a running grid search stops")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="results")
     p.add_argument("--guards", nargs="*", default=list(GUARDS), choices=GUARDS)
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per network call when a search's points are evaluated together (default: 2560 on "
+                        "a GPU, 0 = one point at a time on the CPU); the same images up to float error")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="time limit from now (sets --deadline): later settings are skipped, a running grid stops")
     p.add_argument("--merge", nargs="+", default=None, help="merge these worker result files into --out")
     a = p.parse_args(argv)
     if a.merge:
@@ -386,8 +456,9 @@ def main(argv=None) -> int:
         return 0
     res = run(a.out, families=a.families, steps_list=a.steps, formats=a.formats, seeds=a.seeds,
               per_prompt=a.per_prompt, points=a.points, strategies=tuple(a.strategies), budget=a.budget,
-              fp=not a.no_fp, weights=a.weights, device=a.device, deadline=a.deadline, num_threads=a.threads,
-              name=a.name, guards=tuple(a.guards))
+              fp=not a.no_fp, weights=a.weights, device=a.device, num_threads=a.threads, name=a.name,
+              deadline=a.deadline if a.seconds is None else time.time() + a.seconds, guards=tuple(a.guards),
+              batch=a.batch)
     print(format_table(res))
     return 0
 

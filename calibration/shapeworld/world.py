@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -228,6 +230,125 @@ class ShapeGenerator:
         out = [D.to_image((self.latents(coefficients, prompts[i:i + batch], seeds[i:i + batch]) + 1) / 2)
                for i in range(0, len(prompts), batch)]
         return torch.cat(out)
+
+
+    def generate_points(self, coefficient_list: Sequence[Coefficients | None], prompts, seeds,
+                        max_images: int = 2560) -> torch.Tensor:
+        """The images of every coefficient set, set after set (``[len(coefficient_list)·B, 32, 32, 3]``): the same
+        images as one :meth:`generate` per set up to float error, but the network runs once per step on up to
+        ``max_images`` images of many sets (:class:`Lockstep`). Each set's sampler run, noise and coefficients are
+        its own, unchanged (common random numbers: every set starts from the same noise of ``seeds``)."""
+        prompts, seeds, sets = list(prompts), list(seeds), list(coefficient_list)
+        per = max(1, max_images // max(1, len(prompts)))
+        out = []
+        for i in range(0, len(sets), per):
+            chunk = sets[i:i + per]
+            if len(chunk) == 1 or len(prompts) > max_images:
+                out += [self.generate(c, prompts, seeds) for c in chunk]
+            else:
+                out.append(self._lockstep(chunk, prompts, seeds))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _lockstep(self, sets, prompts, seeds) -> torch.Tensor:
+        from ..generate import check_generate_args
+
+        for c in sets:
+            check_generate_args(c, prompts, seeds, self.steps)
+        text = self.encode(prompts).repeat(len(sets), 1)
+        shared = (EpsDenoiser if self.parameterization == "eps" else FlowDenoiser)(self.net, text)
+        step = Lockstep(shared, len(sets))
+        start, sigmas = self.start(seeds), self.sigmas.to(self.device)
+        fn = samplers.SAMPLERS[self.sampler]
+
+        def run(j):
+            def model(x, sigma, **_):
+                return step.call(j, x, sigma)
+
+            if self.model_wrapper is not None:
+                model = self.model_wrapper(model, self.sigmas)
+            try:
+                x = fn(model, start.clone(), sigmas, None, disable=True, coefficients=sets[j],
+                       **self.sampler_kwargs(seeds))
+            except BaseException as exc:
+                step.leave(exc)
+                raise
+            step.leave(None)
+            return D.to_image((x + 1) / 2)
+
+        with ThreadPoolExecutor(len(sets), thread_name_prefix="shapeworld-lockstep") as pool:
+            futures = [pool.submit(run, j) for j in range(len(sets))]
+        if any(f.exception() is not None for f in futures):  # the first failure, not the runs it stopped
+            raise step.error if step.error is not None else next(f.exception() for f in futures if f.exception())
+        return torch.cat([f.result() for f in futures])
+
+
+class LockstepAborted(RuntimeError):
+    """Another run of the same :class:`Lockstep` failed; this one stopped (the first error is raised)."""
+
+
+class Lockstep:
+    """K sampler runs (threads) that share one network call per step: each run calls ``call(j, x, sigma)``;
+    when every run still going has arrived, the last one runs ``model`` once on all inputs (concatenated in run
+    order) and each gets its own slice back. A run that ends calls ``leave`` (with its error, if it failed:
+    the others then stop with :class:`LockstepAborted`)."""
+
+    def __init__(self, model, k: int):
+        self.model, self.active = model, k
+        self.cond = threading.Condition()
+        self.pending: dict[int, tuple] = {}
+        self.results: dict[int, torch.Tensor] = {}
+        self.error: BaseException | None = None
+
+    def _fire(self) -> None:  # holding self.cond
+        if not self.pending or len(self.pending) < self.active or self.error is not None:
+            return
+        order = sorted(self.pending)
+        xs = [self.pending[j][0] for j in order]
+        try:
+            out = self.model(torch.cat(xs), torch.cat([self.pending[j][1] for j in order]))
+            self.results.update(zip(order, out.split([x.shape[0] for x in xs])))
+        except BaseException as exc:
+            self.error = exc
+        self.pending = {}
+        self.cond.notify_all()
+
+    def call(self, j: int, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        with self.cond:
+            self.pending[j] = (x, sigma.reshape(-1).expand(x.shape[0]))
+            self._fire()
+            while j not in self.results and self.error is None:
+                self.cond.wait()
+            if j in self.results:
+                return self.results.pop(j)
+            raise LockstepAborted("stopped: another run of this batch failed") from self.error
+
+    def leave(self, error: BaseException | None) -> None:
+        with self.cond:
+            self.active -= 1
+            if error is not None and self.error is None:
+                self.error = error
+                self.cond.notify_all()
+            self._fire()
+
+
+class PointBatched:
+    """A :class:`ShapeGenerator` that offers ``generate_many`` (its ``generate_points``), so ``calibration.runner``
+    evaluates a search's points together (the grid sends 64 at a time, zoom its polls); same fingerprint plus
+    ``point_batched``. Opt-in: a plain ShapeGenerator is evaluated one point at a time, as before."""
+
+    def __init__(self, gen: ShapeGenerator, max_images: int = 2560):
+        self.gen, self.max_images = gen, max_images
+        self.steps, self.device = gen.steps, gen.device
+
+    def fingerprint(self) -> dict:
+        return dict(self.gen.fingerprint(), point_batched=True)
+
+    def generate(self, coefficients, prompts, seeds) -> torch.Tensor:
+        return self.gen.generate(coefficients, prompts, seeds)
+
+    def generate_many(self, coefficient_list, prompts, seeds) -> torch.Tensor:
+        return self.gen.generate_points(coefficient_list, prompts, seeds, self.max_images)
 
 
 class Reference:
