@@ -14,6 +14,13 @@ load (RssAnon: memory-mapped file pages are page cache and not counted), ComfyUI
 PyTorch after sampling, s/step eager (second run) and compiled (ComfyUI's TorchCompileModel wrapper, inductor).
 Small cards: ComfyUI's free/total memory queries answer for a card of N GiB and PyTorch's allocator is capped there
 (``torch.cuda.set_per_process_memory_fraction``). Every result is appended to OUT/comfyui_h200.json as it comes.
+
+Parts (``--part A|B``, or ``--only family/format/mode,...``; benchmarks/comfyui_parts.py lists them): ordered lists
+of configs for one device call each (10 minutes at most), written to OUT/comfyui_h200_part<X>.json; each config
+records eager / compiled / CUDA-graph s/step and a kernel-time breakdown of one profiled sampling run
+(benchmarks/kernel_breakdown.py). Without --part/--only the sections of the first run (files, flux, prequant, cards,
+scenarios, sdxl, fastpath, compile) run as before; ``--skip`` takes section names, families, formats or modes.
+``benchmarks/report_comfyui.py`` renders the tables from the JSON files.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ P.add_argument("--tiny", action="store_true")
 P.add_argument("--budget-s", type=float, default=520.0)
 P.add_argument("--skip", default="", help="comma-separated sections to skip")
 P.add_argument("--gguf-only", action="store_true", help="FLUX: core bf16 (state dict in memory) vs GGUF Q8_0/Q4_0")
+P.add_argument("--part", default=None, help="an ordered list of configs: A (FLUX), B (SDXL), tiny (CPU smoke test)")
+P.add_argument("--only", default=None, help="comma-separated config keys family/format/mode (comfyui_parts.py)")
+P.add_argument("--no-profile", action="store_true", help="no kernel-time breakdown")
 ARGS = P.parse_args()
 T0 = time.time()
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,17 +65,24 @@ import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
 from hostmem import AnonPeak  # noqa: E402
+import comfyui_parts as parts  # noqa: E402
+import kernel_breakdown  # noqa: E402
 from qsched_pack.qsched.quant import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
 
 DEV = mm.get_torch_device()
 CUDA = getattr(DEV, "type", "cpu") == "cuda"
 os.makedirs(ARGS.work, exist_ok=True)
 os.makedirs(ARGS.out, exist_ok=True)
-OUT = os.path.join(ARGS.out, "comfyui_tiny_cpu.json" if ARGS.tiny else "comfyui_h200.json")
-R = {"gpu": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__, "configs": [],
-     "cards": [], "scenarios": {}, "files": {}, "errors": [], "skipped": []}
-GiB = 2 ** 30
 SKIP = set(filter(None, ARGS.skip.split(",")))
+PART = ARGS.part or ("only" if ARGS.only else None)
+KEYS = parts.select(ARGS.part, ARGS.only, SKIP)  # a bad key stops here, before anything is written
+OUT = os.path.join(ARGS.out, ("comfyui_tiny_cpu" if ARGS.tiny else "comfyui_h200") + (f"_part{PART}" if PART else "")
+                   + ".json")
+RUN = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+R = {"gpu": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__, "run": RUN, "part": PART,
+     "keys": KEYS, "budget_s": ARGS.budget_s, "configs": [], "cards": [], "scenarios": {}, "files": {}, "errors": [],
+     "skipped": []}
+GiB = 2 ** 30
 
 
 def save():
@@ -168,11 +185,16 @@ def random_state_dict(module, dtype, seed):
 FILES = {}
 
 
-@guarded("files")
-def write_files():
+def ensure_file(fam, with_gguf=False):
+    """Write the family's random-weight file once (FLUX ~24 GB, SDXL ~5 GB), only when a config needs it."""
     from safetensors.torch import save_file
 
-    for fam, build, dtype in (("flux", flux_model, torch.bfloat16), ("sdxl", sdxl_model, torch.float16)):
+    if fam in FILES:
+        return
+    if fam in SKIP:
+        raise RuntimeError(f"{fam} is in --skip but a selected config needs its file")
+    for fam, build, dtype in [x for x in (("flux", flux_model, torch.bfloat16), ("sdxl", sdxl_model, torch.float16))
+                              if x[0] == fam]:
         t = time.time()
         sd = random_state_dict(build("meta"), dtype, 5 if fam == "flux" else 2)
         path = os.path.join(ARGS.work, f"{fam}.safetensors")
@@ -180,7 +202,7 @@ def write_files():
         FILES[fam] = path
         R["files"][fam] = {"bytes": os.path.getsize(path), "write_s": time.time() - t}
         log("wrote", path, os.path.getsize(path) / GiB)
-        if fam == "flux" and ARGS.gguf_nodes and "gguf" not in SKIP:
+        if fam == "flux" and with_gguf and ARGS.gguf_nodes and "gguf" not in SKIP:
             from gguf_files import write_gguf
 
             for q in ("Q8_0", "Q4_0"):
@@ -192,6 +214,13 @@ def write_files():
                 log("wrote", gp)
         del sd
         gc.collect()
+
+
+@guarded("files")
+def write_files():
+    for fam in parts.FAMILIES:
+        if fam not in SKIP:
+            ensure_file(fam, with_gguf=True)
 
 
 # ------------------------------------------------------------------------------------------------------ loaders
@@ -253,7 +282,38 @@ def held():
             "loaded": [{"class": c, "loaded": a, "size": s, "lowvram": lv} for c, a, s, lv in loaded]}
 
 
-def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=False):
+def profile_breakdown(model, fam, wall_step_s):
+    """Kernel-time breakdown of one profiled 4-step sampling run (after warm-up): see kernel_breakdown.py."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with profile(activities=acts) as prof:
+        _, dt = sample(model, fam)
+    want = DeviceType.CUDA if CUDA else DeviceType.CPU
+    items = [(e.name, e.time_range.start, (e.time_range.end - e.time_range.start) if CUDA else e.self_cpu_time_total)
+             for e in prof.events() if e.device_type == want]
+    return kernel_breakdown.summarize(items, steps=4, wall_step_s=wall_step_s, profiled_s=dt,
+                                      device="cuda" if CUDA else "cpu")
+
+
+def stage(rec, name, fn):
+    """One optional stage of a config (compile, CUDA graph, profile): its failure is recorded in the config's record
+    and the earlier stages' numbers stay; the record is saved after every stage."""
+    try:
+        return fn()
+    except Exception as exc:  # recorded in the result file next to the numbers that were measured
+        rec.setdefault("stage_errors", {})[name] = f"{type(exc).__name__}: {exc}"[:1500]
+        log("ERROR", rec["name"], name, type(exc).__name__, str(exc)[:300])
+        return None
+    finally:
+        save()
+
+
+def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=False, key=None, mode=None,
+            profile=False):
+    """Load, sample twice (eager: the second run is timed), then optionally compile / CUDA graph / profile. The
+    record is in R (and on disk) from the first timed run on, updated after each stage."""
     clean()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -261,8 +321,8 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=F
         t = time.time()
         model = loader()
         load_s = time.time() - t
-    rec = {"name": name, "family": fam, "card_gib": card, "load_s": load_s, "host_anon_peak_growth": peak.growth,
-           "comfy_size": model.model_size()}
+    rec = {"name": name, "family": fam, "card_gib": card, "key": key, "mode": mode, "part": PART, "run": RUN,
+           "load_s": load_s, "host_anon_peak_growth": peak.growth, "comfy_size": model.model_size()}
     y, first = sample(model, fam)
     y2, dt = sample(model, fam)
     rec.update(first_run_s=first, s_per_step=dt / 4, finite=bool(torch.isfinite(y2).all()),
@@ -270,38 +330,73 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=F
     lm = [x for x in rec["loaded"] if x["size"] == rec["comfy_size"]]
     rec["weights_on_gpu"] = lm[0]["loaded"] if lm else None
     rec["partial"] = lm[0]["lowvram"] if lm else None
-    if compiled:
-        c = model.clone()
-        set_torch_compile_wrapper(model=c, backend="inductor")
-        _, first_c = sample(c, fam)
-        yc, dtc = sample(c, fam)
-        rec.update(compile_first_run_s=first_c, s_per_step_compiled=dtc / 4,
-                   compiled_vs_eager=float((yc - y2).norm() / (y2.norm() + 1e-12)))
-        if graph:  # issue 13 fast path: the compiled step replayed from CUDA graphs (Q-Sched CUDA Graph node)
-            from qsched_pack.nodes.fastpath import apply_cuda_graph
-
-            gm, graphs = apply_cuda_graph(c, 2)
-            _, first_g = sample(gm, fam)
-            yg, dtg = sample(gm, fam)
-            rec.update(graph_first_run_s=first_g, s_per_step_compiled_graph=dtg / 4, graph_stats=graphs.stats(),
-                       graph_vs_compiled=float((yg - yc).norm() / (yc.norm() + 1e-12)),
-                       graph_equal_compiled=bool(torch.equal(yg, yc)))
-            del gm
-        del c
-    elif graph:
-        from qsched_pack.nodes.fastpath import apply_cuda_graph
-
-        gm, graphs = apply_cuda_graph(model, 2)
-        _, first_g = sample(gm, fam)
-        yg, dtg = sample(gm, fam)
-        rec.update(graph_first_run_s=first_g, s_per_step_graph=dtg / 4, graph_stats=graphs.stats(),
-                   graph_equal_eager=bool(torch.equal(yg, y2)),
-                   graph_vs_eager=float((yg - y2).norm() / (y2.norm() + 1e-12)))
-        del gm
-    log(name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items() if k != "loaded"})
     (R["cards"] if card else R["configs"]).append(rec)
     save()
+    if profile:
+        rec["breakdown_eager"] = stage(rec, "profile eager", lambda: profile_breakdown(model, fam, dt / 4))
+    base = model
+    if compiled:
+        def do_compile():
+            # each config compiles the same forward code objects again: without a reset, dynamo's recompile limit
+            # (8 per code object) would silently leave later configs eager, and old graphs would keep old weights
+            torch._dynamo.reset()
+            c = model.clone()
+            set_torch_compile_wrapper(model=c, backend="inductor")
+            _, first_c = sample(c, fam)
+            yc, dtc = sample(c, fam)
+            rec.update(compile_first_run_s=first_c, s_per_step_compiled=dtc / 4,
+                       compiled_vs_eager=float((yc - y2).norm() / (y2.norm() + 1e-12)))
+            return c, yc
+
+        got = stage(rec, "compile", do_compile)
+        if got is None:
+            graph = False
+        else:
+            base, yref = got
+            if profile:
+                rec["breakdown_compiled"] = stage(rec, "profile compiled",
+                                                  lambda: profile_breakdown(base, fam, rec["s_per_step_compiled"]))
+    if graph:  # issue 13 fast path: each step replayed from CUDA graphs (Q-Sched CUDA Graph node)
+        def do_graph():
+            from qsched_pack.nodes.fastpath import apply_cuda_graph
+
+            gm, graphs = apply_cuda_graph(base, 2)
+            _, first_g = sample(gm, fam)
+            yg, dtg = sample(gm, fam)
+            ref = yref if compiled else y2
+            tag = "compiled" if compiled else "eager"
+            rec.update({"graph_first_run_s": first_g, f"s_per_step_{'compiled_' if compiled else ''}graph": dtg / 4,
+                        "graph_stats": graphs.stats(), f"graph_equal_{tag}": bool(torch.equal(yg, ref)),
+                        f"graph_vs_{tag}": float((yg - ref).norm() / (ref.norm() + 1e-12))})
+            return gm
+
+        gm = stage(rec, "cuda graph", do_graph)
+        if gm is not None and profile:
+            rec["breakdown_graph"] = stage(rec, "profile graph", lambda: profile_breakdown(
+                gm, fam, rec.get("s_per_step_compiled_graph", rec.get("s_per_step_graph"))))
+        del gm
+    del base
+    log(name, key or "", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
+                          if k not in ("loaded",) and not k.startswith("breakdown")})
+    for k in ("breakdown_eager", "breakdown_compiled", "breakdown_graph"):
+        if rec.get(k):
+            log("  ", k, {c: round(v, 3) for c, v in rec[k]["shares"].items() if v is not None},
+                "busy/step", rec[k].get("gpu_busy_per_step_s"))
+    save()
     return (model, y2) if keep else None
+
+
+def run_config(key):
+    """One config of --part/--only, guarded by its time estimate (the file write included when still needed)."""
+    fam, fmt, mode = parts.parse(key)
+
+    def go():
+        ensure_file(fam)
+        loader = core(fam, fp8_fast=fmt == "fp8_fast") if fmt in parts.CORE_FORMATS else pack(fam, fmt)
+        measure(parts.display_name(fmt), fam, loader, compiled=mode.startswith("compiled"),
+                graph=mode.endswith("graph"), key=key, mode=mode, profile=not ARGS.no_profile)
+
+    guarded(f"config {key}", 0 if ARGS.tiny else parts.need_s(key, set(FILES)))(go)()
 
 
 # ------------------------------------------------------------------------------------------------------ cards
@@ -372,17 +467,19 @@ def prequant():
 @guarded("cards", 120)
 def cards():
     pre = FILES.get("flux_w4a8_file")
-    with Card(12):
-        measure("core bf16", "flux", core("flux"), card=12)
-        measure("core fp8_e4m3fn_fast", "flux", core("flux", fp8_fast=True), card=12)
-        measure("pack w4a8" + (" (pre-quantized file)" if pre else ""), "flux",
-                (lambda: load_quantized(pre, "w4a8")[0]) if pre else pack("flux", "w4a8"), card=12)
-        measure("pack w8a8-fp8", "flux", pack("flux", "w8a8-fp8"), card=12)
-    with Card(6):
-        measure("core fp16", "sdxl", core("sdxl"), card=6)
-        measure("pack w4a8", "sdxl", pack("sdxl", "w4a8"), card=6)
-        measure("pack w8a8", "sdxl", pack("sdxl", "w8a8"), card=6)
-        measure("pack w8a8-fp8", "sdxl", pack("sdxl", "w8a8-fp8"), card=6)
+    if "flux" in FILES:
+        with Card(12):
+            measure("core bf16", "flux", core("flux"), card=12)
+            measure("core fp8_e4m3fn_fast", "flux", core("flux", fp8_fast=True), card=12)
+            measure("pack w4a8" + (" (pre-quantized file)" if pre else ""), "flux",
+                    (lambda: load_quantized(pre, "w4a8")[0]) if pre else pack("flux", "w4a8"), card=12)
+            measure("pack w8a8-fp8", "flux", pack("flux", "w8a8-fp8"), card=12)
+    if "sdxl" in FILES:
+        with Card(6):
+            measure("core fp16", "sdxl", core("sdxl"), card=6)
+            measure("pack w4a8", "sdxl", pack("sdxl", "w4a8"), card=6)
+            measure("pack w8a8", "sdxl", pack("sdxl", "w8a8"), card=6)
+            measure("pack w8a8-fp8", "sdxl", pack("sdxl", "w8a8-fp8"), card=6)
 
 
 @guarded("scenarios", 90)
@@ -423,29 +520,26 @@ def sdxl_configs():
         measure(f"pack {fmt}", "sdxl", pack("sdxl", fmt))
 
 
-COMPILE = [("sdxl", "pack w4a8", 45), ("sdxl", "pack w8a8-fp8", 45), ("sdxl", "pack w8a8", 45),
-           ("flux", "pack w4a8", 110), ("flux", "pack w8a8-fp8", 110), ("sdxl", "core fp16", 45),
-           ("flux", "core bf16", 110), ("flux", "pack w8a8", 110), ("sdxl", "pack w4a8-fp8", 45),
-           ("flux", "pack w4a8-fp8", 110)]
-# Issue 13's fast path: the same configs compiled and then replayed from CUDA graphs (Q-Sched CUDA Graph node), and
-# core fp16 SDXL eager + graphs. The acceptance ratio is SDXL-Turbo 4 steps with the fast path vs core compiled fp16.
-FASTPATH = [("sdxl", "core fp16", True, 45), ("sdxl", "core fp16", False, 30), ("sdxl", "pack w8a8-fp8", True, 45),
-            ("sdxl", "pack w4a8-fp8", True, 45), ("flux", "core bf16", True, 110),
-            ("flux", "pack w8a8-fp8", True, 110), ("flux", "pack w4a8-fp8", True, 110)]
+# The first run's compile / fast-path sections as config keys (its order); --part A/B are the newer, split lists.
+COMPILE = ["sdxl/w4a8/compiled", "sdxl/w8a8-fp8/compiled", "sdxl/w8a8/compiled", "flux/w4a8/compiled",
+           "flux/w8a8-fp8/compiled", "sdxl/fp16/compiled", "flux/bf16/compiled", "flux/w8a8/compiled",
+           "sdxl/w4a8-fp8/compiled", "flux/w4a8-fp8/compiled"]
+FASTPATH = ["sdxl/fp16/compiled+graph", "sdxl/fp16/graph", "sdxl/w8a8-fp8/compiled+graph",
+            "sdxl/w4a8-fp8/compiled+graph", "flux/bf16/compiled+graph", "flux/w8a8-fp8/compiled+graph",
+            "flux/w4a8-fp8/compiled+graph"]
 
 
 def compile_all():
     """ComfyUI's TorchCompileModel wrapper (inductor) on each config, as long as time allows."""
-    for fam, name, need in COMPILE:
-        loader = core(fam) if name.startswith("core") else pack(fam, name.split()[-1])
-        guarded(f"compile {fam} {name}", need)(measure)(name, fam, loader, compiled=True)
+    for key in parts.select(None, ",".join(COMPILE), SKIP):
+        if key.split("/")[0] in FILES:
+            run_config(key)
 
 
 def fastpath_all():
-    for fam, name, compiled, need in FASTPATH:
-        loader = core(fam) if name.startswith("core") else pack(fam, name.split()[-1])
-        label = f"{name} {'compiled ' if compiled else ''}+ CUDA graph"
-        guarded(f"fastpath {fam} {label}", need)(measure)(label, fam, loader, compiled=compiled, graph=True)
+    for key in parts.select(None, ",".join(FASTPATH), SKIP):
+        if key.split("/")[0] in FILES:
+            run_config(key)
 
 
 @guarded("gguf_only")
@@ -470,6 +564,17 @@ if __name__ == "__main__" and ARGS.gguf_only:
     R["total_s"] = time.time() - T0
     save()
     log("done", OUT)
+elif __name__ == "__main__" and PART:
+    log("device", R["gpu"], torch.__version__, "part", PART, KEYS)
+    if CUDA:
+        import shutil
+
+        R["disk_free_gib"] = shutil.disk_usage(ARGS.work).free / GiB
+    for k in KEYS:
+        run_config(k)
+    R["total_s"] = time.time() - T0
+    save()
+    log("done", OUT)
 elif __name__ == "__main__":
     log("device", R["gpu"], torch.__version__)
     if CUDA:
@@ -480,15 +585,14 @@ elif __name__ == "__main__":
     if "flux" in FILES:
         flux_configs()
         prequant()
-    if "sdxl" in FILES:
-        cards()
         scenarios()
+    cards()
+    if "sdxl" in FILES:
         sdxl_configs()
-        if "fastpath" not in SKIP:  # before compile_all: the issue-13 acceptance configs first
-            fastpath_all() if not ARGS.tiny else guarded("fastpath tiny", 0)(measure)(
-                "core fp16 + CUDA graph", "sdxl", core("sdxl"), graph=True)
-        if not ARGS.tiny and "compile" not in SKIP:
-            compile_all()
+    if "fastpath" not in SKIP:  # before compile_all: the issue-13 acceptance configs first
+        fastpath_all() if not ARGS.tiny else run_config("sdxl/fp16/graph")
+    if not ARGS.tiny and "compile" not in SKIP:
+        compile_all()
     R["total_s"] = time.time() - T0
     save()
     log("done", OUT)
