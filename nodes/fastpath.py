@@ -44,11 +44,39 @@ def apply_cuda_graph(model_patcher, max_graphs: int = 2, node: str = "Q-Sched CU
     def apply_model(executor, *args, **kwargs):
         if not active[0]:
             return executor(*args, **kwargs)
-        return graphs(executor, *args, **kwargs)
+        a, k = conds_to_device(args, kwargs)
+        return graphs(executor, *a, **k)
 
     m.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, sampler_sample)
     m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model)
     return m, graphs
+
+
+def conds_to_device(args: tuple, kwargs: dict) -> tuple:
+    """The arguments of ComfyUI's ``BaseModel._apply_model(x, t, c_concat, c_crossattn, control,
+    transformer_options, **extra_conds)`` with every host tensor of the conditioning moved to ``x``'s device.
+
+    ComfyUI hands the conds over on the CPU (the text encoders' intermediate device; ``CONDRegular.process_cond``
+    does not move them) and ``_apply_model`` copies them to the GPU itself. A graph cannot replay a host-to-device
+    copy of a tensor it did not capture, so the copy happens here, before the graph's inputs are taken: the model
+    then gets the same values on the device (``cast_to_device`` leaves them there). ``transformer_options`` (args[5]
+    or the keyword) is left as it is: a host tensor there keeps the call eager (StepGraphs says why)."""
+    import torch
+
+    x = args[0] if args else kwargs.get("x")
+    if not isinstance(x, torch.Tensor) or x.device.type == "cpu":
+        return args, kwargs
+
+    def move(v):
+        if isinstance(v, torch.Tensor) and v.device.type == "cpu":
+            return v.to(x.device)
+        if isinstance(v, (list, tuple)):
+            return type(v)(move(e) for e in v)
+        return v
+
+    new_args = tuple(a if i == 5 else move(a) for i, a in enumerate(args))
+    new_kwargs = {k: (v if k == "transformer_options" else move(v)) for k, v in kwargs.items()}
+    return new_args, new_kwargs
 
 
 class QSchedCudaGraph:

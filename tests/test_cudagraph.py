@@ -71,6 +71,27 @@ def test_node_is_registered_and_checks_its_input():
         apply_cuda_graph(object(), 0)
 
 
+def test_host_conds_move_to_the_latent_device_options_stay():
+    """ComfyUI passes the conds on the CPU and moves them inside _apply_model; the fast path moves them first (a
+    graph cannot replay that copy). 'meta' stands in for the GPU: every host tensor of the conditioning (positional
+    and extra conds, lists of them) goes to x's device with its values' dtype/shape; transformer_options (positional
+    or keyword) is untouched; a CPU latent changes nothing."""
+    from qsched_pack.nodes.fastpath import conds_to_device
+
+    x, t = torch.zeros(1, 4, 8, 8, device="meta"), torch.zeros(1, device="meta")
+    ctx, y, g = torch.randn(1, 7, 16), torch.randn(1, 32), torch.tensor([3.5])
+    opts = {"sample_sigmas": torch.ones(5), "cond_or_uncond": [0]}
+    args, kwargs = conds_to_device((x, t, None, ctx, None, opts), {"y": y, "guidance": g, "ref": [ctx, 2],
+                                                                  "transformer_options": opts})
+    assert args[0] is x and args[1] is t and args[2] is None and args[5] is opts
+    assert args[3].device.type == "meta" and args[3].shape == ctx.shape and args[3].dtype == ctx.dtype
+    assert all(kwargs[k].device.type == "meta" for k in ("y", "guidance"))
+    assert kwargs["ref"][0].device.type == "meta" and kwargs["ref"][1] == 2
+    assert kwargs["transformer_options"] is opts and opts["sample_sigmas"].device.type == "cpu"
+    cpu_args = (torch.zeros(1), t, None, ctx, None, opts)
+    assert conds_to_device(cpu_args, {"y": y}) == (cpu_args, {"y": y})
+
+
 # ------------------------------------------------------------------------------------------------ GPU (device script)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -72,7 +72,8 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, w
 # Under torch.compile, the float8 formats (w8a8-fp8, w4a8-fp8) are traced as plain torch ops for the per-token
 # activation quantization (inductor fuses it into the op that produced the activations: the norm / modulation /
 # GELU before the Linear) followed by torch._scaled_mm (row-wise scales, bias and bf16 output in cuBLASLt's
-# epilogue) or the W4A8-FP8 GEMM custom op. No host synchronisation anywhere. False: one opaque custom op per layer.
+# epilogue); w4a8-fp8's weights are expanded to float8 by torch ops inductor fuses (one kernel per layer, launched
+# by the compiled code). No host synchronisation anywhere. False: one opaque custom op per layer.
 COMPILE_FUSE_ACT_QUANT = True
 
 
@@ -124,27 +125,6 @@ if hasattr(torch.library, "custom_op"):
     def _(x, qweight, wscale, waux, bias, kernel, w_bits, a_bits, a_dtype, act_symmetric, out_features,
           fused_max_m):
         return x.new_empty((*x.shape[:-1], out_features))
-
-    @torch.library.custom_op("qsched::fp8w4_gemm", mutates_args=())
-    def _fp8w4_gemm_op(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, wexp: torch.Tensor,
-                       wscale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-        from . import kernels
-
-        return kernels.fp8w4_gemm(xq, xs, packed, wexp, wscale, bias, out_dtype)
-
-    @_fp8w4_gemm_op.register_fake
-    def _(xq, xs, packed, wexp, wscale, bias, out_dtype):
-        return xq.new_empty((xq.shape[0], packed.shape[0]), dtype=out_dtype)
-
-    @torch.library.custom_op("qsched::fp8w4_expand", mutates_args=())
-    def _fp8w4_expand_op(packed: torch.Tensor, wexp: torch.Tensor) -> torch.Tensor:
-        from . import kernels
-
-        return kernels.fp8w4_expand(packed, wexp)
-
-    @_fp8w4_expand_op.register_fake
-    def _(packed, wexp):
-        return packed.new_empty((packed.shape[0], 2 * packed.shape[1]), dtype=qmath.FP8)
 
 
 def dequantize(qweight: torch.Tensor, wscale: torch.Tensor, in_features: int, dtype=torch.float32,
@@ -249,24 +229,23 @@ def _fp8_mm(x2, qweight, wscale, bias, triton_quant: bool = True) -> torch.Tenso
 
 def _fp8w4_mm(x2, packed, wscale, wexp, bias, traceable: bool = False) -> torch.Tensor:
     """w4a8-fp8: float8 per-token activations x (codes * 2^wexp) on the FP8 tensor cores, per-channel scale after.
-    CUDA, up to ``kernels.FP8W4_FUSED_MAX_M`` tokens: the fused W4A8-FP8 GEMM (4-bit weights read once); more
-    tokens: the weights expanded to float8 in one pass, then torch._scaled_mm (``_fp8_mm``). ``traceable``:
-    activation quantization in torch ops and the Triton launches as custom ops (``qsched::fp8w4_gemm``,
-    ``qsched::fp8w4_expand``)."""
+    Eager on CUDA, up to ``kernels.FP8W4_FUSED_MAX_M`` tokens: the fused W4A8-FP8 GEMM (4-bit weights read once);
+    more tokens: the weights expanded to float8 in one pass (``kernels.fp8w4_expand``), then torch._scaled_mm
+    (``_fp8_mm``). ``traceable`` (under torch.compile): the expansion and the activation quantization as plain torch
+    ops, which inductor fuses into its own kernels, then torch._scaled_mm: no Python-side kernel launch inside the
+    compiled graph (each costs tens of microseconds of host time, ~20 ms per FLUX step when measured)."""
     m, k = x2.shape
+    if traceable:
+        return _fp8_mm(x2, qmath.fp8w4_values(qmath.unpack_int4(packed), wexp), wscale, bias, triton_quant=False)
     tk = _triton() if x2.is_cuda else None
     if tk is not None and m <= tk.FP8W4_FUSED_MAX_M and tk.fp8w4_eligible(k, k // wexp.shape[1], x2.dtype):
-        b = None if bias is None else bias.to(x2.dtype)
-        if traceable:
-            q, xs = qmath.quantize_act_fp8(x2, block_perm=tk.FP8W4_BLOCK_K)
-            return torch.ops.qsched.fp8w4_gemm(q, xs, packed, wexp, wscale, b, x2.dtype)
         q, xs = tk.quantize_act_fp8(x2, perm=tk.FP8W4_BLOCK_K)
-        return tk.fp8w4_gemm(q, xs, packed, wexp, wscale, b, x2.dtype)
+        return tk.fp8w4_gemm(q, xs, packed, wexp, wscale, None if bias is None else bias.to(x2.dtype), x2.dtype)
     if tk is not None:
-        w8 = torch.ops.qsched.fp8w4_expand(packed, wexp) if traceable else tk.fp8w4_expand(packed, wexp)
+        w8 = tk.fp8w4_expand(packed, wexp)
     else:  # the CPU: the same float8 values in torch ops, then the exact float32 product of _fp8_mm
         w8 = qmath.fp8w4_values(qmath.unpack_int4(packed), wexp)
-    return _fp8_mm(x2, w8, wscale, bias, triton_quant=not traceable)
+    return _fp8_mm(x2, w8, wscale, bias)
 
 
 def quantize_linear_weight(w: torch.Tensor, spec: QuantSpec, kernel: str, group_size: int | None,
