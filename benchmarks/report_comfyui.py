@@ -67,6 +67,19 @@ def _core_value(runs, fam, field, prefer):
     return None, ""
 
 
+def _captured(rec) -> bool:
+    """Whether the CUDA-graph stage replayed graphs (False: every call ran eagerly; graph_stats says why)."""
+    st = rec.get("graph_stats")
+    return not st or bool(st.get("replays"))
+
+
+def _unfinished(rec, stage) -> str:
+    err = (rec.get("stage_errors") or {}).get(stage)
+    if err:
+        return "failed: " + str(err)[:80]
+    return "not finished (the device call ended during this stage)"
+
+
 def _breakdown_rows(rec):
     for mode, key in (("eager", "breakdown_eager"), ("compiled", "breakdown_compiled"),
                       ("+ CUDA graph", "breakdown_graph")):
@@ -99,15 +112,18 @@ def new_tables(runs: list) -> list:
             same = "–" if not eq else ("bit-exact" if eq[0] else f"rel. err {err[0]:.1e}")
             comp = r.get("s_per_step_compiled")
             if comp is None and r.get("mode", "").startswith("compiled"):
-                comp_cell = "failed: " + str(r.get("stage_errors", {}).get("compile", "?"))[:80]
+                comp_cell = _unfinished(r, "compile")
             else:
                 comp_cell = _cell(comp, _ratio(comp, bc), dc)
+            graph_cells = [_cell(r.get(k), _ratio(r.get(k), bc), dc) for k in ("s_per_step_graph",
+                                                                              "s_per_step_compiled_graph")]
+            if not _captured(r):  # the node fell back to eager calls: the time is not a CUDA-graph time
+                graph_cells = [c if c == "–" else f"not captured ({c})" for c in graph_cells]
+                same = "–" if same == "–" else "no graph ran"
             out.append(f"| {r['name']} | {r.get('mode')} | {run['_part']} | {_f(r.get('load_s'), 1)} | {_gb(r.get('comfy_size'))} | "
                        f"{_gb(r.get('allocated'))} | "
                        f"{_cell(r.get('s_per_step'), _ratio(r.get('s_per_step'), be), de)} | {comp_cell} | "
-                       f"{_cell(r.get('s_per_step_graph'), _ratio(r.get('s_per_step_graph'), bc), dc)} | "
-                       f"{_cell(r.get('s_per_step_compiled_graph'), _ratio(r.get('s_per_step_compiled_graph'), bc), dc)}"
-                       f" | {same} |")
+                       f"{graph_cells[0]} | {graph_cells[1]} | {same} |")
         out.append("")
         fast = [(run, r) for run, r in recs if "s_per_step_graph" in r or "s_per_step_compiled_graph" in r]
         if fast:
@@ -122,10 +138,11 @@ def new_tables(runs: list) -> list:
                     if r.get(k) is not None:
                         st = r.get("graph_stats") or {}
                         ratio = _ratio(r[k], bc)
+                        why = st.get("disabled") or (st.get("eager_reason") if not _captured(r) else None)
                         out.append(f"| {r['name']} {label} | {run['_part']} | {4 * r[k]:.3f} | "
                                    f"{'–' if ratio is None else f'{ratio:.2f}{dc}'} | {st.get('captures')} / "
                                    f"{st.get('replays')} / {st.get('eager_calls')}"
-                                   f"{' (disabled: ' + str(st['disabled']) + ')' if st.get('disabled') else ''} |")
+                                   f"{' (no graph: ' + str(why) + ')' if why else ''} |")
             out.append("")
         rows = [(run, r, m, b) for run, r in recs for m, b in _breakdown_rows(r)]
         if rows:
@@ -207,11 +224,25 @@ def earlier_tables(earlier: list, runs: list) -> list:
     return out
 
 
+def _measured_since(runs: list) -> set:
+    """(family, display name) pairs with a compiled number in any per-part run."""
+    return {(r.get("family"), r.get("name")) for run in runs if run.get("part") for r in run.get("configs", [])
+            if r.get("s_per_step_compiled") is not None}
+
+
 def problems(runs: list) -> list:
     out = []
+    compiled_later = _measured_since(runs)
     for run in runs:
         for s in run.get("skipped", []):
+            words = s.split(" (")[0].split()  # "compile sdxl pack w8a8-fp8 (3 s left, ...)"
+            if not run.get("part") and words[:1] == ["compile"] and (words[1], " ".join(words[2:])) in compiled_later:
+                continue  # measured by a later run
             out.append(f"- not run ({run['_label']}): {s}")
+        done = {r.get("key") for r in run.get("configs", [])}
+        for key in run.get("keys") or []:
+            if key not in done and not any(key in sk for sk in run.get("skipped", [])):
+                out.append(f"- not reached ({run['_label']}): {key} (the device call ended first)")
         for e in run.get("errors", []):
             out.append(f"- error ({run['_label']}): {e['section']}: {e['error'][:300]}")
         for r in run.get("configs", []) + run.get("cards", []):
@@ -220,7 +251,7 @@ def problems(runs: list) -> list:
     return ["## Not run / failed", ""] + out + [""] if out else []
 
 
-def render(runs: list, earlier: list) -> str:
+def render(runs: list, earlier: list, notes: tuple = ()) -> str:
     allr = runs + earlier
     gpus = sorted({f"{r.get('gpu')}, torch {r.get('torch')}" for r in allr})
     lines = [f"# ComfyUI 0.3.64 in-process on {' / '.join(sorted({str(r.get('gpu')) for r in allr}))}, random "
@@ -231,6 +262,7 @@ def render(runs: list, earlier: list) -> str:
              "VRAM = `torch.cuda.memory_allocated()` after sampling; size = ComfyUI's `model_size()`; load = the "
              "loader call; compiled = ComfyUI's TorchCompileModel wrapper (inductor); CUDA graph = the Q-Sched CUDA "
              "Graph node (`nodes/fastpath.py`).", ""]
+    lines += [f"Note: {n}" for n in notes] + ([""] if notes else [])
     lines += new_tables(runs)
     lines += earlier_tables(earlier, runs)
     lines += problems(allr)
@@ -242,10 +274,11 @@ def main(argv=None):
     ap.add_argument("runs", nargs="*", help="JSON files of --part/--only runs")
     ap.add_argument("--earlier", action="append", default=[], help="JSON of an earlier run (PATH or PATH=LABEL)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--note", action="append", default=[], help="a sentence printed under the header")
     a = ap.parse_args(argv)
     runs = [load(p) for p in a.runs]
     earlier = [load(*e.split("=", 1)) if "=" in e else load(e) for e in a.earlier]
-    text = render(runs, earlier)
+    text = render(runs, earlier, tuple(a.note))
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)

@@ -149,3 +149,26 @@ def test_report_ratios_use_the_same_part_and_mark_other_parts(tmp_path):
     assert "| core bf16 | 2.0 |" not in text and "Simulated 12 GiB card" in text
     assert "not run (part A, r1): config flux/w8a8/eager" in text
     assert "flux/w4a8/compiled: profile compiled: RuntimeError: x" in text
+
+
+def test_report_marks_uncaptured_graphs_unfinished_stages_and_unreached_configs(tmp_path):
+    """A graph stage that replayed nothing is no CUDA-graph time; a compile cut by the device call's limit is not a
+    failure; configs of the part never started are listed; an earlier 'not run' that a new part measured is gone."""
+    a = {"gpu": "H200", "torch": "2.11", "run": "r1", "part": "A",
+         "keys": ["flux/bf16/compiled+graph", "flux/w4a8-fp8/compiled+graph", "flux/w8a8/eager"], "configs": [
+             _rec("core bf16", "flux", "flux/bf16/compiled+graph", s_per_step=0.2, s_per_step_compiled=0.1,
+                  s_per_step_compiled_graph=0.1, graph_equal_compiled=True, graph_vs_compiled=0.0,
+                  graph_stats={"captures": 0, "replays": 0, "eager_calls": 8, "eager_reason": "host tensor"}),
+             _rec("pack w4a8-fp8", "flux", "flux/w4a8-fp8/compiled+graph", s_per_step=0.25)],
+         "errors": [], "skipped": []}
+    old = {"gpu": "H200", "torch": "2.11", "configs": [], "cards": [], "scenarios": {}, "files": {}, "errors": [],
+           "skipped": ["compile flux core bf16 (3 s left, needs 110)", "compile flux pack w8a8 (3 s left, needs 110)"]}
+    out = str(tmp_path / "r.md")
+    rep.main([_write(tmp_path, "a.json", a), "--earlier", _write(tmp_path, "old.json", old) + "=first",
+              "--out", out, "--note", "graphs fixed later"])
+    text = open(out).read()
+    assert "Note: graphs fixed later" in text
+    assert "not captured (0.100 (1.00×)) | no graph ran |" in text and "(no graph: host tensor)" in text
+    assert "| pack w4a8-fp8 | compiled+graph | A |" in text and "not finished (the device call ended" in text
+    assert "not reached (part A, r1): flux/w8a8/eager" in text
+    assert "compile flux core bf16" not in text and "compile flux pack w8a8 (3 s left" in text
