@@ -16,8 +16,8 @@ CATEGORIES = ("gemm", "attention", "quantize", "conv", "other")
 NOTE = ("Kernels classified by name. gemm: cuBLAS/cuBLASLt/CUTLASS/nvjet (incl. torch._scaled_mm, torch._int_mm and "
         "their fused epilogues), our Triton GEMMs (_w4a8_gemm_kernel, _fp8w4_gemm_kernel) and the int8 epilogue "
         "kernel. attention: flash/fmha/cuDNN SDPA kernels. quantize: our _act_quant_kernel, the weight unpack "
-        "kernels (_dequant_int4_kernel, _fp8w4_expand_kernel: 4-bit weights expanded per call before a cuBLAS "
-        "GEMM), and inductor kernels whose name has amax/quant/float8 (compiled fp8 formats: inductor fuses the "
+        "kernel (_dequant_int4_kernel, also w4a8-fp8's float8 expansion: 4-bit weights expanded per call "
+        "before a cuBLAS GEMM), and inductor kernels whose name has amax/quant/float8 (compiled fp8 formats: inductor fuses the "
         "per-token quantization into the preceding norm/modulation/GELU kernel, so that kernel's whole time counts "
         "as quantize, an over-count); an inductor kernel that only casts to fp8 without amax in its name counts as "
         "other. conv: cuDNN convolution kernels (SDXL). other: norms, elementwise, copies.")

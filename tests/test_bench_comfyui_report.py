@@ -74,7 +74,7 @@ def test_need_s_adds_the_file_write_once():
     ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
-    ("_act_quant_kernel", "quantize"), ("_dequant_int4_kernel", "quantize"), ("_fp8w4_expand_kernel", "quantize"),
+    ("_act_quant_kernel", "quantize"), ("_dequant_int4_kernel", "quantize"),
     ("triton_red_fused__to_copy_abs_amax_clamp_div_native_layer_norm_0", "quantize"),
     ("triton_poi_fused_add_mul_native_layer_norm_3", "other"),
     ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "conv"),

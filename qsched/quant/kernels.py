@@ -81,30 +81,22 @@ if triton is not None:
         tl.store(s_ptr + row, s)
 
     @triton.jit
-    def _dequant_int4_kernel(p_ptr, s_ptr, out_ptr, total_bytes, HALF_K, GROUPS, GROUP: tl.constexpr,
+    def _dequant_int4_kernel(p_ptr, s_ptr, out_ptr, total_bytes, GROUP: tl.constexpr, EXP: tl.constexpr,
                              BLOCK: tl.constexpr):
-        # Flat over the packed bytes: contiguous loads of BLOCK bytes, contiguous stores of 2 * BLOCK values.
-        offs = (tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK))
-        mask = offs < total_bytes
-        p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.int32)
-        row = offs // HALF_K
-        col = (offs - row * HALF_K) * 2
-        sc = tl.load(s_ptr + row * GROUPS + col // GROUP, mask=mask, other=0.0).to(tl.float32)
-        vals = tl.interleave(((p & 15) - 8).to(tl.float32) * sc, ((p >> 4) - 8).to(tl.float32) * sc)
-        o = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-        tl.store(out_ptr + o, vals.to(out_ptr.dtype.element_ty), mask=o < 2 * total_bytes)
-
-    @triton.jit
-    def _fp8w4_expand_kernel(p_ptr, e_ptr, out_ptr, total_bytes, GROUP: tl.constexpr, BLOCK: tl.constexpr):
-        # w4a8-fp8 weights -> their exact float8 values codes * 2^e, flat over the packed bytes (rows are contiguous
-        # and K is a multiple of GROUP, so byte i holds columns 2i, 2i+1 of the flat [N * K] and group 2i // GROUP).
+        # Packed int4 codes [N, K/2] x one factor per group of GROUP inputs -> [N, K] in out's dtype, flat over the
+        # packed bytes: contiguous loads of BLOCK bytes, contiguous stores of 2 * BLOCK values. Rows are contiguous
+        # and K is a multiple of GROUP, so byte i holds columns 2i, 2i+1 of the flat [N * K] and group 2i // GROUP.
+        # The factor is the group scale s (w4a8: codes * s) or, with EXP, 2^s for int8 exponents s (w4a8-fp8:
+        # codes * 2^e, exact in float8).
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < total_bytes
         p = tl.load(p_ptr + offs, mask=mask, other=0x88).to(tl.int32)
-        f = tl.exp2(tl.load(e_ptr + (2 * offs) // GROUP, mask=mask, other=0).to(tl.float32))
+        f = tl.load(s_ptr + (2 * offs) // GROUP, mask=mask, other=0).to(tl.float32)
+        if EXP:
+            f = tl.exp2(f)
         vals = tl.interleave(((p & 15) - 8).to(tl.float32) * f, ((p >> 4) - 8).to(tl.float32) * f)
         o = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-        tl.store(out_ptr + o, vals.to(tl.float8e4nv), mask=o < 2 * total_bytes)
+        tl.store(out_ptr + o, vals.to(out_ptr.dtype.element_ty), mask=o < 2 * total_bytes)
 
     @triton.jit
     def _int_epilogue_kernel(acc_ptr, xs_ptr, xz_ptr, ws_ptr, wsum_ptr, b_ptr, out_ptr, M, N,
@@ -288,14 +280,24 @@ def fake_quant_act(x2: torch.Tensor, bits: int, symmetric: bool, dtype: str) -> 
     return _act_launch(x2, x2.dtype, 2 ** (bits - 1) - 1, mode, True)[0]
 
 
-def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, k: int, dtype) -> torch.Tensor:
-    n = packed.shape[0]
-    groups = scale.shape[1]
+def _unpack_int4(packed: torch.Tensor, factors: torch.Tensor, dtype, exp: bool) -> torch.Tensor:
+    n, half = packed.shape
+    k = 2 * half
+    if factors.shape[0] != n or k % factors.shape[1]:
+        raise ValueError(f"int4 unpack: packed {tuple(packed.shape)} and group factors {tuple(factors.shape)} "
+                         "disagree")
     out = torch.empty((n, k), device=packed.device, dtype=dtype)
     total, block = packed.numel(), 2048
-    _dequant_int4_kernel[(triton.cdiv(total, block),)](packed, scale.contiguous(), out, total, k // 2, groups,
-                                                       GROUP=k // groups, BLOCK=block, num_warps=8)
+    _dequant_int4_kernel[(triton.cdiv(total, block),)](packed.contiguous(), factors.contiguous(), out, total,
+                                                       GROUP=k // factors.shape[1], EXP=exp, BLOCK=block,
+                                                       num_warps=8)
     return out
+
+
+def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, k: int, dtype) -> torch.Tensor:
+    if k != 2 * packed.shape[1]:
+        raise ValueError(f"dequant_int4: k={k} but packed has {2 * packed.shape[1]} columns")
+    return _unpack_int4(packed, scale, dtype, exp=False)
 
 
 def int_mm_epilogue(acc, xs, xz, ws, wsum, bias, dtype) -> torch.Tensor:
@@ -354,16 +356,7 @@ def w4a8_gemm(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, wscale: 
 def fp8w4_expand(packed: torch.Tensor, wexp: torch.Tensor) -> torch.Tensor:
     """The float8 e4m3 weights [N, K] of a w4a8-fp8 layer (``qmath.fp8w4_values`` in one pass: read K/2 bytes,
     write K per row). Exact: every code * 2^e is a float8 value."""
-    n, half = packed.shape
-    k = 2 * half
-    if wexp.shape[0] != n or k % wexp.shape[1]:
-        raise ValueError(f"fp8w4_expand: packed {tuple(packed.shape)} and exponents {tuple(wexp.shape)} disagree")
-    packed, wexp = packed.contiguous(), wexp.contiguous()
-    out = torch.empty((n, k), device=packed.device, dtype=torch.float8_e4m3fn)
-    total, block = packed.numel(), 2048
-    _fp8w4_expand_kernel[(triton.cdiv(total, block),)](packed, wexp, out, total, GROUP=k // wexp.shape[1],
-                                                       BLOCK=block, num_warps=8)
-    return out
+    return _unpack_int4(packed, wexp, torch.float8_e4m3fn, exp=True)
 
 
 # W4A8-FP8 GEMM ---------------------------------------------------------------------------------------------------
