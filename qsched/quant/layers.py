@@ -231,13 +231,15 @@ def _fp8w4_mm(x2, packed, wscale, wexp, bias, traceable: bool = False) -> torch.
     """w4a8-fp8: float8 per-token activations x (codes * 2^wexp) on the FP8 tensor cores, per-channel scale after.
     Eager on CUDA, up to ``kernels.FP8W4_FUSED_MAX_M`` tokens: the fused W4A8-FP8 GEMM (4-bit weights read once);
     more tokens: the weights expanded to float8 in one pass (``kernels.fp8w4_expand``), then torch._scaled_mm
-    (``_fp8_mm``). ``traceable`` (under torch.compile): the expansion and the activation quantization as plain torch
-    ops, which inductor fuses into its own kernels, then torch._scaled_mm: no Python-side kernel launch inside the
-    compiled graph (each costs tens of microseconds of host time, ~20 ms per FLUX step when measured)."""
+    (``_fp8_mm``). ``traceable`` (under torch.compile): always the expansion (a ``torch.library.triton_op`` whose
+    launch inductor writes into its own code: no Python-side call per layer, which cost ~20 ms of host time per
+    FLUX step when measured), the activation quantization as torch ops inductor fuses into the preceding kernel,
+    then torch._scaled_mm."""
     m, k = x2.shape
-    if traceable:
-        return _fp8_mm(x2, qmath.fp8w4_values(qmath.unpack_int4(packed), wexp), wscale, bias, triton_quant=False)
     tk = _triton() if x2.is_cuda else None
+    if traceable:
+        w8 = tk.fp8w4_expand(packed, wexp) if tk is not None else qmath.fp8w4_values(qmath.unpack_int4(packed), wexp)
+        return _fp8_mm(x2, w8, wscale, bias, triton_quant=False)
     if tk is not None and m <= tk.FP8W4_FUSED_MAX_M and tk.fp8w4_eligible(k, k // wexp.shape[1], x2.dtype):
         q, xs = tk.quantize_act_fp8(x2, perm=tk.FP8W4_BLOCK_K)
         return tk.fp8w4_gemm(q, xs, packed, wexp, wscale, None if bias is None else bias.to(x2.dtype), x2.dtype)
