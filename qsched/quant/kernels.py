@@ -291,7 +291,9 @@ def _unpack_int4(packed: torch.Tensor, factors: torch.Tensor, dtype, exp: bool) 
     if factors.shape[0] != n or k % factors.shape[1]:
         raise ValueError(f"int4 unpack: packed {tuple(packed.shape)} and group factors {tuple(factors.shape)} "
                          "disagree")
-    return _unpack_int4_op(packed, factors, dtype, exp)
+    if _TRITON_OP and torch.compiler.is_compiling():
+        return torch.ops.qsched.unpack_int4(packed, factors, dtype, exp)
+    return _unpack_int4_launch(packed, factors, dtype, exp)
 
 
 def _unpack_int4_launch(packed: torch.Tensor, factors: torch.Tensor, dtype: torch.dtype, exp: bool,
@@ -309,19 +311,12 @@ def _unpack_int4_launch(packed: torch.Tensor, factors: torch.Tensor, dtype: torc
 # generated code (no Python-side custom-op call per layer, which cost ~50 us of host time each inside compiled FLUX:
 # 20.9 ms of launch gaps per step), and the kernel stays the single-pass Triton one (inductor's fusion of the same
 # unpack in torch ops measured ~4x slower on the GPU: 123 vs 104 ms busy per FLUX step). Eager calls launch directly.
-if triton is not None and hasattr(torch.library, "triton_op"):
+_TRITON_OP = triton is not None and hasattr(torch.library, "triton_op")  # torch >= 2.6
+if _TRITON_OP:
     @torch.library.triton_op("qsched::unpack_int4", mutates_args=())
     def _unpack_int4_traced(packed: torch.Tensor, factors: torch.Tensor, dtype: torch.dtype,
                             exp: bool) -> torch.Tensor:
         return _unpack_int4_launch(packed, factors, dtype, exp, launcher=torch.library.wrap_triton)
-
-    def _unpack_int4_op(packed, factors, dtype, exp):
-        if torch.compiler.is_compiling():
-            return torch.ops.qsched.unpack_int4(packed, factors, dtype, exp)
-        return _unpack_int4_launch(packed, factors, dtype, exp)
-else:  # pragma: no cover - torch without triton_op (< 2.6) or no Triton
-    def _unpack_int4_op(packed, factors, dtype, exp):
-        return _unpack_int4_launch(packed, factors, dtype, exp)
 
 
 def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, k: int, dtype) -> torch.Tensor:
