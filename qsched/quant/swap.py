@@ -46,6 +46,7 @@ class QuantReport:
     quantized: dict = field(default_factory=dict)  # name -> kernel ("int8_mm", "bnb-nf4", ...)
     skipped: dict = field(default_factory=dict)  # name -> why it stayed in full precision
     fallbacks: dict = field(default_factory=dict)  # name -> what was changed for this layer and why
+    native: dict = field(default_factory=dict)  # name -> ComfyUI-native format it was read from (comfy-kitchen)
     seconds: float = 0.0
 
     def __str__(self) -> str:
@@ -55,6 +56,11 @@ class QuantReport:
         lines = [f"{self.spec.describe()} | backend {self.backend} | family {self.family} | "
                  f"{len(self.quantized)} layers quantized {kinds}, {len(self.skipped)} skipped, "
                  f"{len(self.fallbacks)} fallbacks, {self.seconds:.2f} s"]
+        if self.native:
+            fmts: dict[str, int] = {}
+            for f in self.native.values():
+                fmts[f] = fmts.get(f, 0) + 1
+            lines.append(f"  read from a ComfyUI-native file (dequantized by comfy-kitchen): {fmts}")
         lines += [f"  fallback {n}: {why}" for n, why in self.fallbacks.items()]
         return "\n".join(lines)
 
