@@ -116,3 +116,20 @@ def test_bad_native_input_names_the_problem(tmp_path):
     t, conf = native.encode("int8_tensorwise", weight())
     with pytest.raises(ValueError, match="does not fit"):
         native.dequantize(conf, t, (N, K // 2), layer="z")
+
+
+def test_packed_layers_get_a_float_shaped_placeholder_for_model_detection(tmp_path):
+    from safetensors.torch import save_file
+
+    q, params = ckt.AsymW4A8Int8Layout.quantize(weight())
+    sd = dict(ckt.QuantizedTensor(q, "AsymW4A8Int8Layout", params).state_dict("m.a.weight"))
+    sd["m.b.weight"] = torch.ones(3, 3)
+    p = tmp_path / "packed.safetensors"
+    save_file(sd, str(p))
+    configs = {"m.a": {"format": "asym_w4a8_int8", "group_size": 16}}
+    loaded = native.loader_state_dict(str(p), configs)
+    assert loaded["m.a.weight"].is_meta and tuple(loaded["m.a.weight"].shape) == (N, K)  # what detection reads
+    assert torch.equal(native.layer_tensors(loaded, "m.a.")["weight"], q)  # the codes, for the layer
+    assert torch.equal(native.dequantize(configs["m.a"], native.layer_tensors(loaded, "m.a."), (N, K)),
+                       ckt.QuantizedTensor(q, "AsymW4A8Int8Layout", params).dequantize().float())
+    assert torch.equal(loaded["m.b.weight"], torch.ones(3, 3))

@@ -82,25 +82,28 @@ def load_quantized(path: str, spec, backend: str = "auto", *, checkpoint: bool =
                                        "name": meta.get("qsched.source_name", name)}), None, None, report
     spec = QuantSpec.parse(spec)
     report = QuantReport(spec, backend, "comfy (quantized while loading)")
-    native_layers = native.read_configs(path)  # ComfyUI-native quantized file: comfy-kitchen dequantizes its layers
-    if native_layers:
+    configs = native.read_configs(path)  # a ComfyUI-native quantized file: comfy-kitchen dequantizes its layers
+    sd = None
+    if configs:
         native.kitchen()
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt", device="cpu") as f:
-            native_layers = native.strip_prefix(native_layers, f.keys())
+        sd = native.loader_state_dict(path, configs)
     ops = make_ops(spec, backend, skip=skip, extra_skip=extra_skip, quant_device=quant_device,
-                   run_device=run_device, native_layers=native_layers or None, report=report)
+                   run_device=run_device, native_layers=native.strip_prefix(configs, sd or ()) or None, report=report)
     clip = vae = None
     if checkpoint:
-        out = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
-                                                    embedding_directory=embedding_directory,
-                                                    model_options={"custom_operations": ops})
-        model, clip, vae = out[:3]
+        opts = dict(output_vae=True, output_clip=True, embedding_directory=embedding_directory,
+                    model_options={"custom_operations": ops})
+        out = (comfy.sd.load_checkpoint_guess_config(path, **opts) if sd is None else
+               comfy.sd.load_state_dict_guess_config(sd, **opts))
+        model, clip, vae = out[:3] if out is not None else (None, None, None)
         if model is None:
             raise ValueError(f"{name}: ComfyUI found no diffusion model in this file")
-    else:
+    elif sd is None:
         model = comfy.sd.load_diffusion_model(path, model_options={"custom_operations": ops})
+    else:
+        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": ops})
+        if model is None:
+            raise ValueError(f"{name}: ComfyUI cannot detect the model type of this ComfyUI-native quantized file")
     if not report.quantized:
         raise ValueError(f"{name}: no Linear layer was quantized ({len(report.skipped)} skipped by the skip list "
                          f"{COMFY_SKIP if skip is None else skip}); is this a supported diffusion model?")

@@ -30,6 +30,8 @@ HEADER = "_quantization_metadata"
 LOAD_FORMATS = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "asym_w4a8_int8", "convrot_w4a4", "nvfp4",
                 "mxfp8")
 SAVE_TARGETS = ("int8_tensorwise", "float8_e4m3fn", "asym_w4a8_int8")
+PACKED = ("asym_w4a8_int8", "convrot_w4a4", "nvfp4")  # two 4-bit codes per byte: weight [N, K/2]
+QDATA = "native_qdata"  # where ``loader_state_dict`` moves a packed weight (``weight`` becomes a placeholder)
 _SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "weight_s_rel", "weight_s_channel", "weight_codebook",
              "input_scale", MARKER)
 
@@ -168,7 +170,27 @@ def dequantize(conf: dict, tensors: dict, shape, dtype=torch.float32, layer: str
 
 def layer_tensors(sd: dict, prefix: str) -> dict:
     """The native tensors of one layer from a state dict (``prefix`` ends with '.')."""
-    return {s: sd[prefix + s] for s in _SUFFIXES if prefix + s in sd}
+    out = {s: sd[prefix + s] for s in _SUFFIXES if prefix + s in sd}
+    if prefix + QDATA in sd:
+        out["weight"] = sd[prefix + QDATA]
+    return out
+
+
+def loader_state_dict(path: str, configs: dict) -> dict:
+    """The file's tensors (memory-mapped) as ComfyUI's loader should see them: a packed 4-bit layer's codes move to
+    ``<layer>.native_qdata`` and ``<layer>.weight`` becomes a meta-device placeholder of the float shape [N, K], so
+    ComfyUI's model detection, which reads weight shapes, finds the architecture (newer core reads the shape from
+    the layout instead)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    for layer, conf in configs.items():
+        q = sd.get(layer + ".weight")
+        if conf.get("format") in PACKED and q is not None and q.dim() == 2:
+            sd[layer + "." + QDATA] = sd.pop(layer + ".weight")
+            sd[layer + ".weight"] = torch.empty((q.shape[0], 2 * q.shape[1]), dtype=torch.bfloat16, device="meta")
+    return sd
 
 
 def target_for(spec, in_features: int) -> str:
