@@ -228,3 +228,14 @@ def test_calibrate_hybrid_searches_around_the_fit(tmp_path):
     assert res.images_spent == base.images_spent + len(res.points) * 6 + 8
     header = (tmp_path / "r.jsonl").read_text().splitlines()[0]
     assert '"reference"' in header and '"around"' in header  # the record fingerprints the reference and base
+
+
+def test_search_on_the_final_distance_finds_a_closer_point():
+    from qsched_pack.calibration.runner import calibrate
+
+    fp = ToyTrajectoryGenerator("euler", "eps")
+    q = ToyTrajectoryGenerator("euler", "eps", distortion=0.15)
+    scorer = R.DistanceScorer(fp.generate(None, PROMPTS, SEEDS))
+    res = calibrate(q, scorer, PROMPTS, seeds=SEEDS, strategy="pattern", points=21)
+    assert res.best_score > res.identity_score and not res.best.is_identity
+    assert scorer.score(fp.generate(None, PROMPTS, SEEDS), PROMPTS).abs().max() == 0
