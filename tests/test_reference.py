@@ -51,14 +51,16 @@ def test_trajectory_is_the_stock_run(sampler, param, eta):
     torch.testing.assert_close(traj[-1], gen.latents(c, PROMPTS, SEEDS), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("match", R.MATCHES)
 @pytest.mark.parametrize("mode", R.MODES)
 @pytest.mark.parametrize("sampler,param,eta", SETUPS)
-def test_closed_form_fit_recovers_known_coefficients(sampler, param, eta, mode):
+def test_closed_form_fit_recovers_known_coefficients(sampler, param, eta, mode, match):
     """The target is the quantized model run with known per-step coefficients: the fit must find them exactly."""
     gen = ToyTrajectoryGenerator(sampler, param, distortion=0.2, eta=eta, batch_size=4)
     c = known(4)
     target = R.trajectory(gen, PROMPTS, SEEDS, coefficients=c)
-    fit = R.fit_to_trajectory(gen, PROMPTS, SEEDS, target, mode=mode, ridge=0.0)
+    assert len(target.x0) == 4
+    fit = R.fit_to_trajectory(gen, PROMPTS, SEEDS, target, mode=mode, ridge=0.0, match=match)
     assert fit.coefficients.c_x == pytest.approx(c.c_x, abs=2e-4)
     assert fit.coefficients.c_eps == pytest.approx(c.c_eps, abs=2e-4)
     assert all(r <= 1e-9 for r in fit.residual_fitted)

@@ -173,9 +173,12 @@ def _reference_row(base, method, gen, ev, r, naive, res, seconds, extra=None) ->
 
 
 def reference_rows(world, ev: Evaluator, family: str, steps: int, r: int, fmt: str, gen, naive: dict, *,
-                   methods=REFERENCE_METHODS, points: int = 21, budget=None, batch: int = 0) -> list[dict]:
+                   methods=REFERENCE_METHODS, points: int = 21, budget=None, batch: int = 0,
+                   unchecked: bool = True) -> list[dict]:
     """The reference-anchored rows of (family, steps, seed r, fmt): fitted on ``REFERENCE_FIT`` of the calibration
-    prompts (seeds ``calib_seeds(r)``), accepted on ``REFERENCE_TEST`` (``calibration.runner.calibrate``)."""
+    prompts (seeds ``calib_seeds(r)``), accepted on ``REFERENCE_TEST`` (``calibration.runner.calibrate``).
+    ``unchecked``: where the held-out test refuses the free-running fit, also measure the refused fit
+    (``qsched-reference-unchecked``: what skipping the test would have given)."""
     from .. import reference as R
     from ..runner import calibrate
 
@@ -194,7 +197,7 @@ def reference_rows(world, ev: Evaluator, family: str, steps: int, r: int, fmt: s
             fit = res.best.metadata["fit"]
             rows.append(_reference_row(base, f"qsched-{method}", gen, ev, r, naive, res, time.perf_counter() - t0,
                                        {"fit_c_x": fit["c_x"], "fit_c_eps": fit["c_eps"]}))
-            if not res.accepted and method == "reference":  # what the refused fit would have done
+            if unchecked and not res.accepted and method == "reference":  # what the refused fit would have done
                 raw = Coefficients(fit["c_x"], fit["c_eps"])
                 rows.append(dict(base, method="qsched-reference-unchecked", images=res.images_spent,
                                  c_x=fit["c_x"], c_eps=fit["c_eps"], **ev.measure(gen, raw, r)))
@@ -223,7 +226,7 @@ def reference_rows(world, ev: Evaluator, family: str, steps: int, r: int, fmt: s
 
 def setting_rows(world, ev: Evaluator, family: str, steps: int, r: int, formats, nets, *, fp: bool, points: int,
                  strategies, budget, z: float, guards=GUARDS, fp_search: bool = True, keep: dict | None = None,
-                 log=None, batch: int = 0, reference=REFERENCE_METHODS) -> list[dict]:
+                 log=None, batch: int = 0, reference=REFERENCE_METHODS, unchecked: bool = True) -> list[dict]:
     """Every row of (family, steps, seed r) for ``formats`` (and the FP rows if ``fp``), except the full grid.
     ``batch``: see :func:`_search`. ``reference``: which reference-anchored methods (:func:`reference_rows`)."""
     rows = []
@@ -251,7 +254,7 @@ def setting_rows(world, ev: Evaluator, family: str, steps: int, r: int, formats,
         rows.append(dict(base, method="ptqd", gamma=list(corr.gamma), **ev.measure(pg, None, r)))
         if reference:
             rows += reference_rows(world, ev, family, steps, r, fmt, gen, naive, methods=reference, points=points,
-                                   budget=budget, batch=batch)
+                                   budget=budget, batch=batch, unchecked=unchecked)
         for strategy in strategies:
             res, sec = _search(gen, ev.jaq, r, points, strategy, budget, batch=batch)
             m = ev.measure(gen, res.best, r)
@@ -514,7 +517,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--per-prompt", type=int, default=20)
     p.add_argument("--points", type=int, default=21)
-    p.add_argument("--strategies", nargs="+", default=["zoom", "grid"], choices=["zoom", "grid", "pattern"])
+    p.add_argument("--strategies", nargs="*", default=["zoom", "grid"], choices=["zoom", "grid", "pattern"])
     p.add_argument("--budget", type=int, default=None)
     p.add_argument("--no-fp", action="store_true", help="skip the FP rows (another worker computes them)")
     p.add_argument("--no-fp-search", action="store_true", help="skip the FP + Q-Sched zoom row")
