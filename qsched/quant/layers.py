@@ -206,14 +206,20 @@ def _int8_mm(x2, qweight, wscale, wsum, bias, a_bits, act_symmetric) -> torch.Te
 
 
 def _fp8_mm(x2, qweight, wscale, bias, triton_quant: bool = True) -> torch.Tensor:
-    """float8 per-token activations x float8 weights [N, K] (per-channel ``wscale``). ``triton_quant=False``: the
-    activation quantization in torch ops (traced by torch.compile) instead of the Triton kernel."""
+    """float8 per-token activations x float8 weights [N, K] (per-channel ``wscale``). ``triton_quant=False`` (under
+    torch.compile): the activation quantization in torch ops inductor fuses into the producer, or for wide inputs
+    (``kernels.COMPILE_ONE_PASS_MIN_K``) the one-pass kernel as a triton_op."""
     m = x2.shape[0]
     xp = _pad_rows(x2)
     # torch._scaled_mm wants both matrix sizes multiples of 16; other shapes take the float32 product
     scaled_mm = x2.is_cuda and x2.shape[1] % 16 == 0 and qweight.shape[0] % 16 == 0
-    tk = _triton() if scaled_mm and triton_quant else None
-    q, xs = tk.quantize_act_fp8(xp) if tk is not None else qmath.quantize_act_fp8(xp)
+    tk = _triton() if scaled_mm else None
+    if tk is not None and triton_quant:
+        q, xs = tk.quantize_act_fp8(xp)
+    elif tk is not None and tk.one_pass_traced(x2.shape[1]):
+        q, xs = tk.quantize_act_fp8_traced(xp)
+    else:
+        q, xs = qmath.quantize_act_fp8(xp)
     if not scaled_mm:
         # torch's CPU _scaled_mm takes per-tensor scales only (torch 2.11); the same product in float32:
         # float8 values are exact in float32.
