@@ -298,3 +298,144 @@ def test_one_confinement_function_serves_every_named_file():
         if re.search(r"get_full_path\(\s*QSCHED_FOLDER", text):
             users.append(("bypasses", rel))
     assert users == [("defines", "qsched/_io.py")], users
+
+
+# ------------------------------------------------------------------ the TorchScript reader allocates what it read
+def _claim_size(archive: Path, out: Path, claim: int) -> str:
+    """A copy of ``archive`` whose central directory claims ``claim`` bytes for its largest storage entry (the
+    bytes themselves are unchanged): the 404-byte-archive-claims-4-GB attack, on a real file."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(archive) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(archive.read_bytes())
+    pos = 0
+    while True:
+        pos = data.find(b"PK\x01\x02", pos)
+        assert pos >= 0
+        n = struct.unpack_from("<H", data, pos + 28)[0]
+        if data[pos + 46:pos + 46 + n].decode() == info.filename:
+            break
+        pos += 4
+    struct.pack_into("<I", data, pos + 24, claim)  # uncompressed size in the central directory
+    out.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_torchscript_reader_never_allocates_what_a_header_claims(tmp_path):
+    import tracemalloc
+
+    from jaq_fixtures import save_openai_torchscript
+
+    from qsched_pack.calibration.metrics import WeightFileError
+    from qsched_pack.calibration.metrics.safe_load import read_weights
+
+    good = save_openai_torchscript(tmp_path / "good.pt", "rn", seed=1)
+    _claim_size(Path(good), tmp_path / "RN50.pt", 1 << 30)  # claims 1 GiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(WeightFileError, match=r"RN50\.pt"):
+            read_weights(tmp_path / "RN50.pt", "CLIP RN50")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB allocated for a {os.path.getsize(tmp_path / 'RN50.pt')}-byte file"
+
+
+def test_torchscript_reader_refuses_compressed_storages(tmp_path):
+    import zipfile
+
+    from jaq_fixtures import save_openai_torchscript
+
+    from qsched_pack.calibration.metrics import WeightFileError
+    from qsched_pack.calibration.metrics.safe_load import read_weights
+
+    good = tmp_path / "good.pt"
+    save_openai_torchscript(good, "rn", seed=1)
+    out = tmp_path / "RN50.pt"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(out, "w") as zout:
+        for item in zin.infolist():
+            zout.writestr(item.filename, zin.read(item), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(WeightFileError, match=r"RN50\.pt.*compressed"):
+        read_weights(out, "CLIP RN50")
+
+
+# ------------------------------------------------------------------ YAML: no aliases, no huge messages
+# one entry holding a chain of aliases, each 9 x the one before (the audit's 343-byte bomb had 9 levels and ran
+# > 120 s to 1.5 GB formatting the expanded value; 5 levels keep the unfixed run short enough to see it fail)
+BOMB = "p: [&a [x, x, x, x, x, x, x, x, x], " + ", ".join(
+    f"&{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(4)) + "]\n"
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    from qsched_pack.calibration.prompts import load_prompts
+
+    f = tmp_path / "bomb.yaml"
+    f.write_text(BOMB)
+    assert len(BOMB) < 400
+    with pytest.raises(ValueError) as exc:
+        load_prompts(f)
+    msg = str(exc.value)
+    assert "bomb.yaml" in msg and "alias" in msg and len(msg) < 600, msg[:300]
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".yaml", "a: " + str(list(range(20000))) + "\n"),
+    (".json", json.dumps({"a": "x", "b": list(range(20000))})),
+    (".json", json.dumps(["ok", {"k" * 5000: 1}])),
+])
+def test_prompt_file_errors_never_format_a_huge_value(tmp_path, suffix, text):
+    from qsched_pack.calibration.prompts import load_prompts
+
+    f = tmp_path / f"p{suffix}"
+    f.write_text(text)
+    with pytest.raises(ValueError) as exc:
+        load_prompts(f)
+    assert str(f) in str(exc.value) and len(str(exc.value)) < 600, str(exc.value)[:300]
+
+
+# ------------------------------------------------------------------ FIFOs never hang the CLI
+def _cli(args, timeout=120):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "import sys; from qsched_pack.calibration.cli import main; "
+                           "sys.exit(main(sys.argv[1:]))", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("case", ["prompts", "preset", "image"])
+def test_fifo_inputs_are_refused_not_waited_on(tmp_path, case):
+    fifo = tmp_path / {"prompts": "p.txt", "preset": "p.json", "image": "a.png"}[case]
+    os.mkfifo(fifo)
+    args = {"prompts": ["calibrate", "--model", str(tmp_path), "--prompts", str(fifo), "--out", str(tmp_path / "o")],
+            "preset": ["sample", "--model", str(tmp_path), "--preset", str(fifo), "--prompt", "a"],
+            "image": ["score", str(fifo), "--prompt", "a"]}[case]
+    r = _cli(args, timeout=90)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and str(fifo) in r.stderr and "not a regular file" in r.stderr, r.stderr
+
+
+def test_decompression_bomb_png_is_a_clean_error(tmp_path):
+    """A PNG whose header claims 30000 x 30000 pixels (900 Mpx; a few KiB of zeros)."""
+    import struct
+    import zlib
+
+    w = h = 30000
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\0" * (w // 8 + 1)
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(200)) + comp.flush()  # truncated data: never decoded
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+           + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    (tmp_path / "bomb.png").write_bytes(png)
+    from qsched_pack.calibration.plots import load_images
+
+    with pytest.raises(ValueError, match=r"bomb\.png: the image has more than .* pixels"):
+        load_images([str(tmp_path / "bomb.png")])
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"junk\.png: not a readable image"):
+        load_images([str(tmp_path / "junk.png")])
