@@ -10,7 +10,7 @@ stream in per call). On the CPU, or with inputs off the GPU, it calls the model 
 from __future__ import annotations
 
 from ..qsched.cudagraph import StepGraphs, weights_state
-from . import _compat
+from ..qsched.quant import _compat
 from .attention import ATTENTION_16, ATTENTION_CHOICES, apply_attention
 from .common import CATEGORY_SAMPLING, NodeInputError
 

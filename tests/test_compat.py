@@ -1,4 +1,4 @@
-"""nodes/_compat.py without ComfyUI: each branch with a stand-in of the core API it follows (0.3.64's and 0.38.1's
+"""qsched/quant/_compat.py without ComfyUI: each branch with a stand-in of the core API it follows (0.3.64's and 0.38.1's
 ``cast_bias_weight``). The same branches run inside real ComfyUI 0.3.64 in tests/comfy_quant_checks.py
 (check_newer_core_contract)."""
 
@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from qsched_pack.nodes import _compat
+from qsched_pack.qsched.quant import _compat
 
 
 class Layer:

@@ -134,7 +134,7 @@ def quantize_comfy_model(model_patcher, spec, backend: str = "auto", *, skip=Non
     """-> (new quantized ModelPatcher, QuantReport); the input MODEL is not modified (see module doc)."""
     import comfy.patcher_extension
 
-    from ...nodes import _compat
+    from . import _compat
 
     src = model_patcher.model
     src_dm = src.diffusion_model

@@ -71,7 +71,7 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
     import comfy.model_management
     import comfy.ops
 
-    from ...nodes import _compat
+    from . import _compat
 
     spec = QuantSpec.parse(spec)
     if backend not in COMFY_BACKENDS:

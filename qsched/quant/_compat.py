@@ -1,4 +1,5 @@
-"""The one place where the pack's code depends on which ComfyUI core runs it.
+"""The one place where the pack's code depends on which ComfyUI core runs it (a ComfyUI adapter: it belongs in
+nodes/ with the other adapters of quantized models and moves there with them).
 
 Every other module calls ComfyUI names that are the same in the two cores the pack is checked against (the table
 "ComfyUI versions" in docs/comfyui.md lists each name the pack uses, in both):
@@ -6,7 +7,8 @@ Every other module calls ComfyUI names that are the same in the two cores the pa
 * **0.3.64** (commit a125cd84): verified by execution here (tests, the real server, the browser suite);
 * **0.38.1** (Comfy-Org/ComfyUI as read: ``comfy/ops.py`` @0271a469, ``comfy/model_patcher.py`` @08d0e510,
   ``comfy/sd.py`` @033046cc, ``comfyui_version.py`` @20ca544e): verified by reading, and by tests that run this
-  module's newer-core branch on 0.3.64 against a stand-in of the newer API (tests/test_compat.py).
+  module's newer-core branches on 0.3.64 against stand-ins of the newer API (tests/test_compat.py,
+  tests/comfy_quant_checks.py).
 
 Where they differ, this module has one function with one branch per core, named by the version whose behaviour it
 follows. The branches are chosen by feature (a parameter, an attribute), never by a version string, so a core in
