@@ -643,7 +643,7 @@ def test_flux_schnell_calibration_workflow(server, object_info):
 def test_calibration_bad_input_names_the_input(server, object_info):
     cases = [(dict(prompts="\n  \n"), "prompts", "is empty"),
              (dict(strategy="grid", points=5, budget=10), "budget", "budget too small: the grid evaluates"),
-             (dict(range_min=1.2, range_max=0.8), "range_min", "low < high"),
+             (dict(range_min=1.2, range_max=0.8), "range_min", "must be smaller than range_max"),
              (dict(preset_name="../x"), "preset_name", "not a plain file name")]
     for settings, name, text in cases:
         p = calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_bad", budget=12)
