@@ -20,12 +20,9 @@ functions on the prompt dict (no ComfyUI import) except the file lookups, which 
 from __future__ import annotations
 
 import json
-import logging
 import struct
 
 from .common import NodeInputError
-
-log = logging.getLogger("qsched")
 
 #: Hidden input that carries a graph problem to the node it concerns ({"input": name, "message": text}).
 GRAPH_CHECK = "qsched_graph_check"
@@ -221,7 +218,9 @@ def family_of_name(name) -> str | None:
     return None
 
 
-def _header_keys(path: str):
+def safetensors_header(path: str) -> dict | None:
+    """The JSON header of a safetensors file (tensor names -> dtype/shape, and ``__metadata__``); None when it cannot
+    be read. No tensor data is read, nothing is executed."""
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -269,7 +268,7 @@ def model_facts(prompt: dict, loader_id: str | None) -> dict:
                 path = folder_paths.get_full_path(folder, name)
             except ImportError:
                 pass
-            header = _header_keys(path) if path else None
+            header = safetensors_header(path) if path else None
             if header is not None:
                 facts["family"] = family_of_keys(header)
                 meta = header.get("__metadata__") or {}

@@ -12,10 +12,10 @@ import os
 from ..qsched import samplers as qsamplers
 from ..qsched import schedules as qschedules
 from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_steps
-from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, PRESET_EXT, QSCHED_FOLDER, NodeInputError,
-                     check_combo, is_flow, is_hidden, model_sampling_of, node_input, preset_names, preset_relpath,
-                     register_qsched_folder, steps_input, validation_result)
-from .graph import GRAPH_CHECK_INPUT, compat_warnings, raise_graph_problem
+from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, QSCHED_FOLDER, NodeInputError,
+                     check_combo, is_flow, model_sampling_of, node_input, preset_names, find_preset, preset_file,
+                     steps_input, validation_result)
+from .graph import GRAPH_CHECK_INPUT, compat_warnings, raise_graph_problem, safetensors_header
 
 #: The samplers of ``qsched.samplers.SAMPLERS`` in widget order (SDXL-Turbo's first).
 SAMPLER_NAMES = ("euler_ancestral", "euler", "tcd", "lcm")
@@ -121,18 +121,8 @@ FLOW_KEYS = ("double_blocks.", "single_blocks.", "joint_blocks.")
 def safetensors_is_flow(path: str) -> bool | None:
     """True for a FLUX / SD3 file, False for another diffusion model, None when the header cannot be read. Reads
     only the safetensors JSON header (no tensor data, no code)."""
-    import json
-    import struct
-
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 0 < n <= 100_000_000:
-                return None
-            keys = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
-        return None
-    if not isinstance(keys, dict):
+    keys = safetensors_header(path)
+    if keys is None:
         return None
     return any(frag in k for k in keys for frag in FLOW_KEYS)
 
@@ -347,7 +337,10 @@ class QSchedLoadPreset:
 
     @classmethod
     def IS_CHANGED(cls, preset, **hidden):
-        path = _preset_path(preset)
+        try:
+            path = find_preset(preset)
+        except NodeInputError:
+            path = None
         return os.path.getmtime(path) if path else float("nan")
 
     def load(self, preset, qsched_graph_check=None):
@@ -380,16 +373,9 @@ def preset_summary(c: Coefficients) -> str:
     return "\n".join(lines)
 
 
-def _preset_path(name: str):
-    folder_paths = register_qsched_folder()
-    return folder_paths.get_full_path(QSCHED_FOLDER, name)
-
-
 def _load_preset(name: str) -> Coefficients:
     node = "Q-Sched Load Preset"
-    if not isinstance(name, str) or not name.lower().endswith(PRESET_EXT) or is_hidden(name):
-        raise NodeInputError(node, "preset", f"must name a *{PRESET_EXT} file in models/{QSCHED_FOLDER}/, got {name!r}")
-    path = _preset_path(name)
+    path = find_preset(name, node, "preset")
     if path is None:
         raise NodeInputError(node, "preset", f"file {name!r} not found in models/{QSCHED_FOLDER}/ (or the extra "
                                              f"'{QSCHED_FOLDER}' paths of extra_model_paths.yaml)")
@@ -422,18 +408,17 @@ class QSchedSavePreset:
 
     @classmethod
     def VALIDATE_INPUTS(cls, name=None):
-        return True if name is None else validation_result(preset_relpath, name)
+        return True if name is None else validation_result(preset_file, name)
 
     def save(self, coefficients, name, overwrite):
         node = "Q-Sched Save Preset"
         if not isinstance(coefficients, Coefficients):
             raise NodeInputError(node, "coefficients", f"expected {COEFFICIENTS}, got {type(coefficients).__name__}")
-        rel = preset_relpath(name)
-        folder_paths = register_qsched_folder()
-        path = os.path.join(folder_paths.get_folder_paths(QSCHED_FOLDER)[0], rel)
+        path = preset_file(name)
         if os.path.exists(path) and not overwrite:
             raise NodeInputError(node, "overwrite", f"{path} exists; turn overwrite on or choose another name")
-        coefficients.save(path)
+        with node_input(node, "name"):
+            coefficients.save(path)
         return {"ui": {"text": [f"saved {path}\n{describe(coefficients)}"]}, "result": (path,)}
 
 

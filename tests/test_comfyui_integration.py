@@ -510,7 +510,10 @@ def calib_prompt(object_info, name: str, preset_name: str, **settings) -> dict:
         p[find(p, "DualCLIPLoader")] = {"class_type": "CLIPLoader",
                                         "inputs": {"clip_name": "clip_l.safetensors", "type": "sd3"}}
     cal = p[find(p, "QSchedCalibrate")]["inputs"]
-    cal.update(prompts=CALIB_PROMPTS, width=SIZE, height=SIZE, points=3, batch=2, preset_name=preset_name)
+    # overwrite: QSCHED_TINY_MODELS may hold a preset of that name from an earlier session (the refusal itself is
+    # checked in the browser suite and tests/test_node_texts.py)
+    cal.update(prompts=CALIB_PROMPTS, width=SIZE, height=SIZE, points=3, batch=2, preset_name=preset_name,
+               overwrite=True)
     cal.update(settings)
     for nid, node in p.items():
         if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):

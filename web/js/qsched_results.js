@@ -12,6 +12,7 @@ import { api } from "../../../scripts/api.js";
 const WIDGET = "qsched_result";
 const LINE_PX = 15;
 const PAD_PX = 8;
+const MARGIN = 4;  // the frontend draws a DOM widget at (its layout height - 2 * margin)
 
 function isOurs(node) {
   const t = node?.comfyClass ?? node?.type;
@@ -49,7 +50,7 @@ function boxFor(node) {
   el.style.overflowWrap = "anywhere";
   el.style.overflow = "hidden";  // sized to its text: nothing to scroll
   el.style.resize = "none";
-  const height = () => w.qschedHeight ?? neededHeight(node, el);
+  const height = () => (w.qschedHeight ?? neededHeight(node, el)) + 2 * MARGIN;
   w = node.addDOMWidget(WIDGET, "qsched_result", el, {
     getValue: () => el.value,
     setValue: (v) => { el.value = v ?? ""; },
@@ -57,6 +58,7 @@ function boxFor(node) {
     getMaxHeight: height,
     serialize: false,
     hideOnZoom: false,
+    margin: MARGIN,
   });
   w.serialize = false;            // not in the workflow's widgets_values
   w.options.serialize = false;    // not in the prompt
