@@ -113,8 +113,15 @@ class QSchedCudaGraph:
         }}
 
     def patch(self, model, max_graphs=2, attention=ATTENTION_16):
-        model = apply_attention(model, attention, self.DISPLAY_NAME)
-        return (apply_cuda_graph(model, max_graphs, self.DISPLAY_NAME)[0],)
+        patched = apply_cuda_graph(apply_attention(model, attention, self.DISPLAY_NAME), max_graphs,
+                                   self.DISPLAY_NAME)[0]
+        device = getattr(model, "load_device", None)
+        if getattr(device, "type", str(device)) != "cuda":
+            text = (f"no CUDA GPU: ComfyUI runs this model on {getattr(device, 'type', device)}, so CUDA graphs "
+                    "are off and it runs unchanged (they need an NVIDIA GPU)")
+        else:
+            text = f"CUDA graphs on: each new image size or batch is captured once (up to {max_graphs} kept)"
+        return {"ui": {"text": [text]}, "result": (patched,)}
 
 
 NODE_CLASS_MAPPINGS = {"QSchedCudaGraph": QSchedCudaGraph}

@@ -709,7 +709,7 @@ def check_attention():
             m = comfy.sd.load_diffusion_model(FILES[kind])
             y = run(m, kind)
             calls.update(sage=0, seen=0, sage_shape=0)
-            fast = QSchedCudaGraph().patch(m, 2, qa.ATTENTION_SAGE)[0]
+            fast = QSchedCudaGraph().patch(m, 2, qa.ATTENTION_SAGE)["result"][0]
             y_sage = run(fast, kind)
             assert torch.equal(y, y_sage), rel(y_sage, y)
             assert calls["seen"] > 0, "ComfyUI never called the override"
