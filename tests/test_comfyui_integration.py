@@ -251,6 +251,35 @@ def test_pack_imports_and_registers(server, object_info):
     assert sorted(templates[PACK_DIR_NAME]) == sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
+def test_v3_nodes_keep_every_declared_interface(object_info):
+    """The server registers the pack's nodes through ``comfy_entrypoint`` (V3 schema: ``api_node`` is always present,
+    classic nodes only send it when set) with exactly the declared interface: node id, display name, category,
+    input names in order, types, defaults, ranges, tooltips, outputs and their names, output-node flag. So workflow
+    JSON saved before the V3 port (the templates, users' files) loads unchanged; the workflow tests below run them."""
+    from qsched_pack.nodes import NODE_CLASS_MAPPINGS
+
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        live = object_info[name]
+        assert live.get("api_node") is False, f"{name} is not registered as a V3 node"
+        assert (live["display_name"], live["category"]) == (cls.DISPLAY_NAME, cls.CATEGORY), name
+        assert live["output"] == list(cls.RETURN_TYPES), name
+        assert live["output_name"] == list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)), name
+        assert live["output_node"] == bool(getattr(cls, "OUTPUT_NODE", False)), name
+        declared = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            want, got = declared.get(section, {}), live["input"].get(section, {})
+            assert list(got) == list(want), (name, section)
+            for inp, spec in want.items():
+                kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+                live_kind, live_opts = got[inp][0], got[inp][1]
+                if isinstance(kind, list):
+                    assert (live_kind, live_opts["options"]) == ("COMBO", kind), (name, inp)
+                else:
+                    assert live_kind == kind, (name, inp)
+                assert {k: live_opts.get(k) for k in opts} == opts, (name, inp)
+        assert set(live["input"].get("hidden", {})) >= set(declared.get("hidden", {})), name
+
+
 def test_object_info_snapshot_matches_server(object_info):
     """tests/data/object_info_core.json (used by the CI workflow checks) must describe this ComfyUI's core nodes."""
     snapshot = json.loads((DATA / "object_info_core.json").read_text())
