@@ -111,6 +111,19 @@ def resolve_objective(objective: str, reference: bool | None, scorer: bool | Non
     return key
 
 
+#: The held-out test of the reference objective needs this many held-out prompts to be able to keep anything.
+MIN_HELDOUT = 5
+
+
+def check_prompt_count(goal: str | None, lines: list | None) -> None:
+    """The reference fit uses the first half of the prompts and tests on the rest: too few held out and it can only
+    ever answer identity. Raises NodeInputError naming ``prompts``."""
+    if goal in ("reference", "hybrid") and lines is not None and len(lines) - (len(lines) + 1) // 2 < MIN_HELDOUT:
+        raise NodeInputError(NODE, "prompts", f"{len(lines)} prompts: the objective fits on the first half and "
+                             f"tests on the rest, which needs at least {MIN_HELDOUT} held-out prompts to show a "
+                             f"gain: give at least {2 * MIN_HELDOUT} prompts (the default 20 work)")
+
+
 def _architecture(model) -> dict:
     """What must agree between the model and its reference: model class, latent format, prediction type and the
     diffusion model's configuration (layer sizes; the operations and dtype may differ)."""
@@ -315,7 +328,7 @@ class QSchedCalibrate:
                                                                      scorer is not _UNLINKED)
             if goal == "reference":  # no search: its budget does not apply
                 kw["budget"] = None
-            check_settings(**kw)
+            check_prompt_count(goal, check_settings(**kw))
 
         return validation_result(check, prompts=prompts, steps=steps, space=space, strategy=strategy,
                                  range_min=range_min, range_max=range_max, points=points, budget=budget,
@@ -337,6 +350,7 @@ class QSchedCalibrate:
         lines = check_settings(prompts=prompts, steps=steps, space=space, strategy=strategy, range_min=range_min,
                                range_max=range_max, points=points, budget=budget if search else None,
                                base_seed=base_seed, width=width, height=height, batch=batch, preset_name=preset_name)
+        check_prompt_count(goal, lines)
         if goal != "reference":
             scorer = check_scorer(scorer, NODE)
         if goal != "jaq":
@@ -346,37 +360,40 @@ class QSchedCalibrate:
         sp = SearchSpace(space, steps, float(range_min), float(range_max))
         seeds = [base_seed + i for i in range(len(lines))]
         check = comfy.model_management.throw_exception_if_processing_interrupted
-        if search:
+        if goal == "reference":  # the bar counts model evaluations: FP + quantized on the fit half, 3 per held-out
+            fit_n = (len(lines) + 1) // 2
+            progress = _Progress(steps * (2 * fit_n + 3 * (len(lines) - fit_n)), unique_id)
+            progress.text(f"starting: fitting the coefficients to the full-precision model on {fit_n} prompts, then "
+                          f"testing them on the other {len(lines) - fit_n} (held out); encoding the prompts")
+            hooks = {"on_evaluations": progress.images}
+        else:
             n_points = estimate_points(sp, strategy, points)
             if n_points * len(lines) > budget:
                 n_points, about = budget // len(lines), "at most "
             else:
                 about = "" if strategy == "grid" else "about "
             progress = _Progress(min(budget, n_points * len(lines)), unique_id)
-            progress.text(f"starting: {about}{n_points} points x {len(lines)} prompts = {about}"
-                          f"{min(budget, n_points * len(lines))} images (budget {budget}); encoding the prompts")
-        else:
-            progress = _Progress(0, unique_id)
-            progress.text(f"starting: fitting the coefficients to the full-precision model on {len(lines)} "
-                          "prompts, then checking them on held-out prompts; encoding the prompts")
-
-        def on_images(n):
-            progress.images(n)
+            progress.text(f"starting: {'the reference fit, then ' if goal == 'hybrid' else ''}{about}{n_points} "
+                          f"points x {len(lines)} prompts = {about}{min(budget, n_points * len(lines))} images "
+                          f"(budget {budget}); encoding the prompts")
+            hooks = {"on_images": progress.images}
 
         settings = dict(steps=steps, sampler=sampler, schedule=schedule, eta=eta, cfg=cfg, width=width, height=height,
-                        batch_size=batch, on_images=on_images, check_interrupt=check)
+                        batch_size=batch, check_interrupt=check, **hooks)
         gen = ComfyGenerator(model, clip, vae, lines, **settings)
         ref = None if goal == "jaq" else ComfyGenerator(reference_model, clip, vae, lines, **settings)
         gen_fp = gen.fingerprint()
         key = record_key(gen_fp, scorer.config if scorer is not None else None, lines, seeds, sp.to_dict(), strategy,
                          points, objective=goal, reference_fp=None if ref is None else ref.fingerprint())
-        record = os.path.join(folder_paths.get_output_directory(), RECORD_DIR, f"{key}.jsonl")
+        # the reference fit keeps no record (seconds of work); the searches (JAQ, hybrid) do
+        record = None if goal == "reference" else os.path.join(folder_paths.get_output_directory(), RECORD_DIR,
+                                                               f"{key}.jsonl")
         register_qsched_folder()
         preset_path = os.path.join(folder_paths.get_folder_paths(QSCHED_FOLDER)[0],
                                    preset_relpath(preset_name, NODE, "preset_name"))
-        kept = _record_points(record)
+        kept = _record_points(record) if record else 0
         if kept:
-            progress.text(f"resuming: {kept} {'point' if search else 'entr'}{_plural(kept, search)} from the record "
+            progress.text(f"resuming: {kept} point{'s' if kept != 1 else ''} from the record "
                           f"({os.path.basename(record)}), computing the rest")
         identity = Coefficients.identity(steps)
         gen.keep_for.add((identity.c_x, identity.c_eps))  # the first point scored: reused for the preview
@@ -390,56 +407,50 @@ class QSchedCalibrate:
                                extra_metadata=extra, **options)
         except comfy.model_management.InterruptProcessingException:
             # ComfyUI shows its own "interrupted" state; the node and the console say how to go on
-            logging.warning("%s: interrupted. Everything finished is kept in %s: queue the same settings again "
+            if record is None:
+                logging.warning("%s: interrupted; nothing was written (the preset is unchanged). Queue again to fit "
+                                "anew (it takes seconds to minutes)", NODE)
+                progress.text("interrupted — nothing written; queue again to run the fit again")
+                raise
+            logging.warning("%s: interrupted. Every finished point is kept in %s: queue the same settings again "
                             "to resume (nothing is recomputed)", NODE, record)
             n = _record_points(record)
-            progress.text(f"interrupted — queue again to resume ({n} {'point' if search else 'entr'}"
-                          f"{_plural(n, search)} kept)")
+            progress.text(f"interrupted — queue again to resume ({n} point{'s' if n != 1 else ''} kept)")
             raise
         except (RecordError, RecordWriteError) as exc:
             raise RuntimeError(f"{NODE}: {exc}") from None
-        computed = gen.calls
-        from_record = len(result.points) - computed
+        from_record = min(kept, len(result.points))
         n_prev = min(PREVIEW_PROMPTS, len(lines))
         ident = gen.images_for(identity, lines[:n_prev], seeds[:n_prev])
         best = gen.images_for(result.best, lines[:n_prev], seeds[:n_prev])
+        fp = None if ref is None else ref.generate(identity, lines[:n_prev], seeds[:n_prev])
         gen.kept.clear()
 
         tmp = os.path.join(folder_paths.get_temp_directory(), "qsched")
         landscape_file = f"qsched_landscape_{key}.png"
         plot_landscape(result, os.path.join(tmp, landscape_file))
         preview_file = f"qsched_preview_{key}.png"
-        preview_grid(ident, best, os.path.join(tmp, preview_file))
+        preview_grid(ident, best, os.path.join(tmp, preview_file), reference_images=fp)
 
-        lines_out = [result.summary()]
-        if goal != "jaq":
-            lines_out.append(verdict_text(result))
-        lines_out += [
-            f"points: {len(result.points)} ({from_record} from the record, {computed} computed now); images: "
-            f"{result.images_spent}" + (f" of budget {budget}" if search else ""),
-            describe(result.best),
-        ]
+        out = [result.summary()]
+        if goal == "reference":
+            out.append(f"images: {result.images_spent} (full precision + quantized on {(len(lines) + 1) // 2} fit "
+                       f"prompts, full precision + stock + fitted on {len(lines) - (len(lines) + 1) // 2} held-out)")
+        else:
+            out.append(f"points: {len(result.points)} ({from_record} from the record, "
+                       f"{len(result.points) - from_record} computed now); images: {result.images_spent} of "
+                       f"budget {budget}")
+        out.append(describe(result.best))
         if ref is not None:
-            lines_out.append(f"cost: quantized model {gen.cost_text()}; full-precision reference {ref.cost_text()}")
-        lines_out += [f"preset: {preset_path}", f"record: {record}"]
-        summary = "\n".join(lines_out)
+            out.append(f"cost: quantized {gen.cost_text()}; full-precision reference {ref.cost_text()}")
+        out.append(f"preset: {preset_path}")
+        if record is not None:
+            out.append(f"record: {record}")
+        summary = "\n".join(out)
         # The images go out through the 'landscape' / 'preview' outputs only (Preview Image shows them once).
         return {"ui": {"text": [summary]},
                 "result": (result.best, _png_to_image(os.path.join(tmp, landscape_file)),
                            _png_to_image(os.path.join(tmp, preview_file)), summary)}
-
-
-def _plural(n: int, search: bool) -> str:
-    return ("" if n == 1 else "s") if search else ("y" if n == 1 else "ies")
-
-
-def verdict_text(result) -> str:
-    """Plain words: were the coefficients kept, or identity (the stock sampler), and why."""
-    why = getattr(result, "acceptance", "") or ""
-    if getattr(result, "accepted", False):
-        return f"kept: these coefficients bring the quantized images closer to full precision. {why}".strip()
-    return ("not kept: identity (the stock sampler, no correction) is the result, because the coefficients did not "
-            f"bring the quantized images measurably closer to full precision on held-out prompts. {why}").strip()
 
 
 NODE_CLASS_MAPPINGS = {"QSchedCalibrate": QSchedCalibrate}

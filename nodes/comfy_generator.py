@@ -162,7 +162,7 @@ class ComfyGenerator:
 
     def __init__(self, model, clip, vae, prompts, *, steps: int, sampler: str, schedule: str, eta: float,
                  cfg: float, width: int, height: int, batch_size: int, on_images=None, check_interrupt=None,
-                 node: str = "Q-Sched Calibrate"):
+                 node: str = "Q-Sched Calibrate", on_evaluations=None):
         import torch
 
         self.model, self.clip, self.vae = model, clip, vae
@@ -170,6 +170,7 @@ class ComfyGenerator:
         self.eta, self.cfg = float(eta), float(cfg)
         self.width, self.height, self.batch_size = width, height, batch_size
         self.on_images, self.check_interrupt = on_images, check_interrupt
+        self.on_evaluations = on_evaluations  # called with the number of image-steps run (progress of a fit)
         self.calls = 0  # generate() calls, i.e. coefficient points computed (plus previews)
         self.kept: dict = {}  # (c_x, c_eps, prompts, seeds) -> images, for the coefficients in keep_for
         self.keep_for: set = set()
@@ -278,6 +279,8 @@ class ComfyGenerator:
         self.sampling_seconds += seconds
         self.evaluations += evaluations
         self._note_memory()
+        if self.on_evaluations is not None:
+            self.on_evaluations(evaluations)
 
     # -- the paired-run protocol of calibration.reference (TrajectoryGenerator) ------------------------------------
     def start(self, seeds):
