@@ -323,8 +323,6 @@ def _build_pair(args):
 
     from .generate import DiffusersGenerator, load_pipeline, model_hash
 
-    if not args.quant or args.quant in ("fp16", "bf16", "none"):
-        raise ValueError("--objective reference/hybrid corrects a quantized model: give --quant (w8a8, w4a8, ...)")
     same = os.path.realpath(args.reference) == os.path.realpath(args.model)
     device, dtype = _device_dtype(args)
     common = dict(family=args.family, steps=args.steps, sampler=args.sampler, height=args.size, width=args.size,
@@ -378,10 +376,6 @@ def _calibrate(args) -> int:
     space = SearchSpace(args.space, args.steps, args.range[0], args.range[1])
     points = default_points(args.space) if args.points is None else args.points
     check_budget(space, args.strategy, points, len(prompts), args.budget)  # before loading anything
-    os.makedirs(args.out, exist_ok=True)
-    record = os.path.join(args.out, "record.jsonl")
-    if os.path.exists(record) and not args.resume:
-        raise ValueError(f"{record} exists: pass --resume to continue it, or choose another --out")
     objective = args.objective or ("reference" if args.reference else "jaq")
     if objective != "jaq" and not args.reference:
         raise ValueError(f"--objective {objective} fits the quantized model to the full-precision one: give "
@@ -390,6 +384,12 @@ def _calibrate(args) -> int:
     if args.reference and objective == "jaq":
         raise ValueError("--reference is used by --objective reference / hybrid only; drop it, or choose one of "
                          "those objectives")
+    if objective != "jaq" and (not args.quant or args.quant in ("fp16", "bf16", "none")):
+        raise ValueError(f"--objective {objective} corrects a quantized model: give --quant (w8a8, w4a8, ...)")
+    os.makedirs(args.out, exist_ok=True)
+    record = os.path.join(args.out, "record.jsonl")
+    if os.path.exists(record) and not args.resume:
+        raise ValueError(f"{record} exists: pass --resume to continue it, or choose another --out")
     gen, ref = _build_pair(args) if objective != "jaq" else (_build_generator(args, args.steps), None)
     jaq, jaq_config = _build_jaq(args) if objective != "reference" else (None, None)
 
@@ -408,10 +408,13 @@ def _calibrate(args) -> int:
     seeds = [args.seed + i for i in range(len(prompts))]
     ident = gen.generate(Coefficients.identity(args.steps), prompts, seeds)
     best = gen.generate(result.best, prompts, seeds)
-    preview_grid(ident, best, os.path.join(args.out, "preview.png"))
+    fp = None if ref is None else ref.generate(Coefficients.identity(args.steps), prompts, seeds)
+    preview_grid(ident, best, os.path.join(args.out, "preview.png"), reference_images=fp)
     print(result.summary())
-    print(f"wrote {preset}, {record}, {os.path.join(args.out, 'landscape.png')}, "
-          f"{os.path.join(args.out, 'preview.png')} (top: identity, bottom: best)")
+    written = [preset] + ([record] if os.path.exists(record) else []) + [os.path.join(args.out, "landscape.png"),
+                                                                          os.path.join(args.out, "preview.png")]
+    rows = "top: identity, bottom: best" if fp is None else "rows: full precision, identity, best"
+    print(f"wrote {', '.join(written)} ({rows})")
     return 0
 
 

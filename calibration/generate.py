@@ -391,8 +391,13 @@ class DiffusersGenerator:
         return kw
 
     def denoiser(self, prompts: Sequence[str]):
-        """``model(x, sigma) -> denoised`` (k-diffusion convention) for these prompts."""
-        return self._model(list(prompts))
+        """``model(x, sigma) -> denoised`` (k-diffusion convention) for these prompts, without autograd."""
+        model = self._model(list(prompts))
+
+        @torch.no_grad()
+        def run(x, sigma, **kwargs):
+            return model(x, sigma, **kwargs)
+        return run
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae

@@ -319,7 +319,7 @@ class QSchedCalibrate:
     @classmethod
     def VALIDATE_INPUTS(cls, prompts=None, steps=None, space=None, strategy=None, range_min=None, range_max=None,
                         points=None, budget=None, base_seed=None, width=None, height=None, batch=None,
-                        preset_name=None, objective="auto", scorer=_UNLINKED, reference_model=_UNLINKED):
+                        preset_name=None, objective=None, scorer=_UNLINKED, reference_model=_UNLINKED):
         # Naming an input here turns off ComfyUI's own min/max/combo check for it: check_settings re-checks them.
         # A connected MODEL / scorer arrives here as None (its value is not known before the run), an unconnected
         # optional input not at all (the default _UNLINKED): enough to say at queue time what is missing.

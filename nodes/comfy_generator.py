@@ -315,6 +315,7 @@ class ComfyGenerator:
         self._encode_missing(prompts)
         groups = list(self._groups(prompts, len(prompts)))
 
+        @torch.no_grad()
         def model(x, sigma, **_):
             if self.check_interrupt is not None:
                 self.check_interrupt()

@@ -687,9 +687,10 @@ def test_sdxl_turbo_reference_calibration_interrupt_and_run_again(server, object
     the preset names the objective, the reference's fingerprint and the held-out numbers; the preview has the
     full-precision row. Then the same settings under another preset name, interrupted with POST /interrupt while it
     runs: nothing is written, the node says so, and queueing again gives the uninterrupted run's preset."""
-    settings = dict(prompts=REF_PROMPTS, batch=5)
-    p = calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_sdxl_ref", **settings)
-    entry = server.run(p)
+    settings = dict(prompts=REF_PROMPTS, batch=5, steps=2)  # 2 steps: the CPU test's cost (74 model evaluations)
+    p = _without_test_render(calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_sdxl_ref",
+                                          **settings))
+    entry = server.run(p, timeout=1800)
     assert entry["status"]["status_str"] == "success", entry["status"]
     text = _ui_text(entry, find(p, "QSchedCalibrate"))
     assert text.startswith("reference objective") and re.search(r"(kept: |identity kept \(no correction\))", text)
@@ -703,7 +704,7 @@ def test_sdxl_turbo_reference_calibration_interrupt_and_run_again(server, object
     assert meta["reference"]["model_hash"] != meta["model"]["model_hash"]
     assert meta["heldout"]["pairs"] == 5 and meta["images_spent"] == 2 * 5 + 3 * 5
     if not meta["accepted"]:
-        assert preset["c_x"] == [1.0] * 4 and preset["c_eps"] == [1.0] * 4
+        assert preset["c_x"] == [1.0] * 2 and preset["c_eps"] == [1.0] * 2
     landscape, preview = _preview_pngs(server, entry, p)
     from PIL import Image
     import io
@@ -721,7 +722,7 @@ def test_sdxl_turbo_reference_calibration_interrupt_and_run_again(server, object
     status, body = server.queue(p)
     assert status == 200 and not body.get("node_errors"), body
     pid = body["prompt_id"]
-    deadline = time.time() + 900
+    deadline = time.time() + 1800
     while "fitting the coefficients to the full-precision model" not in server.log_text()[mark:]:
         assert time.time() < deadline, server.log_text()[-3000:]
         assert pid not in server.get(f"/history/{pid}"), "the run ended before it could be interrupted"
@@ -737,7 +738,7 @@ def test_sdxl_turbo_reference_calibration_interrupt_and_run_again(server, object
     assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"]), entry["status"]
     assert not again.exists()
     assert "interrupted — nothing written; queue again" in server.log_text()[mark:]
-    entry = server.run(p)
+    entry = server.run(p, timeout=1800)
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert json.loads(again.read_text()) == preset
 
