@@ -512,7 +512,7 @@ TEN = "\n".join("abcdefghij")
     (dict(objective="match full precision", reference_model=None, prompts="a\nb\nc"), "prompts",
      "at least 10 prompts"),
 ])
-def test_calibrate_objective_needs_its_inputs_at_queue_time(extra, input_name, text):
+def test_calibrate_objective_needs_its_inputs_at_queue_time(extra, input_name, text, folder_paths):
     """ComfyUI hands VALIDATE_INPUTS a linked input as None and leaves an unconnected optional one out."""
     from qsched_pack.nodes import calibration
 
@@ -520,7 +520,7 @@ def test_calibrate_objective_needs_its_inputs_at_queue_time(extra, input_name, t
     assert msg.startswith(f"Q-Sched Calibrate: input '{input_name}'") and text in msg, msg
 
 
-def test_calibrate_objective_accepts_what_it_needs():
+def test_calibrate_objective_accepts_what_it_needs(folder_paths):
     from qsched_pack.nodes import calibration
 
     v = calibration.QSchedCalibrate.VALIDATE_INPUTS
