@@ -557,6 +557,26 @@ def _summary(entry, p) -> dict:
             "preset": Path(re.search(r"^preset: (.+)$", text, re.M).group(1))}
 
 
+def interrupt_when(server, pid: str, ready, timeout: float, settle: float = 0.0) -> dict:
+    """Wait until ``ready()`` while prompt ``pid`` runs, POST /interrupt (after ``settle`` s), wait for it to end;
+    it must end interrupted. Returns its /history entry."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert time.time() < deadline, server.log_text()[-3000:]
+        assert pid not in server.get(f"/history/{pid}"), "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    time.sleep(settle)
+    status, _ = server.post("/interrupt", {})
+    assert status == 200
+    while pid not in server.get(f"/history/{pid}"):
+        assert time.time() < deadline, server.log_text()[-3000:]
+        time.sleep(0.1)
+    entry = server.get(f"/history/{pid}")[pid]
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"]), entry["status"]
+    return entry
+
+
 def _record_points(path: Path) -> int:
     return max(0, len(path.read_text().splitlines()) - 1) if path.is_file() else 0
 
@@ -609,20 +629,7 @@ def test_sdxl_turbo_calibration_workflow_interrupt_and_resume(server, object_inf
                                           **settings))
     status, body = server.queue(p)
     assert status == 200 and not body.get("node_errors"), body
-    pid = body["prompt_id"]
-    deadline = time.time() + 900
-    while _record_points(record) < 2:
-        assert time.time() < deadline, server.log_text()[-3000:]
-        assert pid not in server.get(f"/history/{pid}"), "the run ended before it could be interrupted"
-        time.sleep(0.05)
-    status, _ = server.post("/interrupt", {})
-    assert status == 200
-    while pid not in server.get(f"/history/{pid}"):
-        assert time.time() < deadline, server.log_text()[-3000:]
-        time.sleep(0.1)
-    entry = server.get(f"/history/{pid}")[pid]
-    assert entry["status"]["status_str"] == "error", entry["status"]
-    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"]), entry["status"]
+    interrupt_when(server, body["prompt_id"], lambda: _record_points(record) >= 2, 900)
     done = _record_points(record)
     assert 2 <= done < 5, done
     assert not resumed_preset.exists()
@@ -721,21 +728,8 @@ def test_sdxl_turbo_reference_calibration_interrupt_and_run_again(server, object
     mark = len(server.log_text())
     status, body = server.queue(p)
     assert status == 200 and not body.get("node_errors"), body
-    pid = body["prompt_id"]
-    deadline = time.time() + 1800
-    while "fitting the coefficients to the full-precision model" not in server.log_text()[mark:]:
-        assert time.time() < deadline, server.log_text()[-3000:]
-        assert pid not in server.get(f"/history/{pid}"), "the run ended before it could be interrupted"
-        time.sleep(0.05)
-    time.sleep(1.0)  # inside the fit's sampling
-    status, _ = server.post("/interrupt", {})
-    assert status == 200
-    while pid not in server.get(f"/history/{pid}"):
-        assert time.time() < deadline, server.log_text()[-3000:]
-        time.sleep(0.1)
-    entry = server.get(f"/history/{pid}")[pid]
-    assert entry["status"]["status_str"] == "error", entry["status"]
-    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"]), entry["status"]
+    started = "fitting the coefficients to the full-precision model"
+    interrupt_when(server, body["prompt_id"], lambda: started in server.log_text()[mark:], 1800, settle=1.0)
     assert not again.exists()
     assert "interrupted — nothing written; queue again" in server.log_text()[mark:]
     entry = server.run(p, timeout=1800)
