@@ -504,21 +504,27 @@ def test_jaq_score_node_matches_the_library(server):
     assert "tc_weights" in errors and "no_such_clip.pt" in errors, errors
 
 
-def calib_prompt(object_info, name: str, preset_name: str, objective: str = "match full precision",
-                 **settings) -> dict:
-    """A calibration template in API form, shrunk. The templates calibrate against the full-precision model (their
-    JAQ nodes are muted); objective 'JAQ (paper)' / 'hybrid' unmutes them and connects the JAQ Loader to 'scorer',
-    as an artist with the scorer files would."""
-    wf = json.loads((WORKFLOWS / name).read_text())
-    cal_ui = next(n for n in wf["nodes"] if n["type"] == "QSchedCalibrate")
-    cal_ui["widgets_values"][-1] = objective
+def set_objective(wf: dict, objective: str = "JAQ (paper)") -> dict:
+    """A calibration template (UI form) switched to another objective. The templates calibrate against the
+    full-precision model with their JAQ nodes muted; 'JAQ (paper)' / 'hybrid' unmutes them and connects the JAQ
+    Loader to Calibrate's 'scorer', as an artist with the scorer files would."""
+    cal = next(n for n in wf["nodes"] if n["type"] == "QSchedCalibrate")
+    cal["widgets_values"][-1] = objective
     if objective != "match full precision":
         for n in wf["nodes"]:
             n["mode"] = 0
         jaq = next(n for n in wf["nodes"] if n["type"] == "QSchedJAQLoader")
-        wf["links"].append([999, jaq["id"], 0, cal_ui["id"], 3, "QSCHED_JAQ"])
-        next(i for i in cal_ui["inputs"] if i["name"] == "scorer")["link"] = 999
-    p = ui_to_api(wf, object_info)
+        wf["last_link_id"] += 1
+        wf["links"].append([wf["last_link_id"], jaq["id"], 0, cal["id"], 3, "QSCHED_JAQ"])
+        jaq["outputs"][0]["links"].append(wf["last_link_id"])
+        next(i for i in cal["inputs"] if i["name"] == "scorer")["link"] = wf["last_link_id"]
+    return wf
+
+
+def calib_prompt(object_info, name: str, preset_name: str, objective: str = "match full precision",
+                 **settings) -> dict:
+    """A calibration template in API form with this objective (:func:`set_objective`), shrunk."""
+    p = ui_to_api(set_objective(json.loads((WORKFLOWS / name).read_text()), objective), object_info)
     if "flux" in name:
         p[find(p, "DualCLIPLoader")] = {"class_type": "CLIPLoader",
                                         "inputs": {"clip_name": "clip_l.safetensors", "type": "sd3"}}
