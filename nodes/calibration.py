@@ -20,6 +20,7 @@ from .common import (CATEGORY_CALIBRATION, COEFFICIENTS, ETA, JAQ_SCORER, MAX_UI
                      check_combo, check_int, is_flow, model_sampling_of, node_input, preset_file, steps_input,
                      validation_result)
 from .comfy_generator import PREVIEW_PROMPTS, ComfyGenerator
+from .graph import GRAPH_CHECK_INPUT, raise_graph_problem
 from .sampling import ETA_TIP, SAMPLER_NAMES, SAMPLER_TIP, comfy_schedulers, describe
 from .scoring import check_scorer, parse_prompt_lines
 
@@ -28,6 +29,9 @@ RECORD_DIR = "qsched_calibration"
 MAX_POINTS = 101
 MAX_BUDGET = 10_000_000
 MAX_SEED = 2**32 - 1
+#: Default of ``max_minutes``: a calibration whose estimate is longer stops after its first point and asks.
+DEFAULT_MAX_MINUTES = 30
+MAX_MINUTES = 100_000
 #: objective widget -> calibration.runner objective ("auto": match full precision with a reference_model, else JAQ)
 OBJECTIVES = {"auto": None, "match full precision": "reference", "hybrid": "hybrid", "JAQ (paper)": "jaq"}
 _UNLINKED = object()  # VALIDATE_INPUTS default of an optional input that is not connected (a linked one is None)
@@ -62,7 +66,7 @@ def check_settings(*, prompts=None, steps=None, space=None, strategy=None, range
             with node_input(NODE, name):
                 check_coefficient(v, name)
         with node_input(NODE, "range_min"):
-            check_range(range_min, range_max)
+            check_range(range_min, range_max, ("range_min", "range_max"))
     if points is not None:
         check_int(NODE, "points", points, 2, MAX_POINTS)
     if budget is not None:
@@ -172,7 +176,7 @@ def record_key(gen_fp: dict, scorer_config: dict | None, prompts: list, seeds: l
             "seeds": seeds, "space": space, "strategy": [strategy, points]}
     if objective != "jaq":
         body.update(objective=objective, reference=reference_fp)
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class _Progress:
@@ -212,6 +216,54 @@ def _record_points(path: str) -> int:
         return max(0, sum(1 for line in f if line.strip()) - 1)
 
 
+def _points(n: int) -> str:
+    return f"{n} point{'s' if n != 1 else ''}"
+
+
+def check_overwrite(preset_path: str, key: str, overwrite: bool) -> None:
+    """Refuses to replace an existing preset unless ``overwrite`` is on or the file is this calibration's own result
+    (same record: rewriting it gives the same file)."""
+    if overwrite or not os.path.exists(preset_path):
+        return
+    try:
+        own = Coefficients.load(preset_path).metadata.get("record") == key
+    except (ValueError, OSError):
+        own = False
+    if not own:
+        raise NodeInputError(NODE, "overwrite", (
+            f"the preset {preset_path} already exists (from another calibration or saved by hand); nothing was "
+            "run. Turn overwrite on to replace it, or change preset_name"))
+
+
+def _duration(seconds: float) -> str:
+    minutes = seconds / 60
+    if minutes < 90:
+        return f"{max(1, round(minutes))} min"
+    return f"{minutes / 60:.1f} h"
+
+
+class CostGate:
+    """After the first point computed in this run, stops a calibration whose estimated time left is longer than
+    ``max_minutes`` (0 = no limit), with a message that says the estimate and how to run it anyway."""
+
+    def __init__(self, max_minutes: int):
+        self.max_minutes, self.checked, self.stopped = max_minutes, False, False
+
+    def __call__(self, info) -> None:
+        if self.checked or info.cached or info.eta is None:
+            return
+        self.checked = True
+        if self.max_minutes and info.eta > 60 * self.max_minutes:
+            images_left = max(0, info.images_total - info.images_spent)
+            need = int(-(-info.eta // 60))
+            self.stopped = True
+            raise NodeInputError(NODE, "max_minutes", (
+                f"this calibration needs about {_duration(info.eta)} more ({images_left} images at the speed of the "
+                f"first point), longer than max_minutes = {self.max_minutes}. Nothing is lost: "
+                f"{_points(info.points_done)} kept. To run it, set max_minutes to {need} or more and queue again; "
+                "to make it shorter, use fewer prompts, a smaller budget or fewer grid values (points)"))
+
+
 def _png_to_image(path: str):
     from ..calibration.plots import load_images
 
@@ -223,10 +275,11 @@ def _png_to_image(path: str):
 # ---------------------------------------------------------------------------------------------------------------
 class QSchedCalibrate:
     DISPLAY_NAME = NODE
-    DESCRIPTION = ("Finds Q-Sched coefficients for this (quantized) model: samples the calibration prompts at each "
-                   "coefficient point the search asks for, scores the images with JAQ, keeps the best, writes it as "
-                   "a preset to models/qsched/. Interruptible: queue again with the same settings and it resumes "
-                   "from its record without recomputing anything.")
+    DESCRIPTION = ("Finds Q-Sched coefficients for this (quantized) model and writes them as a preset to "
+                   "models/qsched/. With reference_model (the full-precision model you quantized): fits them so the "
+                   "quantized images follow the full-precision ones, no scorer files, kept only if they help on "
+                   "held-out prompts. With a JAQ scorer: the paper's search on JAQ scores, interruptible (queue "
+                   "again with the same settings and it resumes from its record).")
     CATEGORY = CATEGORY_CALIBRATION
     RETURN_TYPES = (COEFFICIENTS, "IMAGE", "IMAGE", "STRING")
     RETURN_NAMES = ("coefficients", "landscape", "preview", "summary")
@@ -294,8 +347,18 @@ class QSchedCalibrate:
                           "Images per sampling call (more = faster on a big GPU, more memory). Each image keeps its "
                           "own noise whatever the batch, so a resumed run may use another batch."}),
                 "preset_name": ("STRING", {"default": "my_calibration", "tooltip":
-                                "File name of the preset written to models/qsched/ (.json is added; an existing one "
-                                "is replaced). Load it later with Q-Sched Load Preset."}),
+                                "File name of the preset written to models/qsched/ (.json is added). Load it later "
+                                "with Q-Sched Load Preset."}),
+                # New inputs go at the end: saved workflows store widget values by position, and a workflow saved
+                # before an input existed loads with that input's default.
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip":
+                              "Replace an existing preset of the same name. Off: a preset from another calibration "
+                              "(or saved by hand) is never replaced; the node stops before sampling and names it."}),
+                "max_minutes": ("INT", {"default": DEFAULT_MAX_MINUTES, "min": 0, "max": MAX_MINUTES, "tooltip":
+                                "Longest calibration that starts without asking, in minutes (0 = no limit). The "
+                                "time is estimated from the first point; if the estimate is longer, the node stops "
+                                "there (the point is kept), says the estimate, and runs it when you raise "
+                                "max_minutes and queue again."}),
             },
             "optional": {
                 "scorer": (JAQ_SCORER, {"tooltip": "The JAQ scorer from Q-Sched JAQ Loader: what 'best' means for the "
@@ -313,13 +376,14 @@ class QSchedCalibrate:
                               "on held-out prompts). hybrid: the JAQ search kept close to that fit (needs both). "
                               "JAQ (paper): the paper's reference-free search on JAQ scores (needs scorer)."}),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", **GRAPH_CHECK_INPUT},
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, prompts=None, steps=None, space=None, strategy=None, range_min=None, range_max=None,
                         points=None, budget=None, base_seed=None, width=None, height=None, batch=None,
-                        preset_name=None, objective=None, scorer=_UNLINKED, reference_model=_UNLINKED):
+                        preset_name=None, objective=None, scorer=_UNLINKED, reference_model=_UNLINKED,
+                        qsched_graph_check=None):
         # Naming an input here turns off ComfyUI's own min/max/combo check for it: check_settings re-checks them.
         # A connected MODEL / scorer arrives here as None (its value is not known before the run), an unconnected
         # optional input not at all (the default _UNLINKED): enough to say at queue time what is missing.
@@ -329,6 +393,7 @@ class QSchedCalibrate:
             if goal == "reference":  # no search: its budget does not apply
                 kw["budget"] = None
             check_prompt_count(goal, check_settings(**kw))
+            raise_graph_problem(NODE, qsched_graph_check)  # a reference file of another family (nodes/graph.py)
 
         return validation_result(check, prompts=prompts, steps=steps, space=space, strategy=strategy,
                                  range_min=range_min, range_max=range_max, points=points, budget=budget,
@@ -336,8 +401,9 @@ class QSchedCalibrate:
                                  preset_name=preset_name)
 
     def calibrate(self, model, clip, vae, prompts, steps, sampler_name, scheduler, eta, cfg, space, strategy,
-                  range_min, range_max, points, budget, base_seed, width, height, batch, preset_name, scorer=None,
-                  reference_model=None, objective="auto", unique_id=None):
+                  range_min, range_max, points, budget, base_seed, width, height, batch, preset_name,
+                  overwrite=False, max_minutes=DEFAULT_MAX_MINUTES, scorer=None, reference_model=None,
+                  objective="auto", unique_id=None, qsched_graph_check=None):
         sampler, schedule = sampler_name, scheduler
         import comfy.model_management
         import folder_paths
@@ -351,17 +417,18 @@ class QSchedCalibrate:
                                range_max=range_max, points=points, budget=budget if search else None,
                                base_seed=base_seed, width=width, height=height, batch=batch, preset_name=preset_name)
         check_prompt_count(goal, lines)
-        if goal != "reference":
+        if search:
             scorer = check_scorer(scorer, NODE)
         if goal != "jaq":
             check_reference(model, reference_model)
+        max_minutes = check_int(NODE, "max_minutes", max_minutes, 0, MAX_MINUTES)
         check_combo(NODE, "sampler_name", sampler, SAMPLER_NAMES)
         check_combo(NODE, "scheduler", schedule, comfy_schedulers())
         sp = SearchSpace(space, steps, float(range_min), float(range_max))
         seeds = [base_seed + i for i in range(len(lines))]
         check = comfy.model_management.throw_exception_if_processing_interrupted
+        fit_n = (len(lines) + 1) // 2  # the reference objectives fit on the first half, test on the rest
         if goal == "reference":  # the bar counts model evaluations: FP + quantized on the fit half, 3 per held-out
-            fit_n = (len(lines) + 1) // 2
             progress = _Progress(steps * (2 * fit_n + 3 * (len(lines) - fit_n)), unique_id)
             progress.text(f"starting: fitting the coefficients to the full-precision model on {fit_n} prompts, then "
                           f"testing them on the other {len(lines) - fit_n} (held out); encoding the prompts")
@@ -373,7 +440,7 @@ class QSchedCalibrate:
             else:
                 about = "" if strategy == "grid" else "about "
             progress = _Progress(min(budget, n_points * len(lines)), unique_id)
-            progress.text(f"starting: {'the reference fit, then ' if goal == 'hybrid' else ''}{about}{n_points} "
+            progress.text(f"starting: {'the full-precision fit, then ' if goal == 'hybrid' else ''}{about}{n_points} "
                           f"points x {len(lines)} prompts = {about}{min(budget, n_points * len(lines))} images "
                           f"(budget {budget}); encoding the prompts")
             hooks = {"on_images": progress.images}
@@ -385,24 +452,26 @@ class QSchedCalibrate:
         gen_fp = gen.fingerprint()
         key = record_key(gen_fp, scorer.config if scorer is not None else None, lines, seeds, sp.to_dict(), strategy,
                          points, objective=goal, reference_fp=None if ref is None else ref.fingerprint())
-        # the reference fit keeps no record (seconds of work); the searches (JAQ, hybrid) do
-        record = None if goal == "reference" else os.path.join(folder_paths.get_output_directory(), RECORD_DIR,
-                                                               f"{key}.jsonl")
+        # the full-precision fit keeps no record (it is a few images); the searches (JAQ, hybrid) do
+        record = os.path.join(folder_paths.get_output_directory(), RECORD_DIR, f"{key}.jsonl") if search else None
         preset_path = preset_file(preset_name, NODE, "preset_name")
-        kept = _record_points(record) if record else 0
+        check_overwrite(preset_path, key, overwrite)
+        kept = _record_points(record) if search else 0
         if kept:
-            progress.text(f"resuming: {kept} point{'s' if kept != 1 else ''} from the record "
-                          f"({os.path.basename(record)}), computing the rest")
+            progress.text(f"resuming: {_points(kept)} from the record {os.path.basename(record)}, computing the rest")
         identity = Coefficients.identity(steps)
         gen.keep_for.add((identity.c_x, identity.c_eps))  # the first point scored: reused for the preview
         extra = {"sampling": {"sampler": sampler, "schedule": schedule, "eta": gen_fp["eta"], "cfg": float(cfg),
-                              "width": width, "height": height, "model_class": gen_fp["model_class"]}}
+                              "width": width, "height": height, "model_class": gen_fp["model_class"]},
+                 "record": key}
+        gate = CostGate(max_minutes)
         options = {} if goal == "jaq" else {"objective": goal, "reference": ref}
         try:
             result = calibrate(gen, scorer, lines, space=sp, strategy=strategy, points=points, seeds=seeds,
-                               budget=budget, record=record, resume=True, preset=preset_path, progress=progress.point,
-                               interrupt=check, scorer_config=None if scorer is None else scorer.config,
-                               extra_metadata=extra, **options)
+                               budget=budget, record=record, resume=True, preset=preset_path,
+                               progress=lambda info: (progress.point(info), gate(info)), interrupt=check,
+                               scorer_config=None if scorer is None else scorer.config, extra_metadata=extra,
+                               **options)
         except comfy.model_management.InterruptProcessingException:
             # ComfyUI shows its own "interrupted" state; the node and the console say how to go on
             if record is None:
@@ -412,8 +481,15 @@ class QSchedCalibrate:
                 raise
             logging.warning("%s: interrupted. Every finished point is kept in %s: queue the same settings again "
                             "to resume (nothing is recomputed)", NODE, record)
-            n = _record_points(record)
-            progress.text(f"interrupted — queue again to resume ({n} point{'s' if n != 1 else ''} kept)")
+            progress.text(f"interrupted — queue again to resume ({_points(_record_points(record))} kept in the "
+                          f"record {os.path.basename(record)})")
+            raise
+        except NodeInputError:
+            if not gate.stopped:
+                raise
+            # the cost gate: the error says the estimate; the points so far are kept
+            progress.text(f"stopped before a long run — {_points(_record_points(record))} kept in the record "
+                          f"{os.path.basename(record)}")
             raise
         except (RecordError, RecordWriteError) as exc:
             raise RuntimeError(f"{NODE}: {exc}") from None
@@ -430,21 +506,27 @@ class QSchedCalibrate:
         preview_file = f"qsched_preview_{key}.png"
         preview_grid(ident, best, os.path.join(tmp, preview_file), reference_images=fp)
 
-        out = [result.summary()]
-        if goal == "reference":
-            out.append(f"images: {result.images_spent} (full precision + quantized on {(len(lines) + 1) // 2} fit "
-                       f"prompts, full precision + stock + fitted on {len(lines) - (len(lines) + 1) // 2} held-out)")
-        else:
-            out.append(f"points: {len(result.points)} ({from_record} from the record, "
-                       f"{len(result.points) - from_record} computed now); images: {result.images_spent} of "
-                       f"budget {budget}")
+        out = [] if goal == "jaq" else [result.acceptance]  # kept or identity, and why, in plain words
+        if search:
+            out.append(f"best JAQ {result.best_score:.4f} vs {result.identity_score:.4f} for the stock sampler "
+                       f"({result.best_score - result.identity_score:+.4f})" if goal == "jaq" else
+                       f"JAQ search around the fit: {_points(len(result.points))}")
         out.append(describe(result.best))
+        if goal == "reference":
+            out.append(f"fit on {fit_n} prompts, tested on {len(lines) - fit_n} held-out prompts: "
+                       f"{result.images_spent} images")
+        else:
+            out.append(f"search: {strategy} over {space}, {_points(len(result.points))} ({from_record} from the "
+                       f"record, {len(result.points) - from_record} computed now), {result.images_spent} of {budget} "
+                       f"images{'; stopped by the budget' if result.stopped == 'budget' else ''}")
         if ref is not None:
             out.append(f"cost: quantized {gen.cost_text()}; full-precision reference {ref.cost_text()}")
         out.append(f"preset: {preset_path}")
         if record is not None:
             out.append(f"record: {record}")
         summary = "\n".join(out)
+        progress.text(f"done: {result.images_spent} images" if goal == "reference" else
+                      f"done: {_points(len(result.points))}, {result.images_spent} images")
         # The images go out through the 'landscape' / 'preview' outputs only (Preview Image shows them once).
         return {"ui": {"text": [summary]},
                 "result": (result.best, _png_to_image(os.path.join(tmp, landscape_file)),
