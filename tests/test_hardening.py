@@ -667,7 +667,7 @@ def test_quantize_never_replaces_its_source(tmp_path, capsys):
         assert src.read_bytes() == before
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
+@pytest.mark.parametrize("delay", [1.0, 2.0, 3.0])  # after interpreter start-up (Python's own)
 def test_ctrl_c_or_sigterm_at_any_moment_ends_cleanly(tmp_path, delay):
     import signal
     import subprocess
