@@ -15,7 +15,7 @@ def _demo(args) -> int:
     tiny_only = {"--quant": args.quant, "--seeds": args.seeds, "--per-prompt": args.per_prompt,
                  "--points": args.points, "--strategy": args.strategy, "--budget": args.budget,
                  "--no-budget": args.no_budget or None, "--grid-images": args.grid_images, "--weights": args.weights,
-                 "--guard": args.guard or None, "--family": args.family,
+                 "--guard": args.guard or None, "--family": args.family, "--objective": args.objective,
                  "--world": None if args.world == "shapes" else args.world}
     if args.random_models:
         given = [k for k, v in tiny_only.items() if v is not None]
@@ -38,11 +38,14 @@ def _demo(args) -> int:
 
         if args.family is not None:
             kw["family"] = args.family
+        if args.objective is not None:
+            kw["objective"] = args.objective
         shape_demo.run_demo(out_dir=args.out, steps=args.steps or shape_demo.DEFAULTS["steps"], guard=args.guard,
                             weights=args.weights, **kw)
         return 0
-    if args.family is not None:
-        raise ValueError("--family only applies to --world shapes (the digits world has one flow model)")
+    if args.family is not None or args.objective is not None:
+        raise ValueError(f"{'--family' if args.family is not None else '--objective'} only applies to --world "
+                         "shapes (the digits world has one flow model and the JAQ search)")
     import importlib.util
 
     try:
@@ -81,6 +84,10 @@ def _add_demo(sub):
                    help="shapes (default: 32x32 colour scenes, real JAQ code) or digits (the issue-7 world)")
     d.add_argument("--family", choices=("flow", "lcm", "tcd"),
                    help=f"shapes only: model family (default {S['family']})")
+    d.add_argument("--objective", choices=("reference", "hybrid", "jaq"),
+                   help=f"shapes only: how the coefficients are found (default {S['objective']}, the best measured, "
+                        "docs/shape_world.md): reference = fitted to the full-precision model, kept only if a "
+                        "held-out test shows a gain; hybrid = JAQ search around that fit; jaq = the paper's search")
     d.add_argument("--steps", type=_int_range("--steps", 1, 8), default=None, help="sampling steps, 1-8 (default 4)")
     d.add_argument("--quant", help=f"quantization of the denoiser: w8a8, w4a8, w4a4, w4a6, ... (default: shapes "
                                    f"{S['quant']}, digits {D['quant']}, the settings with a real loss)")
