@@ -345,7 +345,8 @@ class QSchedCalibrate:
                            "Image height for calibration."}),
                 "batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip":
                           "Images per sampling call (more = faster on a big GPU, more memory). Each image keeps its "
-                          "own noise whatever the batch, so a resumed run may use another batch."}),
+                          "own noise whatever the batch, but float results move with it, so the batch is part of "
+                          "the record: another batch starts a new record instead of resuming."}),
                 "preset_name": ("STRING", {"default": "my_calibration", "tooltip":
                                 "File name of the preset written to models/qsched/ (.json is added). Load it later "
                                 "with Q-Sched Load Preset."}),
