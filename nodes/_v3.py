@@ -51,7 +51,10 @@ def v3_node(node_id: str, v1):
     from comfy_api.latest import io
 
     declared = v1.INPUT_TYPES()
-    hidden = dict(declared.get("hidden", {}))
+    known = {h.value for h in io.Hidden}
+    hidden = {k: v for k, v in declared.get("hidden", {}).items() if v in known}
+    # the pack's own hidden inputs (nodes/graph.py: a value its on_prompt handler writes into the prompt)
+    own_hidden = {k: v for k, v in declared.get("hidden", {}).items() if v not in known}
     names = list(getattr(v1, "RETURN_NAMES", ()) or ())
     tips = list(getattr(v1, "OUTPUT_TOOLTIPS", ()) or ())
     outputs = [io.Custom(t).Output(display_name=names[i] if i < len(names) else None,
@@ -76,10 +79,29 @@ def v3_node(node_id: str, v1):
 
     body = {"define_schema": classmethod(define_schema), "execute": classmethod(execute), "V1": v1,
             "__doc__": v1.__doc__, "__module__": v1.__module__}
+    if own_hidden:
+        body["INPUT_TYPES"] = classmethod(_with_own_hidden(io, own_hidden))
     for old, new in (("VALIDATE_INPUTS", "validate_inputs"), ("IS_CHANGED", "fingerprint_inputs")):
         if hasattr(v1, old):
             body[new] = classmethod(_same_signature(getattr(v1, old)))
     return type(v1.__name__, (io.ComfyNode,), body)
+
+
+def _with_own_hidden(io, own_hidden: dict):
+    """``INPUT_TYPES`` that also lists the pack's own hidden inputs. V3 hidden inputs are ComfyUI's fixed set
+    (``io.Hidden``); ComfyUI 0.3.64 hands a node every input of the prompt that its ``INPUT_TYPES`` lists, also when
+    asked without hidden ones (``get_input_data`` and validation), so listing them keeps the values that
+    nodes/graph.py writes into the prompt flowing to ``execute`` / ``validate_inputs``, as in the classic API.
+    The one override of a core method here: checked on the real server by the graph-check tests."""
+    base = io.ComfyNode.INPUT_TYPES.__func__
+
+    def input_types(cls, include_hidden=True, return_schema=False):
+        out = base(cls, include_hidden, return_schema)
+        inputs = out[0] if return_schema else out
+        inputs.setdefault("hidden", {}).update({k: (v,) for k, v in own_hidden.items()})
+        return out
+
+    return input_types
 
 
 def _same_signature(method):
