@@ -1,9 +1,14 @@
 """Calibration runner and ``calibrate()``, the entry point: evaluates the points a search strategy asks for, records every one on disk, resumes.
 
 The record is a JSON-lines file. Line 1 is a header with the run's fingerprint (model file hash, family,
-sampler, steps, quantization, image size, scorer config, prompts, seeds, search space, strategy); every other
-line is one evaluated point (its search coordinates, coefficients, per-prompt JAQ and component scores,
-seconds, images) with a CRC-32 of its content. Each line is written with one ``write`` + ``fsync``.
+sampler, steps, quantization, image size, scorer config, prompts, seeds, search space, strategy) and a CRC-32;
+every other line is one evaluated point (its search coordinates, coefficients, per-prompt JAQ and component
+scores, seconds, images) with a ``digest``: an HMAC-SHA256 of its content keyed by the header
+(:func:`record_key`), so a line copied from another record (another model, thread count, prompt set...) is
+refused like a damaged one, and its values are checked against the record (one ``images`` per prompt, one
+coefficient per step, finite numbers). Each line is written with one ``write`` + ``fsync``; the header with the
+first point, so a run that fails before its first point leaves no record behind. The record and its lock file
+are never followed through a symbolic link.
 
 Kill the process at any moment and run again with ``resume=True``: the strategies are deterministic, so they
 ask for the same points in the same order; recorded points are answered from the record (nothing is
@@ -18,6 +23,7 @@ raises :class:`RecordWriteError` naming the record, which stays resumable.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -30,13 +36,20 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..qsched._io import atomic_write_text
+from ..qsched._io import NotRegularFile, atomic_write_text, open_regular
 from ..qsched.coefficients import Coefficients
 from .search import (DEFAULT_RANGE, BudgetExhausted, Point, SearchSpace, check_budget, check_points, check_strategy,
                      default_points, estimate_points, run_strategy, select_best)
 
+OBJECTIVES = ("jaq", "reference", "hybrid")
+#: Hybrid: the JAQ search multiplies the reference fit by factors in [1 - TRUST, 1 + TRUST].
+TRUST = 0.05
+#: Hybrid: its held-out distance to FP may exceed the reference fit's by at most this share.
+HYBRID_DISTANCE_TOLERANCE = 0.05
 RECORD_FORMAT = "qsched-calibration-record"
-RECORD_VERSION = 2  # 2: fingerprint covers scorer files, batch size, dtype, threads, configs
+#: 2: fingerprint covers scorer files, batch size, dtype, threads, configs; 3: point lines carry a digest keyed
+#: by the header (bound to their record) instead of a CRC
+RECORD_VERSION = 3
 PRESET_KIND = "qsched-calibration"
 
 
@@ -54,6 +67,24 @@ def _crc(obj: Mapping) -> str:
 def _line(obj: Mapping) -> str:
     body = dict(obj)
     body["crc"] = _crc(obj)
+    return json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def record_key(header: Mapping) -> bytes:
+    """The key of a record's point-line digests: sha256 of its header (format, version, fingerprint)."""
+    head = {k: header.get(k) for k in ("format", "version", "fingerprint")}
+    return hashlib.sha256(json.dumps(head, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+def _digest(obj: Mapping, key: bytes) -> str:
+    body = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()[:32]
+
+
+def point_line(entry: Mapping, key: bytes) -> str:
+    """One point line of the record whose :func:`record_key` is ``key``."""
+    body = dict(entry)
+    body["digest"] = _digest(entry, key)
     return json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n"
 
 
@@ -154,7 +185,12 @@ class RecordLock:
     def acquire(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         while True:
-            fh = open(self.path, "a+", encoding="utf-8")
+            try:  # never through a symbolic link (it would truncate its target), never a FIFO (it would hang)
+                fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, follow=False, what="record lock file")
+            except NotRegularFile as exc:
+                raise RecordError(f"{exc}. Q-Sched creates this file itself while a calibration runs: remove "
+                                  "it") from None
+            fh = os.fdopen(fd, "r+", encoding="utf-8")
             try:
                 _lock_file(fh)
             except OSError:
@@ -165,7 +201,7 @@ class RecordLock:
                                    "one record would both fail to resume: wait for it to finish (or stop it), or "
                                    "use another output folder / record file") from None
             try:  # the holder we waited on may have removed the file: then lock the new one
-                same = os.path.samestat(os.fstat(fh.fileno()), os.stat(self.path))
+                same = os.path.samestat(os.fstat(fh.fileno()), os.lstat(self.path))
             except FileNotFoundError:
                 same = False
             if same:
@@ -211,27 +247,31 @@ class Record:
     """Append-only JSONL record of evaluated points (see the module docstring). Held under :class:`RecordLock`
     from opening to :meth:`close`."""
 
-    def __init__(self, path: str | None, fingerprint: dict, resume: bool):
+    def __init__(self, path: str | None, fingerprint: dict, resume: bool, expect: Mapping[str, int] | None = None):
         self.path = None if path is None else os.fspath(path)
         self.fingerprint = fingerprint
+        self.header = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "fingerprint": fingerprint}
+        self.key = record_key(self.header)
+        #: what every point line must fit: {"images": per point, "dim": search coordinates, "steps": coefficients}
+        self.expect = dict(expect or {})
         self.entries: dict[str, dict] = {}
         self.order: list[str] = []
         self.skipped: list[int] = []  # damaged line numbers (their points are recomputed)
         self.lock = None
+        self._header_written = True
         if self.path is None:
             return
         self.lock = RecordLock(self.path)
         self.lock.acquire()
         try:
             self._remove_stale_temp_files()
-            if os.path.exists(self.path):
+            if os.path.lexists(self.path):
                 if not resume:
                     raise RecordError(f"{self.path}: a calibration record already exists; pass resume=True (CLI "
                                       "--resume) to continue it, or choose another record file")
                 self._load()
             else:
-                header = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "fingerprint": fingerprint}
-                _write_or_explain(self.path, lambda: atomic_write_text(self.path, _line(header)))
+                self._header_written = False  # written with the first point: a failed start leaves no record
         except BaseException:
             self.close()
             raise
@@ -251,16 +291,23 @@ class Record:
                     pass  # not ours to fight over (permissions): it is hidden from every list anyway
 
     @staticmethod
-    def key(point: Sequence[float]) -> str:
+    def point_key(point: Sequence[float]) -> str:
         return json.dumps([float(v) for v in point])
 
+    def _open(self, flags: int) -> int:
+        try:
+            return open_regular(self.path, flags, follow=False, what="calibration record")
+        except NotRegularFile as exc:
+            raise RecordError(f"{exc}. Give the record's own file (it is never read or written through a "
+                              "link)") from None
+
     def _load(self) -> None:
-        with open(self.path, "rb") as f:
+        with os.fdopen(self._open(os.O_RDONLY), "rb") as f:
             data = f.read()
         complete = data.rfind(b"\n") + 1
         if complete < len(data):
             # the process was killed inside a write: drop the partial line (it was never acknowledged)
-            with open(self.path, "r+b") as f:
+            with os.fdopen(self._open(os.O_RDWR), "r+b") as f:
                 f.truncate(complete)
                 f.flush()
                 os.fsync(f.fileno())
@@ -293,18 +340,19 @@ class Record:
                               f"differs in {diff}. Use another record file or the original settings")
         for n, raw in enumerate(lines[1:], start=2):
             try:
-                e = self._parse(raw.decode("utf-8"), n)
+                e = self._parse(raw.decode("utf-8"), n, self.key)
                 missing = [k for k in ENTRY_KEYS if k not in e]
                 if missing:
                     raise RecordError(f"line {n} is damaged (missing {missing[0]!r})")
-                if not _valid_entry(e):
-                    raise RecordError(f"line {n} is damaged (values of the wrong type)")
+                why = _entry_problem(e, self.expect)
+                if why:
+                    raise RecordError(f"line {n} is damaged ({why})")
             except (RecordError, UnicodeDecodeError) as exc:
                 self.skipped.append(n)
                 warnings.warn(f"{self.path}: {exc}; skipping it, its point will be computed again",
                               RecordWarning, stacklevel=4)
                 continue
-            key = self.key(e["point"])
+            key = self.point_key(e["point"])
             if key in self.entries:
                 self.skipped.append(n)
                 warnings.warn(f"{self.path}: line {n} repeats point {e['point']}; the first one is kept",
@@ -313,25 +361,33 @@ class Record:
             self.entries[key] = e
             self.order.append(key)
 
-    def _parse(self, text: str, n: int) -> dict:
+    def _parse(self, text: str, n: int, key: bytes | None = None) -> dict:
+        """A line's object, its CRC (header, ``key`` None) or its digest under ``key`` (point lines) checked."""
         try:
             obj = json.loads(text, parse_constant=_no_constant)
         except (json.JSONDecodeError, ValueError, RecursionError):
             raise RecordError(f"line {n} is damaged (not JSON)") from None
-        if not isinstance(obj, dict) or "crc" not in obj:
-            raise RecordError(f"line {n} is damaged (no checksum)")
-        crc = obj.pop("crc")
-        if crc != _crc(obj):
+        field = "crc" if key is None else "digest"
+        if not isinstance(obj, dict) or field not in obj:
+            raise RecordError(f"line {n} is damaged (no {'checksum' if key is None else 'digest'})")
+        check = obj.pop(field)
+        if key is None and check != _crc(obj):
             raise RecordError(f"line {n} is damaged (checksum mismatch)")
+        if key is not None and not (isinstance(check, str) and hmac.compare_digest(check, _digest(obj, key))):
+            raise RecordError(f"line {n} is damaged (its digest does not match this record's header: the line was "
+                              "changed, or copied from another record)")
         return obj
 
     def append(self, entry: dict) -> None:
-        key = self.key(entry["point"])
+        key = self.point_key(entry["point"])
         if self.path is not None:
-            line = _line(entry)
+            if not self._header_written:
+                _write_or_explain(self.path, lambda: atomic_write_text(self.path, _line(self.header)))
+                self._header_written = True
+            line = point_line(entry, self.key)
 
             def write():
-                with open(self.path, "a", encoding="utf-8") as f:
+                with os.fdopen(self._open(os.O_WRONLY | os.O_APPEND), "w", encoding="utf-8") as f:
                     f.write(line)
                     f.flush()
                     os.fsync(f.fileno())
@@ -349,14 +405,43 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not allowed in a record")
 
 
-def _valid_entry(e: Mapping) -> bool:
-    def floats(v):
-        return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+def _entry_problem(e: Mapping, expect: Mapping[str, int]) -> str:
+    """Why a point line's values cannot be this record's ('' when they fit): every number finite, ``images`` the
+    record's images per point (a positive int), one coordinate per search dimension, one coefficient per step,
+    one JAQ and one value per component per image."""
+    def numbers(v, n=None, positive=False):
+        return (isinstance(v, list) and (n is None or len(v) == n) and all(_finite(x) for x in v)
+                and (not positive or all(x > 0 for x in v)))
 
-    return (floats(e["point"]) and floats(e["c_x"]) and floats(e["c_eps"]) and floats(e["jaq"])
-            and isinstance(e["score"], (int, float)) and not isinstance(e["score"], bool)
-            and isinstance(e["components"], dict) and all(floats(v) for v in e["components"].values())
-            and isinstance(e["images"], int) and isinstance(e["seconds"], (int, float)))
+    images = expect.get("images")
+    if isinstance(e["images"], bool) or not isinstance(e["images"], int) or not (
+            e["images"] >= 1 if images is None else e["images"] == images):
+        return f"images is {_brief(e['images'])}, this record spends {images or 'a positive number of'} per point"
+    n = e["images"]
+    if not numbers(e["point"], expect.get("dim")):
+        return f"point is not {expect.get('dim', 'a list of')} finite numbers"
+    for k in ("c_x", "c_eps"):
+        if not numbers(e[k], expect.get("steps"), positive=True):
+            return f"{k} is not {expect.get('steps', 'a list of')} positive finite numbers"
+    if not numbers(e["jaq"], n):
+        return f"jaq is not {n} finite numbers (one per image)"
+    comps = e["components"]
+    if not isinstance(comps, dict) or not all(isinstance(k, str) and numbers(v, n) for k, v in comps.items()):
+        return f"components are not lists of {n} finite numbers"
+    if not _finite(e["score"]):
+        return "score is not a finite number"
+    if not _finite(e["seconds"]) or e["seconds"] < 0:
+        return "seconds is not a finite number >= 0"
+    return ""
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _brief(value, limit: int = 40) -> str:
+    text = json.dumps(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _write_or_explain(path: str, write: Callable[[], object]):
@@ -422,12 +507,24 @@ class CalibrationResult:
     grid_points: int
     stopped: str  # "done" or "budget"
     preset_path: str | None = None
+    #: "jaq" (the paper's search), "reference" (fitted to the FP model) or "hybrid" (JAQ around the fit)
+    objective: str = "jaq"
+    #: False: the held-out test refused the coefficients and ``best`` is identity (``acceptance`` says why)
+    accepted: bool = True
+    acceptance: str = "JAQ search (the paper's objective): no held-out test"
+    #: held-out numbers of the acceptance test (``reference.Acceptance.to_dict()``, plus the hybrid's JAQ check)
+    heldout: dict | None = None
+    #: the FP reference generator's fingerprint (reference / hybrid)
+    reference: dict | None = None
 
     @property
     def improvement(self) -> float:
         return self.best_score - self.identity_score
 
     def summary(self) -> str:
+        if self.objective != "jaq":
+            return (f"{self.objective} objective ({self.strategy}, {self.images_spent} images): "
+                    f"{self.acceptance}; c_x = {_fmt(self.best.c_x)}, c_eps = {_fmt(self.best.c_eps)}")
         return (f"{self.strategy} over {self.space.kind} ({len(self.points)} points, {self.images_spent} images"
                 f"{', stopped by the image budget' if self.stopped == 'budget' else ''}): best JAQ "
                 f"{self.best_score:.6g} vs identity {self.identity_score:.6g} (Δ {self.improvement:+.4g}); "
@@ -479,7 +576,8 @@ class Runner:
             bad = [k for k, v in _flat(self.fingerprint) if isinstance(v, float) and not math.isfinite(v)]
             raise ValueError(f"the run's settings hold a non-finite number ({', '.join(bad) or 'somewhere'}): "
                              "every option must be a finite number") from None
-        self.record = Record(record, self.fingerprint, resume)
+        self.record = Record(record, self.fingerprint, resume,
+                             expect={"images": per_point, "dim": space.dim, "steps": space.steps})
         self._session_images = 0
         self._session_seconds = 0.0
         self._t0 = time.perf_counter()
@@ -491,7 +589,7 @@ class Runner:
         return sum(int(self.record.entries[k]["images"]) for k in self.record.order)
 
     def _evaluate_one(self, point) -> dict:
-        key = Record.key(point)
+        key = Record.point_key(point)
         if key in self.record.entries:
             return self.record.entries[key]
         if self.budget is not None and self.images_spent + len(self.prompts) > self.budget:
@@ -525,7 +623,7 @@ class Runner:
         many = getattr(self.generator, "generate_many", None)
         todo, keys = [], set()
         for p in points:
-            key = Record.key(p)
+            key = Record.point_key(p)
             if key not in self.record.entries and key not in keys:
                 todo.append(p)
                 keys.add(key)
@@ -554,13 +652,13 @@ class Runner:
                                 "jaq": part, "components": pc, "images": n, "seconds": round(seconds, 4)})
             self._session_images += n
             self._session_seconds += seconds
-        return {Record.key(p) for p in todo}
+        return {Record.point_key(p) for p in todo}
 
     def evaluate(self, points) -> list[float]:
         out = []
         fresh = self._evaluate_many(points)
         for p in points:
-            key = Record.key(p)
+            key = Record.point_key(p)
             cached = key in self.record.entries and key not in fresh
             fresh.discard(key)
             e = self._evaluate_one(p)
@@ -574,7 +672,7 @@ class Runner:
         if self.progress is None:
             return
         scores = [self.record.entries[k]["score"] for k in self._evaluated]
-        ident = self.record.entries.get(Record.key(self.space.identity))
+        ident = self.record.entries.get(Record.point_key(self.space.identity))
         total_pts = max(self.estimate, len(self._evaluated))
         per_point = len(self.prompts)
         kind = "" if self.strategy == "grid" else "~"
@@ -611,7 +709,7 @@ class Runner:
         pts = [tuple(e["point"]) for e in entries]
         scores = [e["score"] for e in entries]
         b = select_best(pts, scores, self.space.identity)
-        ident = self.record.entries.get(Record.key(self.space.identity))
+        ident = self.record.entries.get(Record.point_key(self.space.identity))
         evaluated = [EvaluatedPoint(tuple(e["point"]), Coefficients(e["c_x"], e["c_eps"]), e["score"], e["jaq"],
                                     e["components"], e["seconds"], e["images"]) for e in entries]
         result = CalibrationResult(best=evaluated[b].coefficients, best_point=pts[b], best_score=scores[b],
@@ -626,8 +724,8 @@ class Runner:
             comps = e.get("components", {}) if e else {}
             return {k: math.fsum(v) / len(v) for k, v in sorted(comps.items()) if v}
 
-        best_e = self.record.entries[Record.key(result.best_point)]
-        ident_e = self.record.entries.get(Record.key(self.space.identity))
+        best_e = self.record.entries[Record.point_key(result.best_point)]
+        ident_e = self.record.entries.get(Record.point_key(self.space.identity))
         gen = self.fingerprint["generator"]
         meta = {
             "kind": PRESET_KIND,
@@ -742,9 +840,18 @@ def calibrate(generator, scorer, prompts, *, space: "str | SearchSpace" = "start
               points: int | None = None, seed: int = 42, seeds: Sequence[int] | None = None,
               budget: int | None = None, record: str | None = None, resume: bool = False,
               preset: str | None = None, progress=None, interrupt=None, scorer_config: Mapping | None = None,
-              strategy_options: Mapping[str, Any] | None = None, extra_metadata: Mapping | None = None
+              strategy_options: Mapping[str, Any] | None = None, extra_metadata: Mapping | None = None,
+              objective: str = "jaq", reference=None, heldout_prompts: Sequence[str] | None = None,
+              heldout_seeds: Sequence[int] | None = None, fit_mode: str = "free", trust: float = TRUST
               ) -> CalibrationResult:
     """Find Q-Sched coefficients for ``generator`` (coefficients, prompts, seeds -> images) under ``scorer``.
+
+    ``objective``: ``"jaq"`` (the paper: search maximising ``scorer``), ``"reference"`` (fit to the FP model
+    ``reference`` on the same noise, ``calibration.reference``; ``scorer`` may be None; no search, no record) or
+    ``"hybrid"`` (the JAQ search confined to ``[1 - trust, 1 + trust]`` times the reference fit). Reference and
+    hybrid test the result on ``heldout_prompts`` / ``heldout_seeds`` (default: the second half of ``prompts``,
+    the first half fits) and return identity, with the reason in ``result.acceptance``, when it does not hold
+    there. ``generator`` and ``reference`` then follow ``reference.TrajectoryGenerator`` too.
 
     ``generator`` follows ``generate.Generator``; ``scorer`` has ``.score(images, prompts)`` and
     ``.components(images, prompts)`` (e.g. ``calibration.jaq.JAQ``). ``steps`` defaults to the generator's.
@@ -753,6 +860,24 @@ def calibrate(generator, scorer, prompts, *, space: "str | SearchSpace" = "start
     anything runs). ``preset``: where to write the preset JSON (atomically). ``progress(info)`` and
     ``interrupt()`` are called between points (``interrupt`` stops the run by raising).
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+    if objective != "jaq":
+        if reference is None:
+            raise ValueError(f"objective {objective!r} needs the full-precision model as reference (connect the "
+                             "unquantized model), or use objective 'jaq'")
+        if objective == "hybrid" and scorer is None:
+            raise ValueError("objective 'hybrid' needs a JAQ scorer (it searches JAQ around the reference fit); "
+                             "use objective 'reference' to calibrate without one")
+        return _calibrate_with_reference(
+            generator, scorer, prompts, reference, objective=objective, seed=seed, seeds=seeds,
+            heldout_prompts=heldout_prompts, heldout_seeds=heldout_seeds, fit_mode=fit_mode, trust=trust,
+            strategy=strategy, points=points, budget=budget, record=record, resume=resume, progress=progress,
+            interrupt=interrupt, scorer_config=scorer_config, strategy_options=strategy_options, preset=preset,
+            extra_metadata=extra_metadata)
+    if scorer is None:
+        raise ValueError("objective 'jaq' needs a scorer (the JAQ Loader); without scorer files use objective "
+                         "'reference' with the full-precision model as reference")
     steps = getattr(generator, "steps", None) if steps is None else steps
     if isinstance(space, SearchSpace):
         sp = space
@@ -773,4 +898,129 @@ def calibrate(generator, scorer, prompts, *, space: "str | SearchSpace" = "start
     result = runner.run()
     if preset is not None:
         runner.write_preset(result, preset, extra_metadata=extra_metadata)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reference and hybrid objectives
+
+class ScaledGenerator:
+    """``generator`` run with ``base ⊙ c`` (element-wise) for the coefficients ``c`` a search asks for: a search
+    around ``base`` (identity of the search = ``base``). The fingerprint names the base and the reference."""
+
+    def __init__(self, generator, base: Coefficients, reference_fingerprint: Mapping | None = None):
+        self.generator, self.base = generator, base
+        self.steps = base.steps
+        self.reference_fingerprint = None if reference_fingerprint is None else dict(reference_fingerprint)
+        if hasattr(generator, "generate_many"):
+            self.generate_many = self._generate_many
+
+    def scaled(self, c: Coefficients | None) -> Coefficients:
+        if c is None:
+            return self.base
+        return Coefficients([b * v for b, v in zip(self.base.c_x, c.c_x)],
+                            [b * v for b, v in zip(self.base.c_eps, c.c_eps)])
+
+    def fingerprint(self) -> dict:
+        return dict(_generator_fingerprint(self.generator), around={"c_x": list(self.base.c_x),
+                                                                    "c_eps": list(self.base.c_eps)},
+                    reference=self.reference_fingerprint)
+
+    def generate(self, coefficients, prompts, seeds):
+        return self.generator.generate(self.scaled(coefficients), prompts, seeds)
+
+    def _generate_many(self, coefficient_list, prompts, seeds):
+        return self.generator.generate_many([self.scaled(c) for c in coefficient_list], prompts, seeds)
+
+
+def _calibrate_with_reference(generator, scorer, prompts, reference, *, objective, seed, seeds, heldout_prompts,
+                              heldout_seeds, fit_mode, trust, strategy, points, budget, record, resume, progress,
+                              interrupt, scorer_config, strategy_options, preset, extra_metadata):
+    from . import reference as R
+
+    prompts = check_calibration_prompts(prompts)
+    seeds = check_seeds(seeds, len(prompts), seed)
+    if heldout_prompts is None:
+        if len(prompts) < 2:
+            raise ValueError("the reference objective needs at least 2 prompts (half fit, half test), or "
+                             "separate held-out prompts")
+        prompts, seeds, heldout_prompts, heldout_seeds = R.split_heldout(prompts, seeds)
+    else:
+        heldout_prompts = check_calibration_prompts(heldout_prompts)
+        if heldout_seeds is None:
+            heldout_seeds = [max(seeds) + 1 + i for i in range(len(heldout_prompts))]
+        heldout_seeds = check_seeds(heldout_seeds, len(heldout_prompts), seed)
+    steps = generator.steps
+    ref_fp = _generator_fingerprint(reference)
+    res = R.calibrate_to_reference(generator, reference, prompts, seeds, heldout_prompts, heldout_seeds,
+                                   mode=fit_mode, interrupt=interrupt)
+    acc = res.acceptance
+    heldout = dict(acc.to_dict(), prompts=len(heldout_prompts), seeds=list(heldout_seeds))
+    fit_meta = {"mode": fit_mode, "c_x": list(res.fit.coefficients.c_x), "c_eps": list(res.fit.coefficients.c_eps),
+                "residual_identity": res.fit.residual_identity, "residual_fitted": res.fit.residual_fitted}
+    best, accepted, text, images = res.coefficients, acc.accepted, acc.text, res.images
+    d_best = acc.distance_fitted if accepted else acc.distance_identity
+    search_result = None
+    if objective == "hybrid":
+        space = SearchSpace("start", steps, 1.0 - trust, 1.0 + trust)
+        scaled = ScaledGenerator(generator, best, ref_fp)
+        runner = Runner(scaled, scorer, prompts, space=space, strategy=strategy, points=points, seed=seed,
+                        seeds=seeds, budget=budget, record=record, resume=resume, progress=progress,
+                        interrupt=interrupt, scorer_config=scorer_config, strategy_options=strategy_options)
+        search_result = runner.run()
+        images += search_result.images_spent
+        cand = scaled.scaled(search_result.best)
+        if tuple(search_result.best_point) == tuple(space.identity):
+            text = f"{text}. Hybrid: the JAQ search around it found nothing better, so it stays"
+            heldout["hybrid"] = {"accepted": False, "reason": "search kept its start"}
+        else:
+            base_images = res.heldout_images["fitted" if accepted else "identity"]
+            cand_images = generator.generate(cand, heldout_prompts, heldout_seeds)
+            images += len(heldout_prompts)
+            d_cand = R.paired_distance(cand_images, res.heldout_images["reference"])
+            d_base = R.paired_distance(base_images, res.heldout_images["reference"])
+            jaq_base, _ = score_images(scorer, base_images, heldout_prompts)
+            jaq_cand, _ = score_images(scorer, cand_images, heldout_prompts)
+            gain = torch.tensor(jaq_cand, dtype=torch.float64) - torch.tensor(jaq_base, dtype=torch.float64)
+            p = R.sign_flip_p(gain)
+            growth = float(d_cand.mean()) / max(float(d_base.mean()), 1e-30) - 1.0
+            ok = float(gain.mean()) > 0 and p <= R.ALPHA and growth <= HYBRID_DISTANCE_TOLERANCE
+            heldout["hybrid"] = {"accepted": ok, "jaq_gain": float(gain.mean()), "p_value": p,
+                                 "distance_growth": growth, "distance": float(d_cand.mean()),
+                                 "tolerance": HYBRID_DISTANCE_TOLERANCE}
+            if ok:
+                best, d_best = cand, float(d_cand.mean())
+                text = (f"{text}. Hybrid kept: on the held-out images JAQ rose by {float(gain.mean()):.4g} (paired "
+                        f"test, p = {p:.3g}) and the distance to full precision changed by {100 * growth:+.1f}% "
+                        f"(tolerance +{100 * HYBRID_DISTANCE_TOLERANCE:.0f}%)")
+            else:
+                why = (f"the distance to full precision grew {100 * growth:.1f}% (> {100 * HYBRID_DISTANCE_TOLERANCE:.0f}%)"
+                       if growth > HYBRID_DISTANCE_TOLERANCE else
+                       f"its JAQ gain did not hold on the held-out images ({float(gain.mean()):+.4g}, p = {p:.3g})")
+                text = f"{text}. Hybrid refused ({why}): the reference result stays"
+    point = tuple(best.c_x) + tuple(best.c_eps)
+    meta = {"kind": PRESET_KIND, "objective": objective, "accepted": accepted, "acceptance": text,
+            "model": _generator_fingerprint(generator), "reference": ref_fp, "steps": steps,
+            "fit": fit_meta, "heldout": heldout, "images_spent": images,
+            "prompts": {"count": len(prompts), "sha256": prompts_digest(prompts)}, "seeds": list(seeds),
+            "heldout_prompts": {"count": len(heldout_prompts), "sha256": prompts_digest(heldout_prompts)}}
+    if search_result is not None:
+        meta["search"] = {"space": search_result.space.to_dict(), "strategy": strategy,
+                          "best_point": list(search_result.best_point), "images": search_result.images_spent,
+                          "jaq": getattr(runner, "scorer_config", None)}
+    if extra_metadata:
+        meta.update(dict(extra_metadata))
+    best = best.with_metadata(**meta)
+    result = CalibrationResult(
+        best=best, best_point=point, best_score=-d_best, identity_score=-acc.distance_identity,
+        points=[] if search_result is None else search_result.points, images_spent=images,
+        space=SearchSpace("per_step", steps, *R.FIT_RANGE) if search_result is None else search_result.space,
+        strategy=f"reference fit ({fit_mode})" + ("" if search_result is None else f" + {strategy} JAQ search"),
+        grid_points=0 if search_result is None else search_result.grid_points,
+        stopped="done" if search_result is None else search_result.stopped, objective=objective,
+        accepted=accepted, acceptance=text, heldout=heldout, reference=ref_fp)
+    if preset is not None:
+        best.check_steps(steps, "sampler")
+        best.save(preset)
+        result.preset_path = os.fspath(preset)
     return result
