@@ -61,7 +61,7 @@ def _cond(ctx_len, ctx_dim, **extra):
 CASES = {
     "qwen_image": dict(file="qwen_image_bf16.safetensors", build="build_qwen_image", dtype=torch.bfloat16,
                        config="QwenImage", family="qwen_image", setting="qwen_image_lightning_4step",
-                       latent=(1, 16, 8, 8), cond=_cond(6, 3584)),
+                       latent=(1, 16, 1, 8, 8), cond=_cond(6, 3584)),
     "wan22_5b": dict(file="wan2.2_ti2v_5B_fp16.safetensors", build=("build_wan", True), dtype=torch.float16,
                      config="WAN22_T2V", family="wan", setting="wan22_lightx2v_4step", latent=(1, 48, 2, 8, 8),
                      cond=_cond(6, 4096)),
@@ -121,8 +121,8 @@ def direct(model):
     conds = {"c_crossattn": cond[0]}
     if "pooled_output" in cond[1]:
         conds["y"] = cond[1]["pooled_output"]
-    if "guidance" in cond[1]:
-        conds["guidance"] = torch.tensor([cond[1]["guidance"]])
+    if "guidance" in cond[1] or FAMILY.name == "chroma":  # Chroma's model takes guidance (core's default 0)
+        conds["guidance"] = torch.tensor([cond[1].get("guidance", 0.0)])
     sigma = torch.tensor([0.6 if FAMILY.flow else 5.0])
     with torch.no_grad():
         out = base.apply_model(x, sigma, **conds).float()
