@@ -15,7 +15,7 @@ def _demo(args) -> int:
     tiny_only = {"--quant": args.quant, "--seeds": args.seeds, "--per-prompt": args.per_prompt,
                  "--points": args.points, "--strategy": args.strategy, "--budget": args.budget,
                  "--no-budget": args.no_budget or None, "--grid-images": args.grid_images, "--weights": args.weights,
-                 "--guard": args.guard or None, "--family": args.family,
+                 "--guard": args.guard or None, "--family": args.family, "--objective": args.objective,
                  "--world": None if args.world == "shapes" else args.world}
     if args.random_models:
         given = [k for k, v in tiny_only.items() if v is not None]
@@ -38,11 +38,14 @@ def _demo(args) -> int:
 
         if args.family is not None:
             kw["family"] = args.family
+        if args.objective is not None:
+            kw["objective"] = args.objective
         shape_demo.run_demo(out_dir=args.out, steps=args.steps or shape_demo.DEFAULTS["steps"], guard=args.guard,
                             weights=args.weights, **kw)
         return 0
-    if args.family is not None:
-        raise ValueError("--family only applies to --world shapes (the digits world has one flow model)")
+    if args.family is not None or args.objective is not None:
+        raise ValueError(f"{'--family' if args.family is not None else '--objective'} only applies to --world "
+                         "shapes (the digits world has one flow model and the JAQ search)")
     import importlib.util
 
     try:
@@ -81,6 +84,10 @@ def _add_demo(sub):
                    help="shapes (default: 32x32 colour scenes, real JAQ code) or digits (the issue-7 world)")
     d.add_argument("--family", choices=("flow", "lcm", "tcd"),
                    help=f"shapes only: model family (default {S['family']})")
+    d.add_argument("--objective", choices=("reference", "hybrid", "jaq"),
+                   help=f"shapes only: how the coefficients are found (default {S['objective']}, the best measured, "
+                        "docs/shape_world.md): reference = fitted to the full-precision model, kept only if a "
+                        "held-out test shows a gain; hybrid = JAQ search around that fit; jaq = the paper's search")
     d.add_argument("--steps", type=_int_range("--steps", 1, 8), default=None, help="sampling steps, 1-8 (default 4)")
     d.add_argument("--quant", help=f"quantization of the denoiser: w8a8, w4a8, w4a4, w4a6, ... (default: shapes "
                                    f"{S['quant']}, digits {D['quant']}, the settings with a real loss)")
@@ -144,7 +151,8 @@ def _add_quantize(sub):
     q.add_argument("source", help="full-precision .safetensors file")
     q.add_argument("out", help="output .safetensors file (e.g. models/diffusion_models/flux1-schnell-w4a8.safetensors)")
     q.add_argument("--format", default="w4a8", help="w8a8, w8a8-fp8, w4a8 (default), w4a6, w4a5, w4a4, w8a16, w4a16")
-    q.add_argument("--device", default=None, help="where the rounding runs (default: cuda if available, else cpu)")
+    q.add_argument("--device", type=_device, default=None,
+                   help="where the rounding runs (default: cuda if available, else cpu)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     q.set_defaults(func=_quantize)
 
@@ -166,6 +174,29 @@ def _quantize(args) -> int:
 
 
 # ---- calibrate / sample / score ------------------------------------------------------------------------
+
+def _device(text: str) -> str:
+    """argparse type of ``--device``: a device torch can run the models on here (cpu, an existing cuda:N, mps)."""
+    import torch
+
+    try:
+        d = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        d = None
+    if d is not None and d.type == "cpu":
+        return str(d)
+    if d is not None and d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"--device {text!r}: torch sees no CUDA GPU here; use --device cpu")
+        if d.index is not None and d.index >= count:
+            raise argparse.ArgumentTypeError(f"--device {text!r}: torch sees {count} CUDA GPU(s) (cuda:0 to "
+                                             f"cuda:{count - 1})")
+        return str(d)
+    if d is not None and d.type == "mps" and torch.backends.mps.is_available():
+        return str(d)
+    raise argparse.ArgumentTypeError(f"--device {text[:40]!r} cannot run the models: use cpu, cuda or cuda:N")
+
 
 def _positive_float(name: str):
     def parse(text: str) -> float:
@@ -220,7 +251,8 @@ def _add_model_args(p, steps_default):
     p.add_argument("--eta", type=_finite_float("--eta", 0.0, 1.0),
                    help="TCD gamma / ancestral eta, in [0, 1] (default: the family's)")
     p.add_argument("--batch-size", type=_int_range("--batch-size", 1, 256), default=4, help="images per network call")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=_device, default=None,
+                   help="torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="network dtype (default: float16 on cuda, float32 on cpu)")
 
@@ -283,7 +315,7 @@ def _add_score(sub):
     s.add_argument("--prompt", action="append", help="prompt, once for all images or once per image")
     s.add_argument("--prompts", help="prompt file with one prompt per image")
     _add_jaq_args(s)
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cpu)")
     s.add_argument("--json", help="also write the scores to this JSON file")
     s.set_defaults(func=_score)
 
@@ -455,26 +487,70 @@ def _int_range(name: str, lo: int, hi: int, multiple: int = 1):
     return parse
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..qsched._compat import ensure_torchvision_importable
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (e.g. ``kill``, a job scheduler): ends the command like Ctrl-C, with the same resume hint."""
 
-    ensure_torchvision_importable()
-    args = build_parser().parse_args(argv)
+
+_SIGNALLED: list[int] = []
+
+
+def _on_signal(signum, frame):
+    _SIGNALLED.append(signum)
+    import signal
+
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _interrupted(command: str, out, exc: BaseException) -> int:
+    import signal
+
+    term = signal.SIGTERM in _SIGNALLED or isinstance(exc, Terminated)
+    hint = (f": every finished point is in {os.path.join(out, 'record.jsonl')}; resume with the same command plus "
+            "--resume" if command == "calibrate" and out else "")
+    print(f"qsched {command}: {'terminated' if term else 'interrupted'}{hint}".replace("qsched :", "qsched:"),
+          file=sys.stderr)
+    return 143 if term else 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = given[0] if given and not given[0].startswith("-") else ""  # until argparse has run
+    out = None
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    del _SIGNALLED[:]
     try:
+        for s, handler in previous.items():
+            if handler in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(s, _on_signal)
+        from ..qsched._compat import ensure_torchvision_importable
+
+        ensure_torchvision_importable()
+        args = build_parser().parse_args(argv)
+        command, out = args.command, getattr(args, "out", None)
         return args.func(args)
-    except KeyboardInterrupt:
-        hint = (f": every finished point is in {os.path.join(args.out, 'record.jsonl')}; resume with the same "
-                "command plus --resume" if args.command == "calibrate" else "")
-        print(f"qsched {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM at any moment, imports included
+        return _interrupted(command, out, exc)
     except (ValueError, TypeError, FileNotFoundError, UnicodeError) as exc:
-        print(f"qsched {args.command}: error: {exc}", file=sys.stderr)
+        if _SIGNALLED:
+            return _interrupted(command, out, exc)
+        print(f"qsched {command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # disk full, read-only folder, permissions: name the file, never a traceback
+        if _SIGNALLED:
+            return _interrupted(command, out, exc)
         target = getattr(exc, "filename", None)
-        print(f"qsched {args.command}: error: {exc.strerror or exc}" + (f": {target}" if target else ""),
+        print(f"qsched {command}: error: {exc.strerror or exc}" + (f": {target}" if target else ""),
               file=sys.stderr)
         return 2
+    except Exception as exc:  # a library that wrapped the interrupt (e.g. diffusers' lazy imports); else a bug
+        if _SIGNALLED:
+            return _interrupted(command, out, exc)
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def finish_demo(log, result: dict, table: str, summary: list, files: dict, secon
     log("")
     log(table)
     log("\n".join(summary))
-    log(f"\nwrote {', '.join(files[k] for k in ('table', 'grid', 'landscape', 'results', 'preset'))} "
+    log(f"\nwrote {', '.join(files[k] for k in ('table', 'grid', 'landscape', 'results', 'preset') if k in files)} "
         f"in {seconds:.0f} s")
     return {"result": result, "summary": summary, "files": files, "seconds": seconds}
 

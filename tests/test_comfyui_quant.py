@@ -95,8 +95,29 @@ def test_cuda_graph_node_is_a_noop_on_the_cpu(quant_env):
     assert set(r) == {"sd", "flux"}
 
 
+def test_sage_attention_option_is_wired_into_comfyui(quant_env):
+    r = check(quant_env, "attention")
+    assert 0 < r["flux"]["sage"] and 0 < r["sd"]["sage"] < r["sd"]["seen"], r
+
+
 @pytest.mark.skipif(not os.environ.get("QSCHED_GGUF_NODES"), reason="QSCHED_GGUF_NODES (a checkout of "
                     "city96/ComfyUI-GGUF, folder name a Python identifier) not set; needs the gguf package")
 def test_qsched_nodes_on_a_gguf_model(quant_env):
     r = check(quant_env, "gguf")
     assert set(r) == {"Q8_0", "Q4_0"}
+
+
+def test_quantized_layers_follow_the_newer_core_casting_contract(quant_env):
+    """0.38.1's cast_bias_weight(offloadable=True)/uncast_bias_weight, Dynamic VRAM's per-layer LoRA and the new
+    LowVramPatch semantics, as stand-ins on 0.3.64 (tests/comfy_quant_checks.py: check_newer_core_contract)."""
+    r = check(quant_env, "newer_core_contract")
+    assert r["layers"] > 0 and r["dynamic_plain_vs_full_load"] == 0.0
+
+
+def test_comfyui_native_files_both_ways_through_comfy_kitchen(quant_env):
+    pytest.importorskip("comfy_kitchen")
+    r = check(quant_env, "native")
+    assert r["w8a8"]["worst_weight_rel_err"] == 0.0 and r["w8a8"]["output_rel_err_reloaded"] == 0.0
+    assert r["w8a8-fp8"]["worst_weight_rel_err"] < 0.05 and r["w4a8"]["worst_weight_rel_err"] < 0.15
+    assert r["core_asym_w4a8_int8_header"] > 0  # only the _quantization_metadata header declares the layers
+    assert all(r[f"core_{f}_markers"] > 0 for f in ("nvfp4", "float8_e4m3fn", "int8_tensorwise"))

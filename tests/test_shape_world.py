@@ -22,6 +22,7 @@ from qsched_pack.calibration.runner import calibrate  # noqa: E402
 from qsched_pack.calibration.search import SearchSpace  # noqa: E402
 from qsched_pack.calibration.shapeworld.world import (CLIP_FILE, PACKAGED, WEIGHTS, PointBatched,  # noqa: E402
                                                       ShapeWorld, assemble)
+from qsched_pack.qsched.coefficients import Coefficients  # noqa: E402
 from qsched_pack.qsched.ptqd import PTQDCorrection  # noqa: E402
 
 
@@ -190,19 +191,40 @@ def test_a_failing_run_in_a_batch_raises_its_own_error_and_stops_the_others(worl
 
 # ---------------------------------------------------------------------------------------------- demo (default world)
 def test_default_demo_is_the_shape_world_and_writes_every_file(tmp_path, capsys):
+    """The default objective (reference): rows per prompt set, the table's held-out rows first, the summary read on
+    the held-out prompts, the preset the row's coefficients."""
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--seeds", "0", "--per-prompt", "1", "--points", "5", "--budget", "600",
-            "--grid-images", "1", "--steps", "2"]
+    argv = ["demo", "--out", str(out), "--seeds", "0", "--per-prompt", "1", "--grid-images", "1", "--steps", "2"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "shape world" in printed and "flow family, W4A8, 2 steps" in printed
-    for f in ("table.md", "results.json", "grid.png", "landscape.png", "preset.json"):
+    assert "shape world" in printed and "flow family, W4A8, 2 steps" in printed and "held-out prompts" in printed
+    for f in ("table.md", "results.json", "grid.png", "preset.json"):
         assert (out / f).is_file(), f
+    assert not (out / "landscape.png").exists()  # no search to draw
     res = json.loads((out / "results.json").read_text())
-    methods = {x["method"] for x in res["rows"]}
-    assert methods == {"fp", "naive", "ptqd", "qsched-zoom"}
+    assert res["config"]["objective"] == "reference"
+    assert {(x["method"], x["prompts"]) for x in res["rows"]} == {
+        (m, p) for m in ("fp", "naive", "ptqd", "qsched-reference") for p in ("calibration", "heldout")}
+    q = [x for x in res["rows"] if x["method"] == "qsched-reference"]
+    assert all(x["images"] == 32 and len(x["c_x"]) == 2 and "acceptance" in x for x in q)
+    preset = Coefficients.load(out / "preset.json")
+    assert list(preset.c_x) == q[0]["c_x"] and preset.metadata["objective"] == "reference"
+    table = (out / "table.md").read_text()
+    first = [ln for ln in table.splitlines() if ln.startswith("| heldout") or ln.startswith("| calibration")]
+    assert first[0].startswith("| heldout | FP32 | fp |") and len(first) == 8
+    assert "on the 20 held-out prompts" in table
+
+
+def test_demo_jaq_objective_keeps_the_papers_search(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--objective", "jaq", "--seeds", "0", "--per-prompt", "1", "--points", "5",
+            "--budget", "600", "--grid-images", "1", "--steps", "2"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {x["method"] for x in res["rows"]} == {"fp", "naive", "ptqd", "qsched-zoom"}
     q = next(x for x in res["rows"] if x["method"] == "qsched-zoom")
     assert q["images"] <= 600 and len(q["c_x"]) == 2
+    assert (out / "landscape.png").is_file()
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -210,6 +232,8 @@ def test_default_demo_is_the_shape_world_and_writes_every_file(tmp_path, capsys)
     (["--per-prompt", "2", "--grid-images", "3"], "grid images per prompt must be in [1, per-prompt = 2]"),
     (["--budget", "100"], "budget too small"),
     (["--random-models", "--world", "digits"], "--world only apply to the trained-model demo"),
+    (["--world", "digits", "--objective", "jaq"], "--objective only applies to --world shapes"),
+    (["--objective", "reference", "--guard"], "--guard applies to --objective jaq"),
 ])
 def test_shape_demo_bad_options_fail_before_anything_is_written(tmp_path, capsys, argv, msg):
     assert main(["demo", "--out", str(tmp_path / "o")] + argv) == 2
@@ -230,9 +254,13 @@ def test_reduced_pipeline_trains_assembles_and_runs_the_experiment(tmp_path):
     res = E.run(str(tmp_path / "exp"), families=("tcd",), steps_list=(2,), formats=("w4a4",), seeds=(0,),
                 per_prompt=1, points=3, strategies=("zoom", "grid"), weights=str(tmp_path / "w"), device="cpu",
                 log=None, batch=40)  # the GPU run's path: a search's points evaluated together
-    methods = [x["method"] for x in res["rows"]]
-    assert methods == ["fp", "fp+qsched-zoom", "naive", "ptqd", "qsched-zoom", "qsched-zoom+accept",
-                       "qsched-zoom+heldout", "qsched-zoom+trust", "qsched-grid"]
+    methods = [x["method"] for x in res["rows"] if x["method"] != "qsched-reference-unchecked"]
+    assert methods == ["fp", "fp+qsched-zoom", "naive", "ptqd", "qsched-reference", "qsched-reference-tf",
+                       "qsched-reference-x0", "qsched-reference-search", "qsched-hybrid", "qsched-zoom",
+                       "qsched-zoom+accept", "qsched-zoom+heldout", "qsched-zoom+trust", "qsched-grid"]
+    for x in res["rows"]:
+        if x["method"].startswith("qsched-reference") or x["method"] == "qsched-hybrid":
+            assert all(k in x for k in E.METRICS), x["method"]
     grid = res["rows"][-1]
     assert grid["images"] == 9 * 20 and all(k in grid for k in E.METRICS)
     table = (tmp_path / "exp" / "table.md").read_text()

@@ -25,6 +25,11 @@ def detect_family(module: nn.Module) -> str:
     return family_of_module(module).name
 
 
+#: How each kernel runs, in words for the report shown on the loader nodes.
+KERNEL_WORDS = {"simulated": "simulated in float32", "int8_mm": "on int8 matmuls", "fp8_mm": "on float8 matmuls",
+                "dequant": "unpacked to 16 bit per call", "fp8w4": "4-bit unpacked to float8 matmuls"}
+
+
 @dataclass
 class QuantReport:
     spec: QuantSpec
@@ -33,15 +38,27 @@ class QuantReport:
     quantized: dict = field(default_factory=dict)  # name -> kernel ("int8_mm", "bnb-nf4", ...)
     skipped: dict = field(default_factory=dict)  # name -> why it stayed in full precision
     fallbacks: dict = field(default_factory=dict)  # name -> what was changed for this layer and why
+    native: dict = field(default_factory=dict)  # name -> ComfyUI-native format it was read from (comfy-kitchen)
     seconds: float = 0.0
 
     def __str__(self) -> str:
         kinds: dict[str, int] = {}
         for k in self.quantized.values():
             kinds[k] = kinds.get(k, 0) + 1
-        lines = [f"{self.spec.describe()} | backend {self.backend} | family {self.family} | "
-                 f"{len(self.quantized)} layers quantized {kinds}, {len(self.skipped)} skipped, "
-                 f"{len(self.fallbacks)} fallbacks, {self.seconds:.2f} s"]
+        how = ", ".join(f"{n} {KERNEL_WORDS.get(k, k)}" for k, n in sorted(kinds.items()))
+        counts = f"{len(self.quantized)} layers quantized" + (f" ({how})" if how else "")
+        counts += f", {len(self.skipped)} kept in 16 bit"
+        if self.fallbacks:
+            counts += f", {len(self.fallbacks)} with a fallback"
+        if self.seconds >= 0.05:
+            counts += f", in {self.seconds:.1f} s"
+        how_loaded = self.family.partition("(")[2].rstrip(")")  # "comfy (pre-quantized file)" -> its words
+        lines = [self.spec.describe(), f"{counts}; backend {self.backend}" + (f"; {how_loaded}" if how_loaded else "")]
+        if self.native:
+            fmts: dict[str, int] = {}
+            for f in self.native.values():
+                fmts[f] = fmts.get(f, 0) + 1
+            lines.append(f"  read from a ComfyUI-native file (dequantized by comfy-kitchen): {fmts}")
         lines += [f"  fallback {n}: {why}" for n, why in self.fallbacks.items()]
         return "\n".join(lines)
 
