@@ -49,10 +49,10 @@ import comfy.ops  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from qsched_pack.qsched.quant import comfy_ops, quantize_comfy_model  # noqa: E402
+from simcard import Card  # noqa: E402
 
 DEV = mm.get_torch_device()
 CUDA = getattr(DEV, "type", "cpu") == "cuda"
-GiB = 2 ** 30
 os.makedirs(ARGS.out, exist_ok=True)
 OUT = os.path.join(ARGS.out, "families_tiny_cpu.json" if ARGS.tiny else "families_gpu.json")
 R = {"gpu": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__,
@@ -157,39 +157,6 @@ def random_state_dict(module, dtype, seed):
     return sd
 
 
-class Card:
-    """ComfyUI sees a card of ``gib`` GiB (its free/total memory queries) and PyTorch cannot allocate more."""
-
-    def __init__(self, gib):
-        self.gib = gib
-
-    def __enter__(self):
-        if not CUDA or self.gib is None:
-            return self
-        cap = int(self.gib * GiB)
-        total = torch.cuda.get_device_properties(0).total_memory
-        self.saved = (mm.get_free_memory, mm.get_total_memory, mm.total_vram)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
-
-        def get_total_memory(dev=None, torch_total_too=False):
-            return (cap, cap) if torch_total_too else cap
-
-        def get_free_memory(dev=None, torch_free_too=False):
-            st = torch.cuda.memory_stats()
-            active, reserved = st["active_bytes.all.current"], st["reserved_bytes.all.current"]
-            free = max(0, cap - reserved) + (reserved - active)
-            return (free, reserved - active) if torch_free_too else free
-
-        mm.get_free_memory, mm.get_total_memory, mm.total_vram = get_free_memory, get_total_memory, cap / 2 ** 20
-        return self
-
-    def __exit__(self, *exc):
-        if CUDA and self.gib is not None:
-            clean()
-            mm.get_free_memory, mm.get_total_memory, mm.total_vram = self.saved
-            torch.cuda.set_per_process_memory_fraction(1.0)
-
-
 def sample(model, cond, latent_shape, steps):
     latent = torch.zeros(latent_shape)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(7))
@@ -277,7 +244,7 @@ def run_family(name):
             rec["config"] = type(model.model.model_config).__name__
             rec["dtype"] = str(model.model.get_dtype())
             rec["load_s"] = time.time() - t
-            with Card(card):
+            with Card(card, clean):
                 y = measure(rec, model, cond, lat, steps, compiled)
             if fmt == "core_bf16":
                 ref = y

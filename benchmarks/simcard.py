@@ -1,0 +1,52 @@
+"""A smaller card on a big GPU, for ComfyUI's memory manager (used by the real-ComfyUI GPU benchmarks).
+
+``with Card(24, clean):`` ComfyUI's free/total memory queries answer for a card of 24 GiB and PyTorch's allocator is
+capped there (``torch.cuda.set_per_process_memory_fraction``); ``clean`` (unload every model, empty the cache) runs
+on exit. Imports ComfyUI (``comfy.model_management``): run inside a ComfyUI process. No-op without CUDA or with
+``gib=None``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GiB = 2 ** 30
+
+
+class Card:
+    """ComfyUI sees a card of ``gib`` GiB: its free/total queries answer for it, and PyTorch cannot allocate more."""
+
+    def __init__(self, gib, clean):
+        self.gib, self.clean = gib, clean
+        self.active = gib is not None and torch.cuda.is_available()
+
+    def __enter__(self):
+        if not self.active:
+            return self
+        import comfy.model_management as mm
+
+        cap = int(self.gib * GiB)
+        total = torch.cuda.get_device_properties(0).total_memory
+        self.saved = (mm.get_free_memory, mm.get_total_memory, mm.total_vram)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+
+        def get_total_memory(dev=None, torch_total_too=False):
+            return (cap, cap) if torch_total_too else cap
+
+        def get_free_memory(dev=None, torch_free_too=False):
+            st = torch.cuda.memory_stats()
+            active, reserved = st["active_bytes.all.current"], st["reserved_bytes.all.current"]
+            free_torch = reserved - active
+            free_total = max(0, cap - reserved) + free_torch
+            return (free_total, free_torch) if torch_free_too else free_total
+
+        mm.get_free_memory, mm.get_total_memory, mm.total_vram = get_free_memory, get_total_memory, cap / 2 ** 20
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            import comfy.model_management as mm
+
+            self.clean()
+            mm.get_free_memory, mm.get_total_memory, mm.total_vram = self.saved
+            torch.cuda.set_per_process_memory_fraction(1.0)
