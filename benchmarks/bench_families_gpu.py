@@ -16,7 +16,6 @@ Results go to OUT/families_gpu.json after every config (a cut-short run keeps wh
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -49,7 +48,7 @@ import comfy.ops  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from qsched_pack.qsched.quant import comfy_ops, quantize_comfy_model  # noqa: E402
-from simcard import Card  # noqa: E402
+from simcard import Card, clean, sync  # noqa: E402
 
 DEV = mm.get_torch_device()
 CUDA = getattr(DEV, "type", "cpu") == "cuda"
@@ -72,19 +71,6 @@ def log(*a):
 
 def left():
     return ARGS.budget_s - (time.time() - T0)
-
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def clean():
-    mm.unload_all_models()
-    mm.cleanup_models_gc()
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------------ families

@@ -1,4 +1,5 @@
-"""A smaller card on a big GPU, for ComfyUI's memory manager (used by the real-ComfyUI GPU benchmarks).
+"""A smaller card on a big GPU for ComfyUI's memory manager, and the sync/clean steps between configs (shared by the
+real-ComfyUI GPU benchmarks).
 
 ``with Card(24, clean):`` ComfyUI's free/total memory queries answer for a card of 24 GiB and PyTorch's allocator is
 capped there (``torch.cuda.set_per_process_memory_fraction``); ``clean`` (unload every model, empty the cache) runs
@@ -11,6 +12,24 @@ from __future__ import annotations
 import torch
 
 GiB = 2 ** 30
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def clean():
+    """Unload every model ComfyUI holds, collect, empty PyTorch's cache."""
+    import gc
+
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    mm.cleanup_models_gc()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class Card:
