@@ -157,18 +157,7 @@ def sdxl_model(device):
 
 
 def random_state_dict(module, dtype, seed):
-    """normal(0, 1/sqrt(fan_in)) for matrices/kernels, 1 for norm scales, 0 for biases; generated on the device."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    sd = {}
-    for name, p in module.state_dict().items():
-        if p.ndim >= 2:
-            t = torch.randn(p.shape, generator=g, device=DEV, dtype=torch.float32) / p[0].numel() ** 0.5
-        elif name.endswith("bias"):
-            t = torch.zeros(p.shape, device=DEV)
-        else:
-            t = torch.ones(p.shape, device=DEV)
-        sd[name] = t.to(dtype).cpu()
-    return sd
+    return simcard.random_state_dict(module, dtype, seed, DEV)
 
 
 FILES = {}

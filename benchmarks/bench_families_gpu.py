@@ -48,7 +48,7 @@ import comfy.ops  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from qsched_pack.qsched.quant import comfy_ops, quantize_comfy_model  # noqa: E402
-from simcard import Card, clean, sync  # noqa: E402
+from simcard import Card, clean, random_state_dict, sync  # noqa: E402
 
 DEV = mm.get_torch_device()
 CUDA = getattr(DEV, "type", "cpu") == "cuda"
@@ -129,20 +129,6 @@ def build(name):
 FAMILIES = ("qwen_image", "sd35_large", "wan5b", "chroma", "wan14b")
 
 
-def random_state_dict(module, dtype, seed):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    sd = {}
-    for name, p in module.state_dict().items():
-        if p.ndim >= 2:
-            t = torch.randn(p.shape, generator=g, device=DEV, dtype=torch.float32) / p[0].numel() ** 0.5
-        elif name.endswith("bias"):
-            t = torch.zeros(p.shape, device=DEV)
-        else:
-            t = torch.ones(p.shape, device=DEV)
-        sd[name] = t.to(dtype if p.is_floating_point() and p.dtype != torch.float32 else p.dtype).cpu()
-    return sd
-
-
 def sample(model, cond, latent_shape, steps):
     latent = torch.zeros(latent_shape)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(7))
@@ -199,7 +185,7 @@ def measure(rec, model, cond, lat, steps, compiled):
 def run_family(name):
     mod, dtype, cond, lat, steps, card = build(name)
     t = time.time()
-    sd = random_state_dict(mod, dtype, 5)
+    sd = random_state_dict(mod, dtype, 5, DEV, keep_fp32=True)
     del mod
     log(name, "state dict", f"{sum(v.numel() for v in sd.values()) / 1e9:.2f} B params", f"{time.time() - t:.1f} s")
     formats = ARGS.formats.split(",")

@@ -69,3 +69,19 @@ class Card:
             self.clean()
             mm.get_free_memory, mm.get_total_memory, mm.total_vram = self.saved
             torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def random_state_dict(module, dtype, seed, device, keep_fp32=False):
+    """normal(0, 1/sqrt(fan_in)) for matrices/kernels, 1 for norm scales, 0 for biases; generated on ``device``,
+    returned on the CPU in ``dtype`` (``keep_fp32``: tensors the model builds in float32 stay float32)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+    for name, p in module.state_dict().items():
+        if p.ndim >= 2:
+            t = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) / p[0].numel() ** 0.5
+        elif name.endswith("bias"):
+            t = torch.zeros(p.shape, device=device)
+        else:
+            t = torch.ones(p.shape, device=device)
+        sd[name] = t.to(p.dtype if keep_fp32 and p.dtype == torch.float32 else dtype).cpu()
+    return sd
