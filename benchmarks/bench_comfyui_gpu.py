@@ -67,7 +67,7 @@ from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
 from hostmem import AnonPeak  # noqa: E402
 import comfyui_parts as parts  # noqa: E402
 import simcard  # noqa: E402
-from simcard import clean, sync  # noqa: E402
+from simcard import clean  # noqa: E402
 import kernel_breakdown  # noqa: E402
 from qsched_pack.qsched.quant import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
 
@@ -243,13 +243,7 @@ def inputs(fam):
 
 def sample(model, fam, steps=4):
     cond, latent = inputs(fam)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(7))
-    sync()
-    t = time.time()
-    out = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, seed=7,
-                              disable_pbar=True)
-    sync()
-    return out.float(), time.time() - t
+    return simcard.timed_sample(model, cond, latent, steps)
 
 
 def held():

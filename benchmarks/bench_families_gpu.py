@@ -45,10 +45,9 @@ import torch  # noqa: E402
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.ops  # noqa: E402
-import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from qsched_pack.qsched.quant import comfy_ops, quantize_comfy_model  # noqa: E402
-from simcard import Card, clean, random_state_dict, sync  # noqa: E402
+from simcard import Card, clean, random_state_dict, timed_sample  # noqa: E402
 
 DEV = mm.get_torch_device()
 CUDA = getattr(DEV, "type", "cpu") == "cuda"
@@ -130,14 +129,7 @@ FAMILIES = ("qwen_image", "sd35_large", "wan5b", "chroma", "wan14b")
 
 
 def sample(model, cond, latent_shape, steps):
-    latent = torch.zeros(latent_shape)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(7))
-    sync()
-    t = time.time()
-    out = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, seed=7,
-                              disable_pbar=True)
-    sync()
-    return out.float(), time.time() - t
+    return timed_sample(model, cond, torch.zeros(latent_shape), steps)
 
 
 def linear_bytes(model):

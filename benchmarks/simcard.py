@@ -85,3 +85,18 @@ def random_state_dict(module, dtype, seed, device, keep_fp32=False):
             t = torch.ones(p.shape, device=device)
         sd[name] = t.to(p.dtype if keep_fp32 and p.dtype == torch.float32 else dtype).cpu()
     return sd
+
+
+def timed_sample(model, cond, latent, steps=4):
+    """ComfyUI's ``comfy.sample.sample``: euler / simple, cfg 1, seeded noise; -> (float32 latent, seconds)."""
+    import time
+
+    import comfy.sample
+
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(7))
+    sync()
+    t = time.time()
+    out = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, seed=7,
+                              disable_pbar=True)
+    sync()
+    return out.float(), time.time() - t
