@@ -378,6 +378,9 @@ def _calibrate(args) -> int:
     record = os.path.join(args.out, "record.jsonl")
     if os.path.exists(record) and not args.resume:
         raise ValueError(f"{record} exists: pass --resume to continue it, or choose another --out")
+    from ..qsched.coefficients import check_replaceable
+
+    check_replaceable(os.path.join(args.out, "preset.json"))  # refused now, not after the search
     gen = _build_generator(args, args.steps)
     jaq, jaq_config = _build_jaq(args)
 
