@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from qsched_pack.calibration.runner import RecordError, RecordWarning, calibrate
-from qsched_pack.calibration.search import SearchSpace, point_of
-from qsched_pack.calibration.testing import ImageStatScorer, SyntheticGenerator, synthetic_objective
+from test_record_safety import PROMPTS, SP
+from test_record_safety import run as record_safety_run
 
-PROMPTS = ["a red car", "a blue house", "a green tree"]
-SP = SearchSpace("start", 4)
+from qsched_pack.calibration.runner import RecordError, RecordWarning
+from qsched_pack.calibration.search import SearchSpace, point_of
+from qsched_pack.calibration.testing import SyntheticGenerator, synthetic_objective
 
 
 def make_gen(name="ridge"):
@@ -28,11 +28,8 @@ def make_gen(name="ridge"):
     return SyntheticGenerator(lambda c, p, s: f(point_of(SP, c)) + 0.001 * s, 4, name=name)
 
 
-def run(folder, gen=None, **kw):
-    args = dict(space=SP, strategy="zoom", points=21, record=str(folder / "rec.jsonl"),
-                preset=str(folder / "preset.json"))
-    args.update(kw)
-    return calibrate(gen or make_gen(), ImageStatScorer(), PROMPTS, **args)
+def run(folder, gen=None, **kw):  # the run of tests/test_record_safety.py, with another model when asked
+    return record_safety_run(folder, gen=gen or make_gen(), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -286,13 +283,10 @@ def test_one_confinement_function_serves_every_named_file():
     """The rule lives in one place: every module that turns a name into a path inside a folder imports it."""
     import re
 
-    root = Path(__file__).resolve().parents[1]
+    from test_security import product_sources
+
     users = []
-    for f in root.rglob("*.py"):
-        rel = f.relative_to(root).as_posix()
-        if rel.startswith(("tests/", ".venv/", "benchmarks/")) or "/." in "/" + rel:
-            continue
-        text = f.read_text(encoding="utf-8")
+    for rel, text in product_sources():
         if re.search(r"def confined\(", text):
             users.append(("defines", rel))
         if re.search(r"get_full_path\(\s*QSCHED_FOLDER", text):
@@ -884,3 +878,15 @@ def test_fuzz_cli_gives_only_clean_errors(tmp_path_factory, capsys, case, data, 
         rc = exc.code
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, (case, err[-500:])
+
+
+def test_cli_calibrate_refuses_to_replace_a_file_that_is_not_a_preset_before_running(tmp_path, capsys):
+    from qsched_pack.calibration.cli import main
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "preset.json").write_text('{"model_type": "clip"}')
+    assert main(["calibrate", "--model", str(tmp_path / "none"), "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "preset.json exists and is not a Q-Sched preset" in err, err
+    assert (out / "preset.json").read_text() == '{"model_type": "clip"}'
