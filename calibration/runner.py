@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..qsched._io import NotRegularFile, atomic_write_text, open_regular
+from ..qsched._io import NotRegularFile, atomic_write_text, open_regular, remove_stale_temp_files
 from ..qsched.coefficients import Coefficients
 from .search import (DEFAULT_RANGE, BudgetExhausted, Point, SearchSpace, check_budget, check_points, check_strategy,
                      default_points, estimate_points, run_strategy, select_best)
@@ -282,13 +282,7 @@ class Record:
 
     def _remove_stale_temp_files(self) -> None:
         """Temporary files of this record's atomic writes left by a killed run (we hold the lock: none is live)."""
-        folder, name = os.path.split(os.path.abspath(self.path))
-        for f in os.listdir(folder):
-            if f.startswith(".tmp-") and f.endswith(name):
-                try:
-                    os.unlink(os.path.join(folder, f))
-                except OSError:
-                    pass  # not ours to fight over (permissions): it is hidden from every list anyway
+        remove_stale_temp_files(self.path, every=True)
 
     @staticmethod
     def point_key(point: Sequence[float]) -> str:
