@@ -400,6 +400,40 @@ def test_malformed_preset_is_rejected_naming_the_input(server):
     assert saved["c_x"] == [0.9, 1.0] and saved["c_eps"] == [1.1, 1.0]
 
 
+def test_preset_names_stay_in_their_folder_on_a_live_server(server, tmp_path):
+    """A queued workflow cannot make Save Preset overwrite a scorer's config.json, write through a symlinked
+    subfolder, or Load Preset read through a symlink out of models/qsched/."""
+    q = server.models / "qsched"
+    clip = q / "it-clip-folder"
+    clip.mkdir(exist_ok=True)
+    (clip / "config.json").write_text('{"model_type": "clip"}')
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.json").write_text('{"c_x": [1.0], "c_eps": [1.0], "metadata": {"secret": "from outside"}}')
+    for name, target in (("it_linked_dir", outside), ("it_linked.json", outside / "x.json")):
+        (q / name).unlink(missing_ok=True)
+        (q / name).symlink_to(target)
+
+    def save(name):
+        return {"1": {"class_type": "QSchedCoefficients", "inputs": {
+                    "steps": 1, "c_x_start": 1.0, "c_x_end": 1.0, "c_eps_start": 1.0, "c_eps_end": 1.0}},
+                "2": {"class_type": "QSchedSavePreset", "inputs": {"coefficients": ["1", 0], "name": name,
+                                                                   "overwrite": True}}}
+
+    errors = _rejected(server, save("it-clip-folder/config"))
+    assert "name" in errors and "not a Q-Sched preset" in errors, errors
+    errors = _rejected(server, save("it_linked_dir/p"))
+    assert "name" in errors and "leads out" in errors, errors
+    errors = _rejected(server, {"1": {"class_type": "QSchedLoadPreset", "inputs": {"preset": "it_linked.json"}},
+                                "2": {"class_type": "QSchedSavePreset", "inputs": {
+                                    "coefficients": ["1", 0], "name": "it_copy", "overwrite": True}}})
+    assert "preset" in errors and "leads out" in errors and "from outside" not in errors, errors
+    assert (clip / "config.json").read_text() == '{"model_type": "clip"}' and list(outside.iterdir()) == [
+        outside / "x.json"]
+    for name in ("it_linked_dir", "it_linked.json"):
+        (q / name).unlink()
+
+
 def test_missing_weight_file_is_rejected_naming_the_input(server):
     p = {"1": {"class_type": "QSchedCheckpointLoader", "inputs": {
               "ckpt_name": "no_such_model.safetensors", "precision": "w4a8", "backend": "auto"}},
