@@ -8,8 +8,8 @@ earlier registration loads unchanged. ``execute`` calls the node's method with t
 from ``cls.hidden``), ``validate_inputs`` / ``fingerprint_inputs`` are the node's ``VALIDATE_INPUTS`` /
 ``IS_CHANGED`` with their explicit signatures (ComfyUI skips its own min/max checks only for inputs named there).
 
-The one visible difference: a combo is sent as ``("COMBO", {"options": [...]})`` (the V3 form, which the frontend
-reads like the old list form; the values in saved workflows are the same strings).
+Combos keep the classic list type (``io.Combo.Input`` typed by its options): ComfyUI 0.3.64 refuses a value not in
+the list at queue time only for list-typed inputs.
 """
 
 from __future__ import annotations
@@ -38,12 +38,22 @@ def _input(io, name: str, spec: tuple, optional: bool, node: str):
     kw = {known[k]: v for k, v in opts.items()}
     if key == "COMBO":
         kw.pop("force_input", None)
-        return io.Combo.Input(name, options=list(kind), optional=optional, **kw)
+        return _list_combo(io)(name, options=list(kind), optional=optional, **kw)
     cls = {"INT": io.Int, "FLOAT": io.Float, "STRING": io.String, "BOOLEAN": io.Boolean}.get(key)
     if cls is not None:
         return cls.Input(name, optional=optional, **kw)
     extra = {"forceInput": kw.pop("force_input")} if "force_input" in kw else None
     return io.Custom(kind).Input(name, optional=optional, extra_dict=extra, **kw)
+
+
+def _list_combo(io):
+    """``io.Combo.Input`` whose type is its option list, as a classic combo's: ComfyUI 0.3.64 checks "Value not in
+    list" at queue time only for list-typed inputs (execution.py ``validate_inputs``), not for ``"COMBO"``."""
+    class ListCombo(io.Combo.Input):
+        def get_io_type(self):
+            return list(self.options)
+
+    return ListCombo
 
 
 def v3_node(node_id: str, v1):
