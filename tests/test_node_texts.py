@@ -177,7 +177,7 @@ def test_family_from_file_and_from_preset_agree():
 def test_preset_summary_is_plain_words():
     c = Coefficients.ramp(4, 0.96, 1.0, 1.04, 1.0).with_metadata(**CALIBRATED, model_hash="f" * 64)
     text = sampling.preset_summary(c)
-    assert "calibrated for: Flux, w4a8, euler, 1024x1024" in text
+    assert "calibrated for: FLUX, w4a8, euler, 1024x1024" in text
     assert "JAQ 0.6100 vs 0.5800 for the stock sampler (+0.0300)" in text
     assert plain_words_problems(text) == [], text
 
