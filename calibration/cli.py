@@ -422,6 +422,9 @@ def _calibrate(args) -> int:
     record = os.path.join(args.out, "record.jsonl")
     if os.path.exists(record) and not args.resume:
         raise ValueError(f"{record} exists: pass --resume to continue it, or choose another --out")
+    from ..qsched.coefficients import check_replaceable
+
+    check_replaceable(os.path.join(args.out, "preset.json"))  # refused now, not after the search
     gen, ref = _build_pair(args) if objective != "jaq" else (_build_generator(args, args.steps), None)
     jaq, jaq_config = _build_jaq(args) if objective != "reference" else (None, None)
 

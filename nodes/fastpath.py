@@ -108,8 +108,8 @@ class QSchedCudaGraph:
                           "16-bit: the attention ComfyUI chose. sage 8-bit: SageAttention (int8 query x key, "
                           "fp16 softmax x value; package sageattention) for this model only, where it is exact "
                           "enough to promise (no mask, head size 64/96/128, key count a multiple of 64: SDXL's "
-                          "77-token text attention stays 16-bit). Faster on large images; changes the image a little "
-                          "(measured error: docs/quantization.md)."}),
+                          "77-token text attention stays 16-bit). Meant for large images; changes the image a little "
+                          "(speed and error: docs/quantization.md)."}),
         }}
 
     def patch(self, model, max_graphs=2, attention=ATTENTION_16):

@@ -12,6 +12,7 @@ import os
 from ..qsched import samplers as qsamplers
 from ..qsched import schedules as qschedules
 from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_steps
+from ..qsched.quant import families
 from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, QSCHED_FOLDER, NodeInputError,
                      check_combo, is_flow, model_sampling_of, node_input, preset_names, find_preset, preset_file,
                      steps_input, validation_result)
@@ -121,17 +122,17 @@ MODEL_FILE_LOADERS = {"QSchedDiffusionModelLoader": ("unet_name", "diffusion_mod
                       "UNETLoader": ("unet_name", "diffusion_models"),
                       "QSchedCheckpointLoader": ("ckpt_name", "checkpoints"),
                       "CheckpointLoaderSimple": ("ckpt_name", "checkpoints")}
-#: Key fragments of flow-matching transformers (FLUX double/single blocks, SD3 joint blocks).
-FLOW_KEYS = ("double_blocks.", "single_blocks.", "joint_blocks.")
 
 
 def safetensors_is_flow(path: str) -> bool | None:
-    """True for a FLUX / SD3 file, False for another diffusion model, None when the header cannot be read. Reads
-    only the safetensors JSON header (no tensor data, no code)."""
+    """True for a flow model's file (FLUX, Chroma, SD3, Qwen-Image, Wan), False for another recognised diffusion model,
+    None when the header cannot be read or the layout is not one of ``qsched.quant.families``. Reads only the
+    safetensors JSON header (no tensor data, no code)."""
     keys = safetensors_header(path)
     if keys is None:
         return None
-    return any(frag in k for k in keys for frag in FLOW_KEYS)
+    family = families.family_of_keys(keys)
+    return None if family is None else family.flow
 
 
 def graph_model_is_flow(prompt: dict, node_id: str) -> bool | None:
