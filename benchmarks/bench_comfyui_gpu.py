@@ -67,7 +67,7 @@ from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
 from hostmem import AnonPeak  # noqa: E402
 import comfyui_parts as parts  # noqa: E402
 import kernel_breakdown  # noqa: E402
-from qsched_pack.qsched.quant import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
+from qsched_pack.nodes.quant_model import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
 
 DEV = mm.get_torch_device()
 CUDA = getattr(DEV, "type", "cpu") == "cuda"

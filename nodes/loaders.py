@@ -1,6 +1,6 @@
 """Loader nodes: quantized models that ComfyUI's memory manager handles like its own.
 
-* The two loaders hand ComfyUI's own loader ``model_options["custom_operations"]`` (``qsched.quant.comfy_ops``): each
+* The two loaders hand ComfyUI's own loader ``model_options["custom_operations"]`` (``nodes.quant_ops``): each
   Linear is quantized while its weights stream in, or read from a pre-quantized file (Save Quantized Model /
   ``qsched quantize``), so the full-precision model never exists in RAM or VRAM.
 * Quantize Model builds a new model object from any MODEL (core, GGUF, after LoRA); the input MODEL is untouched.
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 
-from ..qsched.quant import QuantSpec, load_quantized, quantize_comfy_model, save_quantized
-from ..qsched.quant.comfy_ops import COMFY_BACKENDS
+from ..qsched.quant import QuantSpec
 from .common import CATEGORY_LOADERS, NodeInputError
+from .quant_model import load_quantized, quantize_comfy_model, save_quantized
+from .quant_ops import COMFY_BACKENDS
 
 #: fp16 / bf16 = no quantization (weights kept in that dtype); "fast 8-bit" = w8a8-fp8 on GPUs with FP8 tensor cores
 #: (Ada, Hopper, newer), else w8a8; the rest are qsched.quant formats.

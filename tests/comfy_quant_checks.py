@@ -30,7 +30,9 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.sd  # noqa: E402
-from qsched_pack.qsched.quant import comfy_ops, load_quantized, prequant, quantize_comfy_model, save_quantized  # noqa
+from qsched_pack.nodes import quant_ops  # noqa: E402
+from qsched_pack.nodes.quant_model import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
+from qsched_pack.qsched.quant import prequant, swap  # noqa: E402
 from qsched_pack.qsched.quant import layers as qlayers  # noqa: E402
 from hostmem import AnonPeak  # noqa: E402
 
@@ -78,7 +80,7 @@ def lora_sd(model, rank=4, scale=0.05, shapes_ok=True):
     Linear of ``model``."""
     g = torch.Generator().manual_seed(3)
     out = {}
-    for name, m in comfy_ops.quantized_layers(model.model.diffusion_model):
+    for name, m in quant_ops.quantized_layers(model.model.diffusion_model):
         k = m.in_features if shapes_ok else m.in_features + 1
         out[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(rank, k, generator=g) * scale
         out[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * scale
@@ -100,7 +102,7 @@ def check_load_time(kind="flux", fmt="w4a8"):
     with AnonPeak() as peak:
         q, _, _, report = load_quantized(FILES[kind], fmt)
     dm = q.model.diffusion_model
-    layers = dict(comfy_ops.quantized_layers(dm))
+    layers = dict(quant_ops.quantized_layers(dm))
     assert layers and all(m.weight.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn) for m in layers.values())
     assert all(isinstance(p, torch.nn.Parameter) for m in layers.values() for p in (m.weight, m.weight_scale))
     size = q.model_size()
@@ -136,7 +138,7 @@ def check_lowvram(kind="sd"):
         m.model.diffusion_model  # noqa: B018
     q.patch_model(load_weights=False)
     q.load(torch.device("cpu"), lowvram_model_memory=budget)
-    streamed = [n for n, m in comfy_ops.quantized_layers(q.model.diffusion_model) if m.comfy_cast_weights]
+    streamed = [n for n, m in quant_ops.quantized_layers(q.model.diffusion_model) if m.comfy_cast_weights]
     assert streamed, "no quantized layer was left for per-call streaming"
     x = run_direct(q, kind)
     q.unpatch_model()
@@ -250,12 +252,12 @@ def check_prequant(kind="flux", fmt="w4a8"):
     def forbidden(*a, **k):
         raise AssertionError("a pre-quantized load must not quantize anything")
 
-    comfy_ops.quantize_linear_weight = forbidden
+    quant_ops.quantize_linear_weight = forbidden
     try:
         with AnonPeak() as peak:
             q2, _, _, report = load_quantized(path, "w8a8")  # the file's own format wins
     finally:
-        comfy_ops.quantize_linear_weight = real
+        quant_ops.quantize_linear_weight = real
     assert report.spec.name == fmt
     y2 = run(q2, kind)
     assert torch.equal(y, y2), rel(y2, y)
@@ -313,7 +315,7 @@ def check_bad_input():
     real = torch.cuda.get_device_capability
     torch.cuda.get_device_capability = lambda d=None: (8, 6)
     try:
-        out["no_fp8"] = expect_error(lambda: comfy_ops.check_runnable(prequant_spec("w8a8-fp8"), "cuda:0"),
+        out["no_fp8"] = expect_error(lambda: swap.check_runnable(prequant_spec("w8a8-fp8"), "cuda:0"),
                                      "w8a8-fp8", "w8a8")
     finally:
         torch.cuda.get_device_capability = real

@@ -93,7 +93,30 @@ def package_graph(graph: dict[str, set[str]], skip=frozenset()) -> dict[str, set
     return out
 
 
+def external_imports(root: Path, packages=PACKAGES) -> dict[str, set[str]]:
+    """module name -> the top-level names it imports absolutely (``comfy``, ``diffusers``, ``torch``, ...), at any
+    depth (inside functions too)."""
+    out = {}
+    for top in packages:
+        for path in sorted((root / top).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            mods = set()
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+                if isinstance(node, ast.Import):
+                    mods |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    mods.add(node.module.split(".")[0])
+            out[name] = mods
+    return out
+
+
 GRAPH = import_graph(ROOT)
+EXTERNAL = external_imports(ROOT)
+#: ComfyUI's importable top-level modules: only the adapters (nodes/) may import them.
+COMFY_MODULES = {"comfy", "comfy_extras", "comfy_api", "comfy_execution", "folder_paths", "server",
+                 "latent_preview", "node_helpers", "execution"}
 
 
 def test_the_graph_sees_every_module_and_function_level_imports():
@@ -123,6 +146,20 @@ def test_no_import_cycle_between_packages_below_the_front_ends():
     assert reach_toy == [], "the calibration library must not depend on the toy world"
 
 
+def offenders(external: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(module, import) pairs that break the adapter rule: ComfyUI only in nodes/, diffusers in qsched/ only in its
+    drop-in scheduler wrapper (qsched.diffusers, which imports it lazily)."""
+    bad = [(m, x) for m, mods in external.items() if not m.startswith("nodes") for x in sorted(mods & COMFY_MODULES)]
+    bad += [(m, "diffusers") for m, mods in external.items()
+            if m.startswith("qsched") and m != "qsched.diffusers" and "diffusers" in mods]
+    return sorted(bad)
+
+
+def test_only_the_adapters_import_comfyui():
+    assert "torch" in EXTERNAL["qsched.samplers"] and "comfy" in EXTERNAL["nodes.quant_ops"]  # the scan sees imports
+    assert offenders(EXTERNAL) == []
+
+
 def test_search_is_a_leaf_and_test_doubles_stay_out_of_the_product():
     assert GRAPH["calibration.search"] <= {"qsched.coefficients"}
     users = sorted(m for m, targets in GRAPH.items() if "calibration.testing" in targets)
@@ -139,6 +176,10 @@ def test_the_checks_fail_on_a_planted_cycle_and_a_backward_arrow(tmp_path):
     g = import_graph(tmp_path)
     assert cycles(g) == [["qsched.a", "qsched.b"]]
     assert g["qsched.b"] == {"qsched.a", "calibration.c"}  # the backward arrow qsched -> calibration is seen
+    (tmp_path / "qsched" / "a.py").write_text("def f():\n    import comfy.ops\n    from diffusers import X\n")
+    (tmp_path / "calibration" / "c.py").write_text("import folder_paths\n")
+    assert offenders(external_imports(tmp_path)) == [("calibration.c", "folder_paths"), ("qsched.a", "comfy"),
+                                                     ("qsched.a", "diffusers")]
 
 
 def _resolves(dotted: str) -> bool:

@@ -26,6 +26,8 @@ DEFAULT_SKIP = {
     "comfy_flux": ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer"),
     "generic": (),
 }
+# ComfyUI's own module names (UNetModel of SD1.x/SDXL, Flux): the embedders and the final layer stay in 16 bit.
+COMFY_SKIP = DEFAULT_SKIP["comfy_unet"] + DEFAULT_SKIP["comfy_flux"]
 _FAMILY_BY_CLASS = {
     "UNet2DConditionModel": "diffusers_unet",
     "FluxTransformer2DModel": "diffusers_flux",
@@ -59,11 +61,11 @@ class QuantReport:
         return "\n".join(lines)
 
 
-def _matches(name: str, patterns) -> bool:
+def matches_skip(name: str, patterns) -> bool:
     return any(name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _native_kernel(spec: QuantSpec, k: int, n: int, group: int | None, cuda: bool) -> tuple[str, str | None]:
+def native_kernel(spec: QuantSpec, k: int, n: int, group: int | None, cuda: bool) -> tuple[str, str | None]:
     """(kernel, reason it is not the fast one or None)."""
     if spec.fp8_folded:
         if cuda and k % 128:
@@ -79,6 +81,31 @@ def _native_kernel(spec: QuantSpec, k: int, n: int, group: int | None, cuda: boo
             return "dequant", f"in/out features {k}/{n} not multiples of 8 (torch._int_mm)"
         return "int8_mm", None
     return "dequant", None
+
+
+def layer_kernel(spec: QuantSpec, backend: str, in_features: int, out_features: int, cuda: bool):
+    """(kernel, group size, fallback reason or None) for one Linear of this shape."""
+    group = spec.group_size
+    why = None
+    if group is not None and in_features % group:
+        why = f"in_features {in_features} not a multiple of group_size {group}: one scale per channel"
+        group = None
+    if backend == "simulated":
+        return "simulated", group, why
+    kernel, reason = native_kernel(spec, in_features, out_features, group, cuda)
+    return kernel, group, reason or why
+
+
+def check_runnable(spec: QuantSpec, device) -> None:
+    """ValueError if ``device`` cannot run the format (float8 activations need an FP8 GPU: Ada / Hopper or newer)."""
+    device = torch.device(device) if device is not None else None
+    if spec.a_dtype == "fp8" and device is not None and device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
+            raise ValueError(f"format {spec.name!r} needs a GPU with FP8 tensor cores (compute capability 8.9+: "
+                             f"RTX 40xx, L4/L40, H100/H200 or newer); {name} has {cap[0]}.{cap[1]}. Choose w8a8 "
+                             "(int8) or w4a8 instead")
 
 
 def _pick_backend(spec: QuantSpec, backend: str) -> str:
@@ -132,7 +159,7 @@ def quantize_(module: nn.Module, spec: "QuantSpec | str", backend: str = "auto",
         is_conv = isinstance(child, nn.Conv2d) and spec.quantize_conv
         if not (is_linear or is_conv):
             continue
-        if _matches(name, patterns):
+        if matches_skip(name, patterns):
             report.skipped[name] = "skip list"
             continue
         new = _build(name, child, spec, backend, device, report)
@@ -179,7 +206,7 @@ def _build(name: str, child: nn.Module, spec: QuantSpec, backend: str, device, r
         kernel, why = "simulated", None
     else:
         cuda = (device or child.weight.device).type == "cuda"
-        kernel, why = _native_kernel(spec, k, n, group, cuda)
+        kernel, why = native_kernel(spec, k, n, group, cuda)
     if why:
         report.fallbacks[name] = why
     report.quantized[name] = kernel

@@ -22,11 +22,11 @@ import weakref
 
 import torch
 
-from .._io import file_sha256
-from . import prequant
-from .comfy_ops import COMFY_SKIP, make_ops, quantized_layers
-from .spec import QuantSpec
-from .swap import QuantReport
+from ..qsched._io import file_sha256
+from ..qsched.quant import prequant
+from ..qsched.quant.spec import QuantSpec
+from ..qsched.quant.swap import COMFY_SKIP, QuantReport
+from .quant_ops import make_ops, quantized_layers
 
 
 def _devices():

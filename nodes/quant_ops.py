@@ -21,39 +21,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import qmath
-from .layers import _param, dequantize, quant_linear, quantize_linear_weight, requantize_with_scales
-from .spec import QuantSpec
-from .swap import DEFAULT_SKIP, QuantReport, _matches, _native_kernel
+from ..qsched.quant import qmath
+from ..qsched.quant.layers import (dequantize, frozen_param, quant_linear, quantize_linear_weight,
+                                   requantize_with_scales)
+from ..qsched.quant.spec import QuantSpec
+from ..qsched.quant.swap import COMFY_SKIP, QuantReport, check_runnable, layer_kernel, matches_skip
 
-# ComfyUI's own module names (UNetModel of SD1.x/SDXL, Flux): the embedders and the final layer stay in 16 bit.
-COMFY_SKIP = DEFAULT_SKIP["comfy_unet"] + DEFAULT_SKIP["comfy_flux"]
 COMFY_BACKENDS = ("auto", "native", "simulated")
-
-
-def layer_kernel(spec: QuantSpec, backend: str, in_features: int, out_features: int, cuda: bool):
-    """(kernel, group size, fallback reason or None) for one Linear of this shape."""
-    group = spec.group_size
-    why = None
-    if group is not None and in_features % group:
-        why = f"in_features {in_features} not a multiple of group_size {group}: one scale per channel"
-        group = None
-    if backend == "simulated":
-        return "simulated", group, why
-    kernel, reason = _native_kernel(spec, in_features, out_features, group, cuda)
-    return kernel, group, reason or why
-
-
-def check_runnable(spec: QuantSpec, device) -> None:
-    """ValueError if ``device`` cannot run the format (float8 activations need an FP8 GPU: Ada / Hopper or newer)."""
-    device = torch.device(device) if device is not None else None
-    if spec.a_dtype == "fp8" and device is not None and device.type == "cuda":
-        cap = torch.cuda.get_device_capability(device)
-        if cap < (8, 9):
-            name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
-            raise ValueError(f"format {spec.name!r} needs a GPU with FP8 tensor cores (compute capability 8.9+: "
-                             f"RTX 40xx, L4/L40, H100/H200 or newer); {name} has {cap[0]}.{cap[1]}. Choose w8a8 "
-                             "(int8) or w4a8 instead")
 
 
 def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_device=None, run_device=None,
@@ -104,7 +78,7 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
             bkey = prefix + "bias"
             if bkey in sd:
                 b = sd[bkey]
-                self.bias = _param(b.to(self._qsched_dtype or b.dtype, copy=True))
+                self.bias = frozen_param(b.to(self._qsched_dtype or b.dtype, copy=True))
             elif self._qsched_has_bias:
                 missing_keys.append(bkey)
             if prequantized is not None and name in prequantized:
@@ -118,8 +92,8 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
                 error_msgs.append(f"{name}.weight: shape {tuple(w.shape)} != ({self.out_features}, "
                                   f"{self.in_features})")
                 return
-            if prequantized is not None or _matches(name, patterns):
-                self.weight = _param(w.to(self._qsched_dtype or w.dtype, copy=True))
+            if prequantized is not None or matches_skip(name, patterns):
+                self.weight = frozen_param(w.to(self._qsched_dtype or w.dtype, copy=True))
                 report.skipped[name] = "skip list" if prequantized is None else "16 bit in the file"
                 return
             kernel, group, why = layer_kernel(spec, backend, self.in_features, self.out_features, cuda)
@@ -157,12 +131,12 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
 
         def _set_codes(self, lspec, kernel, codes, scale, wsum, wexp=None):
             self.qsched_spec, self.qsched_kernel = lspec, kernel
-            self.weight = _param(codes)
-            self.weight_scale = _param(scale)
+            self.weight = frozen_param(codes)
+            self.weight_scale = frozen_param(scale)
             if lspec.fp8_folded:
-                self.weight_exp = _param(wexp)
+                self.weight_exp = frozen_param(wexp)
             if kernel == "int8_mm" and not lspec.act_symmetric:
-                self.weight_sum = _param(codes.sum(1, dtype=torch.int32) if wsum is None else wsum)
+                self.weight_sum = frozen_param(codes.sum(1, dtype=torch.int32) if wsum is None else wsum)
 
         def extra_repr(self):
             fmt = "16 bit" if self.qsched_spec is None else f"{self.qsched_spec.name}, kernel={self.qsched_kernel}"
@@ -222,7 +196,7 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
             if inplace_update:
                 self.weight.data.copy_(new)
             else:
-                self.weight = _param(new)
+                self.weight = frozen_param(new)
 
     class QSchedOps(base):
         pass
