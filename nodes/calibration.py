@@ -237,7 +237,8 @@ class QSchedCalibrate:
         import folder_paths
 
         from ..calibration.plots import plot_landscape, preview_grid
-        from ..calibration.runner import RecordError, RecordWriteError, calibrate
+        from ..calibration.record import RecordError, RecordWriteError
+        from ..calibration.runner import calibrate
 
         lines = check_settings(prompts=prompts, steps=steps, space=space, strategy=strategy, range_min=range_min,
                                range_max=range_max, points=points, budget=budget, base_seed=base_seed, width=width,

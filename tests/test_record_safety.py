@@ -19,8 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qsched_pack.calibration.runner import (RecordError, RecordLocked, RecordWarning, RecordWriteError, Runner,
-                                            calibrate)
+from qsched_pack.calibration.record import RecordError, RecordLocked, RecordWarning, RecordWriteError
+from qsched_pack.calibration.runner import Runner, calibrate
 from qsched_pack.calibration.search import SearchSpace, check_budget, point_of
 from qsched_pack.calibration.testing import ImageStatScorer, SyntheticGenerator, synthetic_objective
 from qsched_pack.qsched import Coefficients
@@ -101,9 +101,9 @@ def test_record_written_by_an_older_version_gets_a_clear_message(tmp_path, clean
     header = json.loads(lines[0])
     header.pop("crc")
     header["version"] = 1
-    from qsched_pack.calibration.runner import _line
+    from qsched_pack.calibration.record import record_line
 
-    (tmp_path / "rec.jsonl").write_text(_line(header) + "".join(lines[1:]))
+    (tmp_path / "rec.jsonl").write_text(record_line(header) + "".join(lines[1:]))
     with pytest.raises(RecordError, match="written by an older version of Q-Sched .record version 1"):
         run(tmp_path, resume=True)
 
@@ -113,7 +113,7 @@ def test_second_writer_in_another_process_is_refused_naming_it(tmp_path, clean):
     shutil.copy(clean["dir"] / "rec.jsonl", tmp_path / "rec.jsonl")
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from qsched_pack.calibration.runner import RecordLock
+        from qsched_pack.calibration.record import RecordLock
         lock = RecordLock({str(tmp_path / "rec.jsonl")!r})
         lock.acquire()
         print("locked", flush=True)
