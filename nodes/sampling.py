@@ -13,8 +13,8 @@ from ..qsched import samplers as qsamplers
 from ..qsched import schedules as qschedules
 from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_steps
 from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, PRESET_EXT, QSCHED_FOLDER, NodeInputError,
-                     check_combo, is_flow, is_hidden, model_sampling_of, node_input, preset_names, preset_relpath,
-                     register_qsched_folder, steps_input, validation_result)
+                     check_combo, graph_model_is_flow, is_flow, is_hidden, model_sampling_of, node_input, preset_names,
+                     preset_relpath, register_qsched_folder, steps_input, validation_result)
 
 #: The samplers of ``qsched.samplers.SAMPLERS`` in widget order (SDXL-Turbo's first).
 SAMPLER_NAMES = ("euler_ancestral", "euler", "tcd", "lcm")
@@ -103,79 +103,6 @@ def _alphas_cumprod(model_sampling, node):
             "or similar patches before a TCD sampler)"))
     s = sigmas.detach().to("cpu", torch.float64)
     return 1.0 / (1.0 + s * s)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the cheap flow-vs-eps check: which model file feeds a sampler, read from the graph and the file's header
-# ---------------------------------------------------------------------------------------------------------------
-#: Loader nodes whose model file can be looked at before it is loaded: class -> (file input, ComfyUI folder).
-MODEL_FILE_LOADERS = {"QSchedDiffusionModelLoader": ("unet_name", "diffusion_models"),
-                      "UNETLoader": ("unet_name", "diffusion_models"),
-                      "QSchedCheckpointLoader": ("ckpt_name", "checkpoints"),
-                      "CheckpointLoaderSimple": ("ckpt_name", "checkpoints")}
-#: Key fragments of flow-matching transformers (FLUX double/single blocks, SD3 joint blocks).
-FLOW_KEYS = ("double_blocks.", "single_blocks.", "joint_blocks.")
-
-
-def safetensors_is_flow(path: str) -> bool | None:
-    """True for a FLUX / SD3 file, False for another diffusion model, None when the header cannot be read. Reads
-    only the safetensors JSON header (no tensor data, no code)."""
-    import json
-    import struct
-
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 0 < n <= 100_000_000:
-                return None
-            keys = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
-        return None
-    if not isinstance(keys, dict):
-        return None
-    return any(frag in k for k in keys for frag in FLOW_KEYS)
-
-
-def graph_model_is_flow(prompt: dict, node_id: str) -> bool | None:
-    """Follows the MODEL that reaches the sampler made by node ``node_id`` (through SamplerCustom(Advanced), a
-    guider and MODEL pass-through nodes such as LoRA loaders) back to a loader node, and reads its file's header.
-    None when the graph does not say (a linked file name, an unknown loader, a file that is not safetensors)."""
-    if not isinstance(prompt, dict):
-        return None
-
-    def link(v):
-        return str(v[0]) if isinstance(v, list) and len(v) == 2 and isinstance(v[0], (str, int)) else None
-
-    def model_source(nid, seen):
-        node = prompt.get(nid)
-        if node is None or nid in seen:
-            return None
-        seen.add(nid)
-        loader = MODEL_FILE_LOADERS.get(node.get("class_type"))
-        inputs = node.get("inputs", {})
-        if loader is not None:
-            name = inputs.get(loader[0])
-            if not isinstance(name, str) or not name.endswith((".safetensors", ".sft")):
-                return None
-            import folder_paths
-
-            path = folder_paths.get_full_path(loader[1], name)
-            return None if path is None else safetensors_is_flow(path)
-        up = link(inputs.get("model"))
-        return None if up is None else model_source(up, seen)
-
-    for nid, node in prompt.items():
-        inputs = node.get("inputs", {})
-        if link(inputs.get("sampler")) != str(node_id):
-            continue
-        src = link(inputs.get("model"))  # SamplerCustom
-        if src is None and link(inputs.get("guider")) is not None:  # SamplerCustomAdvanced -> guider -> model
-            src = link(prompt.get(link(inputs["guider"]), {}).get("inputs", {}).get("model"))
-        if src is not None:
-            found = model_source(src, set())
-            if found is not None:
-                return found
-    return None
 
 
 def make_sampler(base: str, eta: float, coefficients, node: str = "Q-Sched Sampler", noise_sampler=None):
