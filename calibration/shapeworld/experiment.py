@@ -36,7 +36,7 @@ import torch
 from ...qsched._io import atomic_write_text
 from ...qsched.ptqd import collect_pairs, fit_ptqd
 from . import data as D
-from ..tinyworld.guard import acceptance, paired
+from ..guard import acceptance, paired
 from .world import FAMILIES, PointBatched, ShapeWorld
 
 FORMATS = ("w8a8", "w4a8", "w4a4")

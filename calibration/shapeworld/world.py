@@ -29,7 +29,7 @@ from ...qsched import samplers
 from ...qsched._io import atomic_write, file_sha256
 from ...qsched.coefficients import Coefficients
 from ...qsched.schedules import alphas_cumprod_scaled_linear, few_step_sigmas
-from ..tinyworld.metrics import frechet_distance
+from ..metrics.frechet import frechet_distance
 from . import data as D
 from .nets import QUANT_SKIP, EpsDenoiser, FlowDenoiser, ReferenceNet, ShapeUNet, UNetConfig
 

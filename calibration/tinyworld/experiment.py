@@ -113,7 +113,7 @@ def quantized_rows(world: TinyWorld, jaq, steps: int, fmt: str, net, r: int, *, 
     Q-Sched: the search's best if ``guard.acceptance`` accepts it, else identity = the naive row's images).
     ``keep``: a dict that receives ``strategy -> CalibrationResult`` (and ``strategy + "+guard" -> Acceptance``)."""
     from ..runner import calibrate
-    from .guard import acceptance
+    from ..guard import acceptance
 
     calib_prompts = all_prompts()
     eval_prompts = [p for p in calib_prompts for _ in range(per_prompt)]
