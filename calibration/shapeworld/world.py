@@ -29,6 +29,7 @@ from ...qsched import samplers
 from ...qsched._io import atomic_write, file_sha256
 from ...qsched.coefficients import Coefficients
 from ...qsched.schedules import alphas_cumprod_scaled_linear, few_step_sigmas
+from ..generate import per_sample_noise_sampler
 from ..metrics.frechet import frechet_distance
 from . import data as D
 from .nets import QUANT_SKIP, EpsDenoiser, FlowDenoiser, ReferenceNet, ShapeUNet, UNetConfig
@@ -163,12 +164,6 @@ def initial_noise(seeds: Sequence[int], device) -> torch.Tensor:
                       for s in seeds]).to(device)
 
 
-def per_sample_noise_sampler(seeds: Sequence[int], device, offset: int = 1):
-    gens = [torch.Generator().manual_seed(int(s) * 1000003 + offset) for s in seeds]
-    return lambda sigma, sigma_next: torch.cat(
-        [torch.randn((1, 3, D.SIZE, D.SIZE), generator=g) for g in gens]).to(device)
-
-
 class ShapeGenerator:
     """``generate(coefficients, prompts, seeds) -> [B, 32, 32, 3]`` in 0..1 (``calibration.generate.Generator``)."""
 
@@ -208,7 +203,8 @@ class ShapeGenerator:
     def sampler_kwargs(self, seeds: Sequence[int]) -> dict:
         kw = dict(self.options)
         if self.sampler in ("lcm", "tcd"):
-            kw["noise_sampler"] = per_sample_noise_sampler(seeds, self.device)
+            kw["noise_sampler"] = per_sample_noise_sampler(torch.empty((0, 3, D.SIZE, D.SIZE), device=self.device),
+                                                           seeds)
         if self.sampler != "tcd":
             kw["parameterization"] = self.parameterization
         return kw
