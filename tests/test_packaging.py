@@ -20,5 +20,5 @@ def test_every_subpackage_is_listed():
         if rel != "." and "__init__.py" in filenames:
             found.add("qsched_pack." + rel.replace(os.sep, "."))
     assert found == listed, f"missing from pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"
-    assert cfg["project"]["scripts"]["qsched"] == "qsched_pack.calibration.cli:main"
+    assert cfg["project"]["scripts"]["qsched"] == "qsched_pack.calibration.app.cli:main"
     assert {"PublisherId", "DisplayName", "Icon"} <= set(cfg["tool"]["comfy"])

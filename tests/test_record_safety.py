@@ -55,7 +55,7 @@ def clean(tmp_path_factory):
 def test_cli_resume_refuses_each_change_naming_the_field(tmp_path, jaq_dir, capsys, tiny_pipelines):
     from jaq_fixtures import save_openai_torchscript
 
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
 
     model = tmp_path / "model"
     shutil.copytree(tiny_pipelines["sdxl"], model)
@@ -239,7 +239,8 @@ def test_atomic_writes_name_the_target_not_the_temp_file(tmp_path, monkeypatch):
 
 
 def test_cli_ctrl_c_ends_cleanly_with_the_resume_hint(tmp_path, monkeypatch, capsys):
-    from qsched_pack.calibration import cli, runner
+    from qsched_pack.calibration import runner
+    from qsched_pack.calibration.app import cli
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -311,7 +312,7 @@ def test_validation_before_the_record_is_written(tmp_path):
     ("--range", "nan", "--range must be a finite number > 0"),
 ])
 def test_cli_float_options_refuse_nan_inf_and_out_of_range_before_anything(tmp_path, capsys, option, value, msg):
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
 
     args = ["calibrate", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")]
     args += [option, value, "1.2"] if option == "--range" else [f"{option}={value}"]
@@ -418,9 +419,9 @@ def test_fuzz_prompt_file_parser_raises_only_value_error(tmp_path, data, suffix)
 @FUZZ
 @given(st.text(max_size=30))
 def test_fuzz_cli_float_parser_raises_only_argument_type_error(text):
-    from qsched_pack.calibration.cli import _finite_float, _positive_float
+    from qsched_pack.calibration.app.cli import finite_float, positive_float
 
-    for parse, lo, hi in ((_finite_float("--eta", 0.0, 1.0), 0.0, 1.0), (_positive_float("--range"), 0.0, None)):
+    for parse, lo, hi in ((finite_float("--eta", 0.0, 1.0), 0.0, 1.0), (positive_float("--range"), 0.0, None)):
         try:
             v = parse(text)
         except argparse.ArgumentTypeError:
