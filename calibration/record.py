@@ -1,9 +1,13 @@
 """The calibration record: a JSON-lines file of every evaluated point, and the lock that gives it one writer.
 
 Line 1 is a header with the run's fingerprint (model file hash, family, sampler, steps, quantization, image size,
-scorer config, prompts, seeds, search space, strategy); every other line is one evaluated point (its search
-coordinates, coefficients, per-prompt JAQ and component scores, seconds, images) with a CRC-32 of its content.
-Each line is written with one ``write`` + ``fsync``.
+scorer config, prompts, seeds, search space, strategy) and a CRC-32; every other line is one evaluated point (its
+search coordinates, coefficients, per-prompt JAQ and component scores, seconds, images) with a ``digest``: an
+HMAC-SHA256 of its content keyed by the header (:func:`record_key`), so a line copied from another record (another
+model, thread count, prompt set...) is refused like a damaged one, and its values are checked against the record
+(one ``images`` per prompt, one coefficient per step, finite numbers). Each line is written with one ``write`` +
+``fsync``; the header with the first point, so a run that fails before its first point leaves no record behind.
+The record and its lock file are never followed through a symbolic link.
 
 A half-written last line (the process was killed inside a ``write``) is dropped; a damaged point line is skipped
 with a :class:`RecordWarning` naming it and its point is computed again; a damaged header, a header for a different
@@ -14,7 +18,10 @@ raises :class:`RecordWriteError` naming the record, which stays resumable. ``cal
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import math
 import os
 import socket
 import time
@@ -22,10 +29,12 @@ import warnings
 import zlib
 from typing import Callable, Mapping, Sequence
 
-from ..qsched._io import atomic_write_text
+from ..qsched._io import NotRegularFile, atomic_write_text, open_regular
 
 RECORD_FORMAT = "qsched-calibration-record"
-RECORD_VERSION = 2  # 2: fingerprint covers scorer files, batch size, dtype, threads, configs
+#: 2: fingerprint covers scorer files, batch size, dtype, threads, configs; 3: point lines carry a digest keyed
+#: by the header (bound to their record) instead of a CRC
+RECORD_VERSION = 3
 
 
 class RecordError(ValueError):
@@ -39,6 +48,24 @@ def _crc(obj: Mapping) -> str:
 def record_line(obj: Mapping) -> str:
     body = dict(obj)
     body["crc"] = _crc(obj)
+    return json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def record_key(header: Mapping) -> bytes:
+    """The key of a record's point-line digests: sha256 of its header (format, version, fingerprint)."""
+    head = {k: header.get(k) for k in ("format", "version", "fingerprint")}
+    return hashlib.sha256(json.dumps(head, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+def _digest(obj: Mapping, key: bytes) -> str:
+    body = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()[:32]
+
+
+def point_line(entry: Mapping, key: bytes) -> str:
+    """One point line of the record whose :func:`record_key` is ``key``."""
+    body = dict(entry)
+    body["digest"] = _digest(entry, key)
     return json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n"
 
 
@@ -56,7 +83,12 @@ class RecordLock:
     def acquire(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         while True:
-            fh = open(self.path, "a+", encoding="utf-8")
+            try:  # never through a symbolic link (it would truncate its target), never a FIFO (it would hang)
+                fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, follow=False, what="record lock file")
+            except NotRegularFile as exc:
+                raise RecordError(f"{exc}. Q-Sched creates this file itself while a calibration runs: remove "
+                                  "it") from None
+            fh = os.fdopen(fd, "r+", encoding="utf-8")
             try:
                 _lock_file(fh)
             except OSError:
@@ -67,7 +99,7 @@ class RecordLock:
                                    "one record would both fail to resume: wait for it to finish (or stop it), or "
                                    "use another output folder / record file") from None
             try:  # the holder we waited on may have removed the file: then lock the new one
-                same = os.path.samestat(os.fstat(fh.fileno()), os.stat(self.path))
+                same = os.path.samestat(os.fstat(fh.fileno()), os.lstat(self.path))
             except FileNotFoundError:
                 same = False
             if same:
@@ -113,27 +145,31 @@ class Record:
     """Append-only JSONL record of evaluated points (see the module docstring). Held under :class:`RecordLock`
     from opening to :meth:`close`."""
 
-    def __init__(self, path: str | None, fingerprint: dict, resume: bool):
+    def __init__(self, path: str | None, fingerprint: dict, resume: bool, expect: Mapping[str, int] | None = None):
         self.path = None if path is None else os.fspath(path)
         self.fingerprint = fingerprint
+        self.header = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "fingerprint": fingerprint}
+        self.key = record_key(self.header)
+        #: what every point line must fit: {"images": per point, "dim": search coordinates, "steps": coefficients}
+        self.expect = dict(expect or {})
         self.entries: dict[str, dict] = {}
         self.order: list[str] = []
         self.skipped: list[int] = []  # damaged line numbers (their points are recomputed)
         self.lock = None
+        self._header_written = True
         if self.path is None:
             return
         self.lock = RecordLock(self.path)
         self.lock.acquire()
         try:
             self._remove_stale_temp_files()
-            if os.path.exists(self.path):
+            if os.path.lexists(self.path):
                 if not resume:
                     raise RecordError(f"{self.path}: a calibration record already exists; pass resume=True (CLI "
                                       "--resume) to continue it, or choose another record file")
                 self._load()
             else:
-                header = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "fingerprint": fingerprint}
-                _write_or_explain(self.path, lambda: atomic_write_text(self.path, record_line(header)))
+                self._header_written = False  # written with the first point: a failed start leaves no record
         except BaseException:
             self.close()
             raise
@@ -153,16 +189,23 @@ class Record:
                     pass  # not ours to fight over (permissions): it is hidden from every list anyway
 
     @staticmethod
-    def key(point: Sequence[float]) -> str:
+    def point_key(point: Sequence[float]) -> str:
         return json.dumps([float(v) for v in point])
 
+    def _open(self, flags: int) -> int:
+        try:
+            return open_regular(self.path, flags, follow=False, what="calibration record")
+        except NotRegularFile as exc:
+            raise RecordError(f"{exc}. Give the record's own file (it is never read or written through a "
+                              "link)") from None
+
     def _load(self) -> None:
-        with open(self.path, "rb") as f:
+        with os.fdopen(self._open(os.O_RDONLY), "rb") as f:
             data = f.read()
         complete = data.rfind(b"\n") + 1
         if complete < len(data):
             # the process was killed inside a write: drop the partial line (it was never acknowledged)
-            with open(self.path, "r+b") as f:
+            with os.fdopen(self._open(os.O_RDWR), "r+b") as f:
                 f.truncate(complete)
                 f.flush()
                 os.fsync(f.fileno())
@@ -195,18 +238,19 @@ class Record:
                               f"differs in {diff}. Use another record file or the original settings")
         for n, raw in enumerate(lines[1:], start=2):
             try:
-                e = self._parse(raw.decode("utf-8"), n)
+                e = self._parse(raw.decode("utf-8"), n, self.key)
                 missing = [k for k in ENTRY_KEYS if k not in e]
                 if missing:
                     raise RecordError(f"line {n} is damaged (missing {missing[0]!r})")
-                if not _valid_entry(e):
-                    raise RecordError(f"line {n} is damaged (values of the wrong type)")
+                why = _entry_problem(e, self.expect)
+                if why:
+                    raise RecordError(f"line {n} is damaged ({why})")
             except (RecordError, UnicodeDecodeError) as exc:
                 self.skipped.append(n)
                 warnings.warn(f"{self.path}: {exc}; skipping it, its point will be computed again",
                               RecordWarning, stacklevel=4)
                 continue
-            key = self.key(e["point"])
+            key = self.point_key(e["point"])
             if key in self.entries:
                 self.skipped.append(n)
                 warnings.warn(f"{self.path}: line {n} repeats point {e['point']}; the first one is kept",
@@ -215,25 +259,33 @@ class Record:
             self.entries[key] = e
             self.order.append(key)
 
-    def _parse(self, text: str, n: int) -> dict:
+    def _parse(self, text: str, n: int, key: bytes | None = None) -> dict:
+        """A line's object, its CRC (header, ``key`` None) or its digest under ``key`` (point lines) checked."""
         try:
             obj = json.loads(text, parse_constant=_no_constant)
         except (json.JSONDecodeError, ValueError, RecursionError):
             raise RecordError(f"line {n} is damaged (not JSON)") from None
-        if not isinstance(obj, dict) or "crc" not in obj:
-            raise RecordError(f"line {n} is damaged (no checksum)")
-        crc = obj.pop("crc")
-        if crc != _crc(obj):
+        field = "crc" if key is None else "digest"
+        if not isinstance(obj, dict) or field not in obj:
+            raise RecordError(f"line {n} is damaged (no {'checksum' if key is None else 'digest'})")
+        check = obj.pop(field)
+        if key is None and check != _crc(obj):
             raise RecordError(f"line {n} is damaged (checksum mismatch)")
+        if key is not None and not (isinstance(check, str) and hmac.compare_digest(check, _digest(obj, key))):
+            raise RecordError(f"line {n} is damaged (its digest does not match this record's header: the line was "
+                              "changed, or copied from another record)")
         return obj
 
     def append(self, entry: dict) -> None:
-        key = self.key(entry["point"])
+        key = self.point_key(entry["point"])
         if self.path is not None:
-            line = record_line(entry)
+            if not self._header_written:
+                _write_or_explain(self.path, lambda: atomic_write_text(self.path, record_line(self.header)))
+                self._header_written = True
+            line = point_line(entry, self.key)
 
             def write():
-                with open(self.path, "a", encoding="utf-8") as f:
+                with os.fdopen(self._open(os.O_WRONLY | os.O_APPEND), "w", encoding="utf-8") as f:
                     f.write(line)
                     f.flush()
                     os.fsync(f.fileno())
@@ -251,14 +303,43 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not allowed in a record")
 
 
-def _valid_entry(e: Mapping) -> bool:
-    def floats(v):
-        return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+def _entry_problem(e: Mapping, expect: Mapping[str, int]) -> str:
+    """Why a point line's values cannot be this record's ('' when they fit): every number finite, ``images`` the
+    record's images per point (a positive int), one coordinate per search dimension, one coefficient per step,
+    one JAQ and one value per component per image."""
+    def numbers(v, n=None, positive=False):
+        return (isinstance(v, list) and (n is None or len(v) == n) and all(_finite(x) for x in v)
+                and (not positive or all(x > 0 for x in v)))
 
-    return (floats(e["point"]) and floats(e["c_x"]) and floats(e["c_eps"]) and floats(e["jaq"])
-            and isinstance(e["score"], (int, float)) and not isinstance(e["score"], bool)
-            and isinstance(e["components"], dict) and all(floats(v) for v in e["components"].values())
-            and isinstance(e["images"], int) and isinstance(e["seconds"], (int, float)))
+    images = expect.get("images")
+    if isinstance(e["images"], bool) or not isinstance(e["images"], int) or not (
+            e["images"] >= 1 if images is None else e["images"] == images):
+        return f"images is {_brief(e['images'])}, this record spends {images or 'a positive number of'} per point"
+    n = e["images"]
+    if not numbers(e["point"], expect.get("dim")):
+        return f"point is not {expect.get('dim', 'a list of')} finite numbers"
+    for k in ("c_x", "c_eps"):
+        if not numbers(e[k], expect.get("steps"), positive=True):
+            return f"{k} is not {expect.get('steps', 'a list of')} positive finite numbers"
+    if not numbers(e["jaq"], n):
+        return f"jaq is not {n} finite numbers (one per image)"
+    comps = e["components"]
+    if not isinstance(comps, dict) or not all(isinstance(k, str) and numbers(v, n) for k, v in comps.items()):
+        return f"components are not lists of {n} finite numbers"
+    if not _finite(e["score"]):
+        return "score is not a finite number"
+    if not _finite(e["seconds"]) or e["seconds"] < 0:
+        return "seconds is not a finite number >= 0"
+    return ""
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _brief(value, limit: int = 40) -> str:
+    text = json.dumps(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _write_or_explain(path: str, write: Callable[[], object]):

@@ -23,6 +23,11 @@ from .record import Record
 from .search import (DEFAULT_RANGE, BudgetExhausted, Point, SearchSpace, check_budget, check_points, check_strategy,
                      default_points, estimate_points, run_strategy, select_best)
 
+OBJECTIVES = ("jaq", "reference", "hybrid")
+#: Hybrid: the JAQ search multiplies the reference fit by factors in [1 - TRUST, 1 + TRUST].
+TRUST = 0.05
+#: Hybrid: its held-out distance to FP may exceed the reference fit's by at most this share.
+HYBRID_DISTANCE_TOLERANCE = 0.05
 PRESET_KIND = "qsched-calibration"
 
 
@@ -138,12 +143,24 @@ class CalibrationResult:
     grid_points: int
     stopped: str  # "done" or "budget"
     preset_path: str | None = None
+    #: "jaq" (the paper's search), "reference" (fitted to the FP model) or "hybrid" (JAQ around the fit)
+    objective: str = "jaq"
+    #: False: the held-out test refused the coefficients and ``best`` is identity (``acceptance`` says why)
+    accepted: bool = True
+    acceptance: str = "JAQ search (the paper's objective): no held-out test"
+    #: held-out numbers of the acceptance test (``reference.Acceptance.to_dict()``, plus the hybrid's JAQ check)
+    heldout: dict | None = None
+    #: the FP reference generator's fingerprint (reference / hybrid)
+    reference: dict | None = None
 
     @property
     def improvement(self) -> float:
         return self.best_score - self.identity_score
 
     def summary(self) -> str:
+        if self.objective != "jaq":
+            return (f"{self.objective} objective ({self.strategy}, {self.images_spent} images): "
+                    f"{self.acceptance}; c_x = {_fmt(self.best.c_x)}, c_eps = {_fmt(self.best.c_eps)}")
         return (f"{self.strategy} over {self.space.kind} ({len(self.points)} points, {self.images_spent} images"
                 f"{', stopped by the image budget' if self.stopped == 'budget' else ''}): best JAQ "
                 f"{self.best_score:.6g} vs identity {self.identity_score:.6g} (Δ {self.improvement:+.4g}); "
@@ -195,7 +212,8 @@ class Runner:
             bad = [k for k, v in _flat(self.fingerprint) if isinstance(v, float) and not math.isfinite(v)]
             raise ValueError(f"the run's settings hold a non-finite number ({', '.join(bad) or 'somewhere'}): "
                              "every option must be a finite number") from None
-        self.record = Record(record, self.fingerprint, resume)
+        self.record = Record(record, self.fingerprint, resume,
+                             expect={"images": per_point, "dim": space.dim, "steps": space.steps})
         self._session_images = 0
         self._session_seconds = 0.0
         self._t0 = time.perf_counter()
@@ -207,7 +225,7 @@ class Runner:
         return sum(int(self.record.entries[k]["images"]) for k in self.record.order)
 
     def _evaluate_one(self, point) -> dict:
-        key = Record.key(point)
+        key = Record.point_key(point)
         if key in self.record.entries:
             return self.record.entries[key]
         if self.budget is not None and self.images_spent + len(self.prompts) > self.budget:
@@ -241,7 +259,7 @@ class Runner:
         many = getattr(self.generator, "generate_many", None)
         todo, keys = [], set()
         for p in points:
-            key = Record.key(p)
+            key = Record.point_key(p)
             if key not in self.record.entries and key not in keys:
                 todo.append(p)
                 keys.add(key)
@@ -270,13 +288,13 @@ class Runner:
                                 "jaq": part, "components": pc, "images": n, "seconds": round(seconds, 4)})
             self._session_images += n
             self._session_seconds += seconds
-        return {Record.key(p) for p in todo}
+        return {Record.point_key(p) for p in todo}
 
     def evaluate(self, points) -> list[float]:
         out = []
         fresh = self._evaluate_many(points)
         for p in points:
-            key = Record.key(p)
+            key = Record.point_key(p)
             cached = key in self.record.entries and key not in fresh
             fresh.discard(key)
             e = self._evaluate_one(p)
@@ -290,7 +308,7 @@ class Runner:
         if self.progress is None:
             return
         scores = [self.record.entries[k]["score"] for k in self._evaluated]
-        ident = self.record.entries.get(Record.key(self.space.identity))
+        ident = self.record.entries.get(Record.point_key(self.space.identity))
         total_pts = max(self.estimate, len(self._evaluated))
         per_point = len(self.prompts)
         kind = "" if self.strategy == "grid" else "~"
@@ -327,7 +345,7 @@ class Runner:
         pts = [tuple(e["point"]) for e in entries]
         scores = [e["score"] for e in entries]
         b = select_best(pts, scores, self.space.identity)
-        ident = self.record.entries.get(Record.key(self.space.identity))
+        ident = self.record.entries.get(Record.point_key(self.space.identity))
         evaluated = [EvaluatedPoint(tuple(e["point"]), Coefficients(e["c_x"], e["c_eps"]), e["score"], e["jaq"],
                                     e["components"], e["seconds"], e["images"]) for e in entries]
         result = CalibrationResult(best=evaluated[b].coefficients, best_point=pts[b], best_score=scores[b],
@@ -342,8 +360,8 @@ class Runner:
             comps = e.get("components", {}) if e else {}
             return {k: math.fsum(v) / len(v) for k, v in sorted(comps.items()) if v}
 
-        best_e = self.record.entries[Record.key(result.best_point)]
-        ident_e = self.record.entries.get(Record.key(self.space.identity))
+        best_e = self.record.entries[Record.point_key(result.best_point)]
+        ident_e = self.record.entries.get(Record.point_key(self.space.identity))
         gen = self.fingerprint["generator"]
         meta = {
             "kind": PRESET_KIND,
@@ -458,9 +476,18 @@ def calibrate(generator, scorer, prompts, *, space: "str | SearchSpace" = "start
               points: int | None = None, seed: int = 42, seeds: Sequence[int] | None = None,
               budget: int | None = None, record: str | None = None, resume: bool = False,
               preset: str | None = None, progress=None, interrupt=None, scorer_config: Mapping | None = None,
-              strategy_options: Mapping[str, Any] | None = None, extra_metadata: Mapping | None = None
+              strategy_options: Mapping[str, Any] | None = None, extra_metadata: Mapping | None = None,
+              objective: str = "jaq", reference=None, heldout_prompts: Sequence[str] | None = None,
+              heldout_seeds: Sequence[int] | None = None, fit_mode: str = "free", trust: float = TRUST
               ) -> CalibrationResult:
     """Find Q-Sched coefficients for ``generator`` (coefficients, prompts, seeds -> images) under ``scorer``.
+
+    ``objective``: ``"jaq"`` (the paper: search maximising ``scorer``), ``"reference"`` (fit to the FP model
+    ``reference`` on the same noise, ``calibration.reference``; ``scorer`` may be None; no search, no record) or
+    ``"hybrid"`` (the JAQ search confined to ``[1 - trust, 1 + trust]`` times the reference fit). Reference and
+    hybrid test the result on ``heldout_prompts`` / ``heldout_seeds`` (default: the second half of ``prompts``,
+    the first half fits) and return identity, with the reason in ``result.acceptance``, when it does not hold
+    there. ``generator`` and ``reference`` then follow ``reference.TrajectoryGenerator`` too.
 
     ``generator`` follows ``generate.Generator``; ``scorer`` has ``.score(images, prompts)`` and
     ``.components(images, prompts)`` (e.g. ``calibration.jaq.JAQ``). ``steps`` defaults to the generator's.
@@ -469,6 +496,24 @@ def calibrate(generator, scorer, prompts, *, space: "str | SearchSpace" = "start
     anything runs). ``preset``: where to write the preset JSON (atomically). ``progress(info)`` and
     ``interrupt()`` are called between points (``interrupt`` stops the run by raising).
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+    if objective != "jaq":
+        if reference is None:
+            raise ValueError(f"objective {objective!r} needs the full-precision model as reference (connect the "
+                             "unquantized model), or use objective 'jaq'")
+        if objective == "hybrid" and scorer is None:
+            raise ValueError("objective 'hybrid' needs a JAQ scorer (it searches JAQ around the reference fit); "
+                             "use objective 'reference' to calibrate without one")
+        return _calibrate_with_reference(
+            generator, scorer, prompts, reference, objective=objective, seed=seed, seeds=seeds,
+            heldout_prompts=heldout_prompts, heldout_seeds=heldout_seeds, fit_mode=fit_mode, trust=trust,
+            strategy=strategy, points=points, budget=budget, record=record, resume=resume, progress=progress,
+            interrupt=interrupt, scorer_config=scorer_config, strategy_options=strategy_options, preset=preset,
+            extra_metadata=extra_metadata)
+    if scorer is None:
+        raise ValueError("objective 'jaq' needs a scorer (the JAQ Loader); without scorer files use objective "
+                         "'reference' with the full-precision model as reference")
     steps = getattr(generator, "steps", None) if steps is None else steps
     if isinstance(space, SearchSpace):
         sp = space
@@ -489,4 +534,129 @@ def calibrate(generator, scorer, prompts, *, space: "str | SearchSpace" = "start
     result = runner.run()
     if preset is not None:
         runner.write_preset(result, preset, extra_metadata=extra_metadata)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reference and hybrid objectives
+
+class ScaledGenerator:
+    """``generator`` run with ``base ⊙ c`` (element-wise) for the coefficients ``c`` a search asks for: a search
+    around ``base`` (identity of the search = ``base``). The fingerprint names the base and the reference."""
+
+    def __init__(self, generator, base: Coefficients, reference_fingerprint: Mapping | None = None):
+        self.generator, self.base = generator, base
+        self.steps = base.steps
+        self.reference_fingerprint = None if reference_fingerprint is None else dict(reference_fingerprint)
+        if hasattr(generator, "generate_many"):
+            self.generate_many = self._generate_many
+
+    def scaled(self, c: Coefficients | None) -> Coefficients:
+        if c is None:
+            return self.base
+        return Coefficients([b * v for b, v in zip(self.base.c_x, c.c_x)],
+                            [b * v for b, v in zip(self.base.c_eps, c.c_eps)])
+
+    def fingerprint(self) -> dict:
+        return dict(_generator_fingerprint(self.generator), around={"c_x": list(self.base.c_x),
+                                                                    "c_eps": list(self.base.c_eps)},
+                    reference=self.reference_fingerprint)
+
+    def generate(self, coefficients, prompts, seeds):
+        return self.generator.generate(self.scaled(coefficients), prompts, seeds)
+
+    def _generate_many(self, coefficient_list, prompts, seeds):
+        return self.generator.generate_many([self.scaled(c) for c in coefficient_list], prompts, seeds)
+
+
+def _calibrate_with_reference(generator, scorer, prompts, reference, *, objective, seed, seeds, heldout_prompts,
+                              heldout_seeds, fit_mode, trust, strategy, points, budget, record, resume, progress,
+                              interrupt, scorer_config, strategy_options, preset, extra_metadata):
+    from . import reference as R
+
+    prompts = check_calibration_prompts(prompts)
+    seeds = check_seeds(seeds, len(prompts), seed)
+    if heldout_prompts is None:
+        if len(prompts) < 2:
+            raise ValueError("the reference objective needs at least 2 prompts (half fit, half test), or "
+                             "separate held-out prompts")
+        prompts, seeds, heldout_prompts, heldout_seeds = R.split_heldout(prompts, seeds)
+    else:
+        heldout_prompts = check_calibration_prompts(heldout_prompts)
+        if heldout_seeds is None:
+            heldout_seeds = [max(seeds) + 1 + i for i in range(len(heldout_prompts))]
+        heldout_seeds = check_seeds(heldout_seeds, len(heldout_prompts), seed)
+    steps = generator.steps
+    ref_fp = _generator_fingerprint(reference)
+    res = R.calibrate_to_reference(generator, reference, prompts, seeds, heldout_prompts, heldout_seeds,
+                                   mode=fit_mode, interrupt=interrupt)
+    acc = res.acceptance
+    heldout = dict(acc.to_dict(), prompts=len(heldout_prompts), seeds=list(heldout_seeds))
+    fit_meta = {"mode": fit_mode, "c_x": list(res.fit.coefficients.c_x), "c_eps": list(res.fit.coefficients.c_eps),
+                "residual_identity": res.fit.residual_identity, "residual_fitted": res.fit.residual_fitted}
+    best, accepted, text, images = res.coefficients, acc.accepted, acc.text, res.images
+    d_best = acc.distance_fitted if accepted else acc.distance_identity
+    search_result = None
+    if objective == "hybrid":
+        space = SearchSpace("start", steps, 1.0 - trust, 1.0 + trust)
+        scaled = ScaledGenerator(generator, best, ref_fp)
+        runner = Runner(scaled, scorer, prompts, space=space, strategy=strategy, points=points, seed=seed,
+                        seeds=seeds, budget=budget, record=record, resume=resume, progress=progress,
+                        interrupt=interrupt, scorer_config=scorer_config, strategy_options=strategy_options)
+        search_result = runner.run()
+        images += search_result.images_spent
+        cand = scaled.scaled(search_result.best)
+        if tuple(search_result.best_point) == tuple(space.identity):
+            text = f"{text}. Hybrid: the JAQ search around it found nothing better, so it stays"
+            heldout["hybrid"] = {"accepted": False, "reason": "search kept its start"}
+        else:
+            base_images = res.heldout_images["fitted" if accepted else "identity"]
+            cand_images = generator.generate(cand, heldout_prompts, heldout_seeds)
+            images += len(heldout_prompts)
+            d_cand = R.paired_distance(cand_images, res.heldout_images["reference"])
+            d_base = R.paired_distance(base_images, res.heldout_images["reference"])
+            jaq_base, _ = score_images(scorer, base_images, heldout_prompts)
+            jaq_cand, _ = score_images(scorer, cand_images, heldout_prompts)
+            gain = torch.tensor(jaq_cand, dtype=torch.float64) - torch.tensor(jaq_base, dtype=torch.float64)
+            p = R.sign_flip_p(gain)
+            growth = float(d_cand.mean()) / max(float(d_base.mean()), 1e-30) - 1.0
+            ok = float(gain.mean()) > 0 and p <= R.ALPHA and growth <= HYBRID_DISTANCE_TOLERANCE
+            heldout["hybrid"] = {"accepted": ok, "jaq_gain": float(gain.mean()), "p_value": p,
+                                 "distance_growth": growth, "distance": float(d_cand.mean()),
+                                 "tolerance": HYBRID_DISTANCE_TOLERANCE}
+            if ok:
+                best, d_best = cand, float(d_cand.mean())
+                text = (f"{text}. Hybrid kept: on the held-out images JAQ rose by {float(gain.mean()):.4g} (paired "
+                        f"test, p = {p:.3g}) and the distance to full precision changed by {100 * growth:+.1f}% "
+                        f"(tolerance +{100 * HYBRID_DISTANCE_TOLERANCE:.0f}%)")
+            else:
+                why = (f"the distance to full precision grew {100 * growth:.1f}% (> {100 * HYBRID_DISTANCE_TOLERANCE:.0f}%)"
+                       if growth > HYBRID_DISTANCE_TOLERANCE else
+                       f"its JAQ gain did not hold on the held-out images ({float(gain.mean()):+.4g}, p = {p:.3g})")
+                text = f"{text}. Hybrid refused ({why}): the reference result stays"
+    point = tuple(best.c_x) + tuple(best.c_eps)
+    meta = {"kind": PRESET_KIND, "objective": objective, "accepted": accepted, "acceptance": text,
+            "model": _generator_fingerprint(generator), "reference": ref_fp, "steps": steps,
+            "fit": fit_meta, "heldout": heldout, "images_spent": images,
+            "prompts": {"count": len(prompts), "sha256": prompts_digest(prompts)}, "seeds": list(seeds),
+            "heldout_prompts": {"count": len(heldout_prompts), "sha256": prompts_digest(heldout_prompts)}}
+    if search_result is not None:
+        meta["search"] = {"space": search_result.space.to_dict(), "strategy": strategy,
+                          "best_point": list(search_result.best_point), "images": search_result.images_spent,
+                          "jaq": getattr(runner, "scorer_config", None)}
+    if extra_metadata:
+        meta.update(dict(extra_metadata))
+    best = best.with_metadata(**meta)
+    result = CalibrationResult(
+        best=best, best_point=point, best_score=-d_best, identity_score=-acc.distance_identity,
+        points=[] if search_result is None else search_result.points, images_spent=images,
+        space=SearchSpace("per_step", steps, *R.FIT_RANGE) if search_result is None else search_result.space,
+        strategy=f"reference fit ({fit_mode})" + ("" if search_result is None else f" + {strategy} JAQ search"),
+        grid_points=0 if search_result is None else search_result.grid_points,
+        stopped="done" if search_result is None else search_result.stopped, objective=objective,
+        accepted=accepted, acceptance=text, heldout=heldout, reference=ref_fp)
+    if preset is not None:
+        best.check_steps(steps, "sampler")
+        best.save(preset)
+        result.preset_path = os.fspath(preset)
     return result

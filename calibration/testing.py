@@ -89,3 +89,73 @@ class ImageStatScorer:
     def score(self, images, prompts):
         c = self.components(images, prompts)
         return self.combine(c["tc"], c["iq"])
+
+
+class ToyTrajectoryGenerator:
+    """A tiny deterministic denoiser behind the real samplers of ``qsched.samplers``, offering both generator
+    protocols (``generate`` and ``reference.TrajectoryGenerator``): the reference fit's tests run the same
+    sampler code as users. ``distortion`` perturbs the network (a stand-in for quantization error):
+
+        denoised = tanh(x / sqrt(1 + sigma²) + m_prompt)·(1 + distortion) + distortion·0.3·sin(2x)
+    """
+
+    SCHEDULE = {"euler": "sdxl_turbo", "euler_ancestral": "sdxl_turbo", "tcd": "tcd", "lcm": "lcm"}
+
+    def __init__(self, sampler: str = "euler", parameterization: str = "eps", steps: int = 4, *,
+                 distortion: float = 0.0, eta: float | None = None, size: int = 6, batch_size: int | None = None,
+                 name: str = "toy"):
+        from ..qsched import samplers
+        from ..qsched.schedules import few_step_sigmas
+
+        samplers.check_sampler(sampler, parameterization)
+        self.sampler, self.parameterization, self.steps = sampler, parameterization, steps
+        self.distortion, self.size, self.batch_size, self.name = float(distortion), size, batch_size, name
+        self.options = {} if eta is None else {"eta": float(eta)}
+        family = "flux_schnell" if parameterization == "flow" else self.SCHEDULE[sampler]
+        self.sigmas = few_step_sigmas(family, steps).float()
+
+    def fingerprint(self) -> dict:
+        return {"class": "ToyTrajectoryGenerator", "name": self.name, "sampler": self.sampler, "steps": self.steps,
+                "parameterization": self.parameterization, "distortion": self.distortion, "options": self.options}
+
+    def _m(self, prompts) -> torch.Tensor:
+        vals = [int(hashlib.sha256(p.encode()).hexdigest()[:8], 16) / 2**32 - 0.5 for p in prompts]
+        return torch.tensor(vals).reshape(-1, 1, 1, 1)
+
+    def denoiser(self, prompts):
+        m, k = self._m(prompts), self.distortion
+
+        def model(x, sigma, **_):
+            s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
+            d = torch.tanh(x / torch.sqrt(1 + s * s) + m)
+            return d * (1 + k) + k * 0.3 * torch.sin(2 * x) if k else d
+        return model
+
+    def start(self, seeds) -> torch.Tensor:
+        noise = torch.cat([torch.randn((1, 3, self.size, self.size), generator=torch.Generator().manual_seed(int(s)))
+                           for s in seeds])
+        s0 = float(self.sigmas[0])
+        return noise * ((1 + s0 * s0) ** 0.5 if self.parameterization == "eps" else s0)
+
+    def sampler_kwargs(self, seeds) -> dict:
+        from .generate import per_sample_noise_sampler
+
+        kw = dict(self.options)
+        if self.sampler != "tcd":
+            kw["parameterization"] = self.parameterization
+        if self.sampler in ("tcd", "lcm", "euler_ancestral"):
+            kw["noise_sampler"] = per_sample_noise_sampler(torch.zeros(1, 3, self.size, self.size), seeds)
+        return kw
+
+    def latents(self, coefficients, prompts, seeds) -> torch.Tensor:
+        from ..qsched import samplers
+
+        fn = samplers.SAMPLERS[self.sampler]
+        return fn(self.denoiser(prompts), self.start(seeds), self.sigmas, None, disable=True,
+                  coefficients=coefficients, **self.sampler_kwargs(seeds))
+
+    def generate(self, coefficients, prompts, seeds) -> torch.Tensor:
+        from .generate import check_generate_args
+
+        prompts, seeds = check_generate_args(coefficients, prompts, seeds, self.steps)
+        return torch.sigmoid(self.latents(coefficients, prompts, seeds)).permute(0, 2, 3, 1).contiguous()

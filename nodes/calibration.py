@@ -16,8 +16,8 @@ import os
 
 from ..calibration.search import SPACES, STRATEGIES, SearchSpace, check_budget, check_range, estimate_points
 from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_steps
-from .common import (CATEGORY_CALIBRATION, COEFFICIENTS, ETA, JAQ_SCORER, MAX_UI_STEPS, QSCHED_FOLDER, NodeInputError,
-                     check_combo, check_int, node_input, preset_relpath, register_qsched_folder, steps_input,
+from .common import (CATEGORY_CALIBRATION, COEFFICIENTS, ETA, JAQ_SCORER, MAX_UI_STEPS, NodeInputError,
+                     check_combo, check_int, node_input, preset_file, steps_input,
                      validation_result)
 from .comfy_generator import PREVIEW_PROMPTS, ComfyGenerator
 from .sampling import ETA_TIP, SAMPLER_NAMES, SAMPLER_TIP, comfy_schedulers, describe
@@ -74,7 +74,7 @@ def check_settings(*, prompts=None, steps=None, space=None, strategy=None, range
     if batch is not None:
         check_int(NODE, "batch", batch, 1, 64)
     if preset_name is not None:
-        preset_relpath(preset_name, NODE, "preset_name")
+        preset_file(preset_name, NODE, "preset_name")
     known = (lines, steps, space, strategy, range_min, range_max, points, budget)
     if all(v is not None for v in known):
         with node_input(NODE, "space"):
@@ -268,9 +268,7 @@ class QSchedCalibrate:
         gen_fp = gen.fingerprint()
         key = record_key(gen_fp, scorer.config, lines, seeds, sp.to_dict(), strategy, points)
         record = os.path.join(folder_paths.get_output_directory(), RECORD_DIR, f"{key}.jsonl")
-        register_qsched_folder()
-        preset_path = os.path.join(folder_paths.get_folder_paths(QSCHED_FOLDER)[0],
-                                   preset_relpath(preset_name, NODE, "preset_name"))
+        preset_path = preset_file(preset_name, NODE, "preset_name")
         kept = _record_points(record)
         if kept:
             progress.text(f"resuming: {kept} point{'s' if kept != 1 else ''} from the record "

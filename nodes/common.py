@@ -104,31 +104,72 @@ def register_qsched_folder():
     return folder_paths
 
 
+def qsched_folders() -> list[str]:
+    """ComfyUI's ``qsched`` folders (``models/qsched/`` plus extra_model_paths.yaml entries), first = where presets
+    are written."""
+    return list(register_qsched_folder().get_folder_paths(QSCHED_FOLDER))
+
+
 def preset_names() -> list[str]:
-    """The preset files in ``models/qsched/`` (the choices of a preset widget)."""
+    """The preset files in ``models/qsched/`` (the choices of a preset widget): names Load Preset would load
+    (hidden/temporary files and symlinks out of the folder are not offered)."""
     folder_paths = register_qsched_folder()
-    return sorted(n for n in folder_paths.get_filename_list(QSCHED_FOLDER)
-                  if n.lower().endswith(PRESET_EXT) and not is_hidden(n))
+    names = [n.replace(os.sep, "/") for n in folder_paths.get_filename_list(QSCHED_FOLDER)]
+    return sorted(n for n in names if n.lower().endswith(PRESET_EXT) and _findable(n))
 
 
-def is_hidden(name: str) -> bool:
-    """Temporary files of atomic writes (``.tmp-*``) and other dot-files: never offered or loaded as presets."""
-    return any(part.startswith(".") for part in name.replace("\\", "/").split("/"))
+def _findable(name: str) -> bool:
+    try:
+        return find_preset(name) is not None
+    except NodeInputError:
+        return False
 
 
-def preset_relpath(name, node: str = "Q-Sched Save Preset", input_name: str = "name") -> str:
-    """A preset file name typed by the user -> a relative path inside ``models/qsched/`` (``.json`` added);
-    refuses anything that could leave the folder."""
+def _confined(root: str, rel: str, node: str, input_name: str) -> str:
+    from ..qsched._io import UnsafePath, confined
+
+    try:
+        return str(confined(root, rel))
+    except UnsafePath as exc:
+        raise NodeInputError(node, input_name, f"{exc}") from None
+
+
+def preset_file(name, node: str = "Q-Sched Save Preset", input_name: str = "name") -> str:
+    """Where a preset named by the user is written: ``models/qsched/<name>.json`` (``.json`` added), refused
+    (NodeInputError naming the input) unless a plain name (letters, digits, '-', '_', '.', '/' between folder
+    names) that stays inside the folder (``qsched._io.confined``) and, if the file exists, is a preset."""
+    from ..qsched.coefficients import check_replaceable
+
     if not isinstance(name, str) or not name.strip():
         raise NodeInputError(node, input_name, "is empty: give a file name such as 'sdxl_turbo_w4a8'")
     rel = name.strip()
     if not rel.lower().endswith(PRESET_EXT):
         rel += PRESET_EXT
-    parts = rel.replace("\\", "/").split("/")
-    if any(p in ("", ".", "..") for p in parts) or not all(re.fullmatch(r"[A-Za-z0-9_.\-]+", p) for p in parts):
+    if not all(re.fullmatch(r"[A-Za-z0-9_.\-]*", p) for p in rel.split("/")):
+        from ..qsched._io import brief
+
         raise NodeInputError(node, input_name, (
-            f"{name!r} is not a plain file name: use letters, digits, '-', '_', '.' and '/' between folder names"))
-    return os.path.join(*parts)
+            f"{brief(name)} is not a plain file name: use letters, digits, '-', '_', '.' and '/' between folder "
+            "names"))
+    path = _confined(qsched_folders()[0], rel, node, input_name)
+    with node_input(node, input_name):
+        check_replaceable(path)
+    return path
+
+
+def find_preset(name, node: str = "Q-Sched Load Preset", input_name: str = "preset") -> str | None:
+    """The preset file a widget value names, in the first ``qsched`` folder holding it (None: not found); names
+    that lead out of the folder are refused (NodeInputError), like every name (``qsched._io.confined``)."""
+    if not isinstance(name, str) or not name.lower().endswith(PRESET_EXT):
+        from ..qsched._io import brief
+
+        raise NodeInputError(node, input_name, f"must name a *{PRESET_EXT} file in models/{QSCHED_FOLDER}/, got "
+                                               f"{brief(name)}")
+    for root in qsched_folders():
+        path = _confined(root, name, node, input_name)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def model_sampling_of(model):

@@ -12,9 +12,9 @@ import os
 from ..qsched import samplers as qsamplers
 from ..qsched import schedules as qschedules
 from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_steps
-from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, PRESET_EXT, QSCHED_FOLDER, NodeInputError,
-                     check_combo, graph_model_is_flow, is_flow, is_hidden, model_sampling_of, node_input, preset_names,
-                     preset_relpath, register_qsched_folder, steps_input, validation_result)
+from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, QSCHED_FOLDER, NodeInputError, check_combo,
+                     find_preset, graph_model_is_flow, is_flow, model_sampling_of, node_input, preset_file,
+                     preset_names, steps_input, validation_result)
 
 #: The samplers of ``qsched.samplers.SAMPLERS`` in widget order (SDXL-Turbo's first).
 SAMPLER_NAMES = ("euler_ancestral", "euler", "tcd", "lcm")
@@ -269,7 +269,10 @@ class QSchedLoadPreset:
 
     @classmethod
     def IS_CHANGED(cls, preset):
-        path = _preset_path(preset)
+        try:
+            path = find_preset(preset)
+        except NodeInputError:
+            path = None
         return os.path.getmtime(path) if path else float("nan")
 
     def load(self, preset):
@@ -280,16 +283,9 @@ class QSchedLoadPreset:
         return {"ui": {"text": [text]}, "result": (c, c.steps, text)}
 
 
-def _preset_path(name: str):
-    folder_paths = register_qsched_folder()
-    return folder_paths.get_full_path(QSCHED_FOLDER, name)
-
-
 def _load_preset(name: str) -> Coefficients:
     node = "Q-Sched Load Preset"
-    if not isinstance(name, str) or not name.lower().endswith(PRESET_EXT) or is_hidden(name):
-        raise NodeInputError(node, "preset", f"must name a *{PRESET_EXT} file in models/{QSCHED_FOLDER}/, got {name!r}")
-    path = _preset_path(name)
+    path = find_preset(name, node, "preset")
     if path is None:
         raise NodeInputError(node, "preset", f"file {name!r} not found in models/{QSCHED_FOLDER}/ (or the extra "
                                              f"'{QSCHED_FOLDER}' paths of extra_model_paths.yaml)")
@@ -322,18 +318,17 @@ class QSchedSavePreset:
 
     @classmethod
     def VALIDATE_INPUTS(cls, name=None):
-        return True if name is None else validation_result(preset_relpath, name)
+        return True if name is None else validation_result(preset_file, name)
 
     def save(self, coefficients, name, overwrite):
         node = "Q-Sched Save Preset"
         if not isinstance(coefficients, Coefficients):
             raise NodeInputError(node, "coefficients", f"expected {COEFFICIENTS}, got {type(coefficients).__name__}")
-        rel = preset_relpath(name)
-        folder_paths = register_qsched_folder()
-        path = os.path.join(folder_paths.get_folder_paths(QSCHED_FOLDER)[0], rel)
+        path = preset_file(name)
         if os.path.exists(path) and not overwrite:
             raise NodeInputError(node, "overwrite", f"{path} exists; turn overwrite on or choose another name")
-        coefficients.save(path)
+        with node_input(node, "name"):
+            coefficients.save(path)
         return {"ui": {"text": [f"saved {path}\n{describe(coefficients)}"]}, "result": (path,)}
 
 

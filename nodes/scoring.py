@@ -11,7 +11,7 @@ import math
 import os
 
 from .common import (CATEGORY_SCORING, JAQ_SCORER, QSCHED_FOLDER, NodeInputError, check_combo, node_input,
-                     register_qsched_folder, validation_result)
+                     qsched_folders, validation_result)
 
 PRESETS = ("preference", "clip")
 AUTO = "auto"
@@ -30,11 +30,11 @@ def preset_metrics(preset: str) -> tuple[str, str]:
 
 
 def _qsched_folders() -> list[str]:
-    return list(register_qsched_folder().get_folder_paths(QSCHED_FOLDER))
+    return qsched_folders()
 
 
 def _inside(root: str, rel: str) -> bool:
-    from ..calibration.metrics.weights import UnsafePath, confined
+    from ..qsched._io import UnsafePath, confined
 
     try:
         confined(root, rel)
@@ -72,15 +72,20 @@ def weight_choices() -> list[str]:
 def _choice_path(choice: str, input_name: str) -> str | None:
     """The file a combo value names, confined to the qsched folders: absolute names, '..' and symlinks out of
     the folder are refused (a shared workflow must not be able to make the pack read any other file)."""
-    from ..calibration.metrics.weights import UnsafePath, confined
+    from ..qsched._io import UnsafePath, confined
 
+    name = choice[:-1] if choice.endswith("/") else choice  # a transformers folder is listed as "name/"
     for root in _qsched_folders():
         try:
-            p = confined(root, choice.rstrip("/"))
+            p = confined(root, name)
         except UnsafePath as exc:
             raise NodeInputError(LOADER, input_name, (
                 f"{exc}. Only files inside models/{QSCHED_FOLDER}/ (or the '{QSCHED_FOLDER}' paths of "
                 "extra_model_paths.yaml) can be used: pick one from the list")) from None
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise NodeInputError(LOADER, input_name, (
+                f"{choice!r} is a folder, not a weight file (a transformers CLIP folder holds config.json): pick a "
+                "file from the list"))
         if p.exists():
             return str(p)
     return None

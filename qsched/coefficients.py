@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from ._io import PRESET_MAX_BYTES, atomic_write_text, check_nesting, read_text_capped
+from ._io import PRESET_MAX_BYTES, atomic_write_text, brief, check_nesting, read_text_capped
 
 FORMAT = "qsched-coefficients"
 VERSION = 1
@@ -35,7 +35,7 @@ MAX_STEPS = 1000
 def check_coefficient(v: Any, name: str = "coefficient") -> float:
     """The coefficient rule, the one place it lives: a finite number in (0, C_MAX]. Returns it as float."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{name} must be a number in (0, {C_MAX:g}], got {v!r}")
+        raise ValueError(f"{name} must be a number in (0, {C_MAX:g}], got {brief(v)}")
     v = float(v)
     if not math.isfinite(v) or v <= 0.0 or v > C_MAX:
         raise ValueError(f"{name} must be finite and in (0, {C_MAX:g}], got {v!r}")
@@ -161,21 +161,21 @@ class Coefficients:
             raise ValueError(f"preset must be a JSON object with keys c_x, c_eps, got {type(d).__name__}")
         fmt = d.get("format", FORMAT)
         if fmt != FORMAT:
-            raise ValueError(f"format must be {FORMAT!r}, got {fmt!r}")
+            raise ValueError(f"format must be {FORMAT!r}, got {brief(fmt)}")
         version = d.get("version", VERSION)
         if version != VERSION:
-            raise ValueError(f"version must be {VERSION}, got {version!r} (preset written by a newer Q-Sched?)")
+            raise ValueError(f"version must be {VERSION}, got {brief(version)} (preset written by a newer Q-Sched?)")
         missing = [k for k in ("c_x", "c_eps") if k not in d]
         if missing:
             raise ValueError(f"preset is missing {' and '.join(missing)} (lists of one number per step)")
         unknown = sorted(set(d) - {"format", "version", "steps", "c_x", "c_eps", "metadata"})
         if unknown:
-            raise ValueError(f"unknown preset field(s) {unknown}; allowed: format, version, steps, c_x, c_eps, metadata")
+            raise ValueError(f"unknown preset field(s) {brief(unknown)}; allowed: format, version, steps, c_x, c_eps, metadata")
         c = cls(d["c_x"], d["c_eps"], d.get("metadata") or {})
         if "steps" in d:
             steps = d["steps"]
             if isinstance(steps, bool) or not isinstance(steps, int) or steps != c.steps:
-                raise ValueError(f"steps must equal len(c_x) = {c.steps}, got {steps!r}")
+                raise ValueError(f"steps must equal len(c_x) = {c.steps}, got {brief(steps)}")
         return c
 
     def to_json(self) -> str:
@@ -195,7 +195,9 @@ class Coefficients:
         return cls.from_dict(d)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the preset atomically: a crash never leaves a half-written or truncated file."""
+        """Write the preset atomically: a crash never leaves a half-written or truncated file. A file there that
+        is not a preset is never replaced (:func:`check_replaceable`)."""
+        check_replaceable(path)
         atomic_write_text(path, self.to_json())
 
     @classmethod
@@ -208,6 +210,22 @@ class Coefficients:
             return cls.from_json(text)
         except ValueError as exc:
             raise ValueError(f"{os.fspath(path)}: {exc}") from None
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """A preset may replace only a preset: ValueError when ``path`` exists and is anything else (a scorer's
+    ``config.json``, a folder, a link, a file that is not a preset JSON object)."""
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return
+    try:
+        d = json.loads(read_text_capped(path, PRESET_MAX_BYTES, "Q-Sched preset"), parse_constant=_reject_constant)
+        ok = not os.path.islink(path) and isinstance(d, dict) and ("c_x" in d or d.get("format") == FORMAT)
+    except (OSError, ValueError, RecursionError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{path} exists and is not a Q-Sched preset; refusing to replace it: choose another name "
+                         "(or move that file away)")
 
 
 def _reject_constant(name: str) -> float:

@@ -15,18 +15,21 @@ import report_comfyui as rep  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ selection
-def test_parts_are_valid_and_start_with_their_baseline():
+def test_parts_are_valid_and_each_family_starts_with_its_baseline():
+    """A part may be cut short by the device call's limit: the core baseline every ratio is taken against must be
+    the first config of its family in the part (for the compiled modes: the first compiled one), or be absent."""
     for name, keys in parts.PARTS.items():
         assert len(set(keys)) == len(keys), name
         for k in keys:
             parts.parse(k)
-    assert parts.PART_A[0] == "flux/bf16/compiled+graph" and parts.PART_B[0] == "sdxl/fp16/graph"
-    # the compiled baseline of each family comes before any other compiled config of that family in its part
-    for keys in (parts.PART_A, parts.PART_B):
-        for fam in ("flux", "sdxl"):
-            comp = [k for k in keys if k.startswith(fam) and "/compiled" in k]
-            if comp and any(k.startswith(f"{fam}/{parts.BASELINE[fam]}/compiled") for k in keys):
-                assert comp[0].startswith(f"{fam}/{parts.BASELINE[fam]}/"), (fam, comp)
+        for fam, base in parts.BASELINE.items():
+            mine = [k for k in keys if k.startswith(f"{fam}/")]
+            if not any(k.startswith(f"{fam}/{base}/") for k in mine):
+                continue
+            assert mine[0].startswith(f"{fam}/{base}/"), (name, fam, mine[0])
+            comp = [k for k in mine if "/compiled" in k]
+            if comp and any(k.startswith(f"{fam}/{base}/compiled") for k in comp):
+                assert comp[0].startswith(f"{fam}/{base}/"), (name, fam, comp[0])
 
 
 def test_skip_removes_families_modes_formats_and_keys():

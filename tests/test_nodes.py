@@ -468,11 +468,11 @@ def test_calibrate_default_prompts_are_the_20_calibration_prompts():
     (dict(space="start_end", steps=1), "space", "steps >= 2"),
     (dict(space="cube"), "space", "not one of"),
     (dict(strategy="random"), "strategy", "not one of"),
-    (dict(preset_name="../escape"), "preset_name", "not a plain file name"),
+    (dict(preset_name="../escape"), "preset_name", "must be a name inside the folder"),
     (dict(preset_name=""), "preset_name", "is empty"),
     (dict(base_seed=-1), "base_seed", "[0, 4294967295]"),
 ])
-def test_calibrate_bad_settings_name_the_input(change, input_name, text):
+def test_calibrate_bad_settings_name_the_input(change, input_name, text, folder_paths):
     from qsched_pack.nodes import calibration
 
     with pytest.raises(NodeInputError) as exc:
@@ -482,7 +482,7 @@ def test_calibrate_bad_settings_name_the_input(change, input_name, text):
     assert msg.startswith(f"Q-Sched Calibrate: input '{input_name}'") and text in msg
 
 
-def test_calibrate_validation_accepts_good_and_linked_settings():
+def test_calibrate_validation_accepts_good_and_linked_settings(folder_paths):
     from qsched_pack.nodes import calibration
 
     v = calibration.QSchedCalibrate.VALIDATE_INPUTS

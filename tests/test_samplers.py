@@ -308,6 +308,46 @@ def test_identity_coefficients_are_bit_exact_with_no_coefficients(name, kw):
     assert torch.equal(a, b)
 
 
+# The stock k-diffusion loops (ComfyUI comfy/k_diffusion/sampling.py sample_euler / sample_euler_ancestral), written
+# from their equations: the promise is that c = 1 reproduces *these* bit-for-bit, not merely our own c = 1 path.
+def stock_euler(model, x, sigmas):
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def stock_euler_ancestral(model, x, sigmas, seed):
+    noise = samplers.default_noise_sampler(x, seed=seed)
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        sigma_up = min(sigmas[i + 1], (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2) ** 0.5)
+        sigma_down = (sigmas[i + 1] ** 2 - sigma_up ** 2) ** 0.5
+        if sigma_down == 0:
+            x = denoised
+            continue
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigma_down - sigmas[i]) + noise(sigmas[i], sigmas[i + 1]) * 1.0 * sigma_up
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_identity_coefficients_are_bit_exact_with_the_stock_sampler(dtype):
+    sigmas = few_step_sigmas("tcd", 4).to(dtype)
+    x = (init_noise() * float(sigmas[0])).to(dtype)
+    ident = Coefficients.identity(4)
+    for model in (eps_denoiser, flow_denoiser):
+        m = (lambda x_, s_, **kw: model(x_.double(), s_.double(), **kw).to(dtype))
+        assert torch.equal(samplers.sample_euler(m, x, sigmas, disable=True, coefficients=ident),
+                           stock_euler(m, x, sigmas))
+    m = (lambda x_, s_, **kw: eps_denoiser(x_.double(), s_.double(), **kw).to(dtype))
+    assert torch.equal(samplers.sample_euler_ancestral(m, x, sigmas, {"seed": 5}, disable=True, coefficients=ident),
+                       stock_euler_ancestral(m, x, sigmas, 5))
+
+
 @pytest.mark.parametrize("name,kw", ALL)
 def test_same_seed_same_output_different_seed_different(name, kw):
     fn = samplers.SAMPLERS[name]

@@ -226,3 +226,15 @@ def test_reduced_pipeline_trains_assembles_and_runs_the_experiment(tmp_path):
     doc.write_text("no markers")
     with pytest.raises(ValueError, match="needs exactly one <!-- shapeworld-report:begin -->"):
         R.insert(str(doc), text)
+
+
+def test_training_is_seeded_by_its_config():
+    """The same config seed gives the same network (initialisation and batches); another seed gives another
+    initialisation (checked with zero training steps, so the batch generator cannot hide an ignored init seed)."""
+    cpu = torch.device("cpu")
+    scenes = T.pool(T.REDUCED, cpu)
+    untrained = [T.train_flow(dict(T.REDUCED, seed=s, flow_steps=0), cpu, log=None, scenes=scenes)[0] for s in (0, 0, 1)]
+    assert all(torch.equal(untrained[0][k], untrained[1][k]) for k in untrained[0])
+    assert any(not torch.equal(untrained[0][k], untrained[2][k]) for k in untrained[0])
+    trained = [T.train_flow(dict(T.REDUCED, seed=0, flow_steps=2), cpu, log=None, scenes=scenes)[0] for _ in range(2)]
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])

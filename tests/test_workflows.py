@@ -99,6 +99,42 @@ def test_there_are_sampling_workflows_for_both_families():
     assert {"qsched_sdxl_turbo_w4a8", "qsched_flux_schnell_w4a8"} <= names
 
 
+#: Words that belong in a negative prompt: a positive prompt made of them means the prompts are swapped.
+NEGATIVE_WORDS = ("watermark", "blurry", "lowres", "low quality", "worst quality", "jpeg artifacts")
+
+
+def _prompt_text(prompt: dict, ref, seen=()) -> str:
+    """The text of the CLIPTextEncode that a conditioning input comes from (through guidance/conditioning nodes)."""
+    node_id = ref[0]
+    assert node_id not in seen, f"conditioning cycle at node {node_id}"
+    node = prompt[node_id]
+    if "text" in node["inputs"]:
+        return node["inputs"]["text"]
+    ups = [v for k, v in node["inputs"].items() if k in ("conditioning", "positive") and isinstance(v, list)]
+    assert ups, f"node {node_id} ({node['class_type']}) is not a text encoder and has no conditioning input"
+    return _prompt_text(prompt, ups[0], (*seen, node_id))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_positive_and_negative_prompts_are_not_swapped(path, object_info):
+    """Every sampler/guider's positive conditioning is the subject prompt, never a negative-style prompt, and the
+    negative one (where there is one) comes from another text node."""
+    p = ui_to_api(_load(path), object_info)
+    checked = 0
+    for node in p.values():
+        ins = node["inputs"]
+        pos = ins.get("positive", ins.get("conditioning") if node["class_type"].endswith("Guider") else None)
+        if not isinstance(pos, list):
+            continue
+        text = _prompt_text(p, pos).lower()
+        assert text.strip() and not any(w in text for w in NEGATIVE_WORDS), (node["class_type"], text)
+        if isinstance(ins.get("negative"), list):
+            assert ins["negative"] != pos, node["class_type"]
+        checked += 1
+    sampling = any(n["class_type"] in ("QSchedKSampler", "KSampler", "SamplerCustomAdvanced") for n in p.values())
+    assert checked or not sampling, f"{path.name}: a sampler whose conditioning was not traced"
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_structure(path, object_info):
     wf = _load(path)

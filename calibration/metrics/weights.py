@@ -21,16 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ...qsched._io import UnsafePath, confined  # noqa: F401  (the one name rule; re-exported for callers)
+
 ENV_VAR = "QSCHED_MODELS_DIR"
 COMFY_FOLDER = "qsched"
 
 
 class WeightFileError(FileNotFoundError):
     """A scorer weight file is missing, unreadable or does not fit the expected architecture."""
-
-
-class UnsafePath(WeightFileError):
-    """A weight file name that leads out of its model folder (absolute, ``..``, or a symlink out)."""
 
 
 @dataclass(frozen=True)
@@ -86,26 +84,6 @@ def search_folders(folders: Sequence[str | os.PathLike] | None = None) -> list[P
     """``folders`` given by the caller (CLI ``--jaq-weights``; the nodes pass ComfyUI's ``qsched`` folders), then
     the ``QSCHED_MODELS_DIR`` folders."""
     return [Path(f).expanduser() for f in (folders or ())] + env_folders()
-
-
-def confined(root: str | os.PathLike, name: str) -> Path:
-    """``root/name`` if ``name`` is a relative name that stays inside ``root`` once every symlink is resolved.
-
-    Raises :class:`UnsafePath` for absolute names, drive letters, ``..`` parts, NUL bytes and names (or symlinks)
-    that lead out of ``root``. The returned path may not exist.
-    """
-    if not isinstance(name, str) or not name or "\0" in name:
-        raise UnsafePath(f"{name!r} is not a file name")
-    parts = name.replace("\\", "/").split("/")
-    drive = len(name) > 1 and name[1] == ":" and name[0].isalpha()  # a Windows drive, on every OS
-    if os.path.isabs(name) or name.startswith(("/", "\\")) or drive or os.path.splitdrive(name)[0] or ".." in parts:
-        raise UnsafePath(f"{name!r} must be a name inside the model folder (no absolute path, no '..')")
-    base = os.path.realpath(root)
-    target = os.path.realpath(os.path.join(base, *[p for p in parts if p not in ("", ".")]))
-    if os.path.commonpath([base, target]) != base:
-        raise UnsafePath(f"{name!r} leads out of the model folder {root} (a symlink to {target}); copy the file "
-                         "into the folder, or register its folder (extra_model_paths.yaml / QSCHED_MODELS_DIR)")
-    return Path(target)
 
 
 def candidates(spec: WeightSpec) -> tuple[str, ...]:
