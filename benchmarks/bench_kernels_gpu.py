@@ -44,9 +44,9 @@ def main():
     args = ap.parse_args()
     t0 = time.time()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_quant_gpu import _import_pack  # the pack as qsched_pack (installed or this checkout)
+    from bench_quant_gpu import import_pack  # the pack as qsched_pack (installed or this checkout)
 
-    _import_pack()
+    import_pack()
     from triton.testing import do_bench
 
     from qsched_pack.qsched import cudagraph
