@@ -202,17 +202,12 @@ def trained_world(rows, n=21, formats=("w4a4", "w8a8"), steps_list=(2, 4, 8), fa
 
 
 def _tiny_jaq():
-    """The real JAQ class on tiny random CLIPs (tests/jaq_fixtures builds them in the users' file formats)."""
+    """The real JAQ class on tiny random CLIPs written in the users' file format."""
     import tempfile
     from pathlib import Path
 
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-    try:
-        from jaq_fixtures import save_openai_torchscript
-    except ImportError as exc:
-        print(f"skipping the JAQ scorer: {exc}", file=sys.stderr)
-        return None
     from qsched_pack.calibration.jaq import JAQ
+    from qsched_pack.calibration.testing import save_openai_torchscript
 
     d = Path(tempfile.mkdtemp(prefix="qsched-bench-clip-"))
     return JAQ(preset="clip", k=2.0, device="cpu",

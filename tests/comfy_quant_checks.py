@@ -18,7 +18,6 @@ sys.argv = [sys.argv[0], "--cpu"]
 sys.path.insert(0, os.getcwd())
 sys.path.insert(0, SHIM)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import comfy.options  # noqa: E402
 
@@ -30,11 +29,11 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.sd  # noqa: E402
+from qsched_pack.calibration.testing import AnonPeak  # noqa: E402
 from qsched_pack.nodes import quant_ops  # noqa: E402
 from qsched_pack.nodes.quant_model import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
 from qsched_pack.qsched.quant import prequant, swap  # noqa: E402
 from qsched_pack.qsched.quant import layers as qlayers  # noqa: E402
-from hostmem import AnonPeak  # noqa: E402
 
 torch.manual_seed(0)
 FILES = {"sd": os.path.join(WORK, "sd_unet.safetensors"), "flux": os.path.join(WORK, "flux_unet.safetensors")}
