@@ -40,7 +40,7 @@ def save_open_clip_checkpoint(path: Path, model_name: str, seed: int = 0) -> Pat
     return path
 
 
-def save_hftiny_clip(folder: Path, seed: int = 0) -> Path:
+def save_hf_clip(folder: Path, seed: int = 0) -> Path:
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
