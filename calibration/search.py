@@ -104,10 +104,6 @@ class SearchSpace:
         """Every point of the n^dim grid in Algorithm 1 order (``itertools.product`` over ``names``)."""
         return list(itertools.product(self.axis(n), repeat=self.dim))
 
-    def grid_size(self, n: int) -> int:
-        check_points(n)
-        return n ** self.dim
-
     def coefficients(self, point: Sequence[float]) -> Coefficients:
         p = tuple(float(v) for v in point)
         if len(p) != self.dim:
