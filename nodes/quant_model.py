@@ -59,7 +59,7 @@ def load_quantized(path: str, spec, backend: str = "auto", *, checkpoint: bool =
     if meta is not None:
         if checkpoint:
             raise ValueError(f"{name} is a pre-quantized diffusion model (no text encoder / VAE): load it with "
-                             "Q-Sched Diffusion Model Loader")
+                             "Q-Sched Diffusion Model Loader (quantized)")
         spec = QuantSpec.parse(meta.get("qsched.spec", "w4a8"))
         report = QuantReport(spec, backend, "comfy (pre-quantized file)")
         sd = prequant.comfy_state_dict(path, meta)
