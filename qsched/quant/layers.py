@@ -395,7 +395,9 @@ class BnbLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, spec: QuantSpec, group_size: int, device=None) -> "BnbLinear":
-        import bitsandbytes as bnb
+        from .._compat import require
+
+        bnb = require("bitsandbytes", "bitsandbytes>=0.45", f"format {spec.name!r} (backend 'bitsandbytes')")
 
         home = lin.weight.device
         work = torch.device(device) if device is not None else home
