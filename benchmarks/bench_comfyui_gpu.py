@@ -1,5 +1,5 @@
 """Real ComfyUI (0.3.64, in-process) at full size with random weights: core, GGUF and the pack's quantized models
-side by side, plus small simulated cards and the Quantize Model scenarios (issue 11).
+side by side, plus small simulated cards and the Quantize Model scenarios.
 
     python benchmarks/bench_comfyui_gpu.py --comfy COMFYUI_DIR --gguf-nodes DIR/comfyui_gguf --work /tmp/qsb \
         --out benchmarks/results
@@ -356,7 +356,7 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=F
             if profile:
                 rec["breakdown_compiled"] = stage(rec, "profile compiled",
                                                   lambda: profile_breakdown(base, fam, rec["s_per_step_compiled"]))
-    if graph:  # issue 13 fast path: each step replayed from CUDA graphs (Q-Sched CUDA Graph node)
+    if graph:  # the fast path: each step replayed from CUDA graphs (Q-Sched CUDA Graph node)
         def do_graph():
             from qsched_pack.nodes.fastpath import apply_cuda_graph
 
@@ -589,7 +589,7 @@ elif __name__ == "__main__":
     cards()
     if "sdxl" in FILES:
         sdxl_configs()
-    if "fastpath" not in SKIP:  # before compile_all: the issue-13 acceptance configs first
+    if "fastpath" not in SKIP:  # before compile_all: the real-time acceptance configs first
         fastpath_all() if not ARGS.tiny else run_config("sdxl/fp16/graph")
     if not ARGS.tiny and "compile" not in SKIP:
         compile_all()

@@ -1,4 +1,4 @@
-"""Kernel micro-benchmarks for issue 13 (no diffusers, no ComfyUI): one Linear at FLUX / SDXL shapes.
+"""Kernel micro-benchmarks of the fast formats (no diffusers, no ComfyUI): one Linear at FLUX / SDXL shapes.
 
     python benchmarks/bench_kernels_gpu.py --out benchmarks/results [--budget-s 200] [--quick]
 

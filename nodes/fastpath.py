@@ -1,4 +1,4 @@
-"""Q-Sched CUDA Graph: the real-time few-step fast path (issue 13). A MODEL -> MODEL node that replays each denoiser
+"""Q-Sched CUDA Graph: the real-time few-step fast path. A MODEL -> MODEL node that replays each denoiser
 call from a CUDA graph (``qsched.cudagraph.StepGraphs``): launch overhead gone, same kernels, same numbers.
 
 It hooks two of ComfyUI's wrapper points (0.3.64 ``comfy.patcher_extension``): APPLY_MODEL (every denoiser call goes

@@ -406,7 +406,7 @@ def check_compile(kind="sd"):
 
 
 def check_w4a8_fp8():
-    """w4a8-fp8 (issue 13) in ComfyUI: quantized while loading (the group exponents are a parameter ComfyUI counts
+    """w4a8-fp8 in ComfyUI: quantized while loading (the group exponents are a parameter ComfyUI counts
     and moves), saved and loaded back from a pre-quantized file with the same output."""
     out = {}
     for kind in ("flux", "sd"):

@@ -135,7 +135,7 @@ class ShapeWorld:
     def jaq(self, k: float = 2.0, tc_transform: str = "log_per_image", batch_size: int = 256):
         """The pack's JAQ, unchanged: ln(CLIPScore) + k·CLIP-IQA, both loaded from the tiny CLIP file by the shipped
         loaders. Default ``log_per_image`` (mean of per-image ln CLIPScore): the rule the shipped tables were made
-        with (the GPU run predates the official ln-of-mean ``log`` rule, issue 12); pass ``"log"`` for that one."""
+        with (the GPU run predates the official ln-of-mean ``log`` rule); pass ``"log"`` for that one."""
         from ..jaq import JAQ
 
         dtype = torch.float32  # fp32 everywhere: the same scores on CPU and GPU up to float error
