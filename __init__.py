@@ -4,8 +4,18 @@ ComfyUI imports this file by location under whatever folder name the pack was cl
 import inside the pack is relative. For pip (CLI, tests) the same tree is the package ``qsched_pack``.
 """
 
-if __package__:  # ComfyUI and pip import this file as a package; pytest may import it alone from a checkout
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # whose folder name is no identifier
+
+def __getattr__(name: str):
+    """The node tables are imported when ComfyUI first asks for them, so ``qsched`` (the command line) starts
+    without importing torch and ComfyUI's node modules: Ctrl-C in its first seconds is handled by its ``main``.
+    (ComfyUI and pip import this file as a package; pytest may import it alone from a checkout whose folder name
+    is no identifier: then there is no package and no node table.)"""
+    if __package__ and name in ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"):
+        from . import nodes
+
+        return getattr(nodes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 WEB_DIRECTORY = "./web"
 __version__ = "0.1.0"

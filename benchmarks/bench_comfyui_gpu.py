@@ -310,10 +310,20 @@ def stage(rec, name, fn):
         save()
 
 
+LATENTS = {}  # (family, format) -> the eager latent with 16-bit attention: the references of the error columns
+
+
+def rel_err(y, ref) -> float:
+    return float((y - ref).norm() / (ref.norm() + 1e-12))
+
+
 def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=False, key=None, mode=None,
-            profile=False):
+            profile=False, fmt=None, sage=False):
     """Load, sample twice (eager: the second run is timed), then optionally compile / CUDA graph / profile. The
-    record is in R (and on disk) from the first timed run on, updated after each stage."""
+    record is in R (and on disk) from the first timed run on, updated after each stage. ``sage``: the eager pair
+    runs with 16-bit attention first (its latent and s/step recorded), then every stage with the pack's 8-bit
+    attention option; ``err_attention`` = 8-bit vs 16-bit attention latent, ``err_vs_core`` = this format's 16-bit
+    latent vs the family's core one (when measured earlier in this process)."""
     clean()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -325,6 +335,20 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=F
            "load_s": load_s, "host_anon_peak_growth": peak.growth, "comfy_size": model.model_size()}
     y, first = sample(model, fam)
     y2, dt = sample(model, fam)
+    if fmt is not None and card is None:
+        LATENTS[(fam, fmt)] = y2
+        core_ref = LATENTS.get((fam, parts.BASELINE[fam]))
+        if core_ref is not None and fmt != parts.BASELINE[fam]:
+            rec["err_vs_core"] = rel_err(y2, core_ref)
+    if sage:
+        from qsched_pack.nodes.attention import ATTENTION_SAGE, apply_attention
+
+        rec.update(s_per_step_16bit_attention=dt / 4, first_run_s_16bit_attention=first)
+        y16 = y2
+        model = apply_attention(model, ATTENTION_SAGE, "benchmark")
+        y, first = sample(model, fam)
+        y2, dt = sample(model, fam)
+        rec["err_attention"] = rel_err(y2, y16)
     rec.update(first_run_s=first, s_per_step=dt / 4, finite=bool(torch.isfinite(y2).all()),
                repeat_equal=bool(torch.equal(y, y2)), **held())
     lm = [x for x in rec["loaded"] if x["size"] == rec["comfy_size"]]
@@ -340,11 +364,14 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=F
             # each config compiles the same forward code objects again: without a reset, dynamo's recompile limit
             # (8 per code object) would silently leave later configs eager, and old graphs would keep old weights
             torch._dynamo.reset()
+            breaks = torch._dynamo.utils.counters["graph_break"]
+            before = sum(breaks.values())
             c = model.clone()
             set_torch_compile_wrapper(model=c, backend="inductor")
             _, first_c = sample(c, fam)
             yc, dtc = sample(c, fam)
             rec.update(compile_first_run_s=first_c, s_per_step_compiled=dtc / 4,
+                       graph_breaks=sum(breaks.values()) - before, graph_break_reasons=list(breaks)[:5],
                        compiled_vs_eager=float((yc - y2).norm() / (y2.norm() + 1e-12)))
             return c, yc
 
@@ -388,13 +415,14 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=F
 
 def run_config(key):
     """One config of --part/--only, guarded by its time estimate (the file write included when still needed)."""
-    fam, fmt, mode = parts.parse(key)
+    fam, fmt_key, mode = parts.parse(key)
+    fmt, sage = parts.split_attention(fmt_key)
 
     def go():
         ensure_file(fam)
         loader = core(fam, fp8_fast=fmt == "fp8_fast") if fmt in parts.CORE_FORMATS else pack(fam, fmt)
-        measure(parts.display_name(fmt), fam, loader, compiled=mode.startswith("compiled"),
-                graph=mode.endswith("graph"), key=key, mode=mode, profile=not ARGS.no_profile)
+        measure(parts.display_name(fmt_key), fam, loader, compiled=mode.startswith("compiled"),
+                graph=mode.endswith("graph"), key=key, mode=mode, profile=not ARGS.no_profile, fmt=fmt, sage=sage)
 
     guarded(f"config {key}", 0 if ARGS.tiny else parts.need_s(key, set(FILES)))(go)()
 

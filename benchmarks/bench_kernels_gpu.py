@@ -41,7 +41,13 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--budget-s", type=float, default=200.0)
     ap.add_argument("--quick", action="store_true", help="fewer shapes and configurations")
+    ap.add_argument("--sections", default="linear,attention,compiled",
+                    help="comma-separated: linear, attention (SDPA vs sageattention, float8 SDPA probe), compiled, "
+                         "onepass (compiled wide per-token float8 quantization: inductor fusion vs the one-pass "
+                         "triton_op)")
+    ap.add_argument("--name", default="kernels_h200", help="result files OUT/NAME.json and OUT/NAME.md")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     t0 = time.time()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_quant_gpu import import_pack  # the pack as qsched_pack (installed or this checkout)
@@ -54,7 +60,7 @@ def main():
     from qsched_pack.qsched.quant import layers as qlayers
 
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "kernels_h200.json")
+    path = os.path.join(args.out, args.name + ".json")
     R = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shapes": [], "compiled": [],
          "errors": []}
     import triton
@@ -72,7 +78,7 @@ def main():
     def left():
         return args.budget_s - (time.time() - t0)
 
-    shapes = SHAPES[:1] + SHAPES[4:6] if args.quick else SHAPES
+    shapes = [] if "linear" not in sections else SHAPES[:1] + SHAPES[4:6] if args.quick else SHAPES
     sweep = SWEEP[:5] if args.quick else SWEEP
     torch.manual_seed(0)
     for m, k, n in shapes:
@@ -139,10 +145,14 @@ def main():
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("fp8w4 (")}, default=str), flush=True)
         save()
 
-    R["attention"] = attention_section(bench, left)
-    save()
+    if "attention" in sections:
+        R["attention"] = attention_section(bench, left)
+        save()
+    if "onepass" in sections:
+        R["onepass"] = onepass_section(bench, left, kernels, qmath)
+        save()
     # compiled LayerNorm -> Linear blocks, fused vs opaque activation quantization, and CUDA-graph replay
-    for m, k, n in ((4608, 3072, 12288), (4096, 640, 640), (1, 3072, 18432)):
+    for m, k, n in ((4608, 3072, 12288), (4096, 640, 640), (1, 3072, 18432)) if "compiled" in sections else ():
         if left() < 40:
             R["errors"].append(f"budget: compiled section stopped before {m}x{k}x{n}")
             break
@@ -176,11 +186,22 @@ def main():
                 save()
     R["total_s"] = time.time() - t0
     save()
-    write_md(R, os.path.join(args.out, "kernels_h200.md"))
+    write_md(R, os.path.join(args.out, args.name + ".md"))
 
 
 ATTN_SHAPES = [("FLUX 1024²", 1, 24, 4608, 128), ("SDXL 512² level 1", 1, 10, 1024, 64),
-               ("SDXL 512² level 2", 1, 20, 256, 64)]
+               ("SDXL 512² level 2", 1, 20, 256, 64), ("SDXL 512² level 1 text (77 keys)", 1, 10, 1024, 64)]
+ATTN_KEYS = {"SDXL 512² level 1 text (77 keys)": 77}  # key count where it differs from the query count
+# q and k scales: 1 = logits ~ N(0, 1) (flat softmax), 3 = logits with std 9 (peaked, closer to trained models)
+ATTN_SCALES = (1.0, 3.0)
+
+
+def _sageattn():
+    try:
+        from sageattention import sageattn
+    except ImportError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    return sageattn, None
 
 
 def attention_section(bench, left) -> list:
@@ -189,14 +210,19 @@ def attention_section(bench, left) -> list:
     float8 q/k/v (one scale per head, e4m3) would add, simulated: quantize-dequantize, then bf16 SDPA."""
     import torch.nn.functional as F
 
+    sageattn, sage_missing = _sageattn()
     out = []
     for name, b, h, s, d in ATTN_SHAPES:
         if left() < 15:
             break
-        rec = {"shape": name, "B": b, "H": h, "S": s, "D": d}
+        rec = {"shape": name, "B": b, "H": h, "S": s, "D": d, "keys": ATTN_KEYS.get(name, s)}
         try:
             g = torch.Generator(device="cuda").manual_seed(3)
-            q, k, v = (torch.randn(b, h, s, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+            dtype = torch.bfloat16 if name.startswith("FLUX") else torch.float16  # the models' own dtypes
+            q = torch.randn(b, h, s, d, device="cuda", generator=g, dtype=dtype)
+            k, v = (torch.randn(b, h, rec["keys"], d, device="cuda", generator=g, dtype=dtype) for _ in range(2))
+            sage_section(rec, q, k, v, sageattn, sage_missing, bench)
+            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
             ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double()) if s <= 1024 else None
             y = F.scaled_dot_product_attention(q, k, v)
             rec["bf16_ms"] = bench(lambda: F.scaled_dot_product_attention(q, k, v))
@@ -219,6 +245,76 @@ def attention_section(bench, left) -> list:
             except Exception as exc:  # the answer is the message: which backend refused float8 and why
                 rec["sdpa_takes_float8"] = f"{type(exc).__name__}: {str(exc)[:160]}"
         except Exception as exc:
+            rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        print(json.dumps(rec, default=str), flush=True)
+        out.append(rec)
+    return out
+
+
+def sage_section(rec, q, k, v, sageattn, missing, bench):
+    """SDPA (16-bit) vs sageattention at one shape, in the layouts ComfyUI passes (HND for FLUX: [b, h, s, d];
+    NHD for SDXL: [b, s, h, d] views): ms and relative error vs float32 SDPA, for each scale of ATTN_SCALES."""
+    import torch.nn.functional as F
+
+    if sageattn is None:
+        rec["sage"] = missing
+        return
+    layout = "HND" if rec["shape"].startswith("FLUX") else "NHD"
+    for scale in ATTN_SCALES:
+        qs, ks = q * scale, k * scale
+        ref = F.scaled_dot_product_attention(qs.float(), ks.float(), v.float())
+        y16 = F.scaled_dot_product_attention(qs, ks, v)
+        t = (lambda x: x) if layout == "HND" else (lambda x: x.transpose(1, 2).contiguous())
+        sq, sk, sv = t(qs), t(ks), t(v)
+        ys = sageattn(sq, sk.clone(), sv, tensor_layout=layout, is_causal=False)  # sage subtracts k's mean in place
+        ys = ys if layout == "HND" else ys.transpose(1, 2)
+        rec[f"scale {scale:g}"] = {
+            "sdpa_ms": bench(lambda: F.scaled_dot_product_attention(qs, ks, v)),
+            "sage_ms": bench(lambda: sageattn(sq, sk.clone(), sv, tensor_layout=layout, is_causal=False)),
+            "clone_k_ms": bench(lambda: sk.clone()),
+            "err_sdpa_16": float((y16.float() - ref).norm() / ref.norm()),
+            "err_sage": float((ys.float() - ref).norm() / ref.norm()),
+            "layout": layout}
+
+
+def onepass_section(bench, left, kernels, qmath) -> list:
+    """Compiled per-token float8 quantization of FLUX's wide activations, the producer included: the single blocks'
+    ``cat(attn, gelu(mlp))`` (15360 columns) and the double blocks' ``gelu(mlp)`` (12288). Inductor fusing the torch
+    ops (qmath.quantize_act_fp8) into the producer vs the producer compiled alone + the one-pass kernel as a
+    triton_op (kernels.quantize_act_fp8_traced); side by side, ms, and how many codes / scales agree."""
+    import torch.nn.functional as F
+
+    out = []
+    m = 4608
+    for name, widths in (("single-block linear2 input: cat(attn 3072, gelu(mlp 12288))", (3072, 12288)),
+                         ("double-block mlp output input: gelu(mlp 12288)", (0, 12288))):
+        if left() < 40:
+            break
+        rec = {"input": name, "M": m, "K": sum(widths)}
+        try:
+            g = torch.Generator(device="cuda").manual_seed(5)
+            a = torch.randn(m, max(widths[0], 1), device="cuda", generator=g, dtype=torch.bfloat16)
+            h = torch.randn(m, widths[1], device="cuda", generator=g, dtype=torch.bfloat16)
+
+            def producer(a, h):
+                y = F.gelu(h, approximate="tanh")
+                return torch.cat((a, y), -1) if widths[0] else y
+
+            variants = {"inductor fusion": lambda a, h: qmath.quantize_act_fp8(producer(a, h)),
+                        "one-pass triton_op": lambda a, h: kernels.quantize_act_fp8_traced(producer(a, h))}
+            got = {}
+            for tag, fn in variants.items():
+                torch._dynamo.reset()
+                c = torch.compile(fn, fullgraph=True)
+                got[tag] = c(a, h)
+                rec[f"{tag} ms"] = bench(lambda: c(a, h))
+            x = producer(a, h)
+            rec["eager kernel alone ms"] = bench(lambda: kernels.quantize_act_fp8(x))
+            rec["copy of the bf16 input ms"] = bench(lambda: x.clone())
+            (q1, s1), (q2, s2) = got.values()
+            rec["codes equal fraction"] = float((q1.view(torch.uint8) == q2.view(torch.uint8)).float().mean())
+            rec["scales max rel diff"] = float(((s1 - s2).abs() / s1).max())
+        except Exception as exc:  # a variant that does not compile is a result too
             rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         print(json.dumps(rec, default=str), flush=True)
         out.append(rec)
@@ -257,6 +353,24 @@ def write_md(R, path):
             lines.append(f"| {r['shape']} | {r['B']}×{r['H']}×{r['S']}×{r['D']} | {f(r.get('bf16_ms'))} | "
                          f"{f(r.get('err_fp8_qkv_sim_vs_ref'))} | {f(r.get('err_bf16_vs_f64'))} | {api}; SDPA with "
                          f"float8 inputs: {str(r.get('sdpa_takes_float8'))[:90]} |")
+    sage_rows = [(r, key, v) for r in R.get("attention", []) for key, v in r.items()
+                 if key.startswith("scale ") and isinstance(v, dict)]
+    if sage_rows:
+        lines += ["", "sageattention (8-bit Q·K) vs torch SDPA (16-bit), random q/k/v times the scale; error vs "
+                  "float32 SDPA:", "",
+                  "| shape | keys | scale | SDPA ms | sage ms (× SDPA) | err SDPA 16-bit | err sage |", "|" + "---|" * 7]
+        for r, key, v in sage_rows:
+            lines.append(f"| {r['shape']} | {r['keys']} | {key[6:]} | {f(v['sdpa_ms'])} | {f(v['sage_ms'])} "
+                         f"({v['sage_ms'] / v['sdpa_ms']:.2f}×) | {f(v['err_sdpa_16'])} | {f(v['err_sage'])} |")
+    if R.get("onepass"):
+        lines += ["", "Compiled wide per-token float8 quantization (M = 4608), producer included, ms:", "",
+                  "| input | K | inductor fusion | one-pass triton_op | eager kernel alone | bf16 copy | codes equal |",
+                  "|" + "---|" * 7]
+        for r in R["onepass"]:
+            lines.append(f"| {r['input']} | {r['K']} | {f(r.get('inductor fusion ms'))} | "
+                         f"{f(r.get('one-pass triton_op ms'))} | {f(r.get('eager kernel alone ms'))} | "
+                         f"{f(r.get('copy of the bf16 input ms'))} | "
+                         f"{f(r.get('codes equal fraction')) if 'error' not in r else r['error'][:80]} |")
     lines += ["", "Compiled LayerNorm → Linear (inductor), ms:", "",
               "| M×K×N | format | act quant traced (fusable) | eager | compiled | compiled + CUDA graph | "
               "compiled vs eager |", "|" + "---|" * 7]

@@ -5,6 +5,9 @@ A config key is ``family/format/mode``:
 * family: ``flux`` (FLUX.1-schnell 1024²) or ``sdxl`` (SDXL UNet 512²);
 * format: ``bf16`` / ``fp16`` (core, the family's own dtype), ``fp8_fast`` (core ``fp8_e4m3fn_fast``), or a pack
   format (``w8a8``, ``w8a8-fp8``, ``w4a8``, ``w4a8-fp8``);
+  A format may end in ``+sage``: the same model with 8-bit attention (the pack's ``sage 8-bit`` option,
+  ComfyUI's SageAttention path); the config then also measures the model with 16-bit attention, eager, first, and
+  records the error the 8-bit attention adds.
 * mode: ``eager``; ``graph`` (eager + the Q-Sched CUDA Graph fast path); ``compiled`` (core TorchCompileModel
   wrapper, inductor); ``compiled+graph`` (compiled, then the fast path over the compiled model).
   Every mode measures (and profiles) eager s/step first on the loaded model and saves it; the compiled modes then
@@ -62,26 +65,40 @@ def parse(key: str) -> tuple[str, str, str]:
     if len(parts) != 3:
         raise ConfigError(f"--only: config {key!r} must be family/format/mode, e.g. flux/w8a8-fp8/compiled")
     fam, fmt, mode = parts
+    fmt_base, _ = split_attention(fmt)
     if fam not in FAMILIES:
         raise ConfigError(f"--only: config {key!r}: family must be one of {', '.join(FAMILIES)}")
-    if fmt not in CORE_FORMATS and fmt not in PACK_FORMATS:
+    if fmt_base not in CORE_FORMATS and fmt_base not in PACK_FORMATS:
         raise ConfigError(f"--only: config {key!r}: format must be one of "
-                          f"{', '.join(list(CORE_FORMATS) + list(PACK_FORMATS))}")
-    if fmt in ("bf16", "fp16") and fmt != BASELINE[fam]:
+                          f"{', '.join(list(CORE_FORMATS) + list(PACK_FORMATS))}, optionally followed by "
+                          f"{SAGE_SUFFIX}")
+    if fmt_base in ("bf16", "fp16") and fmt_base != BASELINE[fam]:
         raise ConfigError(f"--only: config {key!r}: the core {fam} model is {BASELINE[fam]}")
     if mode not in MODES:
         raise ConfigError(f"--only: config {key!r}: mode must be one of {', '.join(MODES)}")
     return fam, fmt, mode
 
 
+SAGE_SUFFIX = "+sage"
+
+
+def split_attention(fmt: str) -> tuple[str, bool]:
+    """``w8a8-fp8+sage`` -> (``w8a8-fp8``, True): the weight format and whether attention runs 8-bit (sage)."""
+    if fmt.endswith(SAGE_SUFFIX):
+        return fmt[:-len(SAGE_SUFFIX)], True
+    return fmt, False
+
+
 def display_name(fmt: str) -> str:
     """The row name of a format in the tables (the names the stored results use)."""
-    return CORE_FORMATS.get(fmt) or f"pack {fmt}"
+    base, sage = split_attention(fmt)
+    return (CORE_FORMATS.get(base) or f"pack {base}") + (" + sage attention" if sage else "")
 
 
 def need_s(key: str, written: set) -> float:
-    fam, _, mode = parse(key)
-    return NEED_S[(fam, mode)] + (0 if fam in written else WRITE_S[fam])
+    fam, fmt, mode = parse(key)
+    extra = NEED_S[(fam, "eager")] if split_attention(fmt)[1] else 0  # the 16-bit attention runs first
+    return NEED_S[(fam, mode)] + extra + (0 if fam in written else WRITE_S[fam])
 
 
 def select(part: str | None, only: str | None, skip: set) -> list[str]:

@@ -15,14 +15,15 @@ import re
 CATEGORIES = ("gemm", "attention", "quantize", "conv", "other")
 NOTE = ("Kernels classified by name. gemm: cuBLAS/cuBLASLt/CUTLASS/nvjet (incl. torch._scaled_mm, torch._int_mm and "
         "their fused epilogues), our Triton GEMMs (_w4a8_gemm_kernel, _fp8w4_gemm_kernel) and the int8 epilogue "
-        "kernel. attention: flash/fmha/cuDNN SDPA kernels. quantize: our _act_quant_kernel, the weight unpack "
+        "kernel. attention: flash/fmha/cuDNN SDPA kernels and sageattention's (_attn_fwd, its q/k int8 "
+        "quantization quant_per_block_int8_kernel). quantize: our _act_quant_kernel, the weight unpack "
         "kernel (_dequant_int4_kernel, also w4a8-fp8's float8 expansion: 4-bit weights expanded per call "
         "before a cuBLAS GEMM), and inductor kernels whose name has amax/quant/float8 (compiled fp8 formats: inductor fuses the "
         "per-token quantization into the preceding norm/modulation/GELU kernel, so that kernel's whole time counts "
         "as quantize, an over-count); an inductor kernel that only casts to fp8 without amax in its name counts as "
         "other. conv: cuDNN convolution kernels (SDXL). other: norms, elementwise, copies.")
 
-_ATTN = re.compile(r"flash|fmha|attention|sdpa|mha_", re.I)
+_ATTN = re.compile(r"flash|fmha|attention|sdpa|mha_|_attn_fwd|quant_per_block_int8", re.I)  # + sageattention's
 _CONV = re.compile(r"conv|fprop|dgrad|wgrad|winograd", re.I)
 _QUANT = re.compile(r"quant|amax|fp8w4_expand|expand_fp8|float8|_to_fp8", re.I)
 _GEMM = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|Kernel2\b|splitKreduce|int_epilogue|"

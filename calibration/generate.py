@@ -103,22 +103,53 @@ def pipeline_config_digest(pipe) -> str:
     return h.hexdigest()
 
 
+#: Libraries a model_index.json component may come from: diffusers (models, schedulers, pipeline modules) and
+#: transformers (text encoders, tokenizers). Anything else would be a module of the model folder.
+COMPONENT_LIBRARIES = ("diffusers", "transformers")
+INDEX_MAX_BYTES = 1 << 20
+
+
 def _check_diffusers_folder(folder: Path, allow_missing_weights: Sequence[str] = ()) -> dict:
+    """The parsed ``model_index.json`` of a diffusers folder, checked before diffusers sees it: a JSON object whose
+    ``_class_name`` is a diffusers pipeline, whose components are ``[library, class]`` pairs of diffusers or
+    transformers (or a diffusers pipeline module) in folders inside ``folder`` that hold no Python code, with
+    their config and weight files. Nothing from the folder is ever imported (docs/security.md)."""
+    from ..qsched._io import INDEX_NESTING, UnsafePath, brief, check_nesting, confined, read_text_capped
+
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder: {index_file} is missing "
                                 "(give the folder that holds model_index.json, or a single-file checkpoint with "
                                 "--config <diffusers folder>)")
+    text = read_text_capped(index_file, INDEX_MAX_BYTES, "model_index.json")
+    check_nesting(text, str(index_file), INDEX_NESTING)
     try:
-        index = json.loads(index_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{index_file} is not valid JSON: {exc}") from None
+        index = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{index_file} is not valid JSON: {brief(str(exc), 200)}") from None
+
+    def bad(what: str):
+        return ValueError(f"{index_file}: {what}. Use the pipeline folder as its publisher saved it "
+                          "(save_pretrained); Q-Sched never runs code from a model folder")
+
+    if not isinstance(index, dict):
+        raise bad(f"must be a JSON object (component -> [library, class]), got {type(index).__name__}")
+    _pipeline_class(index, index_file)
     for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
-            continue
-        sub = folder / name
+        if name.startswith("_") or not isinstance(spec, list) or spec == [None, None]:
+            continue  # pipeline config values (e.g. force_zeros_for_empty_prompt), absent optional components
+        if not (len(spec) == 2 and all(isinstance(x, str) for x in spec)):
+            raise bad(f"component {brief(name, 60)} must be [library, class], got {brief(spec)}")
+        try:
+            sub = confined(folder, name)
+        except UnsafePath as exc:
+            raise bad(f"component {exc}") from None
+        _check_library(spec[0], name, bad)
         if not sub.is_dir():
             raise FileNotFoundError(f"{sub} is missing (model_index.json lists component {name!r})")
+        code = sorted(f.name for f in sub.iterdir() if f.suffix == ".py")
+        if code:
+            raise bad(f"component folder {name!r} holds Python code ({', '.join(code[:3])})")
         if name.startswith("scheduler"):
             need = [sub / "scheduler_config.json"]
         elif name.startswith("tokenizer"):
@@ -133,6 +164,19 @@ def _check_diffusers_folder(folder: Path, allow_missing_weights: Sequence[str] =
             if not f.is_file():
                 raise FileNotFoundError(f"{f} is missing (component {name!r} of {folder})")
     return index
+
+
+def _check_library(library: str, name: str, bad) -> None:
+    import diffusers.pipelines
+
+    if library in COMPONENT_LIBRARIES:
+        return
+    if library.isidentifier() and isinstance(getattr(diffusers.pipelines, library, None), type(diffusers)):
+        return  # a diffusers pipeline module (e.g. stable_diffusion's safety checker)
+    from ..qsched._io import brief
+
+    raise bad(f"component {brief(name, 60)} names library {brief(library, 60)}; only "
+              f"{' and '.join(COMPONENT_LIBRARIES)} components are loaded")
 
 
 def _denoiser_name(index: Mapping) -> str:
@@ -188,10 +232,24 @@ def load_pipeline(path: str | os.PathLike, *, config: str | os.PathLike | None =
     return pipe
 
 
-def _pipeline_class(index: Mapping):
+def _pipeline_class(index: Mapping, where="model_index.json"):
+    """The diffusers pipeline class ``_class_name`` names (ValueError naming the file otherwise)."""
     import diffusers
 
-    return getattr(diffusers, index["_class_name"])
+    from ..qsched._io import brief
+
+    name = index.get("_class_name")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"{where}: _class_name must name a diffusers pipeline class (e.g. StableDiffusionXLPipeline"
+                         f", FluxPipeline), got {brief(name)}")
+    try:
+        cls = getattr(diffusers, name)
+    except (AttributeError, ImportError, RuntimeError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        raise ValueError(f"{where}: _class_name {name!r} is not a diffusers pipeline class this diffusers "
+                         f"({diffusers.__version__}) knows (e.g. StableDiffusionXLPipeline, FluxPipeline)")
+    return cls
 
 
 def _load_single_file_denoiser(file: Path, cfg: Path, name: str, spec, dtype):
@@ -275,9 +333,15 @@ class DiffusersGenerator:
                  quant_backend: str = "auto", device: str | torch.device | None = None):
         from ..qsched.schedules import few_step_sigmas
 
-        family = pipeline_family(pipe) if family is None else family
+        detected = pipeline_family(pipe)
+        family = detected if family is None else family
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
+        if (family == "flux_schnell") != (detected == "flux_schnell"):  # transformer vs UNet: cannot run at all
+            raise ValueError(f"family {family!r} does not fit this pipeline ({type(pipe).__name__}, a "
+                             f"{'transformer' if detected == 'flux_schnell' else 'UNet'} model): use "
+                             f"{'flux_schnell' if detected == 'flux_schnell' else 'sdxl_turbo, lcm, tcd or pcm'}, or "
+                             "leave the family out to detect it")
         d_sampler, self.parameterization, opts, d_guidance, d_size, self.noise_rule = FAMILIES[family]
         sampler = d_sampler if sampler is None else sampler
         samplers.check_sampler(sampler, self.parameterization)

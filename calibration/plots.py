@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -216,13 +217,24 @@ def load_images(paths: Sequence[str]) -> torch.Tensor:
 
     if not paths:
         raise ValueError("no image files given")
+    from ..qsched._io import NotRegularFile, open_regular
+
     arrs = []
     for p in paths:
         try:
-            im = Image.open(p).convert("RGB")
+            with warnings.catch_warnings(), os.fdopen(open_regular(p, what="image"), "rb") as f:
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # over PIL's limit: refused
+                with Image.open(f) as im:
+                    arrs.append(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
         except FileNotFoundError:
             raise FileNotFoundError(f"image not found: {p}") from None
-        arrs.append(np.asarray(im, dtype=np.float32) / 255.0)
+        except NotRegularFile as exc:
+            raise ValueError(str(exc)) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ValueError(f"{p}: the image has more than {Image.MAX_IMAGE_PIXELS:,} pixels (a decompression "
+                             "bomb, or far larger than any image JAQ scores); scale it down") from None
+        except (Image.UnidentifiedImageError, SyntaxError, OSError) as exc:  # not an image / damaged image
+            raise ValueError(f"{p}: not a readable image ({type(exc).__name__}: {str(exc)[:200]})") from None
     shapes = {a.shape for a in arrs}
     if len(shapes) != 1:
         raise ValueError(f"images must all have the same size, got {sorted(shapes)}")

@@ -12,11 +12,12 @@ named objects with colours, materials, positions and lighting. Users can bring t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 
-from ..qsched._io import PROMPTS_MAX_BYTES, check_nesting, read_text_capped
+from ..qsched._io import PROMPTS_MAX_BYTES, brief, check_nesting, read_text_capped
 
 DATA = Path(__file__).resolve().parent / "data"
 DEFAULT_FILE = DATA / "calibration_prompts.txt"
@@ -54,7 +55,7 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_no_alias_loader())  # noqa: S506 (SafeLoader, aliases refused)
         except (yaml.YAMLError, RecursionError) as exc:
             raise ValueError(f"{p}: not valid YAML ({str(exc)[:300] or 'nested too deeply'})") from None
         prompts = _from_data(data, p)
@@ -65,6 +66,24 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]
             raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
         prompts = prompts[:limit]
     return prompts
+
+
+@functools.lru_cache(maxsize=1)
+def _no_alias_loader():
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` that refuses aliases (``*name``): a few hundred bytes of nested aliases expand to
+        billions of entries (an alias bomb); prompt files never need them."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a prompt file; "
+                                                  "write each prompt out", event.start_mark)
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
 
 
 def _no_constant(name: str):
@@ -82,6 +101,6 @@ def _from_data(data, path: Path) -> list[str]:
     out = []
     for key, value in items:
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{path}: entry {key!r} must be a non-empty string, got {value!r}")
+            raise ValueError(f"{path}: entry {brief(key, 40)} must be a non-empty string, got {brief(value)}")
         out.append(" ".join(value.split()))
     return out

@@ -49,6 +49,9 @@ RIDGE = 1e-4
 #: Acceptance: one-sided paired sign-flip test on per-image log distance ratios, at this level.
 ALPHA = 0.05
 MODES = ("free", "teacher")
+#: What each step is fitted to (``fit_to_trajectory``'s ``match``); the default is the measured best.
+MATCHES = ("state", "x0", "state+x0")
+MATCH = "state"
 
 
 @runtime_checkable
@@ -99,11 +102,14 @@ class StepNoise:
 # ---------------------------------------------------------------------------------------------------------
 # one step, and its affine decomposition
 
-def stock_step(fn, sigmas: torch.Tensor, i: int, x_in: torch.Tensor, denoised: torch.Tensor, kwargs: dict):
+def stock_step(fn, sigmas: torch.Tensor, i: int, x_in: torch.Tensor, denoised: torch.Tensor, kwargs: dict,
+               x0_out: list | None = None):
     """The stock sampler's step i from state ``x_in`` when the model returns ``denoised`` (identity coefficients;
-    the sampler function itself runs, on ``sigmas[i:i + 2]``)."""
+    the sampler function itself runs, on ``sigmas[i:i + 2]``). ``x0_out``: receives the sampler's own estimate of
+    the clean image at this step (its callback's ``denoised``: after LCM's boundary condition, for example)."""
+    cb = None if x0_out is None else (lambda info: x0_out.append(info["denoised"]))
     return fn(lambda x, sigma, **_: denoised, x_in, sigmas[i:i + 2], None, disable=True, coefficients=None,
-              **kwargs)
+              callback=cb, **kwargs)
 
 
 def qsched_step(fn, sigmas, i, x, denoised, c_x: float, c_eps: float, kwargs):
@@ -112,14 +118,18 @@ def qsched_step(fn, sigmas, i, x, denoised, c_x: float, c_eps: float, kwargs):
     return stock_step(fn, sigmas, i, x_c, d_c, kwargs)
 
 
-def step_basis(fn, sigmas, i, x, denoised, kwargs):
+def step_basis(fn, sigmas, i, x, denoised, kwargs, x0: bool = False):
     """(u, v, w) with ``qsched_step(c_x, c_eps) = u + c_x·v + c_eps·w`` (same noise draw: ``kwargs`` must hold a
-    replaying noise sampler where the sampler draws one)."""
+    replaying noise sampler where the sampler draws one). ``x0=True``: also the same basis of the step's clean-image
+    estimate (``stock_step``'s ``x0_out``), as a second triple."""
     zero = torch.zeros_like(x)
-    u = stock_step(fn, sigmas, i, zero, zero, kwargs)
-    v = stock_step(fn, sigmas, i, x, x, kwargs) - u
-    w = stock_step(fn, sigmas, i, zero, denoised - x, kwargs) - u
-    return u, v, w
+    est: list | None = [] if x0 else None
+    u = stock_step(fn, sigmas, i, zero, zero, kwargs, est)
+    v = stock_step(fn, sigmas, i, x, x, kwargs, est) - u
+    w = stock_step(fn, sigmas, i, zero, denoised - x, kwargs, est) - u
+    if not x0:
+        return u, v, w
+    return (u, v, w), (est[0], est[1] - est[0], est[2] - est[0])
 
 
 @dataclass
@@ -191,18 +201,34 @@ def _sigmas(gen, x: torch.Tensor) -> torch.Tensor:
 
 
 def trajectory(gen: TrajectoryGenerator, prompts: Sequence[str], seeds: Sequence[int],
-               coefficients: Coefficients | None = None) -> list[torch.Tensor]:
+               coefficients: Coefficients | None = None) -> "Trajectory":
     """The states ``[x_0, x_1, ..., x_N]`` of ``gen``'s sampler run (x_N: the final latent), the stock sampler
-    function run once per batch with a callback; ``[steps + 1]`` tensors of [len(prompts), ...]."""
+    function run once per batch with a callback; ``[steps + 1]`` tensors of [len(prompts), ...], plus ``.x0``."""
     fn = samplers.SAMPLERS[gen.sampler]
     parts = []
     for ps, ss in _chunks(gen, prompts, seeds):
-        states = []
+        states, est = [], []
+
+        def record(info):
+            states.append(info["x"])
+            est.append(info["denoised"])
         x0 = gen.start(ss)
         out = fn(gen.denoiser(ps), x0, _sigmas(gen, x0), None, disable=True, coefficients=coefficients,
-                 callback=lambda info: states.append(info["x"]), **gen.sampler_kwargs(ss))
-        parts.append(states + [out])
-    return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
+                 callback=record, **gen.sampler_kwargs(ss))
+        parts.append(states + [out] + est)
+    n = len(parts[0])
+    full = [torch.cat([p[i] for p in parts]) for i in range(n)]
+    steps = (n - 1) // 2
+    return Trajectory(full[:steps + 1], full[steps + 1:])
+
+
+class Trajectory(list):
+    """The states ``[x_0, ..., x_N]`` of a run (a list), with ``x0``: the sampler's clean-image estimate at every
+    step (``[steps]`` tensors; what its callback reports as ``denoised``)."""
+
+    def __init__(self, states, x0=()):
+        super().__init__(states)
+        self.x0 = list(x0)
 
 
 @dataclass
@@ -238,13 +264,17 @@ def check_pair(quantized, reference, prompts, seeds) -> None:
 
 def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], seeds: Sequence[int],
                       target: Sequence[torch.Tensor], *, mode: str = "free", ridge: float = RIDGE,
-                      box: tuple[float, float] = FIT_RANGE, interrupt: Callable[[], None] | None = None
-                      ) -> ReferenceFit:
+                      box: tuple[float, float] = FIT_RANGE, interrupt: Callable[[], None] | None = None,
+                      match: str = MATCH) -> ReferenceFit:
     """Per-step closed-form least squares of the quantized run's steps to ``target`` (``[x_0..x_N]`` of the FP
     run on the same prompts/seeds, e.g. :func:`trajectory` of the FP generator), pooled over all images.
-    ``mode``: ``"free"`` (along the corrected quantized run) or ``"teacher"`` (on the FP states)."""
+    ``mode``: ``"free"`` (along the corrected quantized run) or ``"teacher"`` (on the FP states). ``match``: what
+    each step is fitted to: ``"state"`` (the next state x_{i+1}), ``"x0"`` (the step's clean-image estimate,
+    ``target.x0[i]``) or ``"state+x0"`` (both, summed)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if match not in MATCHES:
+        raise ValueError(f"match must be one of {', '.join(MATCHES)}; got {match!r}")
     prompts, seeds = list(prompts), list(seeds)
     if len(prompts) != len(seeds) or not prompts:
         raise ValueError(f"give one seed per prompt (got {len(prompts)} prompts, {len(seeds)} seeds)")
@@ -283,8 +313,11 @@ def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], se
             x = xs[k] if mode == "free" else target[i][offsets[k]:offsets[k] + len(ps)].to(xs[k].device,
                                                                                           xs[k].dtype)
             d = model(x, sig[i] * x.new_ones([x.shape[0]]))
-            u, v, w = step_basis(fn, sig, i, x, d, kwargs[k])
-            g.add(u, v, w, tgt)
+            state, est = step_basis(fn, sig, i, x, d, kwargs[k], x0=True)
+            if match != "x0":
+                g.add(*state, tgt)
+            if match != "state":
+                g.add(*est, target.x0[i][offsets[k]:offsets[k] + len(ps)].to(x.device, x.dtype))
             saved.append((x, d))
         a, b = solve_step(g, ridge, box)
         c_x.append(a)
@@ -298,15 +331,15 @@ def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], se
 
 def fit_reference(quantized: TrajectoryGenerator, reference: TrajectoryGenerator, prompts: Sequence[str],
                   seeds: Sequence[int], *, mode: str = "free", ridge: float = RIDGE,
-                  box: tuple[float, float] = FIT_RANGE, interrupt: Callable[[], None] | None = None
-                  ) -> ReferenceFit:
+                  box: tuple[float, float] = FIT_RANGE, interrupt: Callable[[], None] | None = None,
+                  match: str = MATCH) -> ReferenceFit:
     """Fit per-step (c_x, c_eps) so ``quantized`` follows ``reference`` (the FP model) on these prompts/seeds: the
     FP run once, then :func:`fit_to_trajectory`. Images spent: 2 per prompt (one FP, one quantized)."""
     prompts, seeds = list(prompts), list(seeds)
     check_pair(quantized, reference, prompts, seeds)
     target = trajectory(reference, prompts, seeds)
     fit = fit_to_trajectory(quantized, prompts, seeds, target, mode=mode, ridge=ridge, box=box,
-                            interrupt=interrupt)
+                            interrupt=interrupt, match=match)
     fit.images += len(prompts)
     return fit
 
@@ -409,8 +442,8 @@ class ReferenceResult:
 
 def calibrate_to_reference(quantized, reference, prompts, seeds, heldout_prompts, heldout_seeds, *,
                            mode: str = "free", ridge: float = RIDGE, alpha: float = ALPHA,
-                           interrupt: Callable[[], None] | None = None, fit: ReferenceFit | None = None
-                           ) -> ReferenceResult:
+                           interrupt: Callable[[], None] | None = None, fit: ReferenceFit | None = None,
+                           match: str = MATCH) -> ReferenceResult:
     """Fit on (prompts, seeds), then the acceptance test on (heldout_prompts, heldout_seeds): FP, naive and fitted
     images of the held-out set (3 images per held-out prompt). ``fit``: an existing fit to test instead."""
     if set(heldout_seeds) & set(seeds) or set(heldout_prompts) & set(prompts):
@@ -418,7 +451,12 @@ def calibrate_to_reference(quantized, reference, prompts, seeds, heldout_prompts
     if not heldout_prompts:
         raise ValueError("the acceptance test needs held-out prompts (at least 5 to be able to pass)")
     if fit is None:
-        fit = fit_reference(quantized, reference, prompts, seeds, mode=mode, ridge=ridge, interrupt=interrupt)
+        fit = fit_reference(quantized, reference, prompts, seeds, mode=mode, ridge=ridge, interrupt=interrupt,
+                            match=match)
+    if fit.coefficients.is_identity:
+        acc = Acceptance(False, "identity kept: the fit is identity (nothing to correct)", len(heldout_prompts),
+                         0.0, 1.0, float("nan"), float("nan"))
+        return ReferenceResult(fit.coefficients, fit, acc, fit.images, {})
     images = {"reference": reference.generate(None, heldout_prompts, heldout_seeds),
               "identity": quantized.generate(None, heldout_prompts, heldout_seeds),
               "fitted": quantized.generate(fit.coefficients, heldout_prompts, heldout_seeds)}
@@ -426,3 +464,20 @@ def calibrate_to_reference(quantized, reference, prompts, seeds, heldout_prompts
                           paired_distance(images["fitted"], images["reference"]), alpha=alpha)
     best = fit.coefficients if acc.accepted else Coefficients.identity(quantized.steps)
     return ReferenceResult(best, fit, acc, fit.images + 3 * len(heldout_prompts), images)
+
+
+class DistanceScorer:
+    """The final-output distance as a search objective (``runner`` scorer protocol): the score of image j is minus
+    its mean squared difference to the FP image of the same prompt and seed (``reference_images``, in the order
+    the runner generates them: the prompts, repeated once per point of a batch)."""
+
+    def __init__(self, reference_images: torch.Tensor, fingerprint: dict | None = None):
+        self.reference_images = reference_images
+        self.config = {"class": "DistanceScorer", "reference": fingerprint,
+                       "images": int(reference_images.shape[0])}
+
+    def components(self, images, prompts) -> dict:
+        return {"distance": paired_distance(images, self.reference_images)}
+
+    def score(self, images, prompts) -> torch.Tensor:
+        return -paired_distance(images, self.reference_images)

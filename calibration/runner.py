@@ -478,8 +478,8 @@ def calibrate(generator, scorer, prompts, *, space: "str | SearchSpace" = "start
               preset: str | None = None, progress=None, interrupt=None, scorer_config: Mapping | None = None,
               strategy_options: Mapping[str, Any] | None = None, extra_metadata: Mapping | None = None,
               objective: str = "jaq", reference=None, heldout_prompts: Sequence[str] | None = None,
-              heldout_seeds: Sequence[int] | None = None, fit_mode: str = "free", trust: float = TRUST
-              ) -> CalibrationResult:
+              heldout_seeds: Sequence[int] | None = None, fit_mode: str = "free", fit_match: str | None = None,
+              trust: float = TRUST) -> CalibrationResult:
     """Find Q-Sched coefficients for ``generator`` (coefficients, prompts, seeds -> images) under ``scorer``.
 
     ``objective``: ``"jaq"`` (the paper: search maximising ``scorer``), ``"reference"`` (fit to the FP model
@@ -507,7 +507,8 @@ def calibrate(generator, scorer, prompts, *, space: "str | SearchSpace" = "start
                              "use objective 'reference' to calibrate without one")
         return _calibrate_with_reference(
             generator, scorer, prompts, reference, objective=objective, seed=seed, seeds=seeds,
-            heldout_prompts=heldout_prompts, heldout_seeds=heldout_seeds, fit_mode=fit_mode, trust=trust,
+            heldout_prompts=heldout_prompts, heldout_seeds=heldout_seeds, fit_mode=fit_mode, match=fit_match,
+            trust=trust,
             strategy=strategy, points=points, budget=budget, record=record, resume=resume, progress=progress,
             interrupt=interrupt, scorer_config=scorer_config, strategy_options=strategy_options, preset=preset,
             extra_metadata=extra_metadata)
@@ -570,7 +571,7 @@ class ScaledGenerator:
 
 
 def _calibrate_with_reference(generator, scorer, prompts, reference, *, objective, seed, seeds, heldout_prompts,
-                              heldout_seeds, fit_mode, trust, strategy, points, budget, record, resume, progress,
+                              heldout_seeds, fit_mode, match, trust, strategy, points, budget, record, resume, progress,
                               interrupt, scorer_config, strategy_options, preset, extra_metadata):
     from . import reference as R
 
@@ -587,12 +588,13 @@ def _calibrate_with_reference(generator, scorer, prompts, reference, *, objectiv
             heldout_seeds = [max(seeds) + 1 + i for i in range(len(heldout_prompts))]
         heldout_seeds = check_seeds(heldout_seeds, len(heldout_prompts), seed)
     steps = generator.steps
+    match = R.MATCH if match is None else match
     ref_fp = _generator_fingerprint(reference)
     res = R.calibrate_to_reference(generator, reference, prompts, seeds, heldout_prompts, heldout_seeds,
-                                   mode=fit_mode, interrupt=interrupt)
+                                   mode=fit_mode, interrupt=interrupt, match=match)
     acc = res.acceptance
     heldout = dict(acc.to_dict(), prompts=len(heldout_prompts), seeds=list(heldout_seeds))
-    fit_meta = {"mode": fit_mode, "c_x": list(res.fit.coefficients.c_x), "c_eps": list(res.fit.coefficients.c_eps),
+    fit_meta = {"mode": fit_mode, "match": match, "c_x": list(res.fit.coefficients.c_x), "c_eps": list(res.fit.coefficients.c_eps),
                 "residual_identity": res.fit.residual_identity, "residual_fitted": res.fit.residual_fitted}
     best, accepted, text, images = res.coefficients, acc.accepted, acc.text, res.images
     d_best = acc.distance_fitted if accepted else acc.distance_identity
@@ -610,6 +612,10 @@ def _calibrate_with_reference(generator, scorer, prompts, reference, *, objectiv
             text = f"{text}. Hybrid: the JAQ search around it found nothing better, so it stays"
             heldout["hybrid"] = {"accepted": False, "reason": "search kept its start"}
         else:
+            if not res.heldout_images:  # the fit was identity: nothing was generated yet
+                res.heldout_images = {"reference": reference.generate(None, heldout_prompts, heldout_seeds),
+                                      "identity": generator.generate(None, heldout_prompts, heldout_seeds)}
+                images += 2 * len(heldout_prompts)
             base_images = res.heldout_images["fitted" if accepted else "identity"]
             cand_images = generator.generate(cand, heldout_prompts, heldout_seeds)
             images += len(heldout_prompts)

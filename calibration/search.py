@@ -50,12 +50,14 @@ ROUND = 12
 Point = tuple  # tuple[float, ...] in the order of SearchSpace.names
 
 
-def check_range(low, high) -> tuple[float, float]:
-    """The search-range rule: two coefficients (``check_coefficient``) with low < high."""
-    low, high = check_coefficient(low, "range low"), check_coefficient(high, "range high")
+def check_range(low, high, names: tuple[str, str] = ("range low", "range high")) -> tuple[float, float]:
+    """The search-range rule: two coefficients (``check_coefficient``) with low < high. ``names``: what the two
+    values are called where the user typed them (e.g. the node inputs range_min / range_max)."""
+    lo, hi = names
+    low, high = check_coefficient(low, lo), check_coefficient(high, hi)
     if not low < high:
-        raise ValueError(f"range must have low < high (allowed: 0 < low < high <= {C_MAX:g}), "
-                         f"got low={low!r}, high={high!r}")
+        raise ValueError(f"{lo} must be smaller than {hi} (allowed: 0 < {lo} < {hi} <= {C_MAX:g}), "
+                         f"got {lo} = {low!r}, {hi} = {high!r}")
     return low, high
 
 

@@ -3,12 +3,15 @@ ComfyUI itself (``comfy``, ``folder_paths``) is imported inside functions only, 
 inspected and unit-tested without a ComfyUI install. A node class carries its display name (``DISPLAY_NAME``).
 """
 
-from . import calibration, fastpath, loaders, sampling, scoring
+from . import calibration, fastpath, graph, loaders, sampling, scoring
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 for _module in (sampling, loaders, scoring, calibration, fastpath):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+# The graph-wide checks (steps of coefficients vs sampler, preset compatibility) run on every queued prompt.
+graph.register_on_prompt()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -28,6 +28,9 @@ RECORD_DIR = "qsched_calibration"
 MAX_POINTS = 101
 MAX_BUDGET = 10_000_000
 MAX_SEED = 2**32 - 1
+#: Default of ``max_minutes``: a calibration whose estimate is longer stops after its first point and asks.
+DEFAULT_MAX_MINUTES = 30
+MAX_MINUTES = 100_000
 
 log = logging.getLogger("qsched")
 
@@ -59,7 +62,7 @@ def check_settings(*, prompts=None, steps=None, space=None, strategy=None, range
             with node_input(NODE, name):
                 check_coefficient(v, name)
         with node_input(NODE, "range_min"):
-            check_range(range_min, range_max)
+            check_range(range_min, range_max, ("range_min", "range_max"))
     if points is not None:
         check_int(NODE, "points", points, 2, MAX_POINTS)
     if budget is not None:
@@ -91,7 +94,7 @@ def record_key(gen_fp: dict, scorer_config: dict, prompts: list, seeds: list, sp
 
     body = {"generator": gen_fp, "scorer": scorer_config, "prompts": [len(prompts), prompts_digest(prompts)],
             "seeds": seeds, "space": space, "strategy": [strategy, points]}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class _Progress:
@@ -129,6 +132,54 @@ def _record_points(path: str) -> int:
         return 0
     with open(path, "rb") as f:
         return max(0, sum(1 for line in f if line.strip()) - 1)
+
+
+def _points(n: int) -> str:
+    return f"{n} point{'s' if n != 1 else ''}"
+
+
+def check_overwrite(preset_path: str, key: str, overwrite: bool) -> None:
+    """Refuses to replace an existing preset unless ``overwrite`` is on or the file is this calibration's own result
+    (same record: rewriting it gives the same file)."""
+    if overwrite or not os.path.exists(preset_path):
+        return
+    try:
+        own = Coefficients.load(preset_path).metadata.get("record") == key
+    except (ValueError, OSError):
+        own = False
+    if not own:
+        raise NodeInputError(NODE, "overwrite", (
+            f"the preset {preset_path} already exists (from another calibration or saved by hand); nothing was "
+            "run. Turn overwrite on to replace it, or change preset_name"))
+
+
+def _duration(seconds: float) -> str:
+    minutes = seconds / 60
+    if minutes < 90:
+        return f"{max(1, round(minutes))} min"
+    return f"{minutes / 60:.1f} h"
+
+
+class CostGate:
+    """After the first point computed in this run, stops a calibration whose estimated time left is longer than
+    ``max_minutes`` (0 = no limit), with a message that says the estimate and how to run it anyway."""
+
+    def __init__(self, max_minutes: int):
+        self.max_minutes, self.checked, self.stopped = max_minutes, False, False
+
+    def __call__(self, info) -> None:
+        if self.checked or info.cached or info.eta is None:
+            return
+        self.checked = True
+        if self.max_minutes and info.eta > 60 * self.max_minutes:
+            images_left = max(0, info.images_total - info.images_spent)
+            need = int(-(-info.eta // 60))
+            self.stopped = True
+            raise NodeInputError(NODE, "max_minutes", (
+                f"this calibration needs about {_duration(info.eta)} more ({images_left} images at the speed of the "
+                f"first point), longer than max_minutes = {self.max_minutes}. Nothing is lost: "
+                f"{_points(info.points_done)} kept. To run it, set max_minutes to {need} or more and queue again; "
+                "to make it shorter, use fewer prompts, a smaller budget or fewer grid values (points)"))
 
 
 def _png_to_image(path: str):
@@ -214,8 +265,18 @@ class QSchedCalibrate:
                           "Images per sampling call (more = faster on a big GPU, more memory). Each image keeps its "
                           "own noise whatever the batch, so a resumed run may use another batch."}),
                 "preset_name": ("STRING", {"default": "my_calibration", "tooltip":
-                                "File name of the preset written to models/qsched/ (.json is added; an existing one "
-                                "is replaced). Load it later with Q-Sched Load Preset."}),
+                                "File name of the preset written to models/qsched/ (.json is added). Load it later "
+                                "with Q-Sched Load Preset."}),
+                # New inputs go at the end: saved workflows store widget values by position, and a workflow saved
+                # before an input existed loads with that input's default.
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip":
+                              "Replace an existing preset of the same name. Off: a preset from another calibration "
+                              "(or saved by hand) is never replaced; the node stops before sampling and names it."}),
+                "max_minutes": ("INT", {"default": DEFAULT_MAX_MINUTES, "min": 0, "max": MAX_MINUTES, "tooltip":
+                                "Longest calibration that starts without asking, in minutes (0 = no limit). The "
+                                "time is estimated from the first point; if the estimate is longer, the node stops "
+                                "there (the point is kept), says the estimate, and runs it when you raise "
+                                "max_minutes and queue again."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -223,7 +284,7 @@ class QSchedCalibrate:
     @classmethod
     def VALIDATE_INPUTS(cls, prompts=None, steps=None, space=None, strategy=None, range_min=None, range_max=None,
                         points=None, budget=None, base_seed=None, width=None, height=None, batch=None,
-                   preset_name=None):
+                        preset_name=None):
         # Naming an input here turns off ComfyUI's own min/max/combo check for it: check_settings re-checks them.
         return validation_result(check_settings, prompts=prompts, steps=steps, space=space, strategy=strategy,
                                  range_min=range_min, range_max=range_max, points=points, budget=budget,
@@ -231,7 +292,8 @@ class QSchedCalibrate:
                                  preset_name=preset_name)
 
     def calibrate(self, model, clip, vae, scorer, prompts, steps, sampler_name, scheduler, eta, cfg, space, strategy,
-                  range_min, range_max, points, budget, base_seed, width, height, batch, preset_name, unique_id=None):
+                  range_min, range_max, points, budget, base_seed, width, height, batch, preset_name,
+                  overwrite=False, max_minutes=DEFAULT_MAX_MINUTES, unique_id=None):
         sampler, schedule = sampler_name, scheduler
         import comfy.model_management
         import folder_paths
@@ -244,6 +306,7 @@ class QSchedCalibrate:
                                range_max=range_max, points=points, budget=budget, base_seed=base_seed, width=width,
                                height=height, batch=batch, preset_name=preset_name)
         scorer = check_scorer(scorer, NODE)
+        max_minutes = check_int(NODE, "max_minutes", max_minutes, 0, MAX_MINUTES)
         check_combo(NODE, "sampler_name", sampler, SAMPLER_NAMES)
         check_combo(NODE, "scheduler", schedule, comfy_schedulers())
         sp = SearchSpace(space, steps, float(range_min), float(range_max))
@@ -269,24 +332,34 @@ class QSchedCalibrate:
         key = record_key(gen_fp, scorer.config, lines, seeds, sp.to_dict(), strategy, points)
         record = os.path.join(folder_paths.get_output_directory(), RECORD_DIR, f"{key}.jsonl")
         preset_path = preset_file(preset_name, NODE, "preset_name")
+        check_overwrite(preset_path, key, overwrite)
         kept = _record_points(record)
         if kept:
-            progress.text(f"resuming: {kept} point{'s' if kept != 1 else ''} from the record "
-                          f"({os.path.basename(record)}), computing the rest")
+            progress.text(f"resuming: {_points(kept)} from the record {os.path.basename(record)}, computing the rest")
         identity = Coefficients.identity(steps)
         gen.keep_for.add((identity.c_x, identity.c_eps))  # the first point scored: reused for the preview
         extra = {"sampling": {"sampler": sampler, "schedule": schedule, "eta": gen_fp["eta"], "cfg": float(cfg),
-                              "width": width, "height": height, "model_class": gen_fp["model_class"]}}
+                              "width": width, "height": height, "model_class": gen_fp["model_class"]},
+                 "record": key}
+        gate = CostGate(max_minutes)
         try:
             result = calibrate(gen, scorer, lines, space=sp, strategy=strategy, points=points, seeds=seeds,
-                               budget=budget, record=record, resume=True, preset=preset_path, progress=progress.point,
-                               interrupt=check, scorer_config=scorer.config, extra_metadata=extra)
+                               budget=budget, record=record, resume=True, preset=preset_path,
+                               progress=lambda info: (progress.point(info), gate(info)), interrupt=check,
+                               scorer_config=scorer.config, extra_metadata=extra)
         except comfy.model_management.InterruptProcessingException:
             # ComfyUI shows its own "interrupted" state; the node and the console say how to go on
             logging.warning("%s: interrupted. Every finished point is kept in %s: queue the same settings again "
                             "to resume (nothing is recomputed)", NODE, record)
-            n = _record_points(record)
-            progress.text(f"interrupted — queue again to resume ({n} point{'s' if n != 1 else ''} kept)")
+            progress.text(f"interrupted — queue again to resume ({_points(_record_points(record))} kept in the "
+                          f"record {os.path.basename(record)})")
+            raise
+        except NodeInputError:
+            if not gate.stopped:
+                raise
+            # the cost gate: the error says the estimate; the points so far are kept
+            progress.text(f"stopped before a long run — {_points(_record_points(record))} kept in the record "
+                          f"{os.path.basename(record)}")
             raise
         except (RecordError, RecordWriteError) as exc:
             raise RuntimeError(f"{NODE}: {exc}") from None
@@ -304,13 +377,16 @@ class QSchedCalibrate:
         preview_grid(ident, best, os.path.join(tmp, preview_file))
 
         summary = "\n".join([
-            result.summary(),
-            f"points: {len(result.points)} ({from_record} from the record, {computed} computed now); images: "
-            f"{result.images_spent} of budget {budget}",
+            f"best JAQ {result.best_score:.4f} vs {result.identity_score:.4f} for the stock sampler "
+            f"({result.best_score - result.identity_score:+.4f})",
             describe(result.best),
+            f"search: {strategy} over {space}, {_points(len(result.points))} ({from_record} from the record, "
+            f"{computed} computed now), {result.images_spent} of {budget} images"
+            f"{'; stopped by the budget' if result.stopped == 'budget' else ''}",
             f"preset: {preset_path}",
             f"record: {record}",
         ])
+        progress.text(f"done: {_points(len(result.points))}, {result.images_spent} images")
         # The images go out through the 'landscape' / 'preview' outputs only (Preview Image shows them once).
         return {"ui": {"text": [summary]},
                 "result": (result.best, _png_to_image(os.path.join(tmp, landscape_file)),

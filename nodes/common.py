@@ -1,6 +1,6 @@
 """Helpers shared by the node modules: socket types, shared widgets (eta, steps, preset names), folder registration,
-the API-prompt walker (which model file feeds a sampler), and the one way a node reports bad input: ``node_input`` turns the library validators' ``ValueError`` into a
-``NodeInputError`` naming the node input (the rules themselves live in the library, never here).
+and the one way a node reports bad input: ``node_input`` turns the library validators' ``ValueError``
+into a ``NodeInputError`` naming the node input (the rules themselves live in the library, never here).
 
 ComfyUI (``comfy``, ``folder_paths``) is imported inside functions only: this module is imported by the pack's
 ``__init__.py`` before anything else and by the unit tests, where ComfyUI is absent.
@@ -182,76 +182,3 @@ def is_flow(model_sampling) -> bool:
     import comfy.model_sampling
 
     return isinstance(model_sampling, comfy.model_sampling.CONST)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the cheap flow-vs-eps check: which model file feeds a sampler, read from the graph and the file's header
-# ---------------------------------------------------------------------------------------------------------------
-#: Loader nodes whose model file can be looked at before it is loaded: class -> (file input, ComfyUI folder).
-MODEL_FILE_LOADERS = {"QSchedDiffusionModelLoader": ("unet_name", "diffusion_models"),
-                      "UNETLoader": ("unet_name", "diffusion_models"),
-                      "QSchedCheckpointLoader": ("ckpt_name", "checkpoints"),
-                      "CheckpointLoaderSimple": ("ckpt_name", "checkpoints")}
-#: Key fragments of flow-matching transformers (FLUX double/single blocks, SD3 joint blocks).
-FLOW_KEYS = ("double_blocks.", "single_blocks.", "joint_blocks.")
-
-
-def safetensors_is_flow(path: str) -> bool | None:
-    """True for a FLUX / SD3 file, False for another diffusion model, None when the header cannot be read. Reads
-    only the safetensors JSON header (no tensor data, no code)."""
-    import json
-    import struct
-
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 0 < n <= 100_000_000:
-                return None
-            keys = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
-        return None
-    if not isinstance(keys, dict):
-        return None
-    return any(frag in k for k in keys for frag in FLOW_KEYS)
-
-
-def graph_model_is_flow(prompt: dict, node_id: str) -> bool | None:
-    """Follows the MODEL that reaches the sampler made by node ``node_id`` (through SamplerCustom(Advanced), a
-    guider and MODEL pass-through nodes such as LoRA loaders) back to a loader node, and reads its file's header.
-    None when the graph does not say (a linked file name, an unknown loader, a file that is not safetensors)."""
-    if not isinstance(prompt, dict):
-        return None
-
-    def link(v):
-        return str(v[0]) if isinstance(v, list) and len(v) == 2 and isinstance(v[0], (str, int)) else None
-
-    def model_source(nid, seen):
-        node = prompt.get(nid)
-        if node is None or nid in seen:
-            return None
-        seen.add(nid)
-        loader = MODEL_FILE_LOADERS.get(node.get("class_type"))
-        inputs = node.get("inputs", {})
-        if loader is not None:
-            name = inputs.get(loader[0])
-            if not isinstance(name, str) or not name.endswith((".safetensors", ".sft")):
-                return None
-            import folder_paths
-
-            path = folder_paths.get_full_path(loader[1], name)
-            return None if path is None else safetensors_is_flow(path)
-        up = link(inputs.get("model"))
-        return None if up is None else model_source(up, seen)
-
-    for nid, node in prompt.items():
-        inputs = node.get("inputs", {})
-        if link(inputs.get("sampler")) != str(node_id):
-            continue
-        src = link(inputs.get("model"))  # SamplerCustom
-        if src is None and link(inputs.get("guider")) is not None:  # SamplerCustomAdvanced -> guider -> model
-            src = link(prompt.get(link(inputs["guider"]), {}).get("inputs", {}).get("model"))
-        if src is not None:
-            found = model_source(src, set())
-            if found is not None:
-                return found
-    return None

@@ -10,6 +10,7 @@ stream in per call). On the CPU, or with inputs off the GPU, it calls the model 
 from __future__ import annotations
 
 from ..qsched.cudagraph import StepGraphs, weights_state
+from .attention import ATTENTION_16, ATTENTION_CHOICES, apply_attention
 from .common import CATEGORY_SAMPLING, NodeInputError
 
 WRAPPER_KEY = "qsched_cuda_graph"
@@ -85,7 +86,9 @@ class QSchedCudaGraph:
                    "(no per-kernel launch overhead; the same kernels, so the same latent). Best at batch 1 and small "
                    "images (SDXL-Turbo 512²), where the GPU waits for Python. A new image size or batch captures "
                    "again (up to max_graphs kept); a model that cannot be captured, a partially loaded (lowvram) "
-                   "model, or the CPU simply run as before. Works after TorchCompileModel too.")
+                   "model, or the CPU simply run as before. Works after TorchCompileModel too. attention: "
+                   "'sage 8-bit' runs the model's attention through ComfyUI's SageAttention path (needs the "
+                   "sageattention package).")
     CATEGORY = CATEGORY_SAMPLING
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The same model; connect it to any sampler (Q-Sched KSampler, KSampler, SamplerCustom).",)
@@ -98,10 +101,25 @@ class QSchedCudaGraph:
             "max_graphs": ("INT", {"default": 2, "min": 1, "max": 8, "tooltip":
                            "How many input shapes (image size / batch / cond-uncond split) keep a captured graph; "
                            "each holds its own activation memory."}),
+        }, "optional": {
+            "attention": (list(ATTENTION_CHOICES), {"default": ATTENTION_16, "tooltip":
+                          "16-bit: the attention ComfyUI chose. sage 8-bit: SageAttention (int8 query x key, "
+                          "fp16 softmax x value; package sageattention) for this model only, where it is exact "
+                          "enough to promise (no mask, head size 64/96/128, key count a multiple of 64: SDXL's "
+                          "77-token text attention stays 16-bit). Faster on large images; changes the image a little "
+                          "(measured error: docs/quantization.md)."}),
         }}
 
-    def patch(self, model, max_graphs=2):
-        return (apply_cuda_graph(model, max_graphs, self.DISPLAY_NAME)[0],)
+    def patch(self, model, max_graphs=2, attention=ATTENTION_16):
+        patched = apply_cuda_graph(apply_attention(model, attention, self.DISPLAY_NAME), max_graphs,
+                                   self.DISPLAY_NAME)[0]
+        device = getattr(model, "load_device", None)
+        if getattr(device, "type", str(device)) != "cuda":
+            text = (f"no CUDA GPU: ComfyUI runs this model on {getattr(device, 'type', device)}, so CUDA graphs "
+                    "are off and it runs unchanged (they need an NVIDIA GPU)")
+        else:
+            text = f"CUDA graphs on: each new image size or batch is captured once (up to {max_graphs} kept)"
+        return {"ui": {"text": [text]}, "result": (patched,)}
 
 
 NODE_CLASS_MAPPINGS = {"QSchedCudaGraph": QSchedCudaGraph}

@@ -13,8 +13,9 @@ from ..qsched import samplers as qsamplers
 from ..qsched import schedules as qschedules
 from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_steps
 from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, QSCHED_FOLDER, NodeInputError, check_combo,
-                     find_preset, graph_model_is_flow, is_flow, model_sampling_of, node_input, preset_file,
-                     preset_names, steps_input, validation_result)
+                     find_preset, is_flow, model_sampling_of, node_input, preset_file, preset_names, steps_input,
+                     validation_result)
+from .graph import GRAPH_CHECK_INPUT, compat_warnings, raise_graph_problem, sampler_model_is_flow
 
 #: The samplers of ``qsched.samplers.SAMPLERS`` in widget order (SDXL-Turbo's first).
 SAMPLER_NAMES = ("euler_ancestral", "euler", "tcd", "lcm")
@@ -260,27 +261,53 @@ class QSchedLoadPreset:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"preset": (preset_names(), {"tooltip": "A preset file in models/qsched/ (*.json). "
-                                                                    "Press 'r' in ComfyUI to refresh the list."})}}
+                                                                    "New presets appear after a calibration or Save "
+                                                                    "Preset ran (or press 'r')."})},
+                "hidden": GRAPH_CHECK_INPUT}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, preset=None):
+    def VALIDATE_INPUTS(cls, preset=None, qsched_graph_check=None):
         # Naming `preset` here turns off ComfyUI's combo-membership check: _load covers it (missing file).
-        return True if preset is None else validation_result(_load_preset, preset)
+        if preset is not None:
+            validation_result(_load_preset, preset)
+        return validation_result(raise_graph_problem, cls.DISPLAY_NAME, qsched_graph_check)
 
     @classmethod
-    def IS_CHANGED(cls, preset):
+    def IS_CHANGED(cls, preset, **hidden):
         try:
             path = find_preset(preset)
         except NodeInputError:
             path = None
         return os.path.getmtime(path) if path else float("nan")
 
-    def load(self, preset):
+    def load(self, preset, qsched_graph_check=None):
         c = _load_preset(preset)
-        text = describe(c)
-        if c.metadata:
-            text += "\n" + "\n".join(f"{k}: {v}" for k, v in sorted(c.metadata.items()))
+        text = preset_summary(c)
+        uses = (qsched_graph_check or {}).get("uses") if isinstance(qsched_graph_check, dict) else None
+        warnings = compat_warnings(c.metadata, uses or [])
+        if warnings:
+            text = "\n".join(f"⚠ {w}" for w in warnings) + "\n" + text
         return {"ui": {"text": [text]}, "result": (c, c.steps, text)}
+
+
+def preset_summary(c: Coefficients) -> str:
+    """The coefficients and, for a calibrated preset, what it was made for, in a few plain lines."""
+    lines = [describe(c)]
+    m = c.metadata or {}
+    sampling = m.get("sampling") if isinstance(m.get("sampling"), dict) else {}
+    made = [str(v) for v in (m.get("family") or sampling.get("model_class"),
+                             m.get("quant") or ("16-bit" if "quant" in m else None),
+                             m.get("sampler") or sampling.get("sampler")) if v]
+    if sampling.get("width") and sampling.get("height"):
+        made.append(f"{sampling['width']}x{sampling['height']}")
+    if made:
+        lines.append("calibrated for: " + ", ".join(made))
+    scores = m.get("scores") if isinstance(m.get("scores"), dict) else {}
+    best, ident = (scores.get(k, {}).get("jaq") if isinstance(scores.get(k), dict) else None
+                   for k in ("best", "identity"))
+    if isinstance(best, (int, float)) and isinstance(ident, (int, float)):
+        lines.append(f"JAQ {best:.4f} vs {ident:.4f} for the stock sampler ({best - ident:+.4f})")
+    return "\n".join(lines)
 
 
 def _load_preset(name: str) -> Coefficients:
@@ -350,11 +377,15 @@ class QSchedSampler:
                 "eta": (ETA[0], {**ETA[1], "tooltip": ETA_TIP}),
             },
             "optional": {"coefficients": _COEFFS_OPTIONAL},
-            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID", **GRAPH_CHECK_INPUT},
         }
 
-    def get_sampler(self, sampler_name, eta, coefficients=None, prompt=None, unique_id=None):
-        if sampler_name in qsamplers.EPS_ONLY and unique_id is not None and graph_model_is_flow(prompt, unique_id):
+    @classmethod
+    def VALIDATE_INPUTS(cls, qsched_graph_check=None):
+        return validation_result(raise_graph_problem, cls.DISPLAY_NAME, qsched_graph_check)
+
+    def get_sampler(self, sampler_name, eta, coefficients=None, prompt=None, unique_id=None, qsched_graph_check=None):
+        if sampler_name in qsamplers.EPS_ONLY and unique_id is not None and sampler_model_is_flow(prompt, unique_id):
             # The model that will reach this sampler is a flow model: say so here, on this node, before anything
             # is sampled (else the error comes from inside SamplerCustomAdvanced, after loading and quantizing).
             with node_input(self.DISPLAY_NAME, "sampler_name"):
@@ -376,16 +407,21 @@ class QSchedScheduler:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to sample; its noise schedule (eps or flow) is used."}),
-            "scheduler": (list(FAMILY_SCHEDULES), {"default": "sdxl_turbo", "tooltip":
-                          "The model family whose diffusers timesteps to use: sdxl_turbo, lcm, tcd, pcm (eps models) "
-                          "or flux_schnell (flow). sdxl_turbo / flux_schnell equal ComfyUI's 'simple'."}),
+            # Named "family", not "scheduler": on KSampler-like nodes "scheduler" is ComfyUI's list (simple, karras...).
+            "family": (list(FAMILY_SCHEDULES), {"default": "sdxl_turbo", "tooltip":
+                       "The model family whose diffusers timesteps to use: sdxl_turbo, lcm, tcd, pcm (eps models) "
+                       "or flux_schnell (flow). sdxl_turbo / flux_schnell equal ComfyUI's 'simple' scheduler."}),
             "steps": steps_input("Number of steps; must equal the steps of the Q-Sched coefficients."),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                         "1.0 for text-to-image; lower keeps only the last steps (image-to-image)."}),
-        }}
+        }, "hidden": GRAPH_CHECK_INPUT}
 
-    def get_sigmas(self, model, scheduler, steps, denoise):
-        return (schedule_sigmas(model, scheduler, steps, denoise),)
+    @classmethod
+    def VALIDATE_INPUTS(cls, qsched_graph_check=None):
+        return validation_result(raise_graph_problem, cls.DISPLAY_NAME, qsched_graph_check)
+
+    def get_sigmas(self, model, family, steps, denoise, qsched_graph_check=None):
+        return (schedule_sigmas(model, family, steps, denoise, input_name="family"),)
 
 
 class QSchedKSampler:
@@ -423,10 +459,15 @@ class QSchedKSampler:
                             "1.0 for text-to-image; lower for image-to-image."}),
             },
             "optional": {"coefficients": _COEFFS_OPTIONAL},
+            "hidden": GRAPH_CHECK_INPUT,
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, qsched_graph_check=None):
+        return validation_result(raise_graph_problem, cls.DISPLAY_NAME, qsched_graph_check)
+
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, eta, denoise,
-               coefficients=None):
+               coefficients=None, qsched_graph_check=None):
         import comfy.sample
         import comfy.utils
         import latent_preview

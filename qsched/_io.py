@@ -184,8 +184,9 @@ class TextFileError(ValueError):
 PRESET_MAX_BYTES = 1 << 20
 #: Prompt files: sDCI.yaml-sized lists with room to spare.
 PROMPTS_MAX_BYTES = 32 << 20
-#: Nesting of JSON/YAML brackets: presets need 3, prompt files 2.
+#: Nesting of JSON/YAML brackets: presets need 3, prompt files 2, a diffusers model_index.json 2.
 MAX_NESTING = 32
+INDEX_NESTING = 8
 
 
 def read_text_capped(path: str | os.PathLike, max_bytes: int, what: str) -> str:

@@ -52,7 +52,7 @@ def check_steps(steps: Any, limit: int = MAX_STEPS) -> int:
 def _check_list(name: str, values: Any) -> tuple[float, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ValueError(f"{name} must be a list of numbers in (0, {C_MAX:g}], got {type(values).__name__}")
-    out = tuple(check_coefficient(v, f"{name}[{i}]") for i, v in enumerate(values))
+    out = tuple(check_coefficient(v, f"value {i + 1} of {name}") for i, v in enumerate(values))
     if not 1 <= len(out) <= MAX_STEPS:
         raise ValueError(f"{name} must have 1..{MAX_STEPS} values (one per step), got {len(out)}")
     return out
@@ -118,12 +118,13 @@ class Coefficients:
             try:
                 vals.append(float(p))
             except ValueError:
-                raise ValueError(f"{field_name}[{i}] = {p.strip()!r} is not a number; allowed: numbers in (0, {C_MAX:g}]") from None
+                raise ValueError(f"value {i + 1} of {field_name}, {p.strip()!r}, is not a number; allowed: numbers "
+                                 f"in (0, {C_MAX:g}]") from None
         if len(vals) == 1:
             vals = vals * steps
         if len(vals) != steps:
             raise ValueError(f"{field_name} has {len(vals)} values but steps = {steps}: give 1 value or {steps} values")
-        return tuple(check_coefficient(v, f"{field_name}[{i}]") for i, v in enumerate(vals))
+        return tuple(check_coefficient(v, f"value {i + 1} of {field_name}") for i, v in enumerate(vals))
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -138,7 +139,7 @@ class Coefficients:
         """Raise if these coefficients were made for a different number of steps (official bug (n))."""
         if self.steps != steps:
             raise ValueError(
-                f"coefficients have {self.steps} steps (len(c_x) = len(c_eps) = {self.steps}) but the {where} runs "
+                f"coefficients have {self.steps} steps (one c_x and one c_eps per step) but the {where} runs "
                 f"{steps} steps: make coefficients with steps={steps}")
 
     def __len__(self) -> int:
@@ -175,7 +176,7 @@ class Coefficients:
         if "steps" in d:
             steps = d["steps"]
             if isinstance(steps, bool) or not isinstance(steps, int) or steps != c.steps:
-                raise ValueError(f"steps must equal len(c_x) = {c.steps}, got {brief(steps)}")
+                raise ValueError(f"steps must equal the number of c_x values ({c.steps}), got {brief(steps)}")
         return c
 
     def to_json(self) -> str:

@@ -5,7 +5,8 @@
 #   A: FLUX (file write ~40 s; eager core bf16 / w8a8-fp8 / w4a8-fp8, compiled + CUDA graph of those three, then
 #      eager core fp8_fast / w4a8 / w8a8 as time allows). B: SDXL (every format eager, compiled, fast path).
 # Writes $OUT/comfyui_h200_part<PART>.json (saved after every stage: a call cut short keeps what it measured),
-# $OUT/bench_part<PART>.log and $OUT/env_part<PART>.txt. BUDGET_S (default 540) = the benchmark's own time budget;
+# $OUT/bench_part<PART>.log and $OUT/env_part<PART>.txt. KERNELS (optional): arguments of
+# benchmarks/bench_kernels_gpu.py, run first in the same environment (log: $OUT/kernels_part<PART>.log). BUDGET_S (default 540) = the benchmark's own time budget;
 # a config starts only if its estimate fits. Extra arguments go to bench_comfyui_gpu.py; PART "only" takes the list
 # from them: device_comfyui_bench.sh only --only sdxl/w8a8/compiled,flux/w4a8-fp8/eager
 set -uo pipefail
@@ -23,6 +24,10 @@ export PYTHONPATH="$T/site:$T/pp" PYTHONUNBUFFERED=1
   python3 -m pip list 2>/dev/null | grep -i -E '^(transformers|torchaudio|torchvision|safetensors) '; df -h /tmp; } \
     > "$OUT/env_part$PART.txt" 2>&1
 cat "$OUT/env_part$PART.txt"
+if [ -n "${KERNELS:-}" ]; then   # kernel micro-benchmarks first, e.g. KERNELS="--sections attention,onepass --name X"
+    # shellcheck disable=SC2086
+    python3 benchmarks/bench_kernels_gpu.py --out "$OUT" $KERNELS 2>&1 | tee "$OUT/kernels_part$PART.log"
+fi
 PARTARG=(--part "$PART"); [ "$PART" = only ] && PARTARG=()   # "only": the list comes in --only KEY,...
 python3 benchmarks/bench_comfyui_gpu.py --comfy .dev-comfy/src --work "$T/qsb" --out "$OUT" "${PARTARG[@]}" \
     --budget-s "${BUDGET_S:-540}" "$@" 2>&1 | tee "$OUT/bench_part$PART.log"

@@ -14,6 +14,8 @@
 # every 10 s), run.log (this script's log with timings) and, when >= 45 s are left after the merge, bench_gpu.md
 # (benchmarks/bench_shapeworld_batch.py on the idle GPU: a 2-step grid one point at a time vs batched).
 # Device call:  run(command="scripts/shapeworld_gpu_experiment.sh", carry=[".whl/extra"], timeout_s=420)
+# SW_BENCH=0 skips the batch benchmark. The reference-anchored methods (--reference, default all four) run with
+# the others; the reference-objective run: SW_ARGS="--strategies zoom --guards --no-fp-search" (docs/shape_world.md)
 # CPU dry run:  SW_DEVICE=cpu SW_STEP_GROUPS=2 SW_FORMATS="w8a8 w4a4" SW_ARGS="--seeds 0 --per-prompt 2 --points 5" \
 #               PYTHON=/work/main/.venv/bin/python OUT=/tmp/sw-dry scripts/shapeworld_gpu_experiment.sh
 set -uo pipefail
@@ -82,7 +84,7 @@ else
   say "no worker saved a result"
 fi
 left=$(( T0 + SECONDS_LIMIT - $(date +%s) ))
-if [ -z "${SW_DEVICE:-}" ] && [ "$left" -ge 45 ]; then  # time to spare: the speed-up measured on this GPU, alone
+if [ -z "${SW_DEVICE:-}" ] && [ "${SW_BENCH:-1}" = 1 ] && [ "$left" -ge 45 ]; then  # time to spare: the speed-up measured on this GPU, alone
   say "batch benchmark (${left} s left)"
   timeout -k 5 "$left" "$PY" benchmarks/bench_shapeworld_batch.py --device cuda --points 21 --families flow tcd \
     --batch 1280 --out "$OUT/bench_gpu.md" > /dev/null 2>> "$LOG" || say "batch benchmark stopped (status $?)"

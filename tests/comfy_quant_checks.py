@@ -437,6 +437,60 @@ def check_fastpath():
     return out
 
 
+def check_attention():
+    """The 'sage 8-bit' option in real ComfyUI: ComfyUI's wrap_attn hands every attention call of the model to the
+    pack's override, calls the shape rule accepts go to the registered "sage" function with ComfyUI's own arguments,
+    the rest to ComfyUI's function. On the CPU a stand-in "sage" (ComfyUI's own attention function, counting calls)
+    takes the place of the GPU library: same latent bit for bit; the input MODEL keeps 16-bit attention."""
+    from comfy.ldm.modules import attention as ca
+
+    from qsched_pack.nodes import attention as qa
+    from qsched_pack.nodes.fastpath import QSchedCudaGraph
+
+    calls = {"sage": 0, "seen": 0, "sage_shape": 0}
+    real_rule = qa.sage_eligible
+
+    def stand_in(*args, **kwargs):
+        calls["sage"] += 1
+        return ca.optimized_attention(*args, **kwargs)  # the function ComfyUI picked for this device
+
+    def rule(args, kwargs):  # the shape rule alone (the CPU is never eligible), scaled to the tiny models
+        calls["seen"] += 1
+        calls["sage_shape"] += 1 if qa.sage_shape_ok(args[0].shape, args[1].shape, args[3], None,
+                                                     kwargs.get("skip_reshape", False)) else 0
+        return qa.sage_shape_ok(args[0].shape, args[1].shape, args[3], qa._arg(args, kwargs, 4, "mask"),
+                                kwargs.get("skip_reshape", False))
+
+    ca.REGISTERED_ATTENTION_FUNCTIONS.setdefault("sage", stand_in)
+    saved = qa.SAGE_HEAD_DIMS, qa.SAGE_KEY_BLOCK
+    # tiny models: any head size; keys in blocks of 8 (FLUX 16 image + 8 text tokens pass, SD's 77-token text
+    # attention still goes to ComfyUI's function)
+    qa.SAGE_HEAD_DIMS, qa.SAGE_KEY_BLOCK = range(1, 1025), 8
+    assert ca.get_attention_function("sage") is stand_in, "a real sageattention is installed in ComfyUI's venv"
+    qa.sage_eligible = rule
+    out = {}
+    try:
+        for kind in ("sd", "flux"):
+            m = comfy.sd.load_diffusion_model(FILES[kind])
+            y = run(m, kind)
+            calls.update(sage=0, seen=0, sage_shape=0)
+            fast = QSchedCudaGraph().patch(m, 2, qa.ATTENTION_SAGE)["result"][0]
+            y_sage = run(fast, kind)
+            assert torch.equal(y, y_sage), rel(y_sage, y)
+            assert calls["seen"] > 0, "ComfyUI never called the override"
+            out[kind] = dict(calls)
+            calls.update(sage=0, seen=0, sage_shape=0)
+            assert torch.equal(run(m, kind), y) and calls["seen"] == 0  # the input MODEL is untouched
+            mm.unload_all_models()
+    finally:
+        qa.sage_eligible = real_rule
+        qa.SAGE_HEAD_DIMS, qa.SAGE_KEY_BLOCK = saved
+    for kind in out:
+        assert out[kind]["sage"] == out[kind]["sage_shape"] > 0, out
+    assert out["sd"]["sage"] < out["sd"]["seen"], out  # the 77-token text attention stayed with ComfyUI
+    return out
+
+
 if __name__ == "__main__":
     build()
     result = globals()[f"check_{CHECK}"]()

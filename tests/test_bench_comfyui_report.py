@@ -76,6 +76,17 @@ def test_need_s_adds_the_file_write_once():
     assert parts.need_s("flux/bf16/compiled", {"flux"}) == parts.NEED_S[("flux", "compiled")]
 
 
+def test_sage_suffix_is_an_attention_variant_of_a_format():
+    assert parts.parse("flux/w8a8-fp8+sage/compiled") == ("flux", "w8a8-fp8+sage", "compiled")
+    assert parts.split_attention("w8a8-fp8+sage") == ("w8a8-fp8", True)
+    assert parts.split_attention("bf16") == ("bf16", False)
+    assert parts.display_name("bf16+sage") == "core bf16 + sage attention"
+    assert parts.need_s("sdxl/fp16+sage/eager", {"sdxl"}) == 2 * parts.NEED_S[("sdxl", "eager")]
+    for bad in ("flux/w8a8-fp8+sag/eager", "flux/fp16+sage/eager", "flux/+sage/eager"):
+        with pytest.raises(parts.ConfigError):
+            parts.parse(bad)
+
+
 # ------------------------------------------------------------------------------------------------ breakdown
 @pytest.mark.parametrize("name,cat", [
     ("nvjet_qqtst_128x256_64x4_2x1_v_bz_coopA_TNT", "gemm"),
@@ -87,6 +98,7 @@ def test_need_s_adds_the_file_write_once():
     ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("_attn_fwd", "attention"), ("quant_per_block_int8_kernel", "attention"),  # sageattention
     ("_act_quant_kernel", "quantize"), ("_dequant_int4_kernel", "quantize"),
     ("triton_red_fused__to_copy_abs_amax_clamp_div_native_layer_norm_0", "quantize"),
     ("triton_poi_fused_add_mul_native_layer_norm_3", "other"),

@@ -59,7 +59,7 @@ def test_calibrate_sample_score_end_to_end(tmp_path, jaq_dir, capsys, tiny_pipel
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--range", "1.2", "0.8"], "range must have low < high"),
+    (["--range", "1.2", "0.8"], "range low must be smaller than range high"),
     (["--strategy", "grid", "--points", "50", "--budget", "100"], "budget too small: the grid evaluates 2501 points"),
     (["--limit", "1", "--prompts", "EMPTY"], "no prompts found"),
 ])

@@ -10,9 +10,12 @@ tiny-model fixtures it reuses) and Chromium, chromedriver and selenium are insta
 The frontend is the one ComfyUI serves (pip ``comfyui-frontend-package``, 1.27.10 for ComfyUI 0.3.64). Every
 template of the pack is loaded from the server as the template browser loads it; the tiny-model versions are queued
 through the frontend itself (``app.queuePrompt``, so widget order and values are the frontend's), and what the
-artist sees is checked in the page: each text result inside its node's box, each bad input's message once, on the
-node it concerns. Screenshots go to docs/img/ (the README's pictures) and the templates' thumbnails to
-workflows/<name>.jpg; QSCHED_SCREENSHOTS=DIR writes them elsewhere.
+artist sees is checked in the page: each text result inside its node's box and fitting it, each bad input's message
+once, on the node it concerns, no Python repr / long hash / source path in any node text, one screenshot per message.
+
+Screenshots and thumbnails go to a temporary folder (printed at the end), never into the repository during a test
+run. QSCHED_SCREENSHOTS=DIR writes them to DIR; scripts/update_screenshots.sh (QSCHED_UPDATE_SCREENSHOTS=1) writes
+the README's pictures (docs/img/) and the templates' thumbnails (workflows/<name>.jpg).
 """
 
 from __future__ import annotations
@@ -41,11 +44,17 @@ PIL_Image = pytest.importorskip("PIL.Image")
 
 # The server and model fixtures of the integration test (a second server for this module; stopped at its end).
 from test_comfyui_integration import (PACK_DIR_NAME, SIZE, Server, jaq_weights, tiny_models)  # noqa: E402,F401
+from node_texts import plain_words_problems  # noqa: E402
 
 WORKFLOWS = REPO / "workflows"
 TEMPLATES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-SHOTS = Path(os.environ.get("QSCHED_SCREENSHOTS", REPO / "docs" / "img"))
-THUMBS = Path(os.environ["QSCHED_SCREENSHOTS"]) if os.environ.get("QSCHED_SCREENSHOTS") else WORKFLOWS
+OUT = Path(os.environ.get("QSCHED_SCREENSHOTS") or tempfile.mkdtemp(prefix="qsched-browser-shots-"))
+if os.environ.get("QSCHED_UPDATE_SCREENSHOTS") == "1":  # explicit opt-in: the tracked pictures
+    SHOTS, THUMBS = REPO / "docs" / "img", WORKFLOWS
+else:
+    SHOTS = THUMBS = OUT
+#: One screenshot per distinct message shown in a node's result box (never in the repository).
+MESSAGES = OUT / "messages"
 WINDOW = (2200, 1350)
 #: The node a template's thumbnail centres on.
 HERO = ("QSchedCalibrate", "QSchedKSampler", "QSchedSampler")
@@ -57,6 +66,8 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_models, jaq_weights):  # noqa: F811
+    for old in (tiny_models / "qsched").glob("browser_*.json"):  # QSCHED_TINY_MODELS may hold an earlier session's
+        old.unlink()
     srv = Server(tmp_path_factory.mktemp("comfy_browser"), tiny_models, jaq_weights).start()
     yield srv
     srv.stop()
@@ -67,6 +78,7 @@ class Page:
 
     def __init__(self, driver, server):
         self.d, self.server = driver, server
+        self.seen: dict[str, str] = {}  # every text shown on a node -> where its screenshot is
 
     def js(self, script: str, *args):
         return self.d.execute_script(script, *args)
@@ -97,8 +109,9 @@ class Page:
             const api = window.comfyAPI.api.api;
             for (const t of ['execution_start', 'execution_success', 'execution_error', 'execution_interrupted'])
                 api.addEventListener(t, e => window.__qs.events.push({type: t, detail: e.detail}));
-            window.__qs.texts = [];
-            api.addEventListener('progress_text', e => window.__qs.texts.push(e.detail));
+            window.__qs.texts = []; window.__qs.alltexts = [];
+            api.addEventListener('progress_text', e => { window.__qs.texts.push(e.detail);
+                                                         window.__qs.alltexts.push(e.detail); });
         """)
         self.wait("return !!window.app.extensionManager?.setting", 60, "the settings")
         # screenshots: text drawn at every zoom they use, no minimap over the graph
@@ -119,6 +132,10 @@ class Page:
             "return await r.text();", name))
         if mutate is not None:
             mutate(wf)
+        return self.load_graph(wf, name)
+
+    def load_graph(self, wf: dict, name: str) -> dict:
+        """Loads a workflow (UI format) as the frontend loads a file; reports node types it does not know."""
         res = self.js_async("""
             window.__qs.events = [];
             const missing = [];
@@ -219,10 +236,28 @@ class Page:
                 const nw = n.size[0] * s, nh = n.size[1] * s;
                 out[n.id] = {type: n.type, text: el.value, state: el.dataset.qschedState || '',
                     visible: st.display !== 'none' && st.visibility !== 'hidden' && r.width > 20 && r.height > 10,
-                    inside: r.left >= nx - 2 && r.right <= nx + nw + 2 && r.top >= ny - 2 && r.bottom <= ny + nh + 2};
+                    inside: r.left >= nx - 2 && r.right <= nx + nw + 2 && r.top >= ny - 2 && r.bottom <= ny + nh + 2,
+                    fits: el.scrollHeight <= el.clientHeight + 1, scroll: [el.scrollHeight, el.clientHeight]};
             }
             return out;
         """)
+
+    def progress_texts(self) -> list[dict]:
+        """The progress lines the server sent (``progress_text``) since the page opened: [{nodeId, text}]."""
+        return self.js("return window.__qs.alltexts")
+
+    def record_messages(self, boxes: dict | None = None):
+        """Keeps every text shown on a node (result boxes and progress lines), with one screenshot per new message
+        of a result box, centred on its node."""
+        boxes = self.result_boxes() if boxes is None else boxes
+        for nid, b in boxes.items():
+            if b["text"] and b["text"] not in self.seen:
+                self.center_on_id(nid, 1.0)
+                shot = MESSAGES / f"{len(self.seen):03d}_{b['type']}.png"
+                self.screenshot(shot)
+                self.seen[b["text"]] = str(shot)
+        for t in self.progress_texts():
+            self.seen.setdefault(t["text"], "(progress line)")
 
     def overlaps(self) -> list[str]:
         """Pairs of nodes whose boxes (title bar included) overlap."""
@@ -250,6 +285,16 @@ class Page:
             c.setDirty(true, true); c.draw(true, true);
         """, zoom)
         time.sleep(0.6)
+
+    def center_on_id(self, nid, zoom: float):
+        self.js("""
+            const n = window.app.graph.getNodeById(Number(arguments[0])) ?? window.app.graph.getNodeById(arguments[0]);
+            const c = window.app.canvas, r = c.canvas.getBoundingClientRect(), s = arguments[1];
+            c.ds.scale = s;
+            c.ds.offset = [r.width / s / 2 - (n.pos[0] + n.size[0] / 2), r.height / s / 2 - (n.pos[1] + n.size[1] / 2)];
+            c.setDirty(true, true); c.draw(true, true);
+        """, str(nid), zoom)
+        time.sleep(0.4)
 
     def center_on(self, types: tuple, zoom: float):
         """Centres the view on the first node of the first type in ``types`` that the graph has."""
@@ -416,6 +461,7 @@ def test_tiny_run_shows_every_text_result_on_its_node(page, name):
             assert node_type in shown, f"{name}: no result box on {node_type}"
     for nid, b in boxes.items():
         assert b["state"] == "result" and b["visible"] and b["inside"], (name, b)
+        assert b["fits"], (name, b["type"], b["scroll"], b["text"])  # the whole text shows: nothing to scroll
         want = EXPECTED_TEXT.get(b["type"])
         if want:
             assert want in b["text"], (name, b)
@@ -427,6 +473,7 @@ def test_tiny_run_shows_every_text_result_on_its_node(page, name):
     for nid, out in entry["outputs"].items():
         if classes[nid].startswith("QSched"):
             assert "images" not in out, f"{name}: {classes[nid]} draws its own images"
+    page.record_messages(boxes)
     page.close_dialogs()
     page.fit_view()
     page.screenshot(SHOTS / f"{name}_run.png")
@@ -446,12 +493,13 @@ BAD_INPUT = {
                                    "no_such_flux.safetensors", "queue"),
     "QSchedCoefficients": ("qsched_sdxl_turbo_w4a8", {"QSchedCoefficients": {"c_x_override": "1.0, abc"}},
                            "input 'c_x_override'", "queue"),
-    "QSchedKSampler": ("qsched_sdxl_turbo_w4a8", {"QSchedKSampler": {"steps": 3}}, "input 'coefficients'", "run"),
-    #  (the KSampler's steps unlinked from the coefficients' steps output first: _unlink_steps)
+    "QSchedKSampler": ("qsched_sdxl_turbo_w4a8", {"QSchedKSampler": {"steps": 3}}, "input 'steps'", "queue"),
+    #  (the KSampler's steps unlinked from the coefficients' steps output first: _unlink_steps; the graph check
+    #  refuses it on queue, on the KSampler)
     "QSchedSampler": ("qsched_flux_schnell_w4a8", {"QSchedSampler": {"sampler_name": "tcd"}},
                       "input 'sampler_name'", "run"),
-    "QSchedScheduler": ("qsched_flux_schnell_w4a8", {"QSchedScheduler": {"scheduler": "lcm"}},
-                        "input 'scheduler'", "run"),
+    "QSchedScheduler": ("qsched_flux_schnell_w4a8", {"QSchedScheduler": {"family": "lcm"}},
+                        "input 'family'", "run"),
     "QSchedJAQLoader": ("qsched_sdxl_turbo_w4a8_calibrate", {"QSchedJAQLoader": {"tc_weights": "no_such_clip.pt"}},
                         "input 'tc_weights'", "queue"),
     "QSchedJAQScore": ("qsched_sdxl_turbo_w4a8_calibrate", {"QSchedJAQScore": {"prompts": "  "}},
@@ -467,9 +515,9 @@ BAD_INPUT = {
 }
 
 
-def _unlink_steps(wf: dict) -> None:
-    """The KSampler's steps as a plain widget again (not fed by the coefficients' steps output)."""
-    ks = next(n for n in wf["nodes"] if n["type"] == "QSchedKSampler")
+def _unlink_steps(wf: dict, node_type: str = "QSchedKSampler") -> None:
+    """The node's steps as a plain widget again (not fed by the coefficients' steps output)."""
+    ks = next(n for n in wf["nodes"] if n["type"] == node_type)
     inp = next(i for i in ks["inputs"] if i["name"] == "steps")
     wf["links"] = [link for link in wf["links"] if link[0] != inp["link"]]
     for n in wf["nodes"]:
@@ -541,6 +589,8 @@ def test_bad_input_message_once_on_its_node(page, node_type):
     box = boxes.get(str(target)) or boxes.get(target)
     assert box and box["state"] == "error" and box["visible"], (node_type, boxes)
     assert box["text"].count(text) == 1 and box["text"].count("⚠") == 1, (node_type, box["text"])
+    assert box["fits"], (node_type, box["scroll"], box["text"])
+    page.record_messages(boxes)
     others = [b for k, b in boxes.items() if str(k) != str(target) and b["state"] == "error"]
     assert not others, (node_type, others)
     assert page.overlaps() == [], f"{node_type}: the message pushed the node over another"
@@ -576,17 +626,36 @@ def test_calibration_progress_cancel_and_resume_on_the_node(page):
     assert texts[0].startswith("starting: 9 points x 3 prompts = 27 images (budget 27)"), texts
     assert any(t.startswith("[1/9 points]") for t in texts), texts  # a grid: exact, not "~65"
     last = texts[-1]
-    assert last.startswith("interrupted — queue again to resume (") and "points kept)" in last, texts
+    assert last.startswith("interrupted — queue again to resume (") and "kept in the record " in last, texts
     shown = page.js("const n = window.app.graph.getNodeById(arguments[0]);"
                     "return n.widgets.find(w => w.name === '$$node-text-preview')?.value", cal)
     assert shown == last, (shown, last)
     kept = int(last.split("(")[1].split()[0])
-    page.center_on(("QSchedCalibrate",), 0.9)
-    page.screenshot(SHOTS / "calibrate_interrupted.png")
     ev = page.queue(fresh=False)
     assert ev["type"] == "execution_success", ev
     box = next(b for b in page.result_boxes().values() if b["type"] == "QSchedCalibrate")
     assert f"({kept} from the record, {9 - kept} computed now)" in box["text"], box["text"]
+    assert "preset: " in box["text"] and "record: " in box["text"] and box["fits"], box
+    page.record_messages()
+
+    # A new calibration (another seed) on the same node: the finished run's summary disappears when it starts, and
+    # after Cancel the node shows only the points kept and the record.
+    page.set_widgets("QSchedCalibrate", base_seed=7)
+    page.js("window.__qs.events = []; window.__qs.texts = []; window.app.queuePrompt(0, 1);")
+    page.wait("return window.__qs.texts.some(x => String(x.nodeId) === arguments[0] && x.text.startsWith('[1/'))"
+              .replace("arguments[0]", json.dumps(str(cal))), 900, "the first point of the new calibration")
+    assert [b for b in page.result_boxes().values() if b["type"] == "QSchedCalibrate"] == [], "stale summary shown"
+    page.js_async("await window.comfyAPI.api.api.interrupt(); return true;")
+    page.wait("return window.__qs.events.some(e => e.type === 'execution_interrupted' || e.type === 'execution_error')",
+              300, "the interrupt")
+    time.sleep(1.0)
+    assert [b for b in page.result_boxes().values() if b["type"] == "QSchedCalibrate"] == [], "stale summary shown"
+    shown = page.js("const n = window.app.graph.getNodeById(arguments[0]);"
+                    "return n.widgets.find(w => w.name === '$$node-text-preview')?.value", cal)
+    assert shown.startswith("interrupted — queue again to resume (") and "kept in the record " in shown, shown
+    page.center_on(("QSchedCalibrate",), 0.9)
+    page.screenshot(SHOTS / "calibrate_interrupted.png")
+    page.record_messages()
 
 
 def test_preset_nodes_show_their_results(page):
@@ -602,6 +671,166 @@ def test_preset_nodes_show_their_results(page):
     for node_type, b in boxes.items():
         assert b["visible"] and b["inside"] and EXPECTED_TEXT[node_type] in b["text"], b
     assert str(page.server.models / "qsched" / "browser_copy.json") in boxes["QSchedSavePreset"]["text"]
+    # the new preset is in Load Preset's list at once (no 'r')
+    options = page.js("return window.app.graph._nodes.find(n => n.type === 'QSchedLoadPreset')"
+                      ".widgets.find(w => w.name === 'preset').options.values")
+    assert "browser_copy.json" in options, options
     page.fit_view(1.0)
     page.screenshot(SHOTS / "presets_run.png")
 
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the graph-wide steps check, preset compatibility, Calibrate's overwrite switch and cost gate
+# ------------------------------------------------------------------------------------------------------------------
+def _error_box(page: Page, node_type: str) -> dict:
+    page.close_dialogs()
+    box = next((b for b in page.result_boxes().values() if b["type"] == node_type), None)
+    assert box and box["state"] == "error" and box["visible"] and box["fits"], (node_type, box)
+    assert box["text"].count("⚠") == 1, box["text"]
+    page.record_messages()
+    return box
+
+
+def test_flux_steps_mismatch_is_refused_on_queue_on_the_scheduler(page):
+    """The coefficients make 4 steps, Q-Sched Scheduler is set to 3: refused when queued (before any model loads),
+    on Q-Sched Scheduler's steps, with the fix named; no other node is blamed."""
+    name = "qsched_flux_schnell_w4a8"
+    page.load_template(name, lambda wf: (TINY[name][1](wf), _unlink_steps(wf, "QSchedScheduler")))
+    for t, values in TINY[name][0].items():
+        page.set_widgets(t, **values)
+    page.set_widgets("QSchedScheduler", steps=3)
+    target = page.js("return window.app.graph._nodes.find(n => n.type === 'QSchedScheduler').id")
+    ev = page.queue()
+    assert ev["type"] == "node_errors", ev
+    assert list(ev["detail"]) == [str(target)], ev["detail"]
+    assert len(ev["detail"][str(target)]["errors"]) == 1, ev["detail"]
+    box = _error_box(page, "QSchedScheduler")
+    assert "input 'steps': runs 3 steps" in box["text"] and "set steps to 4" in box["text"], box["text"]
+    page.center_on(("QSchedScheduler",), 1.0)
+    page.screenshot(SHOTS / "steps_mismatch_flux.png")
+
+
+def _preset_instead_of_coefficients(wf: dict, preset: str) -> None:
+    """The template's Q-Sched Coefficients replaced by Q-Sched Load Preset (same output slots, same links)."""
+    n = next(n for n in wf["nodes"] if n["type"] == "QSchedCoefficients")
+    n.update(type="QSchedLoadPreset", widgets_values=[preset], inputs=[], size=[340, 110])
+
+
+def test_preset_made_for_another_precision_warns_on_load_preset(page):
+    """A preset records what it was calibrated for; used with another precision and sampler, Load Preset says so once
+    per difference, naming both values, and still runs. Also: CUDA Graph on the CPU says it does nothing."""
+    meta = {"family": "BaseModel", "quant": "w8a8", "sampler": "euler", "steps": 4,
+            "sampling": {"sampler": "euler", "width": 64, "height": 64, "model_class": "BaseModel"}}
+    (page.server.models / "qsched" / "browser_w8a8.json").write_text(json.dumps(
+        {"format": "qsched-coefficients", "version": 1, "steps": 4, "c_x": [0.97, 0.98, 0.99, 1.0],
+         "c_eps": [1.03, 1.02, 1.01, 1.0], "metadata": meta}))
+    page.server.post("/free", {"free_memory": True, "unload_models": True})
+    page.js_async("await window.app.refreshComboInNodes(); return true;")
+    name = "qsched_sdxl_turbo_w4a8"
+    page.load_template(name, lambda wf: _preset_instead_of_coefficients(wf, "browser_w8a8.json"))
+    for t, values in TINY[name][0].items():
+        page.set_widgets(t, **values)
+    page.js("""
+        const LG = window.LiteGraph, g = window.app.graph;
+        const loader = g._nodes.find(n => n.type === 'QSchedCheckpointLoader');
+        const ks = g._nodes.find(n => n.type === 'QSchedKSampler');
+        const cg = LG.createNode('QSchedCudaGraph');
+        cg.pos = [loader.pos[0], loader.pos[1] - 160]; g.add(cg);
+        loader.connect(0, cg, 0); cg.connect(0, ks, 0);
+        window.app.canvas.setDirty(true, true);
+    """)
+    ev = page.queue()
+    assert ev["type"] == "execution_success", (ev, page.server.log_text()[-3000:])
+    boxes = {b["type"]: b for b in page.result_boxes().values()}
+    lp = boxes["QSchedLoadPreset"]
+    warnings = [ln for ln in lp["text"].splitlines() if ln.startswith("⚠")]
+    assert len(warnings) == 2, lp["text"]
+    assert any("precision w8a8" in w and "uses w4a8" in w for w in warnings), warnings
+    assert any("sampler euler," in w and "uses euler_ancestral" in w for w in warnings), warnings
+    assert lp["fits"] and boxes["QSchedCudaGraph"]["fits"], boxes
+    assert boxes["QSchedCudaGraph"]["text"].startswith("no CUDA GPU"), boxes["QSchedCudaGraph"]
+    page.record_messages()
+    page.center_on(("QSchedLoadPreset",), 1.0)
+    page.screenshot(SHOTS / "preset_warning.png")
+
+
+def test_calibrate_refuses_to_overwrite_a_preset_it_did_not_make(page):
+    (page.server.models / "qsched" / "browser_good.json").write_text(
+        '{"format": "qsched-coefficients", "version": 1, "steps": 2, "c_x": [0.9, 1.0], "c_eps": [1.1, 1.0]}')
+    name = "qsched_sdxl_turbo_w4a8_calibrate"
+    page.load_template(name)
+    for t, values in TINY[name][0].items():
+        page.set_widgets(t, **values)
+    page.set_widgets("QSchedCalibrate", preset_name="browser_good")
+    target = page.js("return window.app.graph._nodes.find(n => n.type === 'QSchedCalibrate').id")
+    ev = page.queue()
+    assert ev["type"] == "execution_error" and str(ev["detail"]["node_id"]) == str(target), ev
+    box = _error_box(page, "QSchedCalibrate")
+    path = str(page.server.models / "qsched" / "browser_good.json")
+    assert "input 'overwrite'" in box["text"] and path in box["text"] and "turn overwrite on" in box["text"].lower()
+    assert json.loads(Path(path).read_text())["steps"] == 2  # untouched
+
+
+def test_calibration_longer_than_max_minutes_stops_and_asks(page):
+    """A grid of 1682 points (3364 images) with max_minutes 1: the node stops after its first point, says the
+    estimate and the value to set; the point is kept."""
+    name = "qsched_sdxl_turbo_w4a8_calibrate"
+    page.load_template(name)
+    for t, values in TINY[name][0].items():
+        page.set_widgets(t, **values)
+    page.set_widgets("QSchedCalibrate", strategy="grid", points=41, budget=4000, max_minutes=1,
+                     preset_name="browser_gate")
+    target = page.js("return window.app.graph._nodes.find(n => n.type === 'QSchedCalibrate').id")
+    page.js("window.__qs.texts = [];")
+    ev = page.queue()
+    assert ev["type"] == "execution_error" and str(ev["detail"]["node_id"]) == str(target), ev
+    box = _error_box(page, "QSchedCalibrate")
+    assert "input 'max_minutes': this calibration needs about" in box["text"], box["text"]
+    assert "set max_minutes to" in box["text"] and "1 point kept" in box["text"], box["text"]
+    texts = [t["text"] for t in page.js("return window.__qs.texts") if str(t["nodeId"]) == str(target)]
+    assert texts[-1].startswith("stopped before a long run — 1 point kept in the record "), texts
+    page.center_on(("QSchedCalibrate",), 0.9)
+    page.screenshot(SHOTS / "calibrate_cost_gate.png")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "tests" / "data" / "workflows_saved_earlier").glob("*.json")),
+                         ids=lambda p: p.stem)
+def test_workflow_saved_before_new_inputs_loads_with_their_defaults(page, path):
+    """Widget values are stored by position: a workflow saved before Calibrate had overwrite / max_minutes loads
+    every saved value where it was, and the new widgets at their defaults."""
+    page.close_dialogs()
+    wf = json.loads(path.read_text())
+    res = page.load_graph(wf, path.stem)
+    assert not res["missing"], res
+    got = page.js("return Object.fromEntries(window.app.graph._nodes.map(n => [n.id, "
+                  "(n.widgets || []).filter(w => w.serialize !== false && w.name !== 'qsched_result')"
+                  ".map(w => w.value)]))")
+    for node in wf["nodes"]:
+        saved = node.get("widgets_values")
+        if not saved or node["type"] in ("Note", "MarkdownNote"):
+            continue
+        have = got[str(node["id"])]
+        assert have[:len(saved)] == saved, (path.stem, node["type"])
+        assert have[len(saved):] == ([False, 30] if node["type"] == "QSchedCalibrate" else []), node["type"]
+
+
+def test_help_pages_load_without_a_missing_file(page):
+    """The frontend asks for docs/<node>/<locale>.md first: every node's page is there (no 404 before the help)."""
+    from qsched_pack.nodes import NODE_CLASS_MAPPINGS
+
+    status = page.js_async("const out = {}; for (const n of args[0]) { const r = await fetch("
+                           f"'/extensions/{PACK_DIR_NAME}/docs/' + n + '/en.md'); "
+                           "out[n] = [r.status, (await r.text()).slice(0, 2)]; } return out;",
+                           sorted(NODE_CLASS_MAPPINGS))
+    assert all(v == [200, "# "] for v in status.values()), status
+
+
+def test_every_node_text_is_plain_words(page):
+    """Every text the suite saw on a node (results, errors, progress lines; one screenshot each in
+    SHOTS/messages): no Python repr, no hash longer than 12 characters, no source path. Runs last."""
+    page.record_messages()
+    assert len(page.seen) >= 20, sorted(page.seen)
+    problems = {text: plain_words_problems(text) for text in page.seen}
+    assert {t: p for t, p in problems.items() if p} == {}
+    print(f"\nscreenshots: {SHOTS}; one per node message: {MESSAGES} ({len(page.seen)} node texts)")

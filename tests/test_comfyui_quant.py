@@ -95,6 +95,11 @@ def test_cuda_graph_node_is_a_noop_on_the_cpu(quant_env):
     assert set(r) == {"sd", "flux"}
 
 
+def test_sage_attention_option_is_wired_into_comfyui(quant_env):
+    r = check(quant_env, "attention")
+    assert 0 < r["flux"]["sage"] and 0 < r["sd"]["sage"] < r["sd"]["seen"], r
+
+
 @pytest.mark.skipif(not os.environ.get("QSCHED_GGUF_NODES"), reason="QSCHED_GGUF_NODES (a checkout of "
                     "city96/ComfyUI-GGUF, folder name a Python identifier) not set; needs the gguf package")
 def test_qsched_nodes_on_a_gguf_model(quant_env):

@@ -15,9 +15,8 @@ from qsched_pack.calibration.shapeworld import experiment as E
 from qsched_pack.calibration.shapeworld.world import ShapeWorld
 from qsched_pack.qsched import Coefficients
 
-# 1 seed, 1 evaluation image per prompt, a 5x5 lattice, 600-image budget, 2 steps
-REDUCED = ["--seeds", "0", "--per-prompt", "1", "--points", "5", "--budget", "600", "--grid-images", "1",
-           "--steps", "2"]
+# the default objective (reference) on 1 seed, 1 evaluation image per prompt, 2 steps
+REDUCED = ["--seeds", "0", "--per-prompt", "1", "--grid-images", "1", "--steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +35,37 @@ def demo(tmp_path_factory):
 
 
 def test_default_demo_is_the_shape_world_and_writes_every_file(demo):
+    """The default objective (reference): rows per prompt set, the table's held-out rows first, the summary read on
+    the held-out prompts, the preset the row's coefficients."""
     out, printed = demo
-    assert "shape world" in printed and "flow family, W4A8, 2 steps" in printed
-    for f in ("table.md", "results.json", "grid.png", "landscape.png", "preset.json"):
+    assert "shape world" in printed and "flow family, W4A8, 2 steps" in printed and "held-out prompts" in printed
+    for f in ("table.md", "results.json", "grid.png", "preset.json"):
         assert (out / f).stat().st_size > 0, f
+    assert not (out / "landscape.png").exists()  # no search to draw
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["objective"] == "reference"
+    assert {(x["method"], x["prompts"]) for x in res["rows"]} == {
+        (m, p) for m in ("fp", "naive", "ptqd", "qsched-reference") for p in ("calibration", "heldout")}
+    q = [x for x in res["rows"] if x["method"] == "qsched-reference"]
+    assert all(x["images"] == 32 and len(x["c_x"]) == 2 and "acceptance" in x for x in q)
+    preset = Coefficients.load(out / "preset.json")
+    assert list(preset.c_x) == q[0]["c_x"] and preset.metadata["objective"] == "reference"
+    table = (out / "table.md").read_text()
+    first = [ln for ln in table.splitlines() if ln.startswith("| heldout") or ln.startswith("| calibration")]
+    assert first[0].startswith("| heldout | FP32 | fp |") and len(first) == 8
+    assert "on the 20 held-out prompts" in table
+
+
+def test_demo_jaq_objective_keeps_the_papers_search(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--objective", "jaq", "--seeds", "0", "--per-prompt", "1", "--points", "5",
+            "--budget", "600", "--grid-images", "1", "--steps", "2"]
+    assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert {x["method"] for x in res["rows"]} == {"fp", "naive", "ptqd", "qsched-zoom"}
     q = next(x for x in res["rows"] if x["method"] == "qsched-zoom")
     assert q["images"] <= 600 and len(q["c_x"]) == 2
+    assert (out / "landscape.png").is_file()
 
 
 def _tile(path, layout, row, col, i):
@@ -65,7 +87,7 @@ def test_demo_preset_is_the_searched_best_and_the_grid_shows_each_models_images(
     from PIL import Image
 
     out, _ = demo
-    q = next(x for x in json.loads((out / "results.json").read_text())["rows"] if x["method"] == "qsched-zoom")
+    q = next(x for x in json.loads((out / "results.json").read_text())["rows"] if x["method"] == "qsched-reference")
     preset = Coefficients.load(out / "preset.json")
     assert list(preset.c_x) == q["c_x"] and list(preset.c_eps) == q["c_eps"]
     world = ShapeWorld.load(None)
@@ -92,6 +114,8 @@ def test_demo_preset_is_the_searched_best_and_the_grid_shows_each_models_images(
     (["--budget", "900", "--no-budget"], "give --budget or --no-budget, not both"),
     (["--per-prompt", "2", "--grid-images", "3"], "grid images per prompt must be in [1, per-prompt = 2]"),
     (["--family", "sdxl"], "invalid choice: 'sdxl'"),
+    (["--random-models", "--objective", "jaq"], "--objective only apply to the trained-model demo"),
+    (["--objective", "reference", "--guard"], "--guard applies to --objective jaq"),
 ])
 def test_demo_bad_options_fail_before_anything_is_written(tmp_path, capsys, argv, msg):
     try:

@@ -299,3 +299,389 @@ def test_one_confinement_function_serves_every_named_file():
         if re.search(r"get_full_path\(\s*QSCHED_FOLDER", text):
             users.append(("bypasses", rel))
     assert users == [("defines", "qsched/_io.py")], users
+
+
+# ------------------------------------------------------------------ the TorchScript reader allocates what it read
+def _claim_size(archive: Path, out: Path, claim: int) -> str:
+    """A copy of ``archive`` whose central directory claims ``claim`` bytes for its largest storage entry (the
+    bytes themselves are unchanged): the 404-byte-archive-claims-4-GB attack, on a real file."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(archive) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(archive.read_bytes())
+    pos = 0
+    while True:
+        pos = data.find(b"PK\x01\x02", pos)
+        assert pos >= 0
+        n = struct.unpack_from("<H", data, pos + 28)[0]
+        if data[pos + 46:pos + 46 + n].decode() == info.filename:
+            break
+        pos += 4
+    struct.pack_into("<I", data, pos + 24, claim)  # uncompressed size in the central directory
+    out.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_torchscript_reader_never_allocates_what_a_header_claims(tmp_path):
+    import tracemalloc
+
+    from jaq_fixtures import save_openai_torchscript
+
+    from qsched_pack.calibration.metrics import WeightFileError
+    from qsched_pack.calibration.metrics.safe_load import read_weights
+
+    good = save_openai_torchscript(tmp_path / "good.pt", "rn", seed=1)
+    _claim_size(Path(good), tmp_path / "RN50.pt", 1 << 30)  # claims 1 GiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(WeightFileError, match=r"RN50\.pt"):
+            read_weights(tmp_path / "RN50.pt", "CLIP RN50")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB allocated for a {os.path.getsize(tmp_path / 'RN50.pt')}-byte file"
+
+
+def test_torchscript_reader_refuses_compressed_storages(tmp_path):
+    import zipfile
+
+    from jaq_fixtures import save_openai_torchscript
+
+    from qsched_pack.calibration.metrics import WeightFileError
+    from qsched_pack.calibration.metrics.safe_load import read_weights
+
+    good = tmp_path / "good.pt"
+    save_openai_torchscript(good, "rn", seed=1)
+    out = tmp_path / "RN50.pt"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(out, "w") as zout:
+        for item in zin.infolist():
+            zout.writestr(item.filename, zin.read(item), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(WeightFileError, match=r"RN50\.pt.*compressed"):
+        read_weights(out, "CLIP RN50")
+
+
+# ------------------------------------------------------------------ YAML: no aliases, no huge messages
+# one entry holding a chain of aliases, each 9 x the one before (the audit's 343-byte bomb had 9 levels and ran
+# > 120 s to 1.5 GB formatting the expanded value; 5 levels keep the unfixed run short enough to see it fail)
+BOMB = "p: [&a [x, x, x, x, x, x, x, x, x], " + ", ".join(
+    f"&{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(4)) + "]\n"
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    from qsched_pack.calibration.prompts import load_prompts
+
+    f = tmp_path / "bomb.yaml"
+    f.write_text(BOMB)
+    assert len(BOMB) < 400
+    with pytest.raises(ValueError) as exc:
+        load_prompts(f)
+    msg = str(exc.value)
+    assert "bomb.yaml" in msg and "alias" in msg and len(msg) < 600, msg[:300]
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".yaml", "a: " + str(list(range(20000))) + "\n"),
+    (".json", json.dumps({"a": "x", "b": list(range(20000))})),
+    (".json", json.dumps(["ok", {"k" * 5000: 1}])),
+])
+def test_prompt_file_errors_never_format_a_huge_value(tmp_path, suffix, text):
+    from qsched_pack.calibration.prompts import load_prompts
+
+    f = tmp_path / f"p{suffix}"
+    f.write_text(text)
+    with pytest.raises(ValueError) as exc:
+        load_prompts(f)
+    assert str(f) in str(exc.value) and len(str(exc.value)) < 600, str(exc.value)[:300]
+
+
+# ------------------------------------------------------------------ FIFOs never hang the CLI
+def _cli(args, timeout=120):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "import sys; from qsched_pack.calibration.app.cli import main; "
+                           "sys.exit(main(sys.argv[1:]))", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("case", ["prompts", "preset", "image"])
+def test_fifo_inputs_are_refused_not_waited_on(tmp_path, case):
+    fifo = tmp_path / {"prompts": "p.txt", "preset": "p.json", "image": "a.png"}[case]
+    os.mkfifo(fifo)
+    args = {"prompts": ["calibrate", "--model", str(tmp_path), "--prompts", str(fifo), "--out", str(tmp_path / "o")],
+            "preset": ["sample", "--model", str(tmp_path), "--preset", str(fifo), "--prompt", "a"],
+            "image": ["score", str(fifo), "--prompt", "a"]}[case]
+    r = _cli(args, timeout=90)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and str(fifo) in r.stderr and "not a regular file" in r.stderr, r.stderr
+
+
+def test_decompression_bomb_png_is_a_clean_error(tmp_path):
+    """A PNG whose header claims 30000 x 30000 pixels (900 Mpx; a few KiB of zeros)."""
+    import struct
+    import zlib
+
+    w = h = 30000
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\0" * (w // 8 + 1)
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(200)) + comp.flush()  # truncated data: never decoded
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+           + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    (tmp_path / "bomb.png").write_bytes(png)
+    from qsched_pack.calibration.plots import load_images
+
+    with pytest.raises(ValueError, match=r"bomb\.png: the image has more than .* pixels"):
+        load_images([str(tmp_path / "bomb.png")])
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"junk\.png: not a readable image"):
+        load_images([str(tmp_path / "junk.png")])
+
+
+# ------------------------------------------------------------------ pre-quantized files: header and tensors checked
+def _prequant_file(tmp_path, fmt="w4a8"):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qsched_pack.calibration.app.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    src, out = tmp_path / "src.safetensors", tmp_path / f"q-{fmt}.safetensors"
+    save_file({"blocks.0.qkv.weight": (torch.randn(192, 64, generator=g) / 8).to(torch.bfloat16),
+               "blocks.0.qkv.bias": torch.zeros(192, dtype=torch.bfloat16),
+               "blocks.0.mlp.weight": (torch.randn(128, 64, generator=g) / 8).to(torch.bfloat16)}, str(src))
+    assert main(["quantize", str(src), str(out), "--format", fmt, "--device", "cpu"]) == 0
+    with safe_open(str(out), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _write(path, meta, tensors):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=meta)
+    return str(path)
+
+
+def _load_prequant(path):
+    from qsched_pack.qsched.quant import prequant
+
+    meta = prequant.read_metadata(path)
+    return prequant.comfy_state_dict(path, meta)
+
+
+@pytest.mark.parametrize("layers, expected", [
+    ("[]", "layers"), ("null", "layers"), ("3", "layers"), ('"x"', "layers"),
+    ('{"blocks.0.qkv": {"group_size": 64, "shape": [192, 64], "dtype": "bfloat16"}}', "format"),
+    ('{"blocks.0.qkv": {"format": "w4a8", "group_size": 64, "shape": [192.0, 64], "dtype": "bfloat16"}}', "shape"),
+    ('{"blocks.0.qkv": {"format": "w4a8", "group_size": 64, "shape": ["192", "64"], "dtype": "bfloat16"}}', "shape"),
+    ('{"blocks.0.qkv": {"format": "w4a8", "group_size": 64, "shape": [true, 64], "dtype": "bfloat16"}}', "shape"),
+    ('{"blocks.0.qkv": {"format": "w4a8", "group_size": 64, "shape": [-192, 64], "dtype": "bfloat16"}}', "shape"),
+    ('{"blocks.0.qkv": {"format": "bogus", "group_size": 64, "shape": [192, 64], "dtype": "bfloat16"}}', "format"),
+    ('{"blocks.0.qkv": {"format": "w4a8", "group_size": "64", "shape": [192, 64], "dtype": "bfloat16"}}', "group"),
+    ('{"blocks.0.qkv": {"format": "w4a8", "group_size": 64, "shape": [192, 64], "dtype": "int8"}}', "dtype"),
+    ('{"blocks.0.qkv": []}', "blocks.0.qkv"),
+])
+def test_prequantized_header_fields_are_checked(tmp_path, layers, expected):
+    meta, tensors = _prequant_file(tmp_path)
+    meta["qsched.layers"] = layers
+    path = _write(tmp_path / "bad.safetensors", meta, tensors)
+    with pytest.raises(ValueError, match=rf"bad\.safetensors.*{expected}") as exc:
+        _load_prequant(path)
+    assert len(str(exc.value)) < 600
+
+
+@pytest.mark.parametrize("fmt, tensor, dtype", [
+    ("w4a8", "qweight", torch.float32), ("w4a8", "qweight", torch.int32), ("w4a8", "qweight", torch.int8),
+    ("w4a8", "weight_scale", torch.int8), ("w4a8", "weight_scale", torch.float64),
+    ("w8a8", "qweight", torch.float32), ("w8a8", "qweight", torch.uint8), ("w8a8", "weight_scale", torch.int8),
+    ("w8a8-fp8", "qweight", torch.int8), ("w4a8-fp8", "weight_exp", torch.float32),
+    ("w4a8", "bias", torch.int8),
+])
+def test_prequantized_tensor_dtypes_are_checked_against_the_format(tmp_path, fmt, tensor, dtype):
+    """Wrong dtypes used to load: float32/int32 codes crashed at sampling, int8 scales silently changed the output."""
+    meta, tensors = _prequant_file(tmp_path, fmt)
+    key = f"blocks.0.qkv.{tensor}"
+    assert key in tensors and tensors[key].dtype != dtype
+    t = tensors[key]
+    tensors[key] = (t.float() if t.dtype == torch.float8_e4m3fn else t).to(dtype)
+    path = _write(tmp_path / "bad.safetensors", meta, tensors)
+    with pytest.raises(ValueError, match=rf"bad\.safetensors.*blocks\.0\.qkv\.{tensor}.*{str(dtype)[6:]}"):
+        _load_prequant(path)
+
+
+@pytest.mark.parametrize("tensor, shape", [("qweight", (192, 64)), ("weight_scale", (192, 2)), ("bias", (64,))])
+def test_prequantized_tensor_shapes_are_checked_against_the_header(tmp_path, tensor, shape):
+    meta, tensors = _prequant_file(tmp_path)
+    key = f"blocks.0.qkv.{tensor}"
+    tensors[key] = torch.zeros(shape, dtype=tensors[key].dtype)
+    path = _write(tmp_path / "bad.safetensors", meta, tensors)
+    with pytest.raises(ValueError, match=rf"bad\.safetensors.*blocks\.0\.qkv\.{tensor}.*shape"):
+        _load_prequant(path)
+
+
+@pytest.mark.parametrize("fmt", ["w8a8", "w8a8-fp8", "w4a8", "w4a4", "w8a16", "w4a16", "w4a8-fp8"])
+def test_expected_tensors_rule_matches_what_the_quantizer_writes(fmt):
+    """The validation rule and the writer cannot drift apart: every tensor quantize_linear_weight makes is what
+    prequant.expected_tensors demands, for even and odd in_features."""
+    from qsched_pack.qsched.quant import prequant
+    from qsched_pack.qsched.quant.swap import layer_kernel
+    from qsched_pack.qsched.quant.layers import quantize_linear_weight
+    from qsched_pack.qsched.quant.spec import QuantSpec
+
+    spec = QuantSpec.parse(fmt)
+    for n, k in ((48, 256), (40, 64)):
+        kernel, group, _ = layer_kernel(spec, "native", k, n, False)
+        q = quantize_linear_weight(torch.randn(n, k), spec, kernel, group)
+        names = {"qweight": "qweight", "wscale": "weight_scale", "wsum": "weight_sum", "wexp": "weight_exp"}
+        got = {names[key]: (v.dtype, tuple(v.shape)) for key, v in q.items()}
+        want = prequant.expected_tensors(fmt, group, n, k)
+        assert {key: want[key] for key in got} == got
+
+
+# ------------------------------------------------------------------ no code from a model folder
+EVIL = '''
+import pathlib
+pathlib.Path({target!r}).write_text("code from the model folder ran")
+class EvilUNet:
+    pass
+'''
+
+
+def _evil_folder(tiny_pipelines, tmp_path, library="evilmod"):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipelines["sdxl"], model)
+    target = tmp_path / "pwned"
+    index = json.loads((model / "model_index.json").read_text())
+    index["unet"] = [library, "EvilUNet"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    (model / "unet" / f"{library}.py").write_text(EVIL.format(target=str(target)))
+    return model, target
+
+
+def test_installed_diffusers_refuses_component_code_without_trust_remote_code(tiny_pipelines, tmp_path):
+    """The dependency guard: the diffusers this pack requires (>= 0.38) does not import <component>/<library>.py
+    from a model folder unless trust_remote_code is set (0.32-0.37 did; see docs/security.md)."""
+    import diffusers
+    from packaging.version import Version
+
+    from qsched_pack.qsched._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    assert Version(diffusers.__version__) >= Version("0.38")
+    model, target = _evil_folder(tiny_pipelines, tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        diffusers.DiffusionPipeline.from_pretrained(str(model), local_files_only=True)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("library", ["evilmod", "diffusers"])
+def test_pack_refuses_a_model_folder_holding_component_code(tiny_pipelines, tmp_path, capsys, library):
+    """The pack's own guard (independent of the diffusers version): a component folder with Python code, or a
+    library that is not diffusers/transformers, is refused before diffusers is called."""
+    from qsched_pack.calibration.app.cli import main
+
+    model, target = _evil_folder(tiny_pipelines, tmp_path, library)
+    assert main(["calibrate", "--model", str(model), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "unet" in err and "never runs code from a model folder" in err, err
+    assert not target.exists()
+
+
+def test_requirements_demand_loaders_that_cannot_run_code():
+    root = Path(__file__).resolve().parents[1]
+    for f in ("requirements.txt", "pyproject.toml"):
+        text = (root / f).read_text()
+        assert "diffusers>=0.38" in text, f
+        assert "torch>=2.6" in text, f
+
+
+# ------------------------------------------------------------------ clean errors instead of tracebacks
+@pytest.mark.parametrize("index, expected", [
+    ("[1, 2]", "must be a JSON object"), ('"x"', "must be a JSON object"),
+    ("[" * 100 + "]" * 100, "nested"), ('{"_class_name": "NoSuchPipeline"}', "NoSuchPipeline"),
+    ('{"_class_name": "os.system"}', "_class_name must name a diffusers pipeline"),
+    ('{"_class_name": "Path"}', "not a diffusers pipeline"),
+    ('{"_class_name": ["evil", "X"]}', "_class_name"),
+    ('{"_class_name": "StableDiffusionXLPipeline", "../../x": ["diffusers", "UNet2DConditionModel"]}', "../../x"),
+    ('{"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers"]}', "unet"),
+    ('{"_class_name": "StableDiffusionXLPipeline", "unet": ["os", "system"]}', "library 'os'"),
+])
+def test_bad_model_index_is_a_clean_error(tmp_path, capsys, index, expected):
+    from qsched_pack.calibration.app.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text(index)
+    assert main(["calibrate", "--model", str(model), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "model_index.json" in err and expected in err, err
+    assert not (tmp_path / "o" / "record.jsonl").exists()
+
+
+@pytest.mark.parametrize("device", ["bogus", "meta", "cuda:99", "cuda"])
+@pytest.mark.parametrize("command", ["calibrate", "quantize", "score"])
+def test_bad_device_is_refused_before_anything_runs(tmp_path, capsys, device, command):
+    from qsched_pack.calibration.app.cli import main
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")
+    args = {"calibrate": ["calibrate", "--model", str(tmp_path), "--out", str(tmp_path / "o")],
+            "quantize": ["quantize", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")],
+            "score": ["score", str(tmp_path / "a.png"), "--prompt", "x"]}[command]
+    with pytest.raises(SystemExit) as exc:
+        main(args + ["--device", device])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and device.split(":")[0] in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_family_that_does_not_fit_the_pipeline_is_refused_and_leaves_no_record(tiny_pipelines, tmp_path, capsys):
+    from qsched_pack.calibration.app.cli import main
+
+    out = tmp_path / "o"
+    args = ["calibrate", "--model", str(tiny_pipelines["sdxl"]), "--out", str(out), "--device", "cpu",
+            "--size", "64", "--limit", "2", "--budget", "4", "--jaq-weights", str(tmp_path)]
+    assert main(args + ["--family", "flux_schnell"]) == 2
+    err = capsys.readouterr().err
+    assert "flux_schnell" in err and "does not fit" in err and "Traceback" not in err, err
+    assert not (out / "record.jsonl").exists()
+
+
+def test_quantize_never_replaces_its_source(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from qsched_pack.calibration.app.cli import main
+
+    src = tmp_path / "x.safetensors"
+    save_file({"blocks.0.qkv.weight": torch.randn(64, 64).to(torch.bfloat16)}, str(src))
+    before = src.read_bytes()
+    os.symlink(src, tmp_path / "link.safetensors")
+    for out in (src, tmp_path / "link.safetensors", tmp_path / "." / "x.safetensors"):
+        assert main(["quantize", str(src), str(out), "--overwrite", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "source" in err and "Traceback" not in err, err
+        assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
+def test_ctrl_c_or_sigterm_at_any_moment_ends_cleanly(tmp_path, delay):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        p = subprocess.Popen([sys.executable, "-c", "import sys; from qsched_pack.calibration.app.cli import main; "
+                              "sys.exit(main(sys.argv[1:]))", "calibrate", "--model", str(tmp_path / "m"),
+                              "--out", str(tmp_path / "o"), "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        p.send_signal(sig)
+        err = p.communicate(timeout=120)[1]
+        if p.returncode == 2 and "model not found" in err:
+            continue  # finished before the signal came
+        assert p.returncode == code and "Traceback" not in err and "qsched calibrate: " in err, (sig, err)

@@ -72,7 +72,7 @@ def test_schema_is_well_formed(name, folder_paths):
     if validate is not None:
         vparams = inspect.signature(validate).parameters
         assert not any(p.kind == p.VAR_KEYWORD for p in vparams.values()), "**kwargs would disable all built-in checks"
-        all_inputs = {**it["required"], **it.get("optional", {})}
+        all_inputs = {**it["required"], **it.get("optional", {}), **it.get("hidden", {})}
         assert set(vparams) <= set(all_inputs), set(vparams) - set(all_inputs)
         assert all(p.default is None for p in vparams.values()), "linked inputs arrive as missing: default None"
 
@@ -111,7 +111,9 @@ def test_names_and_order_follow_core_ksampler():
     # one kind of name per list: ComfyUI's schedulers on KSampler / Calibrate, the families on Q-Sched Scheduler
     assert sampling.QSchedKSampler.INPUT_TYPES()["required"]["scheduler"][0] == list(sampling.COMFY_SCHEDULERS)
     assert cal["scheduler"][0] == list(sampling.COMFY_SCHEDULERS)
-    assert sampling.QSchedScheduler.INPUT_TYPES()["required"]["scheduler"][0] == list(sampling.FAMILY_SCHEDULES)
+    # ... and on Q-Sched Scheduler the input is called "family": "scheduler" always means ComfyUI's list
+    assert sampling.QSchedScheduler.INPUT_TYPES()["required"]["family"][0] == list(sampling.FAMILY_SCHEDULES)
+    assert "scheduler" not in sampling.QSchedScheduler.INPUT_TYPES()["required"]
     assert not set(sampling.COMFY_SCHEDULERS) & set(sampling.FAMILY_SCHEDULES)
     for cls in (sampling.QSchedKSampler, sampling.QSchedSampler, calibration.QSchedCalibrate):
         tip = cls.INPUT_TYPES()["required"]["eta"][1]["tooltip"]
@@ -278,7 +280,7 @@ def test_help_pages_exist_for_every_node(folder_paths):
 
     docs = Path(__file__).resolve().parents[1] / "web" / "docs"
     for name in NODES:
-        page = docs / f"{name}.md"
+        page = docs / name / "en.md"  # the frontend asks for docs/<node>/<locale>.md first
         assert page.is_file(), page
         text = page.read_text()
         assert text.startswith("# ") and NODE_DISPLAY_NAME_MAPPINGS[name] in text.splitlines()[0]
@@ -457,8 +459,8 @@ def test_calibrate_default_prompts_are_the_20_calibration_prompts():
     (dict(strategy="grid", points=5, budget=49), "budget", "25 points (5^2 grid) x 2 prompts = 50 images"),
     (dict(strategy="grid", points=4, budget=33), "budget", "17 points (4^2 grid + identity) x 2 prompts = 34"),
     (dict(strategy="zoom", budget=10), "budget", "needs at least 26 points"),
-    (dict(range_min=1.2, range_max=0.8), "range_min", "low < high"),
-    (dict(range_min=1.0, range_max=1.0), "range_min", "low < high"),
+    (dict(range_min=1.2, range_max=0.8), "range_min", "must be smaller than range_max"),
+    (dict(range_min=1.0, range_max=1.0), "range_min", "must be smaller than range_max"),
     (dict(range_max=11.0), "range_max", "(0, 10]"),
     (dict(points=1), "points", "[2, 101]"),
     (dict(budget=0), "budget", "[1, 10000000]"),

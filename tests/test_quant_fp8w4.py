@@ -196,11 +196,19 @@ def _traced_targets(model, x):
     return targets, y
 
 
-@pytest.mark.parametrize("fmt,opaque", [("w8a8-fp8", False), ("w4a8-fp8", False), ("w4a8", True), ("w8a8", True)])
-def test_fp8_formats_trace_as_plain_ops_for_inductor(fmt, opaque, monkeypatch):
-    """Under torch.compile the float8 formats are not an opaque custom op: the per-token activation quantization is
-    traced as torch ops (amax, div, clamp, cast to float8) so inductor can fuse it into the op before the Linear;
-    the other formats stay one custom op each. Same numbers as eager; with the switch off, one custom op again."""
+# the GEMM the traced graph holds on the CPU (float8 values in a float32 linear; CUDA: torch._scaled_mm)
+@pytest.mark.parametrize("fmt,gemm", [("w8a8-fp8", "linear"), ("w4a8-fp8", "linear"), ("w4a8", "linear"),
+                                      ("w8a8", "_int_mm"), ("w8a8-asym", "_int_mm")])
+def test_kernel_formats_trace_as_plain_ops_for_inductor(fmt, gemm, monkeypatch):
+    """Under torch.compile the kernel-backed formats are not an opaque custom op: the per-token activation
+    quantization is traced as torch ops (amax, div, clamp, cast) so inductor can fuse it into the op before the
+    Linear, then the GEMM (torch._scaled_mm / torch._int_mm / a float linear) and its rescale in torch ops. Same
+    numbers as eager; with the switch off, one custom op per layer again."""
+    opaque = False
+    if fmt == "w8a8-asym":  # zero points: the int32 weight-row sums enter the traced epilogue
+        from qsched_pack.qsched.quant import QuantSpec
+
+        fmt = QuantSpec.parse("w8a8", act_symmetric=False)
     model = nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 128))
     quantize_(model, fmt, skip=())
     x = torch.randn(2, 8, 128)
@@ -211,6 +219,7 @@ def test_fp8_formats_trace_as_plain_ops_for_inductor(fmt, opaque, monkeypatch):
     assert bool(custom) == opaque, targets
     if not opaque:
         assert any("amax" in t for t in targets) and not any(".item" in t or "_local_scalar" in t for t in targets)
+        assert any(gemm in t for t in targets), targets
     torch.testing.assert_close(y, eager, rtol=0, atol=0)
     monkeypatch.setattr(qlayers, "COMPILE_FUSE_ACT_QUANT", False)
     targets, y = _traced_targets(model, x)

@@ -419,7 +419,7 @@ def test_fuzz_prompt_file_parser_raises_only_value_error(tmp_path, data, suffix)
 @FUZZ
 @given(st.text(max_size=30))
 def test_fuzz_cli_float_parser_raises_only_argument_type_error(text):
-    from qsched_pack.calibration.app.cli import finite_float, positive_float
+    from qsched_pack.calibration.app.args import finite_float, positive_float
 
     for parse, lo, hi in ((finite_float("--eta", 0.0, 1.0), 0.0, 1.0), (positive_float("--range"), 0.0, None)):
         try:

@@ -51,14 +51,16 @@ def test_trajectory_is_the_stock_run(sampler, param, eta):
     torch.testing.assert_close(traj[-1], gen.latents(c, PROMPTS, SEEDS), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("match", R.MATCHES)
 @pytest.mark.parametrize("mode", R.MODES)
 @pytest.mark.parametrize("sampler,param,eta", SETUPS)
-def test_closed_form_fit_recovers_known_coefficients(sampler, param, eta, mode):
+def test_closed_form_fit_recovers_known_coefficients(sampler, param, eta, mode, match):
     """The target is the quantized model run with known per-step coefficients: the fit must find them exactly."""
     gen = ToyTrajectoryGenerator(sampler, param, distortion=0.2, eta=eta, batch_size=4)
     c = known(4)
     target = R.trajectory(gen, PROMPTS, SEEDS, coefficients=c)
-    fit = R.fit_to_trajectory(gen, PROMPTS, SEEDS, target, mode=mode, ridge=0.0)
+    assert len(target.x0) == 4
+    fit = R.fit_to_trajectory(gen, PROMPTS, SEEDS, target, mode=mode, ridge=0.0, match=match)
     assert fit.coefficients.c_x == pytest.approx(c.c_x, abs=2e-4)
     assert fit.coefficients.c_eps == pytest.approx(c.c_eps, abs=2e-4)
     assert all(r <= 1e-9 for r in fit.residual_fitted)
@@ -228,3 +230,14 @@ def test_calibrate_hybrid_searches_around_the_fit(tmp_path):
     assert res.images_spent == base.images_spent + len(res.points) * 6 + 8
     header = (tmp_path / "r.jsonl").read_text().splitlines()[0]
     assert '"reference"' in header and '"around"' in header  # the record fingerprints the reference and base
+
+
+def test_search_on_the_final_distance_finds_a_closer_point():
+    from qsched_pack.calibration.runner import calibrate
+
+    fp = ToyTrajectoryGenerator("euler", "eps")
+    q = ToyTrajectoryGenerator("euler", "eps", distortion=0.15)
+    scorer = R.DistanceScorer(fp.generate(None, PROMPTS, SEEDS))
+    res = calibrate(q, scorer, PROMPTS, seeds=SEEDS, strategy="pattern", points=21)
+    assert res.best_score > res.identity_score and not res.best.is_identity
+    assert scorer.score(fp.generate(None, PROMPTS, SEEDS), PROMPTS).abs().max() == 0

@@ -149,7 +149,7 @@ def test_zoom_on_per_step_space_returns_valid_coefficients():
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(low=1.2, high=0.8), "low < high"), (dict(low=1.0, high=1.0), "low < high"),
+    (dict(low=1.2, high=0.8), "must be smaller than range high"), (dict(low=1.0, high=1.0), "must be smaller than range high"),
     (dict(low=0.0, high=1.2), "range low"), (dict(low=-0.5, high=1.2), "range low"),
     (dict(low=0.8, high=math.inf), "range high"), (dict(low=0.8, high=100.0), "range high"),
     (dict(kind="diagonal"), "space must be one of start, start_end, per_step"),

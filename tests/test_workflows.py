@@ -41,10 +41,12 @@ def has_control_widget(name: str, spec) -> bool:
     return bool(flag)
 
 
-def ui_to_api(workflow: dict, object_info: dict) -> dict:
+def ui_to_api(workflow: dict, object_info: dict, saved_earlier: bool = False) -> dict:
     """UI-format workflow -> API prompt, as the frontend does: widget values are positional in input order, with one
     extra frontend-only value after every widget with a control widget (``has_control_widget``); links override
-    widgets."""
+    widgets. ``saved_earlier``: a workflow saved before inputs were added at the end has fewer values; the frontend
+    then keeps the new widgets' defaults (comfyui-frontend 1.27 ``LGraphNode.configure`` sets widget i from
+    ``widgets_values[i]`` while there is one)."""
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
@@ -59,11 +61,14 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         for name in order:
             spec = specs[name]
             if is_widget(spec):
-                if not values:
+                if not values and saved_earlier and "default" in _opts(spec):
+                    inputs[name] = _opts(spec)["default"]
+                elif not values:
                     raise AssertionError(f"node {node['id']} ({node['type']}): no widget value left for {name!r}")
-                inputs[name] = values.pop(0)
-                if has_control_widget(name, spec):
-                    values.pop(0)
+                else:
+                    inputs[name] = values.pop(0)
+                    if has_control_widget(name, spec):
+                        values.pop(0)
             if name in linked:
                 inputs[name] = [str(linked[name][1]), linked[name][2]]
         if values:
@@ -248,7 +253,7 @@ def test_flux_schnell_workflow_settings(object_info):
     assert by_type["QSchedDiffusionModelLoader"]["precision"] == "w4a8"
     assert by_type["QSchedSampler"]["sampler_name"] == "euler"
     assert isinstance(by_type["QSchedSampler"]["coefficients"], list)
-    assert by_type["QSchedScheduler"]["scheduler"] == "flux_schnell"
+    assert by_type["QSchedScheduler"]["family"] == "flux_schnell"
     assert by_type["QSchedScheduler"]["steps"] == [_id_of(p, "QSchedCoefficients"), 1]
     lat = by_type["EmptySD3LatentImage"]
     assert (lat["width"], lat["height"]) == (1024, 1024)

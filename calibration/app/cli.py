@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
+from .args import device_arg, finite_float, int_range, positive_float
 from .quantize import add_quantize
 
 
@@ -17,7 +17,8 @@ def _demo(args) -> int:
     trained_only = {"--quant": args.quant, "--seeds": args.seeds, "--per-prompt": args.per_prompt,
                     "--points": args.points, "--strategy": args.strategy, "--budget": args.budget,
                     "--no-budget": args.no_budget or None, "--grid-images": args.grid_images,
-                    "--weights": args.weights, "--guard": args.guard or None, "--family": args.family}
+                    "--weights": args.weights, "--guard": args.guard or None, "--family": args.family,
+                    "--objective": args.objective}
     if args.random_models:
         given = [k for k, v in trained_only.items() if v is not None]
         if given:
@@ -30,8 +31,8 @@ def _demo(args) -> int:
     given = [k for k, v in {"--size": args.size, "--seed": args.seed}.items() if v is not None]
     if given:
         raise ValueError(f"{', '.join(given)} only apply to --random-models (the trained-model demo takes --seeds)")
-    kw = {k: getattr(args, k) for k in ("family", "quant", "seeds", "per_prompt", "points", "strategy", "budget",
-                                         "grid_images") if getattr(args, k) is not None}
+    kw = {k: getattr(args, k) for k in ("family", "objective", "quant", "seeds", "per_prompt", "points", "strategy",
+                                         "budget", "grid_images") if getattr(args, k) is not None}
     if args.no_budget:
         if args.budget is not None:
             raise ValueError("give --budget or --no-budget, not both")
@@ -54,6 +55,10 @@ def _add_demo(sub):
                     "preset.json into --out.")
     d.add_argument("--out", default="qsched-demo", help="output folder (default: qsched-demo)")
     d.add_argument("--family", choices=("flow", "lcm", "tcd"), help=f"model family (default {S['family']})")
+    d.add_argument("--objective", choices=("reference", "hybrid", "jaq"),
+                   help=f"how the coefficients are found (default {S['objective']}, the best measured, "
+                        "docs/shape_world.md): reference = fitted to the full-precision model, kept only if a "
+                        "held-out test shows a gain; hybrid = JAQ search around that fit; jaq = the paper's search")
     d.add_argument("--steps", type=int_range("--steps", 1, 8), default=None, help="sampling steps, 1-8 (default 4)")
     d.add_argument("--quant", help=f"quantization of the denoiser: w8a8, w4a8, w4a4, w4a6, ... (default "
                                    f"{S['quant']}, a setting with a real loss)")
@@ -98,35 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- calibrate / sample / score ------------------------------------------------------------------------
 
-def positive_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number > 0, got {text!r}") from None
-        if not (v > 0 and math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
-        return v
-
-    return parse
-
-
-def finite_float(name: str, lo: float | None = None, hi: float | None = None):
-    """argparse type: a finite float (NaN and +-inf refused) within [lo, hi]."""
-    where = (f" in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else
-             f" >= {lo:g}" if lo is not None else f" <= {hi:g}" if hi is not None else "")
-
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number{where}, got {text!r}") from None
-        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number{where}, got {text!r}")
-        return v
-
-    return parse
-
 
 def _add_model_args(p, steps_default):
     from ...qsched.samplers import SAMPLERS
@@ -151,7 +127,8 @@ def _add_model_args(p, steps_default):
     p.add_argument("--eta", type=finite_float("--eta", 0.0, 1.0),
                    help="TCD gamma / ancestral eta, in [0, 1] (default: the family's)")
     p.add_argument("--batch-size", type=int_range("--batch-size", 1, 256), default=4, help="images per network call")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="network dtype (default: float16 on cuda, float32 on cpu)")
 
@@ -214,7 +191,7 @@ def _add_score(sub):
     s.add_argument("--prompt", action="append", help="prompt, once for all images or once per image")
     s.add_argument("--prompts", help="prompt file with one prompt per image")
     _add_jaq_args(s)
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cpu)")
     s.add_argument("--json", help="also write the scores to this JSON file")
     s.set_defaults(func=_score)
 
@@ -372,40 +349,70 @@ def _score(args) -> int:
     return 0
 
 
-def int_range(name: str, lo: int, hi: int, multiple: int = 1):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer in [{lo}, {hi}], got {text!r}") from None
-        if not lo <= v <= hi or v % multiple:
-            extra = f", a multiple of {multiple}" if multiple > 1 else ""
-            raise argparse.ArgumentTypeError(f"{name} must be an integer in [{lo}, {hi}]{extra}, got {v}")
-        return v
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (e.g. ``kill``, a job scheduler): ends the command like Ctrl-C, with the same resume hint."""
 
-    return parse
+
+_SIGNALLED: list[int] = []
+
+
+def _on_signal(signum, frame):
+    _SIGNALLED.append(signum)
+    import signal
+
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _interrupted(command: str, out, exc: BaseException) -> int:
+    import signal
+
+    term = signal.SIGTERM in _SIGNALLED or isinstance(exc, Terminated)
+    hint = (f": every finished point is in {os.path.join(out, 'record.jsonl')}; resume with the same command plus "
+            "--resume" if command == "calibrate" and out else "")
+    print(f"qsched {command}: {'terminated' if term else 'interrupted'}{hint}".replace("qsched :", "qsched:"),
+          file=sys.stderr)
+    return 143 if term else 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ...qsched._compat import ensure_torchvision_importable
+    import signal
 
-    ensure_torchvision_importable()
-    args = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = given[0] if given and not given[0].startswith("-") else ""  # until argparse has run
+    out = None
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    del _SIGNALLED[:]
     try:
+        for s, handler in previous.items():
+            if handler in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(s, _on_signal)
+        from ...qsched._compat import ensure_torchvision_importable
+
+        ensure_torchvision_importable()
+        args = build_parser().parse_args(argv)
+        command, out = args.command, getattr(args, "out", None)
         return args.func(args)
-    except KeyboardInterrupt:
-        hint = (f": every finished point is in {os.path.join(args.out, 'record.jsonl')}; resume with the same "
-                "command plus --resume" if args.command == "calibrate" else "")
-        print(f"qsched {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM at any moment, imports included
+        return _interrupted(command, out, exc)
     except (ValueError, TypeError, FileNotFoundError, UnicodeError) as exc:
-        print(f"qsched {args.command}: error: {exc}", file=sys.stderr)
+        if _SIGNALLED:
+            return _interrupted(command, out, exc)
+        print(f"qsched {command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # disk full, read-only folder, permissions: name the file, never a traceback
+        if _SIGNALLED:
+            return _interrupted(command, out, exc)
         target = getattr(exc, "filename", None)
-        print(f"qsched {args.command}: error: {exc.strerror or exc}" + (f": {target}" if target else ""),
+        print(f"qsched {command}: error: {exc.strerror or exc}" + (f": {target}" if target else ""),
               file=sys.stderr)
         return 2
+    except Exception as exc:  # a library that wrapped the interrupt (e.g. diffusers' lazy imports); else a bug
+        if _SIGNALLED:
+            return _interrupted(command, out, exc)
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from .args import device_arg
+
 
 def add_quantize(sub):
     q = sub.add_parser("quantize", help="write a pre-quantized diffusion-model file for the Q-Sched ComfyUI loaders",
@@ -15,7 +17,8 @@ def add_quantize(sub):
     q.add_argument("source", help="full-precision .safetensors file")
     q.add_argument("out", help="output .safetensors file (e.g. models/diffusion_models/flux1-schnell-w4a8.safetensors)")
     q.add_argument("--format", default="w4a8", help="w8a8, w8a8-fp8, w4a8 (default), w4a6, w4a5, w4a4, w8a16, w4a16")
-    q.add_argument("--device", default=None, help="where the rounding runs (default: cuda if available, else cpu)")
+    q.add_argument("--device", type=device_arg, default=None,
+                   help="where the rounding runs (default: cuda if available, else cpu)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     q.set_defaults(func=run)
 

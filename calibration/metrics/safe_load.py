@@ -122,19 +122,39 @@ class _ArchiveUnpickler(pickle.Unpickler):
         if entry not in self._names:
             raise pickle.UnpicklingError(f"storage {key!r} missing from the archive")
         if key not in self._storages:
-            raw = bytearray(self._zip.getinfo(entry).file_size)
-            with self._zip.open(entry) as f:  # straight into the buffer the tensor will own (no extra copy)
-                view, got = memoryview(raw), 0
-                while got < len(raw):
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise pickle.UnpicklingError(f"storage {key!r} is truncated")
-                    got += n
+            raw = read_entry(self._zip, entry)
             itemsize = torch.empty((), dtype=dtype).element_size()
             if len(raw) % itemsize or (isinstance(numel, int) and numel * itemsize > len(raw)):
                 raise pickle.UnpicklingError(f"storage {key!r} has {len(raw)} bytes, expected {numel} x {itemsize}")
             self._storages[key] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         return self._storages[key]
+
+
+#: data.pkl of a real archive is a few hundred KiB (module tree and tensor records); the tensors are elsewhere.
+PICKLE_MAX_BYTES = 64 << 20
+CHUNK = 16 << 20
+
+
+def read_entry(archive: zipfile.ZipFile, name: str, limit: int | None = None) -> bytearray:
+    """The bytes of one archive entry, read in chunks into a buffer that grows only by what was actually read: the
+    size a zip header claims is never allocated up front (a 404-byte archive claiming 4 GB costs nothing). Entries
+    must be stored uncompressed (as ``torch.save``/``torch.jit.save`` write them) and lie inside the archive file,
+    so what is read is bounded by the file's real size."""
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+        raise pickle.UnpicklingError(f"entry {name!r} is compressed; torch archives store tensors uncompressed "
+                                     "(the file was repacked or crafted)")
+    if limit is not None and info.file_size > limit:
+        raise pickle.UnpicklingError(f"entry {name!r} claims {info.file_size:,} bytes (at most {limit:,})")
+    raw = bytearray()
+    with archive.open(info) as f:
+        while len(raw) < info.file_size:
+            block = f.read(min(CHUNK, info.file_size - len(raw)))
+            if not block:
+                raise pickle.UnpicklingError(f"entry {name!r} is truncated ({len(raw):,} of the {info.file_size:,} "
+                                             "bytes its header claims)")
+            raw += block
+    return raw
 
 
 def _tensors_of(obj, prefix: str, out: dict, depth: int = 0) -> None:
@@ -166,7 +186,7 @@ def read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
             raise WeightFileError(f"{path}: not a TorchScript archive (no single <name>/data.pkl)")
         prefix = data_pkl[0][: -len("data.pkl")]
         try:
-            root = _ArchiveUnpickler(archive.read(data_pkl[0]), archive, prefix).load()
+            root = _ArchiveUnpickler(bytes(read_entry(archive, data_pkl[0], PICKLE_MAX_BYTES)), archive, prefix).load()
         except UnsafeWeightFile as exc:
             raise UnsafeWeightFile(f"{path} {exc}; refusing to load it (nothing from the file was run). "
                                    "Use the original file from its publisher.") from None

@@ -44,7 +44,7 @@ SPECS: dict[str, WeightSpec] = {
         "clipscore",
         ("ViT-L-14.pt", "clip-vit-large-patch14"),
         "CLIP ViT-L/14 (OpenAI) for CLIPScore: the OpenAI file or a transformers CLIP folder",
-        "ViT-L-14.pt from the OpenAI CLIP release (github.com/openai/CLIP, clip/clip.py _MODELS), or the "
+        "ViT-L-14.pt from the OpenAI CLIP release (its download links are listed in github.com/openai/CLIP), or the "
         "folder of huggingface.co/openai/clip-vit-large-patch14 (config.json, model.safetensors, tokenizer "
         "and preprocessor files)",
     ),
@@ -52,7 +52,7 @@ SPECS: dict[str, WeightSpec] = {
         "clipiqa",
         ("RN50.pt",),
         "CLIP RN50 (OpenAI) for CLIP-IQA",
-        "RN50.pt from the OpenAI CLIP release (github.com/openai/CLIP, clip/clip.py _MODELS); the same file "
+        "RN50.pt from the OpenAI CLIP release (its download links are listed in github.com/openai/CLIP); the same file "
         "piq/torchmetrics cache in ~/.cache/clip/RN50.pt",
     ),
     "hpsv2": WeightSpec(
@@ -65,7 +65,7 @@ SPECS: dict[str, WeightSpec] = {
         "aqmap",
         ("ViT-B-16.pt",),
         "CLIP ViT-B/16 (OpenAI) for AQ-MAP (CLIP Surgery is applied at run time)",
-        "ViT-B-16.pt from the OpenAI CLIP release (github.com/openai/CLIP, clip/clip.py _MODELS)",
+        "ViT-B-16.pt from the OpenAI CLIP release (its download links are listed in github.com/openai/CLIP)",
     ),
 }
 

@@ -34,6 +34,7 @@ import time
 import torch
 
 from ...qsched._io import atomic_write_text
+from ...qsched.coefficients import Coefficients
 from ...qsched.ptqd import collect_pairs, fit_ptqd
 from . import data as D
 from ..guard import acceptance, paired
@@ -145,13 +146,89 @@ def grid_rows(world, ev: Evaluator, family: str, steps: int, r: int, formats, ne
 
 
 GUARDS = ("accept", "heldout", "trust")
+#: Reference-anchored methods (calibration.reference): the free-running fit (the default), the teacher-forced
+#: fit, a zoom search on the final-output distance, and the hybrid (JAQ zoom around the fit).
+REFERENCE_METHODS = ("reference", "reference-tf", "reference-x0", "reference-search", "hybrid")
+#: The reference objective's prompts: fit on calibration prompts [0, 4), test on [4, 12) (2·4 + 3·8 = 32 images:
+#: about 4% of a zoom search); the 20 held-out prompts of the table are never used.
+REFERENCE_FIT, REFERENCE_TEST = slice(0, 4), slice(4, 12)
+#: method -> (fit mode, what each step matches) of calibration.reference
+REFERENCE_FITS = {"reference": ("free", "state"), "reference-tf": ("teacher", "state"),
+                  "reference-x0": ("free", "state+x0")}
+
+
+def _reference_row(base, method, gen, ev, r, naive, res, seconds, extra=None) -> dict:
+    """A row for a reference-anchored result ``res`` (a ``CalibrationResult``): its metrics if accepted, else
+    naive's (identity), plus the raw fit's FD when it was refused."""
+    h = res.heldout or {}
+    row = dict(base, method=method, images=res.images_spent, search_seconds=round(seconds, 2),
+               accepted=bool(res.accepted if method != "qsched-hybrid" else h.get("hybrid", {}).get("accepted")),
+               acceptance=res.acceptance, c_x=list(res.best.c_x), c_eps=list(res.best.c_eps),
+               test_drop=h.get("drop"), test_p=h.get("p_value"), **(extra or {}))
+    if res.best.is_identity:
+        row.update({k: naive[k] for k in METRICS if k in naive})
+    else:
+        row.update(ev.measure(gen, res.best, r))
+    return row
+
+
+def reference_rows(world, ev: Evaluator, family: str, steps: int, r: int, fmt: str, gen, naive: dict, *,
+                   methods=REFERENCE_METHODS, points: int = 21, budget=None, batch: int = 0,
+                   unchecked: bool = True) -> list[dict]:
+    """The reference-anchored rows of (family, steps, seed r, fmt): fitted on ``REFERENCE_FIT`` of the calibration
+    prompts (seeds ``calib_seeds(r)``), accepted on ``REFERENCE_TEST`` (``calibration.runner.calibrate``).
+    ``unchecked``: where the held-out test refuses the free-running fit, also measure the refused fit
+    (``qsched-reference-unchecked``: what skipping the test would have given)."""
+    from .. import reference as R
+    from ..runner import calibrate
+
+    base = dict(family=family, steps=steps, seed=r, format=fmt)
+    fp_gen = world.generator(family, steps)
+    prompts, cs = D.calibration_prompts(), calib_seeds(r, 20)
+    fit_p, fit_s = prompts[REFERENCE_FIT], cs[REFERENCE_FIT]
+    test_p, test_s = prompts[REFERENCE_TEST], cs[REFERENCE_TEST]
+    rows = []
+    for method in methods:
+        t0 = time.perf_counter()
+        if method in REFERENCE_FITS:
+            mode, match = REFERENCE_FITS[method]
+            res = calibrate(gen, None, fit_p, seeds=fit_s, objective="reference", reference=fp_gen,
+                            heldout_prompts=test_p, heldout_seeds=test_s, fit_mode=mode, fit_match=match)
+            fit = res.best.metadata["fit"]
+            rows.append(_reference_row(base, f"qsched-{method}", gen, ev, r, naive, res, time.perf_counter() - t0,
+                                       {"fit_c_x": fit["c_x"], "fit_c_eps": fit["c_eps"]}))
+            if unchecked and not res.accepted and method == "reference":  # what the refused fit would have done
+                raw = Coefficients(fit["c_x"], fit["c_eps"])
+                rows.append(dict(base, method="qsched-reference-unchecked", images=res.images_spent,
+                                 c_x=fit["c_x"], c_eps=fit["c_eps"], **ev.measure(gen, raw, r)))
+        elif method == "reference-search":  # zoom on the final-output distance, then the same acceptance test
+            scorer = R.DistanceScorer(fp_gen.generate(None, fit_p, fit_s))
+            sres = calibrate(PointBatched(gen, batch) if batch else gen, scorer, fit_p, seeds=fit_s, space="start",
+                             strategy="zoom", points=points, budget=budget)
+            fit = R.ReferenceFit(sres.best, "search", images=sres.images_spent + len(fit_p))
+            test = R.calibrate_to_reference(gen, fp_gen, fit_p, fit_s, test_p, test_s, fit=fit)
+            sres.best, sres.accepted, sres.acceptance = test.coefficients, test.acceptance.accepted, test.acceptance.text
+            sres.heldout, sres.images_spent = test.acceptance.to_dict(), test.images
+            rows.append(_reference_row(base, "qsched-reference-search", gen, ev, r, naive, sres,
+                                       time.perf_counter() - t0))
+        elif method == "hybrid":
+            res = calibrate(PointBatched(gen, batch) if batch else gen, ev.jaq, fit_p, seeds=fit_s,
+                            objective="hybrid", reference=fp_gen, heldout_prompts=test_p, heldout_seeds=test_s,
+                            strategy="zoom", points=points, budget=budget)
+            h = res.heldout.get("hybrid", {})
+            rows.append(_reference_row(base, "qsched-hybrid", gen, ev, r, naive, res, time.perf_counter() - t0,
+                                       {"reference_accepted": res.accepted, "hybrid_jaq_gain": h.get("jaq_gain"),
+                                        "hybrid_distance_growth": h.get("distance_growth")}))
+        else:
+            raise ValueError(f"reference method must be one of {', '.join(REFERENCE_METHODS)}; got {method!r}")
+    return rows
 
 
 def setting_rows(world, ev: Evaluator, family: str, steps: int, r: int, formats, nets, *, fp: bool, points: int,
                  strategies, budget, z: float, guards=GUARDS, fp_search: bool = True, keep: dict | None = None,
-                 log=None, batch: int = 0) -> list[dict]:
+                 log=None, batch: int = 0, reference=REFERENCE_METHODS, unchecked: bool = True) -> list[dict]:
     """Every row of (family, steps, seed r) for ``formats`` (and the FP rows if ``fp``), except the full grid.
-    ``batch``: see :func:`_search`."""
+    ``batch``: see :func:`_search`. ``reference``: which reference-anchored methods (:func:`reference_rows`)."""
     rows = []
     base0 = dict(family=family, steps=steps, seed=r)
     fp_gen = world.generator(family, steps)
@@ -175,6 +252,9 @@ def setting_rows(world, ev: Evaluator, family: str, steps: int, r: int, formats,
         corr = fit_ptqd_for(world, family, steps, net, prompts, cs)
         pg = world.generator(family, steps, net=net, quant=fmt, model_wrapper=corr.wrap)
         rows.append(dict(base, method="ptqd", gamma=list(corr.gamma), **ev.measure(pg, None, r)))
+        if reference:
+            rows += reference_rows(world, ev, family, steps, r, fmt, gen, naive, methods=reference, points=points,
+                                   budget=budget, batch=batch, unchecked=unchecked)
         for strategy in strategies:
             res, sec = _search(gen, ev.jaq, r, points, strategy, budget, batch=batch)
             m = ev.measure(gen, res.best, r)
@@ -251,7 +331,8 @@ POINT_BATCH = {"cuda": 2560, "cpu": 0}
 def run(out_dir: str, *, families=FAMILIES, steps_list=STEPS, formats=FORMATS, seeds=SEEDS, per_prompt: int = 20,
         points: int = 21, strategies=("zoom", "grid"), budget: int | None = None, z: float = 2.0, fp: bool = True,
         weights=None, device=None, deadline: float | None = None, num_threads: int | None = 1, log=print,
-        name: str = "results", guards=GUARDS, batch: int | None = None) -> dict:
+        name: str = "results", guards=GUARDS, batch: int | None = None, reference=REFERENCE_METHODS,
+        fp_search: bool = True) -> dict:
     """Run the rows of ``families`` x ``steps_list`` x ``seeds`` x ``formats``; write ``out_dir/<name>.json`` at the
     start and after every setting / grid search (so a killed run keeps what it finished, and says what it did not)
     and ``table.md``. ``deadline`` (a ``time.time()``): settings not started by then are skipped and a grid search
@@ -266,7 +347,7 @@ def run(out_dir: str, *, families=FAMILIES, steps_list=STEPS, formats=FORMATS, s
     done, grid_done = [], []
     cfg = dict(families=list(families), steps=list(steps_list), formats=list(formats), seeds=list(seeds),
                per_prompt=per_prompt, points=points, strategies=list(strategies), budget=budget, z=z,
-               guards=list(guards), fp=fp, batch=batch, model_hash=None, device=str(device), torch=torch.__version__)
+               guards=list(guards), reference=list(reference), fp=fp, batch=batch, model_hash=None, device=str(device), torch=torch.__version__)
     first = [s for s in strategies if s != "grid"]
     result = None
 
@@ -292,7 +373,8 @@ def run(out_dir: str, *, families=FAMILIES, steps_list=STEPS, formats=FORMATS, s
             if late():
                 continue
             rows += setting_rows(world, ev, fam, steps, r, formats, nets[fam], fp=fp, points=points,
-                                 strategies=first, budget=budget, z=z, guards=guards, log=log, batch=batch)
+                                 strategies=first, budget=budget, z=z, guards=guards, log=log, batch=batch,
+                                 reference=reference, fp_search=fp_search)
             done.extend([fam, steps, r, m] for m in (["fp32"] if fp else []) + list(formats))
             save()
         for fam, steps, r, fmt in grid_plan:  # pass 2: the full grid, while time is left
@@ -347,14 +429,15 @@ def merge(out_dir: str, parts: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ table
-def _ms(vals, digits: int) -> str:
+def mean_std(vals, digits: int) -> str:
     t = torch.tensor(vals, dtype=torch.float64)
     std = float(t.std()) if len(vals) > 1 else 0.0
     return f"{float(t.mean()):.{digits}f} ± {std:.{digits}f}"
 
 
 METHODS = ("fp", "fp+qsched-zoom", "naive", "ptqd", "qsched-zoom", "qsched-grid", "qsched-zoom+accept",
-           "qsched-zoom+heldout", "qsched-zoom+trust")
+           "qsched-zoom+heldout", "qsched-zoom+trust", "qsched-reference", "qsched-reference-unchecked",
+           "qsched-reference-tf", "qsched-reference-x0", "qsched-reference-search", "qsched-hybrid")
 
 
 def select(rows, family, steps, fmt, method):
@@ -401,13 +484,13 @@ def format_table(result: dict) -> str:
                         label += f" ({sum(bool(x['accepted']) for x in sel)}/{len(sel)} kept)"
                     if any(x.get("stopped") == "budget" for x in sel):
                         label += " (budget hit)"
-                    images = _ms([x["images"] for x in sel], 0) if "images" in sel[0] else ""
+                    images = mean_std([x["images"] for x in sel], 0) if "images" in sel[0] else ""
                     lines.append(
-                        f"| {family} | {steps} | {fmt.upper()} | {label} | {_ms([x['fd'] for x in sel], 2)} | "
-                        f"{_ms([x['fd_heldout'] for x in sel], 2) if 'fd_heldout' in sel[0] else ''} | "
-                        f"{_ms([x['accuracy'] for x in sel], 3)} | "
-                        f"{_ms([x['jaq'] for x in sel], 3)} | {_ms([x['tc'] for x in sel], 2)} | "
-                        f"{_ms([x['iq'] for x in sel], 3)} | {closed} | {images} |")
+                        f"| {family} | {steps} | {fmt.upper()} | {label} | {mean_std([x['fd'] for x in sel], 2)} | "
+                        f"{mean_std([x['fd_heldout'] for x in sel], 2) if 'fd_heldout' in sel[0] else ''} | "
+                        f"{mean_std([x['accuracy'] for x in sel], 3)} | "
+                        f"{mean_std([x['jaq'] for x in sel], 3)} | {mean_std([x['tc'] for x in sel], 2)} | "
+                        f"{mean_std([x['iq'] for x in sel], 3)} | {closed} | {images} |")
     n = len(cfg["seeds"])
     held = any("fd_heldout" in x for x in rows)
     lines += ["", f"{n} seed{'s' * (n != 1)}; {cfg['per_prompt']} images per prompt x 20 calibration prompts (FD, "
@@ -434,9 +517,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--per-prompt", type=int, default=20)
     p.add_argument("--points", type=int, default=21)
-    p.add_argument("--strategies", nargs="+", default=["zoom", "grid"], choices=["zoom", "grid", "pattern"])
+    p.add_argument("--strategies", nargs="*", default=["zoom", "grid"], choices=["zoom", "grid", "pattern"])
     p.add_argument("--budget", type=int, default=None)
     p.add_argument("--no-fp", action="store_true", help="skip the FP rows (another worker computes them)")
+    p.add_argument("--no-fp-search", action="store_true", help="skip the FP + Q-Sched zoom row")
     p.add_argument("--weights", default=None, help="folder with the two weight files (default: packaged)")
     p.add_argument("--device", default=None)
     p.add_argument("--deadline", type=float, default=None,
@@ -444,6 +528,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="results")
     p.add_argument("--guards", nargs="*", default=list(GUARDS), choices=GUARDS)
+    p.add_argument("--reference", nargs="*", default=list(REFERENCE_METHODS), choices=REFERENCE_METHODS,
+                   help="reference-anchored methods to run (none: only the JAQ methods)")
     p.add_argument("--batch", type=int, default=None,
                    help="images per network call when a search's points are evaluated together (default: 2560 on "
                         "a GPU, 0 = one point at a time on the CPU); the same images up to float error")
@@ -458,7 +544,7 @@ def main(argv=None) -> int:
               per_prompt=a.per_prompt, points=a.points, strategies=tuple(a.strategies), budget=a.budget,
               fp=not a.no_fp, weights=a.weights, device=a.device, num_threads=a.threads, name=a.name,
               deadline=a.deadline if a.seconds is None else time.time() + a.seconds, guards=tuple(a.guards),
-              batch=a.batch)
+              batch=a.batch, reference=tuple(a.reference), fp_search=not a.no_fp_search)
     print(format_table(res))
     return 0
 

@@ -134,6 +134,92 @@ def comparisons(result: dict) -> list[str]:
     return out
 
 
+REF_METHODS = ("ptqd", "qsched-zoom", "qsched-reference", "qsched-reference-unchecked", "qsched-reference-tf",
+               "qsched-reference-x0", "qsched-reference-search", "qsched-hybrid")
+REF_LABEL = {"ptqd": "PTQD", "qsched-zoom": "JAQ zoom", "qsched-reference": "reference",
+             "qsched-reference-unchecked": "reference, unchecked", "qsched-reference-tf": "teacher-forced",
+             "qsched-reference-x0": "state+x0", "qsched-reference-search": "distance search",
+             "qsched-hybrid": "hybrid"}
+
+
+def _paired(rows, fam, steps, fmt, method, other, key):
+    """Paired (by seed) differences method − other of ``key``: list (empty if either is missing)."""
+    a = {x["seed"]: x[key] for x in E.select(rows, fam, steps, fmt, method)}
+    b = {x["seed"]: x[key] for x in E.select(rows, fam, steps, fmt if other != "fp" else "fp32", other)}
+    return [a[k] - b[k] for k in sorted(a) if k in b]
+
+
+def verdict(diffs, rel: float) -> str:
+    """'better' / 'worse' / 'tie' of paired differences (lower is better): beyond noise = the mean exceeds twice
+    its standard error over seeds; with one seed (no spread), beyond ``rel`` (an FD change under 1% is a tie)."""
+    if not diffs:
+        return "–"
+    m, s = _mean_std(diffs)
+    noise = 2 * s / len(diffs) ** 0.5 if len(diffs) > 1 else rel
+    if m < -noise:
+        return "better"
+    if m > noise:
+        return "worse"
+    return "tie"
+
+
+def reference_tables(result: dict, key: str = "fd_heldout") -> tuple[str, list[str]]:
+    """Held-out FD of the reference-anchored methods beside naive / PTQD / JAQ zoom, per setting, and the issue's
+    targets counted from it."""
+    rows, cfg = result["rows"], result["config"]
+    head = ["family", "steps", "format", "FP", "naive"] + [REF_LABEL[m] for m in REF_METHODS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    count = {"vs_naive_4bit": [], "worse_any": [], "vs_ptqd_4bit": [], "hybrid_vs_ref": [], "cost": []}
+    for fam in cfg["families"]:
+        for steps in cfg["steps"]:
+            fp, _ = _cell(rows, fam, steps, "fp32", "fp", key, 1)
+            for fmt in cfg["formats"]:
+                naive, nv = _cell(rows, fam, steps, fmt, "naive", key, 1)
+                if nv is None:
+                    continue
+                cells = []
+                for m in REF_METHODS:
+                    text, v = _cell(rows, fam, steps, fmt, m, key, 1)
+                    pct = None if v is None else E.gap_closed(rows, fam, steps, fmt, m, key=key)
+                    text += "" if pct is None else f" ({pct:.0f}%)"
+                    cells.append(text)
+                lines.append(f"| {fam} | {steps} | {fmt.upper()} | {fp} | {naive} | " + " | ".join(cells) + " |")
+                rel = 0.01 * nv
+                v_naive = verdict(_paired(rows, fam, steps, fmt, "qsched-reference", "naive", key), rel)
+                if v_naive == "–":
+                    continue
+                tag = f"{fam} {fmt.upper()} {steps} st"
+                count["worse_any"].append((tag, v_naive))
+                if fmt != "w8a8":
+                    count["vs_naive_4bit"].append((tag, v_naive))
+                    count["vs_ptqd_4bit"].append(
+                        (tag, verdict(_paired(rows, fam, steps, fmt, "qsched-reference", "ptqd", key), rel)))
+                hyb = [x for x in E.select(rows, fam, steps, fmt, "qsched-hybrid") if x.get("accepted")]
+                if hyb:
+                    count["hybrid_vs_ref"].append(
+                        (tag, verdict(_paired(rows, fam, steps, fmt, "qsched-hybrid", "qsched-reference", key), rel)))
+    images = {}
+    for x in rows:
+        if "images" in x:
+            images.setdefault(x["method"], []).append(x["images"])
+    facts = []
+    for name, what in (("vs_naive_4bit", "reference vs naive, 4-bit settings"),
+                       ("worse_any", "reference vs naive, every quantized setting"),
+                       ("vs_ptqd_4bit", "reference vs PTQD, 4-bit settings"),
+                       ("hybrid_vs_ref", "hybrid vs reference where the hybrid was kept")):
+        v = count[name]
+        tally = {k: [t for t, r in v if r == k] for k in ("better", "tie", "worse")}
+        facts.append(f"- {what}: better in {len(tally['better'])} of {len(v)}, tie in {len(tally['tie'])}, worse "
+                     f"in {len(tally['worse'])}" + (f" ({', '.join(tally['worse'])})" if tally["worse"] else ""))
+    if "qsched-reference" in images and "qsched-zoom" in images:
+        r, z = (sum(images[m]) / len(images[m]) for m in ("qsched-reference", "qsched-zoom"))
+        facts.append(f"- cost: reference {r:.0f} images per calibration, JAQ zoom {z:.0f}: {100 * r / z:.1f}%")
+    elif "qsched-reference" in images:
+        facts.append(f"- cost: reference {sum(images['qsched-reference']) / len(images['qsched-reference']):.0f} "
+                     "images per calibration (no JAQ zoom in this run)")
+    return "\n".join(lines), facts
+
+
 def report(result: dict) -> str:
     cfg = result["config"]
     n = len(cfg["seeds"])
@@ -152,6 +238,11 @@ def report(result: dict) -> str:
                      + metric_table(result, fam, "fd", 1, True))
         parts.append(f"### {fam.upper()} family: attribute accuracy ↑\n\n"
                      + metric_table(result, fam, "accuracy", 3, False))
+    if any(x["method"].startswith("qsched-reference") for x in result["rows"]):
+        table, facts = reference_tables(result)
+        parts.append("### Reference-anchored calibration: FD on the 20 held-out prompts ↓ (mean ± std over seeds, "
+                     "(x%) = FD gap closed, [k/n kept] = seeds whose held-out test kept the coefficients)\n\n"
+                     + table + "\n\n" + "\n".join(facts))
     parts.append("### JAQ gaming: the objective vs the reference\n\n" + gaming_table(result))
     parts.append("### Comparisons (mean FD per step count: `<4` = lower than the other at 4 steps)\n\n"
                  + "\n".join(comparisons(result)))

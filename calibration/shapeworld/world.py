@@ -337,6 +337,11 @@ class PointBatched:
         self.gen, self.max_images = gen, max_images
         self.steps, self.device = gen.steps, gen.device
 
+    def __getattr__(self, name):  # the rest of the generator (reference.TrajectoryGenerator: sigmas, denoiser...)
+        if name == "gen":
+            raise AttributeError(name)
+        return getattr(self.gen, name)
+
     def fingerprint(self) -> dict:
         return dict(self.gen.fingerprint(), point_batched=True)
 

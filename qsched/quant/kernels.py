@@ -250,7 +250,8 @@ if triton is not None:
                      mask=mask)
 
 
-def _act_launch(x2: torch.Tensor, out_dtype, qmax: int, mode: int, fake: bool, perm: int = 0):
+def _act_launch(x2: torch.Tensor, out_dtype, qmax: int, mode: int, fake: bool, perm: int = 0,
+                launcher=lambda kernel: kernel):
     x2 = x2.contiguous()
     m, k = x2.shape
     q = torch.empty((m, k), device=x2.device, dtype=out_dtype)
@@ -258,7 +259,7 @@ def _act_launch(x2: torch.Tensor, out_dtype, qmax: int, mode: int, fake: bool, p
     z = torch.empty((m, 1), device=x2.device, dtype=torch.float32) if mode == 1 else s
     block = triton.next_power_of_2(k)
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    _act_quant_kernel[(m,)](x2, q, s, z, k, x2.stride(0), q.stride(0), QMAX=qmax, MODE=mode, FAKE=fake,
+    launcher(_act_quant_kernel)[(m,)](x2, q, s, z, k, x2.stride(0), q.stride(0), QMAX=qmax, MODE=mode, FAKE=fake,
                             BLOCK=block, PERM=perm, num_warps=warps)
     return q, s, (z if mode == 1 else None)
 
@@ -278,6 +279,27 @@ def quantize_act_fp8(x2: torch.Tensor, perm: int = 0):
         raise ValueError(f"invalid perm={perm!r}; allowed: 0 or an even divisor of K={x2.shape[1]}")
     q, s, _ = _act_launch(x2, torch.float8_e4m3fn, 1, 2, False, perm)
     return q, s
+
+
+def quantize_act_fp8_traced(x2: torch.Tensor):
+    """``quantize_act_fp8`` for code under torch.compile: the same one-pass kernel as a ``torch.library.triton_op``
+    (inductor writes the launch into its generated code). Used for wide activations (K >= COMPILE_ONE_PASS_MIN_K),
+    where inductor's own fusion of the per-token amax and the float8 cast into the producer is a looped reduction
+    plus a second pass that recomputes the producer."""
+    q, s = torch.ops.qsched.act_quant_fp8(x2)
+    return q, s
+
+
+def one_pass_traced(k: int) -> bool:
+    """Whether a compiled float8 layer with K inputs quantizes them with ``quantize_act_fp8_traced``."""
+    return _TRITON_OP and k >= COMPILE_ONE_PASS_MIN_K
+
+
+# Activation widths from which a compiled float8 layer quantizes its input with the one-pass kernel instead of torch
+# ops inductor fuses into the producer: FLUX's MLP outputs (12288) and single-block linear2 inputs (15360), the
+# inputs inductor fused worst (a looped amax pass and a second pass that recomputes GELU, ~5.5 ms each per FLUX step
+# in a compiled profile); the 3072-wide inputs after a norm / modulation keep the fusion.
+COMPILE_ONE_PASS_MIN_K = 8192
 
 
 def fake_quant_act(x2: torch.Tensor, bits: int, symmetric: bool, dtype: str) -> torch.Tensor:
@@ -317,6 +339,13 @@ if _TRITON_OP:
     def _unpack_int4_traced(packed: torch.Tensor, factors: torch.Tensor, dtype: torch.dtype,
                             exp: bool) -> torch.Tensor:
         return _unpack_int4_launch(packed, factors, dtype, exp, launcher=torch.library.wrap_triton)
+
+
+if _TRITON_OP:
+    @torch.library.triton_op("qsched::act_quant_fp8", mutates_args=())
+    def _act_quant_fp8_traced(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, s, _ = _act_launch(x2, torch.float8_e4m3fn, 1, 2, False, 0, launcher=torch.library.wrap_triton)
+        return q, s
 
 
 def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, k: int, dtype) -> torch.Tensor:

@@ -58,32 +58,42 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, w
     every quantized Linear (the diffusers swap and ComfyUI's load-time ops). ``fused_max_m``: token count up to
     which the fused W4A8 GEMM runs (-1: kernels.W4A8_FUSED_MAX_M, 0: never).
 
-    Under torch.compile the call is one registered custom op (``torch.ops.qsched.quant_linear``), so Dynamo
-    neither traces into Triton launches nor breaks the graph; eager calls skip the dispatcher overhead."""
+    Under torch.compile the kernel-backed formats are traced as torch ops (``_traceable``); the simulated ones are
+    one registered custom op (``torch.ops.qsched.quant_linear``), so Dynamo neither traces into Triton launches nor
+    breaks the graph; eager calls skip the dispatcher overhead."""
     args = (x, qweight, wscale, waux, bias, kernel, spec.w_bits, spec.a_bits, spec.a_dtype, spec.act_symmetric,
             out_features, fused_max_m)
     if torch.compiler.is_compiling():
-        if COMPILE_FUSE_ACT_QUANT and kernel in ("fp8_mm", "fp8w4"):
-            return _fp8_traceable(x, qweight, wscale, waux, bias, kernel, out_features)
+        if COMPILE_FUSE_ACT_QUANT and kernel in TRACEABLE_KERNELS:
+            return _traceable(x, qweight, wscale, waux, bias, kernel, spec, out_features)
         return torch.ops.qsched.quant_linear(*args)
     return _quant_linear_impl(*args)
 
 
-# Under torch.compile, the float8 formats (w8a8-fp8, w4a8-fp8) are traced as plain torch ops for the per-token
-# activation quantization (inductor fuses it into the op that produced the activations: the norm / modulation /
-# GELU before the Linear) followed by torch._scaled_mm (row-wise scales, bias and bf16 output in cuBLASLt's
-# epilogue); w4a8-fp8's weights are expanded to float8 by torch ops inductor fuses (one kernel per layer, launched
-# by the compiled code). No host synchronisation anywhere. False: one opaque custom op per layer.
+# Under torch.compile, the kernel-backed formats are traced as plain torch ops: the per-token activation
+# quantization (inductor fuses it into the op that produced the activations: the norm / modulation / GELU before the
+# Linear), then the GEMM: torch._scaled_mm (w8a8-fp8, w4a8-fp8: row-wise scales, bias and bf16 output in
+# cuBLASLt's epilogue), torch._int_mm with its rescale epilogue in torch ops inductor fuses (w8a8), or the float
+# GEMM on the dequantized weight (w4a8 and the other ``dequant`` formats). 4-bit weights are unpacked by the one-pass
+# Triton kernel as a ``torch.library.triton_op`` (inductor writes the launch). No host synchronisation anywhere.
+# False: one opaque custom op per layer (measured slower: SDXL w8a8 compiled 3.96x core fp16, slower than eager).
 COMPILE_FUSE_ACT_QUANT = True
+TRACEABLE_KERNELS = ("fp8_mm", "fp8w4", "int8_mm", "dequant")
 
 
-def _fp8_traceable(x, qweight, wscale, waux, bias, kernel, out_features) -> torch.Tensor:
+def _traceable(x, qweight, wscale, waux, bias, kernel, spec, out_features) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if kernel == "fp8_mm":
         y = _fp8_mm(x2, qweight, wscale, bias, triton_quant=False)
-    else:
+    elif kernel == "fp8w4":
         y = _fp8w4_mm(x2, qweight, wscale, waux, bias, traceable=True)
+    elif kernel == "int8_mm":
+        y = _int8_mm(x2, qweight, wscale, waux, bias, spec.a_bits, spec.act_symmetric, triton=False)
+    else:
+        w = dequantize(qweight, wscale, shape[-1], x.dtype)
+        xq = x2 if spec.a_bits >= 16 else qmath.fake_quant_act(x2, spec.a_bits, spec.act_symmetric, spec.a_dtype)
+        y = F.linear(xq, w, None if bias is None else bias.to(x.dtype))
     return y.reshape(*shape[:-1], out_features)
 
 
@@ -187,9 +197,11 @@ def _pad_rows(x2: torch.Tensor) -> torch.Tensor:
     return x2 if (x2.is_cpu or m >= 32) else F.pad(x2, (0, 0, 0, 32 - m))
 
 
-def _int8_mm(x2, qweight, wscale, wsum, bias, a_bits, act_symmetric) -> torch.Tensor:
+def _int8_mm(x2, qweight, wscale, wsum, bias, a_bits, act_symmetric, triton: bool = True) -> torch.Tensor:
+    """int8 per-token activations x int8 weights through torch._int_mm. ``triton=False`` (under torch.compile): the
+    activation quantization and the rescale epilogue in torch ops (fused by inductor) instead of Triton kernels."""
     m = x2.shape[0]
-    tk = _triton() if x2.is_cuda else None
+    tk = _triton() if x2.is_cuda and triton else None
     xp = _pad_rows(x2)
     if tk is not None:
         q, xs, xz = tk.quantize_act_int8(xp, a_bits, act_symmetric)
@@ -206,14 +218,20 @@ def _int8_mm(x2, qweight, wscale, wsum, bias, a_bits, act_symmetric) -> torch.Te
 
 
 def _fp8_mm(x2, qweight, wscale, bias, triton_quant: bool = True) -> torch.Tensor:
-    """float8 per-token activations x float8 weights [N, K] (per-channel ``wscale``). ``triton_quant=False``: the
-    activation quantization in torch ops (traced by torch.compile) instead of the Triton kernel."""
+    """float8 per-token activations x float8 weights [N, K] (per-channel ``wscale``). ``triton_quant=False`` (under
+    torch.compile): the activation quantization in torch ops inductor fuses into the producer, or for wide inputs
+    (``kernels.COMPILE_ONE_PASS_MIN_K``) the one-pass kernel as a triton_op."""
     m = x2.shape[0]
     xp = _pad_rows(x2)
     # torch._scaled_mm wants both matrix sizes multiples of 16; other shapes take the float32 product
     scaled_mm = x2.is_cuda and x2.shape[1] % 16 == 0 and qweight.shape[0] % 16 == 0
-    tk = _triton() if scaled_mm and triton_quant else None
-    q, xs = tk.quantize_act_fp8(xp) if tk is not None else qmath.quantize_act_fp8(xp)
+    tk = _triton() if scaled_mm else None
+    if tk is not None and triton_quant:
+        q, xs = tk.quantize_act_fp8(xp)
+    elif tk is not None and tk.one_pass_traced(x2.shape[1]):
+        q, xs = tk.quantize_act_fp8_traced(xp)
+    else:
+        q, xs = qmath.quantize_act_fp8(xp)
     if not scaled_mm:
         # torch's CPU _scaled_mm takes per-tensor scales only (torch 2.11); the same product in float32:
         # float8 values are exact in float32.

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_write, brief
 
 FORMAT_VERSION = "1"
 KEY = "qsched.format_version"
@@ -48,9 +48,93 @@ def read_metadata(path: str) -> dict | None:
     try:
         meta["layers"] = json.loads(meta["qsched.layers"])
         meta["skip"] = json.loads(meta.get("qsched.skip", "[]"))
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{os.path.basename(path)}: damaged qsched header ({exc}); re-create the file") from None
+    except (KeyError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{os.path.basename(path)}: damaged qsched header ({brief(exc)}); re-create the file") from None
+    _check_header(os.path.basename(path), meta)
     return meta
+
+
+def _check_header(name: str, meta: dict) -> None:
+    """Every field of the header has the type and range the loader relies on (ValueError naming the file, the
+    layer and the field)."""
+    from .spec import QuantSpec
+
+    def bad(what: str):
+        return ValueError(f"{name}: damaged qsched header: {what}; the file was edited or damaged: re-create it "
+                          "(qsched quantize)")
+
+    layers, skip = meta["layers"], meta["skip"]
+    if not isinstance(layers, dict) or not layers:
+        raise bad(f"layers must be a non-empty mapping layer -> entry, got {brief(layers)}")
+    if not isinstance(skip, list) or not all(isinstance(x, str) for x in skip):
+        raise bad(f"skip must be a list of names, got {brief(skip)}")
+    if not isinstance(meta.get("qsched.spec", "w4a8"), str):
+        raise bad("spec must be a format name")
+    for layer, info in layers.items():
+        where = f"layer {brief(layer, 60)}"
+        if not isinstance(info, dict):
+            raise bad(f"{where}: entry must be a mapping with format, group_size, shape, dtype, got {brief(info)}")
+        fmt, group, shape = info.get("format"), info.get("group_size"), info.get("shape")
+        if not isinstance(fmt, str):
+            raise bad(f"{where}: format missing or not a name ({brief(fmt)})")
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+            raise bad(f"{where}: group_size must be null or a positive integer, got {brief(group)}")
+        try:
+            QuantSpec.parse(fmt, group_size=group)
+        except ValueError as exc:
+            raise bad(f"{where}: format {brief(fmt)} / group_size {brief(group)} ({brief(str(exc), 200)})") from None
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 1 << 20 for x in shape)):
+            raise bad(f"{where}: shape must be [out_features, in_features] (positive integers), got {brief(shape)}")
+        if info.get("dtype") not in _DTYPES:
+            raise bad(f"{where}: dtype must be one of {', '.join(_DTYPES)}, got {brief(info.get('dtype'))}")
+
+
+def expected_tensors(fmt: str, group_size: int | None, n: int, k: int) -> dict:
+    """{tensor suffix: (dtype, shape)} a layer of format ``fmt`` (out ``n``, in ``k``) stores: the one rule the
+    loader checks every pre-quantized tensor against (``qweight``, ``weight_scale``, ``weight_sum``,
+    ``weight_exp``); kept equal to what ``layers.quantize_linear_weight`` writes by a test."""
+    from . import qmath
+    from .spec import QuantSpec
+
+    spec = QuantSpec.parse(fmt, group_size=group_size)
+    groups = 1 if spec.group_size is None else k // spec.group_size
+    packed = spec.w_bits <= 4 and k % 2 == 0
+    if spec.fp8_folded:
+        return {"qweight": (torch.uint8, (n, k // 2)), "weight_scale": (torch.float32, (n, 1)),
+                "weight_exp": (torch.int8, (n, groups))}
+    codes = torch.uint8 if packed else qmath.FP8 if spec.w_dtype == "fp8" else torch.int8
+    grouped = spec.w_dtype != "fp8" and spec.group_size is not None and spec.group_size < k
+    scale = torch.float16 if grouped else torch.float32  # one group covering the row: per-channel float32
+    out = {"qweight": (codes, (n, k // 2 if packed else k)), "weight_scale": (scale, (n, groups))}
+    if not spec.act_symmetric:
+        out["weight_sum"] = (torch.int32, (n,))
+    return out
+
+
+def _check_tensors(name: str, layer: str, info: dict, sd: dict) -> None:
+    n, k = info["shape"]
+    group = info.get("group_size")
+    if group is not None and k % group:
+        raise ValueError(f"{name}: layer {brief(layer, 60)}: group_size {group} does not divide in_features {k}; "
+                         "re-create the file")
+    want = expected_tensors(info["format"], group, n, k)
+    for suffix, (dtype, shape) in want.items():
+        key = f"{layer}.{suffix}"
+        t = sd.get(key)
+        if t is None:
+            if suffix in ("qweight", "weight_scale", "weight_exp"):
+                raise ValueError(f"{name}: tensor {key} listed in the header is missing; the file is damaged: "
+                                 "re-create it")
+            continue
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"{name}: tensor {key} is {str(t.dtype)[6:]} of shape {tuple(t.shape)}; a "
+                             f"{info['format']} layer [{n}, {k}] stores {str(dtype)[6:]} of shape {shape}: the file "
+                             "was edited or damaged: re-create it (qsched quantize)")
+    bias = sd.get(f"{layer}.bias")
+    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (n,)):
+        raise ValueError(f"{name}: tensor {layer}.bias is {str(bias.dtype)[6:]} of shape {tuple(bias.shape)}; "
+                         f"expected a float tensor of shape ({n},): re-create the file")
 
 
 def comfy_state_dict(path: str, meta: dict) -> dict:
@@ -69,15 +153,8 @@ def comfy_state_dict(path: str, meta: dict) -> dict:
         raise ValueError(f"{name}: cannot read its tensors ({exc}); the file is corrupt or truncated: copy it "
                          "again or re-create it") from None
     for layer, info in meta["layers"].items():
-        for key in ("qweight", "weight_scale"):
-            if f"{layer}.{key}" not in sd:
-                raise ValueError(f"{name}: tensor {layer}.{key} listed in the header is missing; the file is "
-                                 "damaged: re-create it")
-        shape = info.get("shape")
-        dtype = _DTYPES.get(info.get("dtype"), None)
-        if not (isinstance(shape, list) and len(shape) == 2 and dtype is not None):
-            raise ValueError(f"{name}: header entry for {layer} is damaged ({info}); re-create the file")
-        sd[f"{layer}.weight"] = torch.empty(shape, dtype=dtype, device="meta")
+        _check_tensors(name, layer, info, sd)
+        sd[f"{layer}.weight"] = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]], device="meta")
     return sd
 
 
@@ -114,6 +191,9 @@ def quantize_file(src: str, out: str, spec, *, skip=None, device=None, overwrite
     if spec.is_identity or spec.w_dtype in ("nf4", "fp4"):
         raise ValueError(f"format {spec.name!r} cannot be written as a pre-quantized file; allowed: int and fp8 "
                          "formats (w8a8, w8a8-fp8, w4a8, ...)")
+    if os.path.exists(out) and os.path.samefile(src, out):
+        raise ValueError(f"{out} is the source file itself; the full-precision source is never replaced: choose "
+                         "another output name")
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} exists; choose another name or pass --overwrite")
     name = os.path.basename(src)

@@ -40,6 +40,11 @@ def detect_family(module: nn.Module) -> str:
     return _FAMILY_BY_CLASS.get(type(module).__name__, "generic")
 
 
+#: How each kernel runs, in words for the report shown on the loader nodes.
+KERNEL_WORDS = {"simulated": "simulated in float32", "int8_mm": "on int8 matmuls", "fp8_mm": "on float8 matmuls",
+                "dequant": "unpacked to 16 bit per call", "fp8w4": "4-bit unpacked to float8 matmuls"}
+
+
 @dataclass
 class QuantReport:
     spec: QuantSpec
@@ -54,9 +59,15 @@ class QuantReport:
         kinds: dict[str, int] = {}
         for k in self.quantized.values():
             kinds[k] = kinds.get(k, 0) + 1
-        lines = [f"{self.spec.describe()} | backend {self.backend} | family {self.family} | "
-                 f"{len(self.quantized)} layers quantized {kinds}, {len(self.skipped)} skipped, "
-                 f"{len(self.fallbacks)} fallbacks, {self.seconds:.2f} s"]
+        how = ", ".join(f"{n} {KERNEL_WORDS.get(k, k)}" for k, n in sorted(kinds.items()))
+        counts = f"{len(self.quantized)} layers quantized" + (f" ({how})" if how else "")
+        counts += f", {len(self.skipped)} kept in 16 bit"
+        if self.fallbacks:
+            counts += f", {len(self.fallbacks)} with a fallback"
+        if self.seconds >= 0.05:
+            counts += f", in {self.seconds:.1f} s"
+        how_loaded = self.family.partition("(")[2].rstrip(")")  # "comfy (pre-quantized file)" -> its words
+        lines = [self.spec.describe(), f"{counts}; backend {self.backend}" + (f"; {how_loaded}" if how_loaded else "")]
         lines += [f"  fallback {n}: {why}" for n, why in self.fallbacks.items()]
         return "\n".join(lines)
 

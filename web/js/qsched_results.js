@@ -10,12 +10,28 @@ import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
 const WIDGET = "qsched_result";
-const MAX_LINES = 8;  // longer text scrolls inside the box (the full error is also in ComfyUI's dialog)
 const LINE_PX = 15;
+const PAD_PX = 8;
+const MARGIN = 4;  // the frontend draws a DOM widget at (its layout height - 2 * margin)
 
 function isOurs(node) {
   const t = node?.comfyClass ?? node?.type;
   return typeof t === "string" && t.startsWith("QSched");
+}
+
+// Height the box needs for its whole text at its current width: the textarea's own scrollHeight measured at height 0
+// (the usual auto-grow trick). Before the box has been laid out (no width yet), an estimate from the node's width.
+function neededHeight(node, el) {
+  if (el.clientWidth > 20) {
+    const keep = el.style.height;
+    el.style.height = "0px";
+    const h = el.scrollHeight;
+    el.style.height = keep;
+    return Math.max(2 * LINE_PX, h) + 2;
+  }
+  const cols = Math.max(20, Math.floor((node.size[0] - 30) / 6.7));
+  const rows = el.value.split("\n").reduce((n, line) => n + Math.max(1, Math.ceil(line.length / cols)), 0);
+  return PAD_PX + LINE_PX * Math.max(2, rows);
 }
 
 function boxFor(node) {
@@ -29,15 +45,12 @@ function boxFor(node) {
   el.style.fontFamily = "monospace";
   el.style.fontSize = "11px";
   el.style.lineHeight = `${LINE_PX}px`;
+  el.style.padding = `${PAD_PX / 2}px`;
   el.style.whiteSpace = "pre-wrap";
   el.style.overflowWrap = "anywhere";
-  el.style.overflow = "auto";
-  // Rows the text takes at the node's width (11px monospace is about 6.7px a character), at most MAX_LINES.
-  const rows = () => {
-    const cols = Math.max(20, Math.floor((node.size[0] - 30) / 6.7));
-    return el.value.split("\n").reduce((n, line) => n + Math.max(1, Math.ceil(line.length / cols)), 0);
-  };
-  const height = () => 10 + LINE_PX * Math.min(MAX_LINES, Math.max(2, rows()));
+  el.style.overflow = "hidden";  // sized to its text: nothing to scroll
+  el.style.resize = "none";
+  const height = () => (w.qschedHeight ?? neededHeight(node, el)) + 2 * MARGIN;
   w = node.addDOMWidget(WIDGET, "qsched_result", el, {
     getValue: () => el.value,
     setValue: (v) => { el.value = v ?? ""; },
@@ -45,11 +58,25 @@ function boxFor(node) {
     getMaxHeight: height,
     serialize: false,
     hideOnZoom: false,
+    margin: MARGIN,
   });
   w.serialize = false;            // not in the workflow's widgets_values
   w.options.serialize = false;    // not in the prompt
   w.qschedEl = el;
   return w;
+}
+
+// Grow or shrink the node to the box's text (keeping the width the user gave it), then measure again once the
+// frontend has laid the box out at its real width: a few frames until the height no longer changes.
+function fit(node, w, frames = 6) {
+  const h = neededHeight(node, w.qschedEl);
+  if (w.qschedHeight !== h) {
+    w.qschedHeight = h;
+    const size = node.computeSize();
+    node.setSize([Math.max(node.size[0], size[0]), size[1]]);
+    node.setDirtyCanvas(true, true);
+  }
+  if (frames > 0) requestAnimationFrame(() => fit(node, w, frames - 1));
 }
 
 function show(node, text, isError) {
@@ -59,15 +86,24 @@ function show(node, text, isError) {
   w.qschedEl.value = text;
   w.qschedEl.dataset.qschedState = isError ? "error" : "result";
   w.qschedEl.style.color = isError ? "#ff7070" : "";
-  // Grow or shrink to the text; keep the width the user gave the node.
+  w.qschedHeight = undefined;
+  fit(node, w);
+}
+
+// Removes the box (a run has started: what it showed belongs to the previous run).
+function remove(node) {
+  const i = node.widgets?.findIndex((x) => x.name === WIDGET) ?? -1;
+  if (i < 0) return;
+  node.widgets[i].onRemove?.();
+  node.widgets.splice(i, 1);
   const size = node.computeSize();
-  node.setSize([Math.max(node.size[0], size[0]), size[1]]);
+  node.setSize([node.size[0], size[1]]);
   node.setDirtyCanvas(true, true);
 }
 
-function clear(node) {
+function clearError(node) {
   const w = node.widgets?.find((x) => x.name === WIDGET);
-  if (w && w.qschedEl.dataset.qschedState === "error") show(node, "", false);
+  if (w && w.qschedEl.dataset.qschedState === "error") remove(node);
 }
 
 function nodeById(id) {
@@ -124,6 +160,27 @@ function decorateTemplateCards(root) {
   }
 }
 
+// ---- preset lists: a preset written by Calibrate / Save Preset appears in every Load Preset list at once -------
+const PRESET_WRITERS = new Set(["QSchedCalibrate", "QSchedSavePreset"]);
+
+async function refreshPresetLists() {
+  try {
+    const res = await api.fetchApi("/object_info/QSchedLoadPreset");
+    const spec = (await res.json())?.QSchedLoadPreset?.input?.required?.preset;
+    const values = Array.isArray(spec?.[0]) ? spec[0] : spec?.[1]?.options;
+    if (!Array.isArray(values)) return;
+    const def = window.LiteGraph?.registered_node_types?.QSchedLoadPreset?.nodeData;
+    if (def?.input?.required?.preset) def.input.required.preset[0] = values;  // new nodes get the new list too
+    for (const node of app.graph?._nodes ?? []) {
+      if (node.type !== "QSchedLoadPreset") continue;
+      const w = node.widgets?.find((x) => x.name === "preset");
+      if (w) w.options.values = values;
+    }
+  } catch (err) {
+    console.warn("qsched: could not refresh the preset lists", err);
+  }
+}
+
 app.registerExtension({
   name: "qsched.results",
   async setup() {
@@ -134,7 +191,7 @@ app.registerExtension({
 
     const queuePrompt = api.queuePrompt.bind(api);
     api.queuePrompt = async function (...args) {
-      for (const node of app.graph?._nodes ?? []) if (isOurs(node)) clear(node);
+      for (const node of app.graph?._nodes ?? []) if (isOurs(node)) clearError(node);
       try {
         const res = await queuePrompt(...args);
         showNodeErrors(res?.node_errors);
@@ -144,6 +201,12 @@ app.registerExtension({
         throw err;
       }
     };
+    // A node that starts running loses the previous run's text at once (a long calibration would otherwise show
+    // the last run's summary above its new progress).
+    api.addEventListener("executing", ({ detail }) => {
+      const node = detail == null ? null : nodeById(detail);
+      if (node && isOurs(node)) remove(node);
+    });
     api.addEventListener("execution_error", ({ detail }) => {
       const node = nodeById(detail?.node_id);
       if (node && isOurs(node)) show(node, "⚠ " + (detail.exception_message ?? "").trim(), true);
@@ -156,6 +219,7 @@ app.registerExtension({
       onExecuted?.apply(this, arguments);
       const text = message?.text;
       if (text?.length) show(this, Array.isArray(text) ? text.join("\n") : String(text), false);
+      if (PRESET_WRITERS.has(nodeData.name)) refreshPresetLists();
     };
   },
 });
