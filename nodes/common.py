@@ -172,6 +172,22 @@ def find_preset(name, node: str = "Q-Sched Load Preset", input_name: str = "pres
     return None
 
 
+def load_preset(name: str):
+    """The Coefficients of preset ``name`` (Q-Sched Load Preset's reader); errors name that node's input."""
+    from ..qsched.coefficients import Coefficients
+
+    node = "Q-Sched Load Preset"
+    path = find_preset(name, node, "preset")
+    if path is None:
+        raise NodeInputError(node, "preset", f"file {name!r} not found in models/{QSCHED_FOLDER}/ (or the extra "
+                                             f"'{QSCHED_FOLDER}' paths of extra_model_paths.yaml)")
+    with node_input(node, "preset"):
+        try:
+            return Coefficients.load(path)
+        except ValueError as exc:
+            raise ValueError(f"malformed preset: {exc}") from None
+
+
 def model_sampling_of(model):
     """The ``model_sampling`` object of a ComfyUI MODEL (ModelPatcher; object patches included)."""
     return model.get_model_object("model_sampling")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import struct
 
-from .common import NodeInputError
+from .common import NodeInputError, load_preset
 
 #: Hidden input that carries a graph problem to the node it concerns ({"input": name, "message": text}).
 GRAPH_CHECK = "qsched_graph_check"
@@ -69,10 +69,8 @@ def users(prompt: dict, nid: str, slot: int):
 # steps
 # ---------------------------------------------------------------------------------------------------------------
 def _preset_steps(name) -> int | None:
-    from .sampling import _load_preset  # the one preset reader; its errors belong to Load Preset's own check
-
-    try:
-        return _load_preset(name).steps
+    try:  # the one preset reader; its errors belong to Load Preset's own check
+        return load_preset(name).steps
     except (NodeInputError, ImportError, OSError):
         return None
 

@@ -12,8 +12,8 @@ import os
 from ..qsched import samplers as qsamplers
 from ..qsched import schedules as qschedules
 from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_steps
-from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, QSCHED_FOLDER, NodeInputError, check_combo,
-                     find_preset, is_flow, model_sampling_of, node_input, preset_file, preset_names, steps_input,
+from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, NodeInputError, check_combo, find_preset,
+                     is_flow, load_preset, model_sampling_of, node_input, preset_file, preset_names, steps_input,
                      validation_result)
 from .graph import GRAPH_CHECK_INPUT, compat_warnings, raise_graph_problem, sampler_model_is_flow
 
@@ -269,7 +269,7 @@ class QSchedLoadPreset:
     def VALIDATE_INPUTS(cls, preset=None, qsched_graph_check=None):
         # Naming `preset` here turns off ComfyUI's combo-membership check: _load covers it (missing file).
         if preset is not None:
-            validation_result(_load_preset, preset)
+            validation_result(load_preset, preset)
         return validation_result(raise_graph_problem, cls.DISPLAY_NAME, qsched_graph_check)
 
     @classmethod
@@ -281,7 +281,7 @@ class QSchedLoadPreset:
         return os.path.getmtime(path) if path else float("nan")
 
     def load(self, preset, qsched_graph_check=None):
-        c = _load_preset(preset)
+        c = load_preset(preset)
         text = preset_summary(c)
         uses = (qsched_graph_check or {}).get("uses") if isinstance(qsched_graph_check, dict) else None
         warnings = compat_warnings(c.metadata, uses or [])
@@ -308,19 +308,6 @@ def preset_summary(c: Coefficients) -> str:
     if isinstance(best, (int, float)) and isinstance(ident, (int, float)):
         lines.append(f"JAQ {best:.4f} vs {ident:.4f} for the stock sampler ({best - ident:+.4f})")
     return "\n".join(lines)
-
-
-def _load_preset(name: str) -> Coefficients:
-    node = "Q-Sched Load Preset"
-    path = find_preset(name, node, "preset")
-    if path is None:
-        raise NodeInputError(node, "preset", f"file {name!r} not found in models/{QSCHED_FOLDER}/ (or the extra "
-                                             f"'{QSCHED_FOLDER}' paths of extra_model_paths.yaml)")
-    with node_input(node, "preset"):
-        try:
-            return Coefficients.load(path)
-        except ValueError as exc:
-            raise ValueError(f"malformed preset: {exc}") from None
 
 
 class QSchedSavePreset:
