@@ -8,7 +8,7 @@ Search spaces (``SearchSpace.kind``), every value drawn from ``[low, high]`` (de
 
 Strategies (all maximise the mean JAQ over the calibration prompts; the paper's ``S̄ < S*`` with ``S* = ∞``
 is a typo for a higher-is-better score, and the released code's lexicographic ``max`` over score lists that
-in effect ranks by CLIPScore is a bug, see notes/method.md §2):
+in effect ranks by CLIPScore is a bug, see docs/calibration.md, "The released search"):
 
 * ``grid``    Algorithm 1 with ``opt`` = a full Cartesian grid: ``n`` points per dimension,
   ``linspace(low, high, n)``, iterated in ``itertools.product`` order of ``SearchSpace.names`` (for ``start``:
