@@ -26,6 +26,7 @@ scenarios, sdxl, fastpath, compile) run as before; ``--skip`` takes section name
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -413,10 +414,110 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=F
     return (model, y2) if keep else None
 
 
+# ------------------------------------------------------------------------------------------------------ refcal
+class RandomTextEncoder:
+    """Bench-only CLIP stand-in: conditioning of the family's real shapes (FLUX: 256 T5 tokens x 4096 + pooled 768;
+    SDXL: 77 x 2048 + pooled 1280), random, seeded by the prompt. Text encoding is outside what is timed (Calibrate
+    encodes each prompt once, before the fit); everything after it runs ComfyUI's own code."""
+
+    def __init__(self, fam):
+        self.fam = fam
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, text):
+        import hashlib
+
+        g = torch.Generator().manual_seed(int(hashlib.sha256(text.encode()).hexdigest()[:12], 16))
+        if self.fam == "flux":
+            n, ctx, pooled = (8, 4096, 2048) if ARGS.tiny else (256, 4096, 768)
+            return [[torch.randn(1, n, ctx, generator=g), {"pooled_output": torch.randn(1, pooled, generator=g)}]]
+        if ARGS.tiny:
+            return [[torch.randn(1, 77, 768, generator=g), {}]]
+        return [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
+
+
+def random_vae(fam):
+    """A full-size VAE of the family's latent format (FLUX ae: 16 channels; SDXL: 4), random weights, fp16."""
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "data"))
+    from build_tiny_comfy_models import build_vae
+
+    sd = {k: v.to(torch.float16) for k, v in build_vae(16 if fam == "flux" else 4, 3).items()}
+    return comfy.sd.VAE(sd=sd)
+
+
+def refcal(key, fam, fmt, card):
+    """Q-Sched Calibrate (the node's own function, in-process) with objective "match full precision": the core
+    model from a state dict in memory (no file write), Q-Sched Quantize Model's quantization in ``fmt``, 16 of the
+    default prompts (8 fit, 8 held out), 4 steps, the template's sampler, size and batch. Timed twice: cold (first
+    use of the models on the device) and warm; both runs recompute everything (the fit keeps no record)."""
+    import folder_paths
+
+    from qsched_pack.calibration.prompts import default_prompts
+    from qsched_pack.nodes.calibration import QSchedCalibrate
+
+    clean()
+    folder_paths.set_output_directory(os.path.join(ARGS.work, "output"))
+    folder_paths.set_temp_directory(os.path.join(ARGS.work, "temp"))
+    folder_paths.add_model_folder_path("qsched", os.path.join(ARGS.work, "qsched"), is_default=True)
+    rec = {"name": f"reference calibration {fmt}", "family": fam, "key": key, "mode": "refcal", "part": PART,
+           "run": RUN, "card_gib": card}
+    t = time.time()
+    build = flux_model if fam == "flux" else sdxl_model
+    sd = random_state_dict(build("meta"), torch.bfloat16 if fam == "flux" else torch.float16, 5 if fam == "flux" else 2)
+    rec["random_weights_s"] = time.time() - t
+    t = time.time()
+    fp = comfy.sd.load_diffusion_model_state_dict(sd)
+    del sd
+    gc.collect()
+    rec["load_s"] = time.time() - t
+    t = time.time()
+    q, _ = quantize_comfy_model(fp, fmt)
+    rec["quantize_s"] = time.time() - t
+    rec["sizes_gib"] = {"reference": fp.model_size() / GiB, "quantized": q.model_size() / GiB}
+    t = time.time()
+    vae = random_vae(fam)
+    rec["vae_s"] = time.time() - t
+    R["configs"].append(rec)
+    save()
+    size = 64 if ARGS.tiny else (1024 if fam == "flux" else 512)
+    n, steps = (10, 2) if ARGS.tiny else (16, 4)  # --tiny: the smallest run the node takes (a smoke test)
+    settings = dict(model=q, clip=RandomTextEncoder(fam), vae=vae, prompts="\n".join(default_prompts()[:n]), steps=steps,
+                    sampler_name="euler" if fam == "flux" else "euler_ancestral", scheduler="simple", eta=1.0,
+                    cfg=1.0, space="start", strategy="pattern", range_min=0.8, range_max=1.2, points=11, budget=600,
+                    base_seed=42, width=size, height=size, batch=2 if fam == "flux" else 4,
+                    reference_model=fp, objective="match full precision")
+    node = QSchedCalibrate()
+    with (Card(card) if card else contextlib.nullcontext()):
+        for run in ("cold", "warm"):
+            if left() < (rec.get("node_cold_s", 0) * 1.2 if run == "warm" else 0):
+                rec["skipped_warm"] = f"{left():.0f} s left"
+                break
+            sync()
+            t = time.time()
+            with torch.inference_mode():  # as ComfyUI's executor runs a node
+                out = node.calibrate(preset_name=f"bench_refcal_{fam}_{run}", **settings)
+            sync()
+            rec[f"node_{run}_s"] = time.time() - t
+            rec[f"summary_{run}"] = out["result"][3]
+            rec.update(**held())
+            log(key, run, round(rec[f"node_{run}_s"], 2), "s |", out["result"][3].replace("\n", " | ")[:900])
+            save()
+    del fp, q, vae
+    clean()
+
+
 def run_config(key):
     """One config of --part/--only, guarded by its time estimate (the file write included when still needed)."""
     fam, fmt_key, mode = parts.parse(key)
     fmt, sage = parts.split_attention(fmt_key)
+
+    if mode.startswith("refcal"):
+        card = parts.REFCAL_CARD[fam] if mode == "refcal-card" else None
+        guarded(f"config {key}", 0 if ARGS.tiny else parts.need_s(key, {fam}))(
+            lambda: refcal(key, fam, fmt, card))()
+        return
 
     def go():
         ensure_file(fam)

@@ -9,7 +9,10 @@ A config key is ``family/format/mode``:
   ComfyUI's SageAttention path); the config then also measures the model with 16-bit attention, eager, first, and
   records the error the 8-bit attention adds.
 * mode: ``eager``; ``graph`` (eager + the Q-Sched CUDA Graph fast path); ``compiled`` (core TorchCompileModel
-  wrapper, inductor); ``compiled+graph`` (compiled, then the fast path over the compiled model).
+  wrapper, inductor); ``compiled+graph`` (compiled, then the fast path over the compiled model); ``refcal`` (a
+  Q-Sched Calibrate run against the full-precision model: the core model, Quantize Model in ``format``, the node
+  with objective "match full precision"); ``refcal-card`` (the same on a simulated small card, where the
+  full-precision reference loads partially: FLUX 24 GiB, SDXL 8 GiB).
   Every mode measures (and profiles) eager s/step first on the loaded model and saves it; the compiled modes then
   add the compiled numbers.
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 FAMILIES = ("flux", "sdxl")
 CORE_FORMATS = {"bf16": "core bf16", "fp16": "core fp16", "fp8_fast": "core fp8_e4m3fn_fast"}
 PACK_FORMATS = ("w8a8", "w8a8-fp8", "w4a8", "w4a8-fp8")
-MODES = ("eager", "graph", "compiled", "compiled+graph")
+MODES = ("eager", "graph", "compiled", "compiled+graph", "refcal", "refcal-card")
 BASELINE = {"flux": "bf16", "sdxl": "fp16"}  # the core config every ratio of a family is taken against
 
 # Seconds a config needs on an H200 (load + eager + compile + timed runs + one profiled 4-step run per mode), the
@@ -32,7 +35,11 @@ BASELINE = {"flux": "bf16", "sdxl": "fp16"}  # the core config every ratio of a 
 # (w8a8-fp8; its compile alone 150 s), and SDXL w4a8-fp8's compile did not finish in the 200 s left. SDXL's UNet
 # compiles slower than FLUX (more distinct blocks). Plan two or three SDXL compiles per 10-minute device call.
 NEED_S = {("flux", "eager"): 25, ("flux", "graph"): 35, ("flux", "compiled"): 165, ("flux", "compiled+graph"): 175,
-          ("sdxl", "eager"): 12, ("sdxl", "graph"): 20, ("sdxl", "compiled"): 230, ("sdxl", "compiled+graph"): 240}
+          ("sdxl", "eager"): 12, ("sdxl", "graph"): 20, ("sdxl", "compiled"): 230, ("sdxl", "compiled+graph"): 240,
+          # estimates before the first measurement: two node runs (cold, warm) of 16 prompts + the random weights
+          ("flux", "refcal"): 100, ("flux", "refcal-card"): 120, ("sdxl", "refcal"): 35, ("sdxl", "refcal-card"): 40}
+#: Card sizes (GiB) of the refcal-card mode: the full-precision model and the quantized one do not both fit.
+REFCAL_CARD = {"flux": 24, "sdxl": 8}
 WRITE_S = {"flux": 40, "sdxl": 8}
 
 # Part A: FLUX. The acceptance rows first: core bf16 (the baseline), w8a8-fp8 and w4a8-fp8, each eager (measured and
@@ -52,7 +59,11 @@ PART_B = ("sdxl/fp16/graph", "sdxl/fp8_fast/eager", "sdxl/w8a8-fp8/eager", "sdxl
 # A CPU smoke test of the same code paths (tiny models): one config of each mode per family.
 PART_TINY = ("flux/bf16/eager", "flux/w8a8/compiled", "sdxl/fp16/graph", "sdxl/w8a8/eager",
              "sdxl/fp16/compiled+graph")
-PARTS = {"A": PART_A, "B": PART_B, "tiny": PART_TINY}
+# Part R: calibration against the full-precision model (the issue-21 targets: FLUX w4a8-fp8 <= 60 s, SDXL w8a8-fp8
+# <= 15 s on the H200), then the small-card runs if time is left.
+PART_R = ("flux/w4a8-fp8/refcal", "sdxl/w8a8-fp8/refcal", "sdxl/w8a8-fp8/refcal-card", "flux/w4a8-fp8/refcal-card")
+PART_RTINY = ("sdxl/w8a8/refcal", "flux/w8a8/refcal")
+PARTS = {"A": PART_A, "B": PART_B, "tiny": PART_TINY, "R": PART_R, "Rtiny": PART_RTINY}
 
 
 class ConfigError(ValueError):

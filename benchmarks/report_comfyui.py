@@ -125,6 +125,7 @@ def new_tables(runs: list) -> list:
                        f"{_cell(r.get('s_per_step'), _ratio(r.get('s_per_step'), be), de)} | {comp_cell} | "
                        f"{graph_cells[0]} | {graph_cells[1]} | {same} |")
         out.append("")
+        out += attention_rows(fam, recs)
         fast = [(run, r) for run, r in recs if "s_per_step_graph" in r or "s_per_step_compiled_graph" in r]
         if fast:
             out += [f"Fast path ({fam.upper()}): 4-step sampling time (`comfy.sample.sample`, batch 1) vs core "
@@ -162,6 +163,27 @@ def new_tables(runs: list) -> list:
     if any_dagger:
         out += ["† baseline from another part (a different device call): compare with care.", ""]
     return out
+
+
+def attention_rows(fam: str, recs: list) -> list:
+    """The 8-bit attention (``+sage``) configs and every config's error vs core, both eager, from one model load:
+    s/step with 16-bit then 8-bit attention, the latent error the 8-bit attention adds, and the format's own error
+    (its 16-bit-attention latent vs core's in the same run)."""
+    rows = [(run, r) for run, r in recs if "err_attention" in r or "err_vs_core" in r]
+    if not rows:
+        return []
+    out = [f"Error and 8-bit attention ({fam.upper()}, eager, one load per row): relative latent error after 4 "
+           "steps; attention = 8-bit (sage) vs 16-bit attention on the same model; format = this format's latent "
+           "(16-bit attention) vs core's in the same part.", "",
+           "| config | part | s/step 16-bit attention | s/step 8-bit attention (×) | error: attention | error: format |",
+           "|---|---|---|---|---|---|"]
+    for run, r in rows:
+        sage = "s_per_step_16bit_attention" in r
+        base = r.get("s_per_step_16bit_attention", r.get("s_per_step"))
+        cell = _cell(r.get("s_per_step"), _ratio(r.get("s_per_step"), base)) if sage else "–"
+        out.append(f"| {r['name']} | {run['_part']} | {_f(base)} | {cell} | {_f(r.get('err_attention'), 4)} | "
+                   f"{_f(r.get('err_vs_core'), 4)} |")
+    return out + [""]
 
 
 def _ms(v):

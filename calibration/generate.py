@@ -431,20 +431,38 @@ class DiffusersGenerator:
         return self.pipe.unet.config.in_channels, self.height // f, self.width // f
 
     def _batch(self, coefficients, prompts, seeds) -> torch.Tensor:
+        x = self.start(seeds)
+        fn = samplers.SAMPLERS[self.sampler]
+        latents = fn(self.denoiser(prompts), x, self.sigmas.to(torch.float32), None, disable=True,
+                     coefficients=coefficients, **self.sampler_kwargs(seeds))
+        return self.decode(latents)
+
+    # -- the paired-run protocol of calibration.reference (TrajectoryGenerator) --------------------------------
+    def start(self, seeds: Sequence[int]) -> torch.Tensor:
+        """x_0 for these seeds (each image's noise from its own seed, scaled by the family's rule), on the device."""
         shape = self._latent_shape()
         noise = torch.cat([seeded_noise(s, shape) for s in seeds]).to(self.device)
         s0 = float(self.sigmas[0])
-        scale = {"sigma": s0, "vp": math.sqrt(1.0 + s0 * s0), "flow": s0}[self.noise_rule]
-        x = noise * scale
-        fn = samplers.SAMPLERS[self.sampler]
+        return noise * {"sigma": s0, "vp": math.sqrt(1.0 + s0 * s0), "flow": s0}[self.noise_rule]
+
+    def sampler_kwargs(self, seeds: Sequence[int]) -> dict:
+        """Keywords of the sampler function but the coefficients, with a fresh per-image noise sampler."""
         kw = dict(self.options)
         if self.sampler != "tcd":
             kw["parameterization"] = self.parameterization
         if self.sampler in ("tcd", "lcm", "euler_ancestral"):
-            kw["noise_sampler"] = per_sample_noise_sampler(x, seeds)
-        latents = fn(self._model(prompts), x, self.sigmas.to(torch.float32), None, disable=True,
-                     coefficients=coefficients, **kw)
-        return self.decode(latents)
+            kw["noise_sampler"] = per_sample_noise_sampler(
+                torch.zeros((len(seeds), *self._latent_shape()), device=self.device), seeds)
+        return kw
+
+    def denoiser(self, prompts: Sequence[str]):
+        """``model(x, sigma) -> denoised`` (k-diffusion convention) for these prompts, without autograd."""
+        model = self._model(list(prompts))
+
+        @torch.no_grad()
+        def run(x, sigma, **kwargs):
+            return model(x, sigma, **kwargs)
+        return run
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae

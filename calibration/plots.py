@@ -4,7 +4,9 @@
   every cell; an adaptive search shows the cells it visited), identity and best marked; more dimensions ->
   trace (score per evaluation + running best) and one marginal per coordinate (score against its value).
   Uses matplotlib when installed, else draws a plainer PNG with PIL.
-* ``preview_grid``: identity (top row) vs best (bottom row) images, one column per calibration prompt.
+* ``preview_grid``: identity (top row) vs best (bottom row) images, one column per calibration prompt (a
+  full-precision row above them for the reference objective).
+* ``plot_fit``: the per-step coefficients of a reference fit (what the landscape shows for that objective).
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ def _have_matplotlib() -> bool:
 
 
 def plot_landscape(result, path: str, *, use_matplotlib: bool | None = None, title: str | None = None) -> str:
-    """Write the landscape PNG of a ``CalibrationResult`` to ``path``; returns the path."""
+    """Write the landscape PNG of a ``CalibrationResult`` to ``path``; returns the path. A reference fit (no search
+    points) is drawn as its per-step coefficients instead (:func:`plot_fit`)."""
+    if not result.points and getattr(result, "objective", "jaq") != "jaq":
+        return plot_fit(result, path)
     if not result.points:
         raise ValueError("the calibration result has no evaluated points to plot")
     mpl = _have_matplotlib() if use_matplotlib is None else use_matplotlib
@@ -176,19 +181,54 @@ def _trace_pil(result, path, w: int = 480, h: int = 240):
     return save_png(img, path)
 
 
-def preview_grid(identity_images: torch.Tensor, best_images: torch.Tensor, path: str, *, tile: int = 256) -> str:
-    """PNG with identity (top row) and best (bottom row) images [B, H, W, 3] in 0..1, one column per prompt."""
+def plot_fit(result, path: str, w: int = 480, h: int = 260) -> str:
+    """PNG of a reference fit: per step, the fitted c_x (blue) and c_eps (orange) around 1.0 (grey line), the
+    coefficients in use filled, outlined only when identity was kept; the verdict as the first line."""
+    from PIL import Image, ImageDraw
+
+    fit = (result.best.metadata or {}).get("fit") or {}
+    c_x, c_eps = fit.get("c_x", list(result.best.c_x)), fit.get("c_eps", list(result.best.c_eps))
+    n = len(c_x)
+    vals = list(c_x) + list(c_eps) + [1.0]
+    half = max(0.05, max(abs(v - 1.0) for v in vals) * 1.2)
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    top, bottom = 24, h - 20
+
+    def y(v):
+        return top + (bottom - top) * (0.5 - (v - 1.0) / (2 * half))
+
+    draw.line([(4, y(1.0)), (w - 4, y(1.0))], fill=(160, 160, 160))
+    slot = (w - 8) / max(1, n)
+    for i in range(n):
+        for j, (v, col) in enumerate(((c_x[i], (40, 80, 200)), (c_eps[i], (230, 130, 20)))):
+            x0 = 4 + i * slot + slot * (0.2 + 0.3 * j)
+            box = [x0, min(y(v), y(1.0)), x0 + slot * 0.25, max(y(v), y(1.0))]
+            draw.rectangle(box, fill=col if result.accepted else None, outline=col)
+        draw.text((4 + i * slot + slot * 0.35, bottom + 4), f"step {i + 1}", fill=(0, 0, 0))
+    verdict = "kept" if result.accepted else "identity kept (fit shown outlined)"
+    draw.text((4, 4), f"reference fit, c_x blue / c_eps orange, 1.0 +- {half:.3g}: {verdict}", fill=(0, 0, 0))
+    return save_png(img, path)
+
+
+def preview_grid(identity_images: torch.Tensor, best_images: torch.Tensor, path: str, *, tile: int = 256,
+                 reference_images: torch.Tensor | None = None) -> str:
+    """PNG with identity (top row) and best (bottom row) images [B, H, W, 3] in 0..1, one column per prompt;
+    ``reference_images`` (the full-precision model's, same noise) add a row above them."""
     from PIL import Image
 
-    if identity_images.shape != best_images.shape or identity_images.ndim != 4 or identity_images.shape[-1] != 3:
-        raise ValueError(f"preview needs two image batches [B, H, W, 3] of the same shape, got "
-                         f"{tuple(identity_images.shape)} and {tuple(best_images.shape)}")
+    rows = [identity_images, best_images] if reference_images is None else [reference_images, identity_images,
+                                                                            best_images]
+    if any(r.shape != identity_images.shape for r in rows) or identity_images.ndim != 4 or \
+            identity_images.shape[-1] != 3:
+        raise ValueError(f"preview needs image batches [B, H, W, 3] of the same shape, got "
+                         f"{', '.join(str(tuple(r.shape)) for r in rows)}")
     b = identity_images.shape[0]
     h, w = identity_images.shape[1:3]
     scale = min(1.0, tile / max(h, w))
     th, tw = max(1, int(h * scale)), max(1, int(w * scale))
-    grid = Image.new("RGB", (b * tw, 2 * th), (0, 0, 0))
-    for row, batch in enumerate((identity_images, best_images)):
+    grid = Image.new("RGB", (b * tw, len(rows) * th), (0, 0, 0))
+    for row, batch in enumerate(rows):
         for i in range(b):
             arr = (batch[i].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
             im = Image.fromarray(arr)

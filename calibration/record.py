@@ -29,7 +29,7 @@ import warnings
 import zlib
 from typing import Callable, Mapping, Sequence
 
-from ..qsched._io import NotRegularFile, atomic_write_text, open_regular
+from ..qsched._io import NotRegularFile, atomic_write_text, open_regular, remove_stale_temp_files
 
 RECORD_FORMAT = "qsched-calibration-record"
 #: 2: fingerprint covers scorer files, batch size, dtype, threads, configs; 3: point lines carry a digest keyed
@@ -180,13 +180,7 @@ class Record:
 
     def _remove_stale_temp_files(self) -> None:
         """Temporary files of this record's atomic writes left by a killed run (we hold the lock: none is live)."""
-        folder, name = os.path.split(os.path.abspath(self.path))
-        for f in os.listdir(folder):
-            if f.startswith(".tmp-") and f.endswith(name):
-                try:
-                    os.unlink(os.path.join(folder, f))
-                except OSError:
-                    pass  # not ours to fight over (permissions): it is hidden from every list anyway
+        remove_stale_temp_files(self.path, every=True)
 
     @staticmethod
     def point_key(point: Sequence[float]) -> str:

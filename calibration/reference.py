@@ -455,7 +455,7 @@ def calibrate_to_reference(quantized, reference, prompts, seeds, heldout_prompts
                             match=match)
     if fit.coefficients.is_identity:
         acc = Acceptance(False, "identity kept: the fit is identity (nothing to correct)", len(heldout_prompts),
-                         0.0, 1.0, float("nan"), float("nan"))
+                         0.0, 1.0, 0.0, 0.0)  # nothing was measured; finite, so presets stay valid JSON
         return ReferenceResult(fit.coefficients, fit, acc, fit.images, {})
     images = {"reference": reference.generate(None, heldout_prompts, heldout_seeds),
               "identity": quantized.generate(None, heldout_prompts, heldout_seeds),

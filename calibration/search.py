@@ -365,6 +365,12 @@ def check_budget(space: SearchSpace, strategy: str, n: int, per_point: int, budg
                 f"points (more than {MAX_FIRST_DESIGN:,}): use strategy 'pattern' for a {space.dim}-D space, or a "
                 "smaller space (start, start_end)")
     if budget is None:
+        lattice = n ** space.dim  # every point an adaptive strategy can visit lies on this lattice, once
+        if strategy != "grid" and lattice > MAX_POINTS_WITHOUT_BUDGET:
+            raise ValueError(
+                f"strategy {strategy!r} on a {space.dim}-D space may evaluate up to {n}^{space.dim} = {_big(lattice)} "
+                f"points x {per_point} prompts, more than {MAX_POINTS_WITHOUT_BUDGET:,} points: set a budget "
+                "(maximum images; CLI --budget), or use fewer points per dimension or a smaller space")
         if strategy == "grid":
             total = estimate_points(space, strategy, n, options)
             if total > MAX_POINTS_WITHOUT_BUDGET:

@@ -16,7 +16,7 @@ from ..calibration.generate import per_sample_noise_sampler
 from ..qsched import samplers as qsamplers
 from ..qsched.coefficients import Coefficients
 from .common import is_flow, model_sampling_of, node_input
-from .sampling import make_sampler, schedule_sigmas
+from .sampling import make_sampler, sampler_options, schedule_sigmas
 
 #: Prompts shown in the preview grid (identity row vs best row): each column costs two extra images.
 PREVIEW_PROMPTS = 4
@@ -162,7 +162,7 @@ class ComfyGenerator:
 
     def __init__(self, model, clip, vae, prompts, *, steps: int, sampler: str, schedule: str, eta: float,
                  cfg: float, width: int, height: int, batch_size: int, on_images=None, check_interrupt=None,
-                 node: str = "Q-Sched Calibrate"):
+                 node: str = "Q-Sched Calibrate", on_evaluations=None):
         import torch
 
         self.model, self.clip, self.vae = model, clip, vae
@@ -170,10 +170,13 @@ class ComfyGenerator:
         self.eta, self.cfg = float(eta), float(cfg)
         self.width, self.height, self.batch_size = width, height, batch_size
         self.on_images, self.check_interrupt = on_images, check_interrupt
+        self.on_evaluations = on_evaluations  # called with the number of image-steps run (progress of a fit)
         self.calls = 0  # generate() calls, i.e. coefficient points computed (plus previews)
         self.kept: dict = {}  # (c_x, c_eps, prompts, seeds) -> images, for the coefficients in keep_for
         self.keep_for: set = set()
         self.node = node
+        self.sampling_seconds, self.evaluations = 0.0, 0  # model evaluations (images x steps) and their seconds
+        self.memory: dict = {}
         self.flow = is_flow(model_sampling_of(model))
         make_sampler(sampler, eta, None, node=node)  # checks the sampler name before anything is encoded
         with node_input(node, "sampler_name"):
@@ -218,28 +221,29 @@ class ComfyGenerator:
         if group:
             yield group
 
-    def generate(self, coefficients: Coefficients, prompts, seeds):
+    def generate(self, coefficients: Coefficients | None, prompts, seeds):
+        import time
+
         import comfy.sample
         import torch
 
+        coefficients = Coefficients.identity(self.steps) if coefficients is None else coefficients
         coefficients.check_steps(self.steps)
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        missing = [p for p in prompts if p not in self.cond]
-        for p in missing:
-            self.cond[p] = self._encode(p)
+        self._encode_missing(prompts)
         self.calls += 1
         out = []
         for group in self._groups(list(prompts), self.batch_size):
             ps, ss = [prompts[i] for i in group], [int(seeds[i]) for i in group]
             latent = torch.zeros((len(ps),) + self.latent_shape)
-            noise = torch.cat([comfy.sample.prepare_noise(latent[i:i + 1], s) for i, s in enumerate(ss)])
-            ref = torch.zeros(latent.shape, device=self.model.load_device)
             ksampler = make_sampler(self.sampler, self.eta, coefficients, node=self.node,
-                                    noise_sampler=per_sample_noise_sampler(ref, ss))
+                                    noise_sampler=self._noise_sampler(ss))
+            t0 = time.perf_counter()
             samples = comfy.sample.sample_custom(
-                self.model, noise, self.cfg, ksampler, self.sigmas, _concat([self.cond[p] for p in ps]),
+                self.model, self._noise(ss), self.cfg, ksampler, self.sigmas, _concat([self.cond[p] for p in ps]),
                 self.negative, latent, callback=self._step, disable_pbar=True, seed=ss[0])
+            self._timed(time.perf_counter() - t0, len(ps) * self.steps)
             images = self.vae.decode(samples)
             if images.ndim == 5:  # video VAEs: [B, T, H, W, C]
                 images = images.reshape(-1, *images.shape[-3:])
@@ -251,6 +255,122 @@ class ComfyGenerator:
             n = min(PREVIEW_PROMPTS, len(prompts))
             self.kept[(coefficients.c_x, coefficients.c_eps, tuple(prompts[:n]), tuple(seeds[:n]))] = images[:n]
         return images
+
+    def _encode_missing(self, prompts) -> None:
+        for p in prompts:
+            if p not in self.cond:
+                self.cond[p] = self._encode(p)
+
+    def _noise(self, seeds):
+        """The initial noise of each image from its own seed (ComfyUI's ``prepare_noise``), [B, *latent_shape]."""
+        import comfy.sample
+        import torch
+
+        one = torch.zeros((1,) + self.latent_shape)
+        return torch.cat([comfy.sample.prepare_noise(one, int(s)) for s in seeds])
+
+    def _noise_sampler(self, seeds):
+        import torch
+
+        return per_sample_noise_sampler(torch.zeros((len(seeds),) + self.latent_shape, device=self.model.load_device),
+                                        seeds)
+
+    def _timed(self, seconds: float, evaluations: int) -> None:
+        self.sampling_seconds += seconds
+        self.evaluations += evaluations
+        self._note_memory()
+        if self.on_evaluations is not None:
+            self.on_evaluations(evaluations)
+
+    # -- the paired-run protocol of calibration.reference (TrajectoryGenerator) ------------------------------------
+    def start(self, seeds):
+        """x_0 of the sampler for these seeds, as ComfyUI's KSAMPLER makes it (``noise_scaling`` of the seed's
+        ``prepare_noise``, with its max-denoise rule), on the model's device: the same for two MODELs of one
+        architecture, so a full-precision and a quantized run start from the same noise."""
+        import math
+
+        import torch
+
+        ms = model_sampling_of(self.model)
+        s0 = self.sigmas[:1].to(torch.float32)
+        top = float(ms.sigma_max)
+        max_denoise = math.isclose(top, float(s0), rel_tol=1e-05) or float(s0) > top
+        noise = self._noise(seeds)
+        return ms.noise_scaling(s0, noise, torch.zeros_like(noise), max_denoise).to(self.model.load_device)
+
+    def sampler_kwargs(self, seeds) -> dict:
+        """Keywords of ``qsched.samplers.SAMPLERS[self.sampler]`` but the coefficients, with a fresh per-image noise
+        sampler for these seeds (the draws :meth:`generate` makes)."""
+        return sampler_options(model_sampling_of(self.model), self.sampler, self.eta, self.node,
+                               self._noise_sampler(seeds))
+
+    def denoiser(self, prompts):
+        """``model(x, sigma) -> denoised`` for these prompts (k-diffusion convention, x on the model's device). Each
+        call is one ComfyUI sampling run of one model evaluation (``comfy.sample.sample_custom`` with a KSAMPLER
+        that evaluates the model on ``x`` and stops), so ComfyUI loads the model (partially on a small card),
+        prepares the conditioning and applies the model's patches and wrappers exactly as when it samples."""
+        import torch
+
+        prompts = list(prompts)
+        self._encode_missing(prompts)
+        groups = list(self._groups(prompts, len(prompts)))
+
+        @torch.no_grad()
+        def model(x, sigma, **_):
+            if self.check_interrupt is not None:
+                self.check_interrupt()
+            parts = [self._evaluate(x[g[0]:g[-1] + 1], sigma[g[0]:g[-1] + 1], [prompts[i] for i in g])
+                     for g in groups]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        return model
+
+    def _evaluate(self, x, sigma, prompts):
+        import time
+
+        import comfy.sample
+        import comfy.samplers
+        import torch
+
+        got = []
+
+        def body(model_k, noise, sigmas, extra_args=None, callback=None, disable=None, **_):
+            got.append(model_k(x.to(noise.device, noise.dtype), sigma.to(noise.device, noise.dtype),
+                               **(extra_args or {})))
+            return noise
+
+        zeros = torch.zeros((x.shape[0],) + self.latent_shape)
+        t0 = time.perf_counter()
+        comfy.sample.sample_custom(self.model, zeros, self.cfg, comfy.samplers.KSAMPLER(body), self.sigmas,
+                                   _concat([self.cond[p] for p in prompts]), self.negative, zeros, disable_pbar=True,
+                                   seed=0)
+        self._timed(time.perf_counter() - t0, x.shape[0])
+        return got[0]
+
+    def _note_memory(self) -> None:
+        """How much of the model ComfyUI had on the device for the last run (partial loading on small cards)."""
+        size = self.model.model_size()
+        loaded = self.model.loaded_size() if hasattr(self.model, "loaded_size") else size
+        self.memory["size"] = size
+        self.memory["loaded_min"] = min(self.memory.get("loaded_min", loaded), loaded)
+
+    @property
+    def partially_loaded(self) -> bool:
+        """True when some run had only part of the model's weights on the device (ComfyUI's low-VRAM mode)."""
+        m = self.memory
+        return bool(m) and str(self.device) != "cpu" and m["loaded_min"] < m["size"]
+
+    def cost_text(self) -> str:
+        """One line: seconds per image, and how much of the model was on the device (e.g. ``1.9 s/image, 9.0 of
+        22.2 GiB on the GPU (partially loaded)``)."""
+        per = self.sampling_seconds / max(1, self.evaluations) * self.steps
+        m = self.memory
+        if not m or str(self.device) == "cpu":
+            return f"{per:.2f} s/image"
+        gib = 2 ** 30
+        where = (f"{m['loaded_min'] / gib:.1f} of {m['size'] / gib:.1f} GiB on the GPU (partially loaded by ComfyUI's "
+                 "memory manager)" if self.partially_loaded else f"{m['size'] / gib:.1f} GiB, fully on the GPU")
+        return f"{per:.2f} s/image, {where}"
 
     def images_for(self, coefficients: Coefficients, prompts, seeds):
         """Images of these coefficients: kept ones (the same noise, so the same images) or newly generated."""

@@ -10,6 +10,7 @@ stream in per call). On the CPU, or with inputs off the GPU, it calls the model 
 from __future__ import annotations
 
 from ..qsched.cudagraph import StepGraphs, weights_state
+from . import comfy_compat
 from .attention import ATTENTION_16, ATTENTION_CHOICES, apply_attention
 from .common import CATEGORY_SAMPLING, NodeInputError
 
@@ -30,10 +31,11 @@ def apply_cuda_graph(model_patcher, max_graphs: int = 2, node: str = "Q-Sched CU
 
     def sampler_sample(executor, *args, **kwargs):
         guider = args[0] if args else None
-        base = getattr(getattr(guider, "model_patcher", None), "model", None) or m.model
-        if getattr(base, "model_lowvram", False):
+        patcher = getattr(guider, "model_patcher", None)
+        base = getattr(patcher, "model", None) or m.model
+        if getattr(base, "model_lowvram", False) or comfy_compat.is_dynamic(patcher):
             active[0] = False
-            graphs.eager_reason = "model partially loaded (lowvram): weights stream in per call"
+            graphs.eager_reason = "weights stream in per call (partially loaded / Dynamic VRAM)"
         else:
             active[0] = True
             graphs.reset(weights_state(base))
@@ -106,8 +108,8 @@ class QSchedCudaGraph:
                           "16-bit: the attention ComfyUI chose. sage 8-bit: SageAttention (int8 query x key, "
                           "fp16 softmax x value; package sageattention) for this model only, where it is exact "
                           "enough to promise (no mask, head size 64/96/128, key count a multiple of 64: SDXL's "
-                          "77-token text attention stays 16-bit). Faster on large images; changes the image a little "
-                          "(measured error: docs/quantization.md)."}),
+                          "77-token text attention stays 16-bit). Meant for large images; changes the image a little "
+                          "(speed and error: docs/quantization.md)."}),
         }}
 
     def patch(self, model, max_graphs=2, attention=ATTENTION_16):

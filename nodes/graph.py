@@ -8,6 +8,8 @@ PROMPT is empty at queue time in 0.3.64). Two rules need the graph:
   SamplerCustom(Advanced)). Without the graph the mismatch only shows inside SamplerCustomAdvanced, after loading.
 * **preset compatibility** (Q-Sched Load Preset): the model family, precision and sampler the preset was calibrated
   for, against the loader and sampler of the graph that uses it.
+* **calibration reference** (Q-Sched Calibrate): ``reference_model`` must come from a model file of the same family
+  as ``model`` (read from the two loaders' file headers) and not be quantized.
 
 The queue-time check runs in an ``on_prompt`` handler (``PromptServer.add_on_prompt_handler``, called with every
 POST /prompt before validation): it writes each problem into the hidden input ``GRAPH_CHECK`` of the node to blame,
@@ -147,6 +149,33 @@ def steps_problems(prompt: dict) -> dict[str, tuple[str, str]]:
     return out
 
 
+def reference_problems(prompt: dict) -> dict[str, tuple[str, str]]:
+    """node id -> (input name, message) for each Q-Sched Calibrate whose ``reference_model`` comes from a model file
+    of another family than its ``model`` (read from the two loaders' file headers), or from a quantized one."""
+    out: dict[str, tuple[str, str]] = {}
+    for nid, node in prompt.items():
+        if not isinstance(node, dict) or node.get("class_type") != "QSchedCalibrate":
+            continue
+        inputs = node.get("inputs") or {}
+        ref_src, model_src = link(inputs.get("reference_model")), link(inputs.get("model"))
+        if ref_src is None or model_src is None:
+            continue
+        ref = model_facts(prompt, loader_of(prompt, ref_src))
+        model = model_facts(prompt, loader_of(prompt, model_src))
+        fr, fm = ref.get("family"), model.get("family")
+        if fr and fm and fr != fm:
+            out[str(nid)] = ("reference_model", (
+                f"is a {FAMILY_WORDS.get(fr, fr)} model ({ref.get('file', '?')}), but 'model' is "
+                f"{FAMILY_WORDS.get(fm, fm)} ({model.get('file', '?')}): another architecture and latent format. "
+                "Connect the full-precision version of the model being calibrated (the MODEL you quantized)"))
+        elif ref.get("precision") not in (None, "16-bit"):
+            out[str(nid)] = ("reference_model", (
+                f"is quantized ({ref['precision']}, {_title(prompt, loader_of(prompt, ref_src))}): connect the "
+                "full-precision MODEL (a loader at fp16 / bf16, Load Checkpoint, or the input of Q-Sched Quantize "
+                "Model)"))
+    return out
+
+
 def on_prompt(json_data):
     """ComfyUI ``on_prompt`` handler: puts each graph problem into the hidden input of the node to blame (and clears
     what an earlier queue of the same graph left there)."""
@@ -162,7 +191,7 @@ def on_prompt(json_data):
             uses = sampler_facts(prompt, str(nid))
             if uses:  # part of the node's inputs, so a change of loader or sampler runs Load Preset again
                 checks[str(nid)] = {"uses": uses}
-    for nid, (input_name, message) in steps_problems(prompt).items():
+    for nid, (input_name, message) in {**steps_problems(prompt), **reference_problems(prompt)}.items():
         checks.setdefault(nid, {}).update({"input": input_name, "message": message})
     for nid, check in checks.items():
         prompt[nid]["inputs"][GRAPH_CHECK] = check

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 
-from ..qsched.quant import QuantSpec
+from ..qsched.quant import QuantSpec, native
 from .common import CATEGORY_LOADERS, NodeInputError, check_combo
-from .quant_model import load_quantized, quantize_comfy_model, save_quantized
+from .quant_model import load_quantized, quantize_comfy_model, save_native, save_quantized
 from .quant_ops import COMFY_BACKENDS
 
 #: fp16 / bf16 = no quantization (weights kept in that dtype); "fast 8-bit" = w8a8-fp8 on GPUs with FP8 tensor cores
@@ -211,6 +211,9 @@ class QSchedQuantizeModel:
         return _ui(quantized, text)
 
 
+FILE_FORMATS = ("qsched", "comfyui native")
+
+
 class QSchedSaveQuantizedModel:
     DESCRIPTION = ("Writes a quantized MODEL (from the Q-Sched loaders or Quantize Model) to "
                    "models/diffusion_models/<name>.safetensors: codes, scales, format, skip list and the source "
@@ -230,9 +233,14 @@ class QSchedSaveQuantizedModel:
             "filename": ("STRING", {"default": "flux1-schnell-w4a8", "tooltip":
                          "File name (without folder) in models/diffusion_models/; .safetensors is added."}),
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+            "file_format": (list(FILE_FORMATS), {"default": FILE_FORMATS[0], "tooltip":
+                            "qsched: this pack's file (exact codes and scales; Q-Sched loaders only). comfyui native: "
+                            "the quantized format newer ComfyUI (0.38+) loads with the stock Load Diffusion Model "
+                            "(comfy-kitchen layouts: 8-bit int exact, float8 with one scale per tensor, 4-bit as "
+                            "asym_w4a8_int8 re-rounded by comfy-kitchen); needs comfy-kitchen."}),
         }}
 
-    def save(self, model, filename, overwrite):
+    def save(self, model, filename, overwrite, file_format=FILE_FORMATS[0]):
         import folder_paths
 
         name = (filename or "").strip()
@@ -245,11 +253,23 @@ class QSchedSaveQuantizedModel:
         path = os.path.join(folder, name + ".safetensors")
         if os.path.exists(path) and not overwrite:
             raise NodeInputError(self.DISPLAY_NAME, "filename", f"{path} exists; choose another name or set overwrite")
+        check_combo(self.DISPLAY_NAME, "file_format", file_format, FILE_FORMATS)
+        if file_format == "comfyui native":
+            try:
+                native.kitchen()
+            except ValueError as exc:
+                raise NodeInputError(self.DISPLAY_NAME, "file_format", str(exc)) from None
         try:
-            size = save_quantized(model, path)
+            if file_format == "comfyui native":
+                info = save_native(model, path)
+                size = info["bytes"]
+                how = "same weights" if info["exact"] else "re-rounded by comfy-kitchen"
+                extra = f", ComfyUI-native {info['layers']}, {how}"
+            else:
+                size, extra = save_quantized(model, path), ""
         except ValueError as exc:
             raise NodeInputError(self.DISPLAY_NAME, "model", str(exc)) from None
-        text = f"wrote {path} ({size / 2**30:.2f} GiB)"
+        text = f"wrote {path} ({size / 2**30:.2f} GiB{extra})"
         return {"ui": {"text": [text]}, "result": (path,)}
 
 

@@ -17,13 +17,14 @@ Imports ComfyUI only inside functions.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import weakref
 
 import torch
 
-from ..qsched._io import file_sha256
-from ..qsched.quant import prequant
+from ..qsched._io import atomic_write, file_sha256
+from ..qsched.quant import native, prequant
 from ..qsched.quant.spec import QuantSpec
 from ..qsched.quant.swap import COMFY_SKIP, QuantReport
 from .quant_ops import make_ops, quantized_layers
@@ -81,18 +82,28 @@ def load_quantized(path: str, spec, backend: str = "auto", *, checkpoint: bool =
                                        "name": meta.get("qsched.source_name", name)}), None, None, report
     spec = QuantSpec.parse(spec)
     report = QuantReport(spec, backend, "comfy (quantized while loading)")
+    configs = native.read_configs(path)  # a ComfyUI-native quantized file: comfy-kitchen dequantizes its layers
+    sd = None
+    if configs:
+        native.kitchen()
+        sd = native.loader_state_dict(path, configs)
     ops = make_ops(spec, backend, skip=skip, extra_skip=extra_skip, quant_device=quant_device,
-                   run_device=run_device, report=report)
+                   run_device=run_device, native_layers=native.strip_prefix(configs, sd or ()) or None, report=report)
     clip = vae = None
     if checkpoint:
-        out = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
-                                                    embedding_directory=embedding_directory,
-                                                    model_options={"custom_operations": ops})
-        model, clip, vae = out[:3]
+        opts = dict(output_vae=True, output_clip=True, embedding_directory=embedding_directory,
+                    model_options={"custom_operations": ops})
+        out = (comfy.sd.load_checkpoint_guess_config(path, **opts) if sd is None else
+               comfy.sd.load_state_dict_guess_config(sd, **opts))
+        model, clip, vae = out[:3] if out is not None else (None, None, None)
         if model is None:
             raise ValueError(f"{name}: ComfyUI found no diffusion model in this file")
-    else:
+    elif sd is None:
         model = comfy.sd.load_diffusion_model(path, model_options={"custom_operations": ops})
+    else:
+        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": ops})
+        if model is None:
+            raise ValueError(f"{name}: ComfyUI cannot detect the model type of this ComfyUI-native quantized file")
     if not report.quantized:
         raise ValueError(f"{name}: no Linear layer was quantized ({len(report.skipped)} skipped by the skip list "
                          f"{COMFY_SKIP if skip is None else skip}); is this a supported diffusion model?")
@@ -121,8 +132,9 @@ def _source_tensor(model_patcher, src_module, full_key: str, attr: str):
 
 def quantize_comfy_model(model_patcher, spec, backend: str = "auto", *, skip=None, extra_skip=(), device=None):
     """-> (new quantized ModelPatcher, QuantReport); the input MODEL is not modified (see module doc)."""
-    import comfy.model_patcher
     import comfy.patcher_extension
+
+    from . import comfy_compat
 
     src = model_patcher.model
     src_dm = src.diffusion_model
@@ -161,7 +173,7 @@ def quantize_comfy_model(model_patcher, spec, backend: str = "auto", *, skip=Non
                 t.data = t.data.to(offload)
     if not report.quantized:
         raise ValueError(f"no Linear layer of this MODEL was quantized ({len(report.skipped)} skipped)")
-    out = comfy.model_patcher.ModelPatcher(new, load_device=run_device, offload_device=offload)
+    out = comfy_compat.model_patcher_class()(new, load_device=run_device, offload_device=offload)
     out.model_options = copy.deepcopy(model_patcher.model_options)
     out.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "qsched_unload_source",
                              _unload_source_first(weakref.ref(src)))
@@ -218,3 +230,44 @@ def save_quantized(model_patcher, path: str, *, source_sha256: str | None = None
             source_sha256 = file_sha256(source["path"])
     return prequant.write(path, tensors, table, spec_name=spec.name, arch=type(base.model_config).__name__,
                           skip=list(COMFY_SKIP), source_sha256=source_sha256, source_name=source.get("name", ""))
+
+
+def save_native(model_patcher, path: str) -> dict:
+    """Write a MODEL made by ``load_quantized`` / ``quantize_comfy_model`` as a ComfyUI-native quantized file (the
+    layout newer cores load with the stock Load Diffusion Model; ``native`` module doc): each quantized layer in
+    ``native.target_for`` its format (8-bit int codes: int8_tensorwise, the same codes and scales; float8: one scale
+    per tensor; 4-bit: asym_w4a8_int8, both made by comfy-kitchen from the dequantized weight), every other tensor
+    as the model holds it; ``<layer>.comfy_quant`` markers and the ``_quantization_metadata`` header. Returns
+    {"bytes", "layers": {format: count}, "exact": bool (every layer's weights unchanged)}."""
+    from safetensors.torch import save_file
+
+    from ..qsched.quant.layers import dequantize
+
+    dm = model_patcher.model.diffusion_model
+    layers = dict(quantized_layers(dm))
+    if not layers:
+        raise ValueError("this MODEL has no Q-Sched quantized layers: quantize it first (Q-Sched loaders or "
+                         "Quantize Model)")
+    native.kitchen()
+    own = {"weight", "weight_scale", "weight_sum", "weight_exp"}
+    tensors = {k: v for k, v in dm.state_dict().items()
+               if not (k.rpartition(".")[0] in layers and k.rpartition(".")[2] in own)}
+    configs, counts, exact = {}, {}, True
+    for name, m in layers.items():
+        spec, scale = m.qsched_spec, m.weight_scale.detach().cpu()
+        codes = m.weight.detach().cpu()
+        wexp = None if m.weight_exp is None else m.weight_exp.detach().cpu()
+        target = native.target_for(spec, m.in_features)
+        w = dequantize(codes, scale, m.in_features, torch.float32, wexp)
+        same = target == "int8_tensorwise" and spec.w_bits == 8 and codes.dtype == torch.int8 and scale.shape[1] == 1
+        t, conf = native.encode(target, w, codes=codes if same else None, scale=scale if same else None)
+        exact = exact and same
+        for k, v in t.items():
+            tensors[f"{name}.{k}"] = v
+        tensors[f"{name}.{native.MARKER}"] = native.encode_marker(conf)
+        configs[name] = conf
+        counts[target] = counts.get(target, 0) + 1
+    header = {native.HEADER: json.dumps({"layers": configs}, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                             metadata=header))
+    return {"bytes": os.path.getsize(path), "layers": counts, "exact": exact}

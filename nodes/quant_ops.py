@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..qsched.quant import qmath
+from ..qsched.quant import native, qmath
 from ..qsched.quant.layers import (dequantize, frozen_param, quant_linear, quantize_linear_weight,
                                    requantize_with_scales)
 from ..qsched.quant.spec import QuantSpec
@@ -31,16 +31,21 @@ COMFY_BACKENDS = ("auto", "native", "simulated")
 
 
 def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_device=None, run_device=None,
-             prequantized: dict | None = None, report: QuantReport | None = None):
+             prequantized: dict | None = None, native_layers: dict | None = None, report: QuantReport | None = None):
     """ComfyUI operations class quantizing Linear layers to ``spec`` at load time.
 
     ``quant_device``: where the rounding runs (e.g. the GPU while the model is loaded to the CPU; results go back to
     where each weight came from). ``run_device``: where the model will run (picks the kernels; None: CPU).
     ``prequantized``: {layer name: {"format", "group_size"}} of a pre-quantized file (codes are read, not computed).
+    ``native_layers``: {layer name: config} from a ComfyUI-native file's ``_quantization_metadata`` header (layers
+    with a ``<layer>.comfy_quant`` marker tensor are found without it): such a layer's weight is dequantized by
+    comfy-kitchen (``native.dequantize``) and then treated as a float weight.
     ``report`` collects what happened to each layer."""
     import comfy.float
     import comfy.model_management
     import comfy.ops
+
+    from . import comfy_compat
 
     spec = QuantSpec.parse(spec)
     if backend not in COMFY_BACKENDS:
@@ -85,6 +90,12 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
                 self._load_prequantized(sd, prefix, name, prequantized[name])
                 return
             w = sd.get(prefix + "weight")
+            conf = (native.decode_marker(sd[prefix + native.MARKER]) if prefix + native.MARKER in sd
+                    else (native_layers or {}).get(name))
+            if conf is not None and w is not None:  # a ComfyUI-native quantized layer: its float weight
+                w = native.dequantize(conf, native.layer_tensors(sd, prefix), (self.out_features, self.in_features),
+                                      layer=name)
+                report.native[name] = conf["format"]
             if w is None or w.is_meta:
                 missing_keys.append(prefix + "weight")
                 return
@@ -146,7 +157,7 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
         def forward(self, x, *args, **kwargs):
             if self.qsched_spec is None:
                 return super().forward(x, *args, **kwargs)
-            if self.comfy_cast_weights or len(self.weight_function) > 0 or len(self.bias_function) > 0:
+            if self.comfy_cast_weights or self.weight_function or self.bias_function:
                 return self.forward_comfy_cast_weights(x)
             return quant_linear(x, self.weight, self.weight_scale, self._waux(self.weight_sum, self.weight_exp),
                                 self.bias, self.qsched_spec, self.qsched_kernel, self.out_features)
@@ -158,24 +169,29 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
         def forward_comfy_cast_weights(self, x, *args, **kwargs):
             if self.qsched_spec is None:
                 return super().forward_comfy_cast_weights(x, *args, **kwargs)
-            # Partial (lowvram) loading: this layer's data stay on the offload device and come over per call;
-            # LoRA patches arrive as weight_function entries (ComfyUI's LowVramPatch, which calls
-            # convert_weight / set_weight and returns codes).
-            dev = x.device
-            nb = comfy.model_management.device_supports_non_blocking(dev)
-            w = cast_to(self.weight, None, dev, non_blocking=nb, copy=len(self.weight_function) > 0)
-            for f in self.weight_function:
-                w = f(w)
-            scale = cast_to(self.weight_scale, None, dev, non_blocking=nb)
-            wsum = None if self.weight_sum is None else cast_to(self.weight_sum, None, dev, non_blocking=nb)
-            wexp = None if self.weight_exp is None else cast_to(self.weight_exp, None, dev, non_blocking=nb)
-            bias = None
-            if self.bias is not None:
-                bias = cast_to(self.bias, x.dtype, dev, non_blocking=nb, copy=len(self.bias_function) > 0)
-                for f in self.bias_function:
-                    bias = f(bias)
-            return quant_linear(x, w, scale, self._waux(wsum, wexp), bias, self.qsched_spec, self.qsched_kernel,
-                                self.out_features)
+            # Streaming (partial loading; Dynamic VRAM in newer cores): core's own cast fetches the codes and the
+            # bias (``comfy_compat.cast_stored``: vbar / offload streams where the core has them). Weight patches (a LoRA
+            # while streamed, weight wrappers) apply to the dequantized float32 weight, and the result is rounded
+            # with the layer's own scales, as ``set_weight`` does when core merges a LoRA into a loaded layer.
+            codes, bias, handle, patches = comfy_compat.cast_stored(self, x)
+            try:
+                dev = x.device
+                nb = comfy.model_management.device_supports_non_blocking(dev)
+                scale = cast_to(self.weight_scale, None, dev, non_blocking=nb)
+                wsum = None if self.weight_sum is None else cast_to(self.weight_sum, None, dev, non_blocking=nb)
+                wexp = None if self.weight_exp is None else cast_to(self.weight_exp, None, dev, non_blocking=nb)
+                w = codes
+                if patches:
+                    wf = dequantize(codes, scale, self.in_features, torch.float32, wexp)
+                    for f in patches:
+                        wf = comfy_compat.apply_float_patch(f, wf)
+                    w = requantize_with_scales(wf, codes, scale, self.qsched_spec, wexp)
+                    if wsum is not None:
+                        wsum = w.sum(1, dtype=torch.int32)
+                return quant_linear(x, w, scale, self._waux(wsum, wexp), bias, self.qsched_spec, self.qsched_kernel,
+                                    self.out_features)
+            finally:
+                comfy_compat.release(self, codes, bias, handle)
 
         # ----------------------------------------------------------------------------------------- patches
         def convert_weight(self, weight, inplace=False, **kwargs):

@@ -70,27 +70,34 @@ def qsched_sample(model, x, sigmas, extra_args=None, callback=None, disable=None
     ``noise_sampler`` (optional, used by the calibration node): the per-step noise of euler_ancestral / tcd / lcm;
     None draws it from ComfyUI's ``extra_args["seed"]`` like the core samplers."""
     ms = model.inner_model.inner_model.model_sampling
-    flow = is_flow(ms)
     steps = len(sigmas) - 1
     if coefficients is not None:
         with node_input(node, "coefficients", f" (steps = length of SIGMAS - 1): set steps={steps} on the Q-Sched "
                                               f"Coefficients node, or make the schedule {coefficients.steps} steps"):
             coefficients.check_steps(steps)
+    kwargs = sampler_options(ms, base, eta, node, noise_sampler)
+    return qsamplers.SAMPLERS[base](model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                                    coefficients=coefficients, **kwargs)
+
+
+def sampler_options(model_sampling, base: str, eta: float, node: str, noise_sampler=None) -> dict:
+    """The keywords of ``qsched.samplers.SAMPLERS[base]`` (all but the coefficients) for a ComfyUI model_sampling:
+    parameterization, eta, TCD's alphas_cumprod, LCM's boundary condition, the per-step noise."""
+    flow = is_flow(model_sampling)
     with node_input(node, "sampler_name"):
         qsamplers.check_sampler(base, "flow" if flow else "eps")
-    fn = qsamplers.SAMPLERS[base]
-    kwargs = {"coefficients": coefficients, "parameterization": "flow" if flow else "eps"}
+    kwargs = {"parameterization": "flow" if flow else "eps"}
     if base in ("euler_ancestral", "tcd"):
         kwargs["eta"] = eta
     if base == "tcd":
-        kwargs["alphas_cumprod"] = _alphas_cumprod(ms, node)
+        kwargs["alphas_cumprod"] = _alphas_cumprod(model_sampling, node)
     if base == "lcm":
         # ComfyUI applies LCM's boundary condition inside the model (ModelSamplingDiscrete "lcm"), as its own
         # lcm sampler expects; applying it here too would do it twice.
         kwargs["boundary_condition"] = False
     if noise_sampler is not None and base in NOISY_SAMPLERS:
         kwargs["noise_sampler"] = noise_sampler
-    return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kwargs)
+    return kwargs
 
 
 def _alphas_cumprod(model_sampling, node):

@@ -11,6 +11,7 @@ import hashlib
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +23,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> str
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    remove_stale_temp_files(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=os.path.basename(path), dir=folder)
     except OSError as exc:  # read-only folder, permissions: name the target
         if exc.errno is None:
             raise
@@ -47,6 +49,48 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> str
             os.unlink(tmp)
         raise
     return path
+
+
+TEMP_PREFIX = ".tmp-"
+
+
+def remove_stale_temp_files(path: str | os.PathLike, every: bool = False) -> None:
+    """Remove the temporary files of ``path``'s atomic writes that a killed writer left (``.tmp-<pid>-*<name>``
+    whose process is gone; ``every``: all of them, for a caller holding the file's lock). Files of live writers
+    and files that cannot be removed (permissions) are left alone: they are hidden from every list anyway."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for f in entries:
+        if not (f.startswith(TEMP_PREFIX) and f.endswith(name) and len(f) > len(TEMP_PREFIX) + len(name)):
+            continue
+        pid = f[len(TEMP_PREFIX):].split("-", 1)[0]
+        if not every and pid.isdigit() and _alive(int(pid)):
+            continue
+        if not every and not pid.isdigit():  # written before temp names carried the pid: only when old
+            try:
+                if time.time() - os.lstat(os.path.join(folder, f)).st_mtime < 3600:
+                    continue
+            except OSError:
+                continue
+        try:
+            os.unlink(os.path.join(folder, f))
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or the platform cannot tell: keep the file
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> str:

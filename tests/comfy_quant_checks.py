@@ -437,6 +437,242 @@ def check_fastpath():
     return out
 
 
+# ------------------------------------------------------------------------- newer core (0.38.1) on 0.3.64: stand-ins
+class LowVramPatch038:
+    """0.38.1's ``comfy.model_patcher.LowVramPatch.__call__``: the LoRA is added to whatever tensor it is handed
+    (no convert_func / set_func any more), in that tensor's dtype."""
+    is_lowvram_patch = True
+
+    def __init__(self, key, patches):
+        self.key, self.patches = key, patches
+
+    def __call__(self, weight):
+        import comfy.lora
+
+        return comfy.lora.calculate_weight(self.patches[self.key], weight, self.key, intermediate_dtype=weight.dtype)
+
+
+class CastContract038:
+    """0.38.1's ``comfy.ops.cast_bias_weight(s, input, dtype, device, bias_dtype, offloadable, compute_dtype,
+    want_requant)`` / ``uncast_bias_weight`` installed on 0.3.64's comfy.ops: the classic (non-vbar) path's
+    semantics, plus the Dynamic VRAM post-cast of a ``weight_lowvram_function`` (applied to the weight cast to
+    ``dtype``), and a record of every call."""
+
+    def __init__(self):
+        self.casts, self.uncasts = [], []
+
+    def cast_bias_weight(self, s, input=None, dtype=None, device=None, bias_dtype=None, offloadable=False,
+                         compute_dtype=None, want_requant=False):
+        if input is not None:
+            dtype = input.dtype if dtype is None else dtype
+            bias_dtype = dtype if bias_dtype is None else bias_dtype
+            device = input.device if device is None else device
+        fns, lowvram = list(s.weight_function), getattr(s, "weight_lowvram_function", None)
+        weight = mm.cast_to(s.weight, None, device, copy=bool(fns))
+        bias = None if s.bias is None else mm.cast_to(s.bias, None, device).to(bias_dtype)
+        for f in s.bias_function:
+            bias = f(bias)
+        if fns or lowvram is not None or weight.dtype != dtype:
+            weight = weight.to(dtype)
+            if lowvram is not None:
+                weight = lowvram(weight)
+            for f in fns:
+                weight = f(weight)
+        handle = ("offload stream", weight, bias)
+        self.casts.append((s, dtype, offloadable))
+        return (weight, bias, handle) if offloadable else (weight, bias)
+
+    def uncast_bias_weight(self, s, weight, bias, handle):
+        self.uncasts.append((s, handle[1] is weight))
+
+    def __enter__(self):
+        import comfy.ops
+
+        self.saved = comfy.ops.cast_bias_weight, getattr(comfy.ops, "uncast_bias_weight", None)
+        comfy.ops.cast_bias_weight, comfy.ops.uncast_bias_weight = self.cast_bias_weight, self.uncast_bias_weight
+        return self
+
+    def __exit__(self, *exc):
+        import comfy.ops
+
+        comfy.ops.cast_bias_weight = self.saved[0]
+        if self.saved[1] is None:
+            del comfy.ops.uncast_bias_weight
+        else:
+            comfy.ops.uncast_bias_weight = self.saved[1]
+
+
+def dynamic_load(patcher):
+    """What 0.38.1's ``ModelPatcherDynamic.load`` leaves on each module (model_patcher.py, minus the vbar address
+    space, which needs a GPU): ``comfy_cast_weights`` forced on, a LoRA as ``<param>_lowvram_function`` and no
+    ``weight_function``; the weights themselves stay where they are and stream per call. Returns what
+    ``restore`` needs."""
+    patcher.patch_model(load_weights=False)
+    saved = []
+    for n, m in patcher.model.named_modules():
+        if hasattr(m, "comfy_cast_weights"):
+            saved.append((m, {k: m.__dict__[k] for k in ("comfy_cast_weights", "weight_function", "bias_function")
+                              if k in m.__dict__}))
+            m.comfy_cast_weights = True
+            for p in ("weight", "bias"):
+                key = f"{n}.{p}"
+                setattr(m, p + "_lowvram_function", LowVramPatch038(key, patcher.patches) if key in patcher.patches
+                        else None)
+                setattr(m, p + "_function", [])
+    return saved
+
+
+def restore(patcher, saved):
+    for m, attrs in saved:
+        for k in ("comfy_cast_weights", "weight_function", "bias_function", "weight_lowvram_function",
+                  "bias_lowvram_function"):
+            m.__dict__.pop(k, None)
+        m.__dict__.update(attrs)
+    patcher.unpatch_model()
+
+
+def check_newer_core_contract(kind="sd"):
+    """The quantized layers under 0.38.1's casting contract, run on 0.3.64 with stand-ins: (1) Dynamic VRAM (every
+    layer streamed through ``cast_bias_weight(..., offloadable=True)``, a LoRA as ``weight_lowvram_function``),
+    (2) 0.38.1's classic lowvram path (a LoRA as a ``weight_function`` LowVramPatch that no longer converts): the same
+    output as the full load on 0.3.64, with and without a LoRA; every quantized layer cast with its codes' dtype and
+    released with the handle it got; the Quantize Model result uses core's CoreModelPatcher."""
+    q, _, _, _ = load_quantized(FILES[kind], "w4a8")
+    ql = with_lora(q, lora_sd(q), 1.0)
+    ref, ref_l = direct_ref(q, kind), direct_ref(ql, kind)
+    layers = dict(quant_ops.quantized_layers(q.model.diffusion_model))
+    out = {}
+    with CastContract038() as contract:
+        for name, m in (("plain", q), ("lora", ql)):
+            saved = dynamic_load(m)
+            y = run_direct(m, kind)
+            restore(m, saved)
+            want = ref if name == "plain" else ref_l
+            assert (torch.equal(y, want) if name == "plain" else rel(y, want) < 1e-6), (name, rel(y, want))
+            out[f"dynamic_{name}_vs_full_load"] = rel(y, want)
+        cast_layers = {id(s) for s, _, _ in contract.casts}
+        assert all(id(m) in cast_layers for m in layers.values()), "a quantized layer was not streamed by core's cast"
+        assert all(off for s, dt, off in contract.casts if id(s) in {id(m) for m in layers.values()})
+        assert all(dt == s.weight.dtype for s, dt, _ in contract.casts if s in layers.values())
+        assert len(contract.uncasts) == sum(off for _, _, off in contract.casts) and \
+            all(same for _, same in contract.uncasts)
+        # 0.38.1 classic lowvram: LowVramPatch in weight_function, applied by the layer to the float weight
+        ql.patch_model(load_weights=False)
+        saved = []
+        for name, m in layers.items():
+            key = f"diffusion_model.{name}.weight"
+            saved.append((m, {k: m.__dict__[k] for k in ("comfy_cast_weights", "weight_function") if k in m.__dict__}))
+            m.comfy_cast_weights = True
+            m.weight_function = [LowVramPatch038(key, ql.patches)]
+        y = run_direct(ql, kind)
+        restore(ql, saved)
+        assert rel(y, ref_l) < 1e-6, rel(y, ref_l)
+        out["classic038_lora_vs_full_load"] = rel(y, ref_l)
+    assert torch.equal(direct_ref(q, kind), ref)  # nothing left behind
+    import comfy.model_patcher
+
+    class Dyn(comfy.model_patcher.ModelPatcher):
+        pass
+
+    comfy.model_patcher.CoreModelPatcher = Dyn  # what 0.38.1's main.py sets where Dynamic VRAM is on
+    try:
+        base = comfy.sd.load_diffusion_model(FILES[kind])
+        qm, _ = quantize_comfy_model(base, "w8a8")
+        assert type(qm) is Dyn, type(qm)
+    finally:
+        del comfy.model_patcher.CoreModelPatcher
+    out["layers"] = len(layers)
+    return out
+
+
+def check_native(kind="sd"):
+    """ComfyUI-native files both ways, through comfy-kitchen: Save Quantized Model's native file of each pack format
+    dequantizes (comfy-kitchen's eager backend) to the pack's weights, exactly for w8a8; the pack's loader reads it
+    back (w8a8: the same codes and output); files written the way newer core writes them (markers, or only the
+    ``_quantization_metadata`` header; asym_w4a8_int8, nvfp4, float8, int8 ConvRot) load through Q-Sched's loader
+    to the weights comfy-kitchen dequantizes."""
+    from comfy_kitchen import tensor as ckt
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from qsched_pack.qsched.quant import native
+    from qsched_pack.nodes.quant_model import save_native
+
+    out = {}
+    for fmt in ("w8a8", "w8a8-fp8", "w4a8"):
+        q, _, _, _ = load_quantized(FILES[kind], fmt)
+        path = os.path.join(WORK, f"{kind}_{fmt}_native.safetensors")
+        info = save_native(q, path)
+        assert info["exact"] == (fmt == "w8a8"), info
+        configs = native.read_configs(path)
+        layers = dict(quant_ops.quantized_layers(q.model.diffusion_model))
+        assert set(configs) == set(layers)
+        with safe_open(path, "pt") as f:
+            header = json.loads(f.metadata()[native.HEADER])["layers"]
+            assert header == configs
+            worst = 0.0
+            for name, m in layers.items():
+                t = {s: f.get_tensor(f"{name}.{s}") for s in ("weight", "weight_scale", "weight_s_rel",
+                                                               "weight_s_channel", "weight_codebook")
+                     if f"{name}.{s}" in f.keys()}
+                got = native.dequantize(configs[name], t, (m.out_features, m.in_features))
+                ref = qlayers.dequantize(m.weight, m.weight_scale, m.in_features, torch.float32, m.weight_exp)
+                if fmt == "w8a8":
+                    assert torch.equal(got, ref), name
+                worst = max(worst, rel(got, ref))
+        y = run_direct(q, kind)
+        back, _, _, report = load_quantized(path, fmt)
+        assert set(report.native) == set(layers)
+        if fmt == "w8a8":
+            for name, m in dict(quant_ops.quantized_layers(back.model.diffusion_model)).items():
+                assert torch.equal(m.weight, layers[name].weight), name
+            assert torch.equal(run_direct(back, kind), y)
+        out[fmt] = {"layers": info["layers"], "worst_weight_rel_err": worst, "bytes": info["bytes"],
+                    "output_rel_err_reloaded": rel(run_direct(back, kind), y)}
+        mm.unload_all_models()
+    # files as newer core writes them: comfy-kitchen's own QuantizedTensor state dicts (core's saver calls them)
+    src = load_file(FILES[kind])
+    q, _, _, _ = load_quantized(FILES[kind], "w8a8")
+    names = [n for n, _ in quant_ops.quantized_layers(q.model.diffusion_model)]
+    cases = [("asym_w4a8_int8", ckt.AsymW4A8Int8Layout, {}, "header"),
+             ("nvfp4", ckt.TensorCoreNVFP4Layout, {}, "markers"),
+             ("float8_e4m3fn", ckt.TensorCoreFP8Layout, {}, "markers"),
+             ("int8_tensorwise", ckt.TensorWiseINT8Layout, {"per_channel": True, "convrot": True}, "markers")]
+    for fmt, layout, kw, style in cases:
+        sd, configs, want = dict(src), {}, {}
+        for n in names:
+            w = sd.pop(f"{n}.weight").float()
+            if w.shape[1] % 256:
+                sd[f"{n}.weight"] = w.to(torch.bfloat16)
+                continue
+            qd, params = layout.quantize(w, **kw)
+            qt = ckt.QuantizedTensor(qd, layout.__name__, params)
+            for k, v in qt.state_dict(f"{n}.weight").items():
+                sd[k] = v
+            conf = {"format": fmt}
+            if fmt == "asym_w4a8_int8":
+                conf.update(group_size=16, convrot_groupsize=256)
+            if kw.get("convrot"):
+                conf.update(convrot=True, convrot_groupsize=256)
+            configs[n] = conf
+            want[n] = qt.dequantize().float()
+            if style == "markers":
+                sd[f"{n}.comfy_quant"] = native.encode_marker(conf)
+        path = os.path.join(WORK, f"{kind}_core_{fmt}_{style}.safetensors")
+        meta = {native.HEADER: json.dumps({"layers": configs})} if style == "header" else None
+        save_file(sd, path, metadata=meta)
+        m16, _, _, report = load_quantized(path, "w8a8")
+        assert set(report.native) == set(configs), (fmt, style)
+        # the pack's w8a8 of comfy-kitchen's dequantized weight = the pack's w8a8 of that float weight
+        got = dict(quant_ops.quantized_layers(m16.model.diffusion_model))
+        for n, w in want.items():
+            codes, scale = qlayers.qmath.quantize_weight(w, 8, None, "int")
+            assert torch.equal(got[n].weight, codes), (fmt, style, n)
+        out[f"core_{fmt}_{style}"] = len(configs)
+        mm.unload_all_models()
+    return out
+
+
 def check_attention():
     """The 'sage 8-bit' option in real ComfyUI: ComfyUI's wrap_attn hands every attention call of the model to the
     pack's override, calls the shape rule accepts go to the registered "sage" function with ComfyUI's own arguments,

@@ -94,3 +94,35 @@ def test_fast_path_node_offers_the_option_defaulting_to_16_bit():
 
     spec = QSchedCudaGraph.INPUT_TYPES()["optional"]["attention"]
     assert tuple(spec[0]) == A.ATTENTION_CHOICES and spec[1]["default"] == A.ATTENTION_16
+
+
+def _sageattn():
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from sageattention import sageattn
+    except ImportError:
+        return None
+    return sageattn
+
+
+@pytest.mark.skipif(_sageattn() is None, reason="needs CUDA and the sageattention package")
+def test_key_count_rule_on_the_gpu():
+    """The reason for the key rule: sageattention's non-causal kernel is close to SDPA when the key count is a
+    multiple of 64 and off when it is not (77 text tokens: padded keys enter the softmax). If a sageattention
+    release fixes this, this test fails and the rule can go."""
+    import torch
+    import torch.nn.functional as F
+
+    sageattn = _sageattn()
+    errs = {}
+    for keys in (128, 77):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.float16, generator=g)
+        k, v = (torch.randn(1, 4, keys, 64, device="cuda", dtype=torch.float16, generator=g) for _ in range(2))
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        out = sageattn(q, k.clone(), v, tensor_layout="HND", is_causal=False)
+        errs[keys] = float((out.float() - ref).norm() / ref.norm())
+    assert errs[128] < 0.05 < errs[77], errs

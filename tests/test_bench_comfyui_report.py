@@ -197,3 +197,22 @@ def test_report_marks_uncaptured_graphs_unfinished_stages_and_unreached_configs(
     assert "| pack w4a8-fp8 | compiled+graph | A |" in text and "not finished (the device call ended" in text
     assert "not reached (part A, r1): flux/w8a8/eager" in text
     assert "compile flux core bf16" not in text and "compile flux pack w8a8 (3 s left" in text
+
+
+def test_report_shows_attention_and_format_errors_side_by_side(tmp_path):
+    """+sage configs: 16-bit then 8-bit attention s/step of the same load, the attention error and the format
+    error; a plain config with only a format error gets its row too; configs with neither get none."""
+    a = {"gpu": "H200", "torch": "2.11", "run": "r1", "part": "S", "configs": [
+        _rec("core bf16 + sage attention", "flux", "flux/bf16+sage/eager", s_per_step=0.15,
+             s_per_step_16bit_attention=0.2, err_attention=0.0123),
+        _rec("pack w4a8-fp8 + sage attention", "flux", "flux/w4a8-fp8+sage/eager", s_per_step=0.16,
+             s_per_step_16bit_attention=0.2, err_attention=0.02, err_vs_core=0.0456),
+        _rec("pack w8a8-fp8", "flux", "flux/w8a8-fp8/eager", err_vs_core=0.03),
+        _rec("pack w8a8", "flux", "flux/w8a8/eager")], "errors": [], "skipped": []}
+    out = str(tmp_path / "r.md")
+    rep.main([_write(tmp_path, "a.json", a), "--out", out])
+    text = open(out).read()
+    assert "| core bf16 + sage attention | S | 0.200 | 0.150 (0.75×) | 0.0123 | – |" in text
+    assert "| pack w4a8-fp8 + sage attention | S | 0.200 | 0.160 (0.80×) | 0.0200 | 0.0456 |" in text
+    assert "| pack w8a8-fp8 | S | 0.100 | – | – | 0.0300 |" in text
+    assert "| pack w8a8 | S | 0.100 | – |" not in text

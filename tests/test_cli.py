@@ -87,6 +87,42 @@ def test_argparse_rejects_bad_ranges_with_allowed_values(capsys):
     assert "invalid choice: 'cmaes'" in capsys.readouterr().err
 
 
+def test_calibrate_against_the_full_precision_model(tmp_path, capsys, tiny_pipelines):
+    """--objective reference with --reference = --model (quantized at load): no scorer files, the preset names the
+    objective, the verdict and the reference's fingerprint; the preview has the full-precision row."""
+    model = str(tiny_pipelines["sdxl"])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"a {c} house\n" for c in ("red", "blue", "green", "white", "black", "grey", "pink",
+                                                            "brown", "gold", "teal")))
+    out = tmp_path / "ref"
+    args = ["calibrate", "--model", model, "--reference", model, "--family", "sdxl_turbo", "--steps", "2",
+            "--size", "32", "--quant", "w4a8", "--prompts", str(prompts), "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "reference objective" in text and "held-out" in text and "rows: full precision, identity, best" in text
+    preset = Coefficients.load(out / "preset.json")
+    m = preset.metadata
+    assert m["objective"] == "reference" and isinstance(m["accepted"], bool) and m["heldout"]["pairs"] == 5
+    assert m["reference"]["model_hash"] == m["model"]["model_hash"] and m["reference"]["quant"] is None
+    assert m["model"]["quant"] == "w4a8" and m["images_spent"] == 2 * 5 + 3 * 5
+    assert not (out / "record.jsonl").exists() and (out / "landscape.png").stat().st_size > 0
+    from PIL import Image
+
+    assert Image.open(out / "preview.png").size == (10 * 32, 3 * 32)
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--objective", "reference"], "give --reference PATH"),
+    (["--objective", "jaq", "--reference", "m"], "--reference is used by --objective reference / hybrid only"),
+    (["--reference", "m"], "give --quant"),
+    (["--objective", "hybrid", "--reference", "m", "--quant", "fp16"], "give --quant"),
+])
+def test_reference_objective_bad_input(tmp_path, capsys, extra, msg):
+    rc = main(["calibrate", "--model", "m", "--steps", "2", "--out", str(tmp_path / "o")] + extra)
+    assert rc == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything is written or loaded
+
+
 def test_missing_model_names_the_path(tmp_path, capsys):
     assert main(["calibrate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert f"model not found: {tmp_path / 'nope'}" in capsys.readouterr().err

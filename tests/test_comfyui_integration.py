@@ -504,8 +504,27 @@ def test_jaq_score_node_matches_the_library(server):
     assert "tc_weights" in errors and "no_such_clip.pt" in errors, errors
 
 
-def calib_prompt(object_info, name: str, preset_name: str, **settings) -> dict:
-    p = load_api(name, object_info)
+def set_objective(wf: dict, objective: str = "JAQ (paper)") -> dict:
+    """A calibration template (UI form) switched to another objective. The templates calibrate against the
+    full-precision model with their JAQ nodes muted; 'JAQ (paper)' / 'hybrid' unmutes them and connects the JAQ
+    Loader to Calibrate's 'scorer', as an artist with the scorer files would."""
+    cal = next(n for n in wf["nodes"] if n["type"] == "QSchedCalibrate")
+    cal["widgets_values"][-1] = objective
+    if objective != "match full precision":
+        for n in wf["nodes"]:
+            n["mode"] = 0
+        jaq = next(n for n in wf["nodes"] if n["type"] == "QSchedJAQLoader")
+        wf["last_link_id"] += 1
+        wf["links"].append([wf["last_link_id"], jaq["id"], 0, cal["id"], 3, "QSCHED_JAQ"])
+        jaq["outputs"][0]["links"].append(wf["last_link_id"])
+        next(i for i in cal["inputs"] if i["name"] == "scorer")["link"] = wf["last_link_id"]
+    return wf
+
+
+def calib_prompt(object_info, name: str, preset_name: str, objective: str = "match full precision",
+                 **settings) -> dict:
+    """A calibration template in API form with this objective (:func:`set_objective`), shrunk."""
+    p = ui_to_api(set_objective(json.loads((WORKFLOWS / name).read_text()), objective), object_info)
     if "flux" in name:
         p[find(p, "DualCLIPLoader")] = {"class_type": "CLIPLoader",
                                         "inputs": {"clip_name": "clip_l.safetensors", "type": "sd3"}}
@@ -547,13 +566,33 @@ def _summary(entry, p) -> dict:
             "preset": Path(re.search(r"^preset: (.+)$", text, re.M).group(1))}
 
 
+def interrupt_when(server, pid: str, ready, timeout: float, settle: float = 0.0) -> dict:
+    """Wait until ``ready()`` while prompt ``pid`` runs, POST /interrupt (after ``settle`` s), wait for it to end;
+    it must end interrupted. Returns its /history entry."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert time.time() < deadline, server.log_text()[-3000:]
+        assert pid not in server.get(f"/history/{pid}"), "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    time.sleep(settle)
+    status, _ = server.post("/interrupt", {})
+    assert status == 200
+    while pid not in server.get(f"/history/{pid}"):
+        assert time.time() < deadline, server.log_text()[-3000:]
+        time.sleep(0.1)
+    entry = server.get(f"/history/{pid}")[pid]
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"]), entry["status"]
+    return entry
+
+
 def _record_points(path: Path) -> int:
     return max(0, len(path.read_text().splitlines()) - 1) if path.is_file() else 0
 
 
 def _without_test_render(p: dict) -> dict:
     """The calibration part of the SDXL calibration workflow only (drops the sample-and-score part)."""
-    keep = {"QSchedCheckpointLoader", "QSchedJAQLoader", "QSchedCalibrate", "PreviewImage"}
+    keep = {"QSchedCheckpointLoader", "QSchedQuantizeModel", "QSchedJAQLoader", "QSchedCalibrate", "PreviewImage"}
     return {k: v for k, v in p.items() if v["class_type"] in keep}
 
 
@@ -562,7 +601,7 @@ def test_sdxl_turbo_calibration_workflow_interrupt_and_resume(server, object_inf
     (+ identity = 5 points). Its preset feeds the sampling workflow through Q-Sched Load Preset. Then the same
     settings again, interrupted with POST /interrupt after 2 recorded points and queued once more: the recorded points
     are not recomputed, and the preset equals the uninterrupted run's."""
-    settings = dict(strategy="grid", points=2, budget=10)
+    settings = dict(strategy="grid", points=2, budget=10, objective="JAQ (paper)")
     p = calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_sdxl_calibrated", **settings)
     entry = server.run(p)
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -599,20 +638,7 @@ def test_sdxl_turbo_calibration_workflow_interrupt_and_resume(server, object_inf
                                           **settings))
     status, body = server.queue(p)
     assert status == 200 and not body.get("node_errors"), body
-    pid = body["prompt_id"]
-    deadline = time.time() + 900
-    while _record_points(record) < 2:
-        assert time.time() < deadline, server.log_text()[-3000:]
-        assert pid not in server.get(f"/history/{pid}"), "the run ended before it could be interrupted"
-        time.sleep(0.05)
-    status, _ = server.post("/interrupt", {})
-    assert status == 200
-    while pid not in server.get(f"/history/{pid}"):
-        assert time.time() < deadline, server.log_text()[-3000:]
-        time.sleep(0.1)
-    entry = server.get(f"/history/{pid}")[pid]
-    assert entry["status"]["status_str"] == "error", entry["status"]
-    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"]), entry["status"]
+    interrupt_when(server, body["prompt_id"], lambda: _record_points(record) >= 2, 900)
     done = _record_points(record)
     assert 2 <= done < 5, done
     assert not resumed_preset.exists()
@@ -628,7 +654,8 @@ def test_sdxl_turbo_calibration_workflow_interrupt_and_resume(server, object_inf
 
 def test_flux_schnell_calibration_workflow(server, object_info):
     """The FLUX calibration workflow (flow Euler), shrunk, with the 'clip' JAQ preset (the other files)."""
-    p = calib_prompt(object_info, "qsched_flux_schnell_w4a8_calibrate.json", "it_flux_calibrated", budget=4)
+    p = calib_prompt(object_info, "qsched_flux_schnell_w4a8_calibrate.json", "it_flux_calibrated", budget=4,
+                     objective="JAQ (paper)")
     p[find(p, "QSchedJAQLoader")]["inputs"]["preset"] = "clip"
     entry = server.run(p)
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -649,13 +676,102 @@ def test_calibration_bad_input_names_the_input(server, object_info):
              (dict(range_min=1.2, range_max=0.8), "range_min", "must be smaller than range_max"),
              (dict(preset_name="../x"), "preset_name", "not a plain file name")]
     for settings, name, text in cases:
-        p = calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_bad", budget=12)
+        p = calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_bad", budget=12,
+                         objective="JAQ (paper)")
         p[find(p, "QSchedCalibrate")]["inputs"].update(settings)
         errors = _rejected(server, p)
         assert f"input '{name}'" in errors and text in errors, (settings, errors)
-    p = calib_prompt(object_info, "qsched_flux_schnell_w4a8_calibrate.json", "it_bad", budget=6, sampler_name="tcd")
+    p = calib_prompt(object_info, "qsched_flux_schnell_w4a8_calibrate.json", "it_bad", budget=6, sampler_name="tcd",
+                     objective="JAQ (paper)")
     p[find(p, "QSchedSampler")]["inputs"]["sampler_name"] = "euler"  # the render part: only Calibrate is wrong
     entry = server.run(p)
     assert entry["status"]["status_str"] == "error"
     msg = _error_message(entry)
     assert "Q-Sched Calibrate: input 'sampler_name'" in msg and "flow model" in msg, msg
+
+
+# ---- calibration against the full-precision model (the templates' objective) -------------------------------------
+REF_PROMPTS = "\n".join(f"a {c} {t}" for c, t in zip(("red", "blue", "green", "white", "black", "yellow", "grey",
+                                                         "pink", "brown", "orange"),
+                                                        ("fox", "house", "boat", "cat", "car", "bird", "tree", "cup",
+                                                         "dog", "hat")))
+
+
+def test_sdxl_turbo_reference_calibration_interrupt_and_run_again(server, object_info):
+    """The SDXL-Turbo calibration template as shipped (full-precision loader -> Quantize Model -> Calibrate with both
+    models, no scorer), shrunk to 10 prompts (5 fit, 5 held out). The node says whether the fit was kept and why;
+    the preset names the objective, the reference's fingerprint and the held-out numbers; the preview has the
+    full-precision row. Then the same settings under another preset name, interrupted with POST /interrupt while it
+    runs: nothing is written, the node says so, and queueing again gives the uninterrupted run's preset."""
+    settings = dict(prompts=REF_PROMPTS, batch=5, steps=2)  # 2 steps: the CPU test's cost (74 model evaluations)
+    p = _without_test_render(calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_sdxl_ref",
+                                          **settings))
+    entry = server.run(p, timeout=1800)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    text = _ui_text(entry, find(p, "QSchedCalibrate"))
+    assert text.startswith("reference objective") and re.search(r"(kept: |identity kept \(no correction\))", text)
+    assert "on 5 held-out images" in text and "cost: quantized " in text and "full-precision reference" in text
+    assert "record:" not in text  # the fit keeps no record
+    preset_path = Path(re.search(r"^preset: (.+)$", text, re.M).group(1))
+    preset = json.loads(preset_path.read_text())
+    meta = preset["metadata"]
+    assert meta["objective"] == "reference" and isinstance(meta["accepted"], bool) and meta["acceptance"]
+    assert meta["reference"]["quant"] is None and meta["model"]["quant"] == "w4a8"
+    assert meta["reference"]["model_hash"] != meta["model"]["model_hash"]
+    assert meta["heldout"]["pairs"] == 5 and meta["images_spent"] == 2 * 5 + 3 * 5
+    if not meta["accepted"]:
+        assert preset["c_x"] == [1.0] * 2 and preset["c_eps"] == [1.0] * 2
+    landscape, preview = _preview_pngs(server, entry, p)
+    from PIL import Image
+    import io
+
+    w, h = Image.open(io.BytesIO(preview)).size
+    assert (w, h) == (4 * SIZE, 3 * SIZE), (w, h)  # full precision, stock, calibrated; first 4 prompts
+    assert Image.open(io.BytesIO(landscape)).size[0] > 0
+
+    # the same settings again, interrupted mid-run, then queued once more
+    again = server.models / "qsched" / "it_sdxl_ref_again.json"
+    again.unlink(missing_ok=True)
+    p = _without_test_render(calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_sdxl_ref_again",
+                                          **settings))
+    mark = len(server.log_text())
+    status, body = server.queue(p)
+    assert status == 200 and not body.get("node_errors"), body
+    started = "fitting the coefficients to the full-precision model"
+    interrupt_when(server, body["prompt_id"], lambda: started in server.log_text()[mark:], 1800, settle=1.0)
+    assert not again.exists()
+    assert "interrupted — nothing written; queue again" in server.log_text()[mark:]
+    entry = server.run(p, timeout=1800)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert json.loads(again.read_text()) == preset
+
+
+def test_calibration_objective_needs_its_inputs_on_queue(server, object_info):
+    """What an objective needs is checked when the prompt is queued (HTTP 400), naming the missing input."""
+    p = calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_bad_obj", prompts=REF_PROMPTS)
+    cal = p[find(p, "QSchedCalibrate")]["inputs"]
+    del cal["reference_model"]
+    errors = _rejected(server, p)
+    assert "input 'reference_model'" in errors and "match full precision" in errors, errors
+    cal["objective"] = "JAQ (paper)"
+    errors = _rejected(server, p)
+    assert "input 'scorer'" in errors and "Q-Sched JAQ Loader" in errors, errors
+    cal["objective"] = "auto"
+    errors = _rejected(server, p)
+    assert "input 'reference_model'" in errors and "nothing to calibrate against" in errors, errors
+    p = calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_bad_obj", prompts="a\nb\nc")
+    errors = _rejected(server, p)
+    assert "input 'prompts'" in errors and "at least 10 prompts" in errors, errors
+
+
+def test_reference_of_another_architecture_is_refused_naming_the_input(server, object_info):
+    """A FLUX file (core UNETLoader) as the reference of the SDXL-type checkpoint: refused on queue, from the two
+    loaders' file headers, naming reference_model and both files; nothing runs, nothing is written."""
+    p = calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_bad_ref", prompts=REF_PROMPTS)
+    p["900"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-schnell.safetensors",
+                                                        "weight_dtype": "default"}}
+    p[find(p, "QSchedCalibrate")]["inputs"]["reference_model"] = ["900", 0]
+    errors = _rejected(server, p)
+    assert "input 'reference_model'" in errors and "is a FLUX model (flux1-schnell.safetensors)" in errors, errors
+    assert "another architecture" in errors, errors
+    assert not (server.models / "qsched" / "it_bad_ref.json").exists()

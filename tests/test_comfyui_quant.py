@@ -105,3 +105,19 @@ def test_sage_attention_option_is_wired_into_comfyui(quant_env):
 def test_qsched_nodes_on_a_gguf_model(quant_env):
     r = check(quant_env, "gguf")
     assert set(r) == {"Q8_0", "Q4_0"}
+
+
+def test_quantized_layers_follow_the_newer_core_casting_contract(quant_env):
+    """0.38.1's cast_bias_weight(offloadable=True)/uncast_bias_weight, Dynamic VRAM's per-layer LoRA and the new
+    LowVramPatch semantics, as stand-ins on 0.3.64 (tests/comfy_quant_checks.py: check_newer_core_contract)."""
+    r = check(quant_env, "newer_core_contract")
+    assert r["layers"] > 0 and r["dynamic_plain_vs_full_load"] == 0.0
+
+
+def test_comfyui_native_files_both_ways_through_comfy_kitchen(quant_env):
+    pytest.importorskip("comfy_kitchen")
+    r = check(quant_env, "native")
+    assert r["w8a8"]["worst_weight_rel_err"] == 0.0 and r["w8a8"]["output_rel_err_reloaded"] == 0.0
+    assert r["w8a8-fp8"]["worst_weight_rel_err"] < 0.05 and r["w4a8"]["worst_weight_rel_err"] < 0.15
+    assert r["core_asym_w4a8_int8_header"] > 0  # only the _quantization_metadata header declares the layers
+    assert all(r[f"core_{f}_markers"] > 0 for f in ("nvfp4", "float8_e4m3fn", "int8_tensorwise"))

@@ -133,6 +133,34 @@ def test_load_preset_warns_once_naming_both_values(folder_paths):
     assert plain_words_problems(out) == [], out
 
 
+def test_reference_of_another_family_is_refused_on_queue(folder_paths):
+    """The calibration template with a FLUX file as the reference of the SDXL checkpoint: the on_prompt handler
+    reads both loaders' file headers and puts the problem on Calibrate, whose VALIDATE_INPUTS raises it naming
+    reference_model; the shipped wiring (one file, Quantize Model) and a quantized reference are told apart."""
+    _safetensors_header(Path(folder_paths.get_folder_paths("diffusion_models")[0]) / "flux1-schnell.safetensors",
+                        ["double_blocks.0.img_attn.qkv.weight"])
+    _safetensors_header(Path(folder_paths.get_folder_paths("checkpoints")[0]) / "sd_xl_turbo_1.0_fp16.safetensors",
+                        ["model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.label_emb.0.0.weight"])
+    prompt = _prompt("qsched_sdxl_turbo_w4a8_calibrate", folder_paths)
+    cal, loader = _id(prompt, "QSchedCalibrate"), _id(prompt, "QSchedCheckpointLoader")
+    graph.on_prompt({"prompt": prompt})
+    assert graph.GRAPH_CHECK not in prompt[cal]["inputs"]  # as shipped: the reference is the quantized model's source
+    prompt["900"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-schnell.safetensors",
+                                                            "weight_dtype": "default"}}
+    prompt[cal]["inputs"]["reference_model"] = ["900", 0]
+    graph.on_prompt({"prompt": prompt})
+    check = prompt[cal]["inputs"][graph.GRAPH_CHECK]
+    with pytest.raises(NodeInputError) as exc:
+        calibration.QSchedCalibrate.VALIDATE_INPUTS(reference_model=None, qsched_graph_check=check)
+    msg = str(exc.value)
+    assert msg.startswith("Q-Sched Calibrate: input 'reference_model': is a FLUX model (flux1-schnell.safetensors)")
+    assert "'model' is SDXL (sd_xl_turbo_1.0_fp16.safetensors)" in msg and plain_words_problems(msg) == [], msg
+    prompt[cal]["inputs"]["reference_model"] = [loader, 0]
+    prompt[loader]["inputs"]["precision"] = "w8a8"
+    graph.on_prompt({"prompt": prompt})
+    assert "is quantized (w8a8" in prompt[cal]["inputs"][graph.GRAPH_CHECK]["message"]
+
+
 def test_family_from_file_and_from_preset_agree():
     flux = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"]
     sdxl = ["model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.label_emb.0.0.weight"]
@@ -240,13 +268,18 @@ def test_node_messages_are_plain_words(folder_paths):
 def test_workflows_saved_earlier_load_with_the_new_defaults(path, folder_paths):
     old = _prompt(path.stem, folder_paths, saved_earlier=True, path=path)
     new = _prompt(path.stem, folder_paths)
-    assert old.keys() == new.keys()
-    for nid in new:
-        assert old[nid]["inputs"] == new[nid]["inputs"], (path.stem, new[nid]["class_type"])
+    if not path.stem.endswith("_calibrate"):  # the calibration templates were rewired (full-precision reference)
+        assert old.keys() == new.keys()
+        for nid in new:
+            assert old[nid]["inputs"] == new[nid]["inputs"], (path.stem, new[nid]["class_type"])
     for nid, node in old.items():
         if node["class_type"] == "QSchedCalibrate":
             assert node["inputs"]["overwrite"] is False and node["inputs"]["max_minutes"] == 30
-            assert calibration.QSchedCalibrate.VALIDATE_INPUTS(
-                **{k: v for k, v in node["inputs"].items() if k in ("prompts", "steps", "space", "strategy",
-                   "range_min", "range_max", "points", "budget", "base_seed", "width", "height", "batch",
-                   "preset_name")}) is True
+            # objective 'auto' with the JAQ Loader linked and no reference_model: the JAQ search it always was
+            assert node["inputs"]["objective"] == "auto" and "reference_model" not in node["inputs"]
+            linked = {k: None for k, v in node["inputs"].items() if isinstance(v, list) and k == "scorer"}
+            assert calibration.QSchedCalibrate.VALIDATE_INPUTS(**linked, objective="auto", **{
+                k: v for k, v in node["inputs"].items() if k in ("prompts", "steps", "space", "strategy",
+                "range_min", "range_max", "points", "budget", "base_seed", "width", "height", "batch",
+                "preset_name")}) is True
+            assert calibration.resolve_objective("auto", False, True) == "jaq"

@@ -74,7 +74,12 @@ def test_schema_is_well_formed(name, folder_paths):
         assert not any(p.kind == p.VAR_KEYWORD for p in vparams.values()), "**kwargs would disable all built-in checks"
         all_inputs = {**it["required"], **it.get("optional", {}), **it.get("hidden", {})}
         assert set(vparams) <= set(all_inputs), set(vparams) - set(all_inputs)
-        assert all(p.default is None for p in vparams.values()), "linked inputs arrive as missing: default None"
+        # a linked input arrives as None (its value is unknown at queue time); an unconnected optional socket input
+        # does not arrive at all, so its default may be a marker for "not connected" (Calibrate's reference_model)
+        for pname, p in vparams.items():
+            kind = it.get("optional", {}).get(pname, (None,))[0]
+            socket_only = isinstance(kind, str) and kind in SOCKET_TYPES
+            assert p.default is None or socket_only, f"{name}.{pname}: a linked input arrives as None: default None"
 
 
 def test_coefficient_sliders_reach_the_paper_range_start_at_identity_and_stay_valid():
@@ -496,6 +501,44 @@ def test_calibrate_validation_accepts_good_and_linked_settings(folder_paths):
     assert calibration.check_settings(**GOOD) == ["a", "b"]
 
 
+TEN = "\n".join("abcdefghij")
+
+
+@pytest.mark.parametrize("extra, input_name, text", [
+    (dict(objective="match full precision"), "reference_model", "connect the MODEL you quantized"),
+    (dict(objective="hybrid", reference_model=None), "scorer", "connect a Q-Sched JAQ Loader"),
+    (dict(objective="hybrid", scorer=None), "reference_model", "objective 'hybrid'"),
+    (dict(objective="JAQ (paper)", reference_model=None), "scorer", "or choose 'match full precision'"),
+    (dict(objective="auto"), "reference_model", "nothing to calibrate against"),
+    (dict(objective="fit it", scorer=None), "objective", "not one of"),
+    (dict(objective="match full precision", reference_model=None, prompts="a\nb\nc"), "prompts",
+     "at least 10 prompts"),
+])
+def test_calibrate_objective_needs_its_inputs_at_queue_time(extra, input_name, text, folder_paths):
+    """ComfyUI hands VALIDATE_INPUTS a linked input as None and leaves an unconnected optional one out."""
+    from qsched_pack.nodes import calibration
+
+    msg = _refused(calibration.QSchedCalibrate.VALIDATE_INPUTS, **{**GOOD, "prompts": TEN, **extra})
+    assert msg.startswith(f"Q-Sched Calibrate: input '{input_name}'") and text in msg, msg
+
+
+def test_calibrate_objective_accepts_what_it_needs(folder_paths):
+    from qsched_pack.nodes import calibration
+
+    v = calibration.QSchedCalibrate.VALIDATE_INPUTS
+    good = {**GOOD, "prompts": TEN}
+    assert v(**good, reference_model=None) is True  # auto -> match full precision
+    assert v(**good, scorer=None) is True  # auto -> JAQ
+    assert v(**good, objective="hybrid", scorer=None, reference_model=None) is True
+    # no search for 'match full precision': a grid budget that could never fit is not its concern
+    assert v(**{**good, "strategy": "grid", "points": 50, "budget": 1}, reference_model=None,
+             objective="match full precision") is True
+    assert "input 'budget'" in _refused(v, **{**good, "strategy": "grid", "points": 50, "budget": 1}, scorer=None)
+    assert v(**good, objective=None) is True  # a linked objective: checked when the node runs
+    res = calibration.resolve_objective
+    assert (res("auto", True, False), res("auto", False, True), res("auto", None, True)) == ("reference", "jaq", None)
+
+
 def test_record_key_follows_every_part_of_the_fingerprint():
     from qsched_pack.nodes.calibration import record_key
 
@@ -509,6 +552,10 @@ def test_record_key_follows_every_part_of_the_fingerprint():
                ("strategy", "zoom"), ("points", 9)]
     keys = {record_key(**{**base, k: v}) for k, v in changes}
     assert len(keys) == len(changes) and key not in keys
+    assert key == record_key(**base, objective="jaq", reference_fp={"model_hash": "fp"})  # JAQ records keep resuming
+    hybrid = record_key(**base, objective="hybrid", reference_fp={"model_hash": "fp"})
+    assert hybrid not in keys | {key} and hybrid != record_key(**base, objective="hybrid",
+                                                               reference_fp={"model_hash": "fp2"})
 
 
 def test_module_digest_sees_weights_and_patch_backups():

@@ -241,3 +241,15 @@ def test_search_on_the_final_distance_finds_a_closer_point():
     res = calibrate(q, scorer, PROMPTS, seeds=SEEDS, strategy="pattern", points=21)
     assert res.best_score > res.identity_score and not res.best.is_identity
     assert scorer.score(fp.generate(None, PROMPTS, SEEDS), PROMPTS).abs().max() == 0
+
+
+def test_an_identity_fit_skips_the_test_and_its_preset_loads(tmp_path, monkeypatch):
+    from qsched_pack.calibration.runner import calibrate
+
+    q = ToyTrajectoryGenerator("euler", "eps", distortion=0.1)
+    ident = R.ReferenceFit(Coefficients.identity(4), "free", images=12)
+    monkeypatch.setattr(R, "fit_reference", lambda *a, **k: ident)
+    res = calibrate(q, None, PROMPTS, objective="reference", reference=ToyTrajectoryGenerator("euler", "eps"),
+                    preset=str(tmp_path / "p.json"))
+    assert not res.accepted and "nothing to correct" in res.acceptance and res.images_spent == 12
+    assert Coefficients.load(str(tmp_path / "p.json")).is_identity

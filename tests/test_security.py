@@ -239,17 +239,21 @@ def test_standard_name_symlinked_out_of_a_search_folder_is_skipped(archives, tmp
     assert resolve("clipiqa", folders=[outside]) == Path(os.path.realpath(outside / "RN50.pt"))
 
 
+def product_sources():
+    """(relative path, text) of every product .py file (not tests, benchmarks or hidden folders)."""
+    root = Path(__file__).resolve().parents[1]
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root).as_posix()
+        if not (rel.startswith(("tests/", ".venv/", "benchmarks/")) or "/." in "/" + rel):
+            yield rel, f.read_text(encoding="utf-8")
+
+
 def test_no_unrestricted_loader_in_product_code():
     """Every torch.load passes weights_only=True; torch.jit.load is never called on a file."""
     import re
 
-    root = Path(__file__).resolve().parents[1]
     offenders = []
-    for f in root.rglob("*.py"):
-        rel = f.relative_to(root).as_posix()
-        if rel.startswith(("tests/", ".venv/", "benchmarks/")) or "/." in "/" + rel:
-            continue
-        text = f.read_text(encoding="utf-8")
+    for rel, text in product_sources():
         if re.search(r"torch\.jit\.load\(", text):
             offenders.append(f"{rel}: torch.jit.load")
         for m in re.finditer(r"torch\.load\(", text):

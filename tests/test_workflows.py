@@ -218,8 +218,9 @@ def test_our_nodes_accept_the_workflow_values(path, object_info, folder_paths):
             continue
         validate = getattr(cls, "VALIDATE_INPUTS", None)
         if validate is not None:
-            args = {k: v for k, v in node["inputs"].items()
-                    if k in inspect.signature(validate).parameters and not isinstance(v, list)}
+            # as ComfyUI calls it: a linked input named in the signature arrives as None (unknown before the run)
+            args = {k: None if isinstance(v, list) else v for k, v in node["inputs"].items()
+                    if k in inspect.signature(validate).parameters}
             assert validate(**args) is True, (nid, node)
         if "steps" in node["inputs"]:
             steps[nid] = node["inputs"]["steps"]
@@ -281,26 +282,36 @@ def _calibration(name: str, object_info) -> dict:
     return {v["class_type"]: v["inputs"] for v in p.values()}
 
 
-@pytest.mark.parametrize("name, loader, sampler, size", [
-    ("qsched_sdxl_turbo_w4a8_calibrate", "QSchedCheckpointLoader", "euler_ancestral", 512),
-    ("qsched_flux_schnell_w4a8_calibrate", "QSchedDiffusionModelLoader", "euler", 1024),
+@pytest.mark.parametrize("name, loader, fp, sampler, size", [
+    ("qsched_sdxl_turbo_w4a8_calibrate", "QSchedCheckpointLoader", "fp16", "euler_ancestral", 512),
+    ("qsched_flux_schnell_w4a8_calibrate", "QSchedDiffusionModelLoader", "bf16", "euler", 1024),
 ])
-def test_calibration_workflow_settings(name, loader, sampler, size, object_info):
-    """Small, artist-sized defaults that match the sampling workflow of the same family (so its preset fits it)."""
+def test_calibration_workflow_settings(name, loader, fp, sampler, size, object_info):
+    """Small, artist-sized defaults that match the sampling workflow of the same family (so its preset fits it).
+    The reference objective with no extra files: the one model file loaded in full precision is the reference,
+    Q-Sched Quantize Model makes the W4A8 model from it, and no scorer is needed (the JAQ nodes are muted)."""
     from qsched_pack.calibration.prompts import default_prompts
     from qsched_pack.calibration.search import SearchSpace, check_budget, estimate_points
     from qsched_pack.nodes.scoring import parse_prompt_lines
 
-    by_type = _calibration(name, object_info)
-    assert by_type[loader]["precision"] == "w4a8"
+    p = ui_to_api(_load(REPO / "workflows" / f"{name}.json"), object_info)
+    by_type = {v["class_type"]: v["inputs"] for v in p.values()}
+    assert by_type[loader]["precision"] == fp and by_type["QSchedQuantizeModel"]["precision"] == "w4a8"
     cal = by_type["QSchedCalibrate"]
-    assert all(isinstance(cal[k], list) for k in ("model", "clip", "vae", "scorer"))
+    assert cal["model"] == [_id_of(p, "QSchedQuantizeModel"), 0] and cal["reference_model"] == [_id_of(p, loader), 0]
+    assert by_type["QSchedQuantizeModel"]["model"] == [_id_of(p, loader), 0]
+    assert cal["objective"] == "match full precision" and "scorer" not in cal
+    assert not {"QSchedJAQLoader", "QSchedJAQScore"} & set(by_type)  # muted: they need scorer files
+    wf = _load(REPO / "workflows" / f"{name}.json")
+    assert {n["type"]: n["mode"] for n in wf["nodes"] if n["type"].startswith("QSchedJAQ")} == {
+        "QSchedJAQLoader": 2, "QSchedJAQScore": 2}
     assert parse_prompt_lines(cal["prompts"], "test") == default_prompts()
     assert (cal["steps"], cal["sampler_name"], cal["scheduler"], cal["cfg"]) == (4, sampler, "simple", 1.0)
     assert (cal["width"], cal["height"]) == (size, size)
     assert (cal["space"], cal["strategy"], cal["range_min"], cal["range_max"]) == ("start", "pattern", 0.8, 1.2)
     assert "qsched_" + cal["preset_name"] == name.replace("_calibrate", "_calibrated")
-    assert by_type["QSchedJAQLoader"]["preset"] == "preference"  # the paper's JAQ for SDXL-Turbo and FLUX
+    jaq = next(n for n in wf["nodes"] if n["type"] == "QSchedJAQLoader")
+    assert jaq["widgets_values"][0] == "preference"  # the paper's JAQ for SDXL-Turbo and FLUX, when unmuted
     space = SearchSpace(cal["space"], cal["steps"], cal["range_min"], cal["range_max"])
     check_budget(space, cal["strategy"], cal["points"], 20, cal["budget"])
     assert 1.0 in space.axis(cal["points"])  # identity is a grid point, so the pattern search starts on it
@@ -324,18 +335,25 @@ def test_calibration_workflow_settings(name, loader, sampler, size, object_info)
 @pytest.mark.parametrize("name, sampler", [("qsched_sdxl_turbo_w4a8_calibrate", "QSchedKSampler"),
                                            ("qsched_flux_schnell_w4a8_calibrate", "QSchedSampler")])
 def test_calibration_workflow_samples_with_the_calibrated_coefficients(name, sampler, object_info):
-    """Both calibration templates render (and score) an image with the coefficients they found (point 9)."""
+    """Both calibration templates render an image with the coefficients they found, on the quantized model (point
+    9); Q-Sched JAQ Score (muted until the scorer files are there) is wired to score it."""
     wf = _load(REPO / "workflows" / f"{name}.json")
     p = ui_to_api(wf, object_info)
     cal = next(k for k, v in p.items() if v["class_type"] == "QSchedCalibrate")
     ks = next(v for v in p.values() if v["class_type"] == sampler)
     assert ks["inputs"]["coefficients"] == [cal, 0]
     assert any(v["class_type"] == "SaveImage" for v in p.values())
+    quantized = [_id_of(p, "QSchedQuantizeModel"), 0]
+    assert quantized in [v["inputs"].get("model") for v in p.values() if v["class_type"] != "QSchedCalibrate"]
+    for n in wf["nodes"]:  # unmuted, as an artist with the scorer files would
+        n["mode"] = 0
+    p = ui_to_api(wf, object_info)
     score = next(v for v in p.values() if v["class_type"] == "QSchedJAQScore")
     text = next(v for v in p.values() if v["class_type"] == "CLIPTextEncode" and v["inputs"]["text"])
     assert score["inputs"]["prompts"] == text["inputs"]["text"]  # scored against the prompt it was made from
     notes = " ".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note")
-    for knob in ("budget", "strategy", "space", "range_min", "points", "preset_name", "RESUMES", "Load Preset", "k:"):
+    for knob in ("budget", "strategy", "space", "range_min", "points", "preset_name", "RESUMES", "Load Preset", "k:",
+                 "objective", "match full precision", "held-out", "unmute"):
         assert knob in notes, knob
 
 

@@ -150,6 +150,14 @@ def _add_calibrate(sub):
     c = sub.add_parser("calibrate", help="search Q-Sched coefficients for a (quantized) model; writes a preset")
     _add_model_args(c, 4)
     _add_jaq_args(c)
+    c.add_argument("--objective", choices=("reference", "hybrid", "jaq"), default=None,
+                   help="reference: fit the coefficients so the quantized model follows the full-precision one on "
+                        "the same noise (needs --reference, no scorer files; kept only if it helps on held-out "
+                        "prompts); hybrid: the JAQ search kept close to that fit; jaq: the paper's JAQ search "
+                        "(default: reference when --reference is given, else jaq)")
+    c.add_argument("--reference", help="the full-precision model (diffusers folder or single-file checkpoint, as "
+                                       "--model; a single file uses --config too). Usually the same path as --model "
+                                       "with --quant: the pipeline is then loaded once and only the denoiser copied")
     c.add_argument("--prompts", help="prompt file (.txt one per line, .yaml mapping like sDCI.yaml, .json list); "
                                      "default: the project's 20 calibration prompts")
     c.add_argument("--limit", type=int_range("--limit", 1, 100000), help="use only the first N prompts")
@@ -215,6 +223,32 @@ def _build_generator(args, steps, family=None, sampler=None, quant=None):
                               model_hash_value=model_hash(args.model), device=device)
 
 
+def _build_pair(args):
+    """(quantized generator, full-precision reference generator). When --reference is --model, the pipeline is
+    loaded once: the reference keeps it in full precision, the quantized generator gets a copy of the denoiser
+    (text encoders and VAE shared)."""
+    import copy
+
+    from ..generate import DiffusersGenerator, load_pipeline, model_hash
+
+    same = os.path.realpath(args.reference) == os.path.realpath(args.model)
+    device, dtype = _device_dtype(args)
+    common = dict(family=args.family, steps=args.steps, sampler=args.sampler, height=args.size, width=args.size,
+                  guidance=args.guidance, eta=args.eta, batch_size=args.batch_size, device=device)
+    ref_pipe = load_pipeline(args.reference, config=args.config, dtype=dtype, device=device)
+    ref = DiffusersGenerator(ref_pipe, model_file=args.reference, model_hash_value=model_hash(args.reference),
+                             **common)
+    if same:
+        name = "transformer" if getattr(ref_pipe, "transformer", None) is not None else "unet"
+        q_pipe = type(ref_pipe)(**{**ref_pipe.components, name: copy.deepcopy(getattr(ref_pipe, name))})
+        q_pipe.set_progress_bar_config(disable=True)
+        gen = DiffusersGenerator(q_pipe, quant=args.quant, model_file=args.model, model_hash_value=ref.model_hash,
+                                 **common)
+    else:
+        gen = _build_generator(args, args.steps)
+    return gen, ref
+
+
 def _build_jaq(args):
     import os
 
@@ -250,31 +284,48 @@ def _calibrate(args) -> int:
     space = SearchSpace(args.space, args.steps, args.range[0], args.range[1])
     points = default_points(args.space) if args.points is None else args.points
     check_budget(space, args.strategy, points, len(prompts), args.budget)  # before loading anything
+    objective = args.objective or ("reference" if args.reference else "jaq")
+    if objective != "jaq" and not args.reference:
+        raise ValueError(f"--objective {objective} fits the quantized model to the full-precision one: give "
+                         "--reference PATH (the full-precision model; the same path as --model when --quant "
+                         "quantizes it at load)")
+    if args.reference and objective == "jaq":
+        raise ValueError("--reference is used by --objective reference / hybrid only; drop it, or choose one of "
+                         "those objectives")
+    if objective != "jaq" and (not args.quant or args.quant in ("fp16", "bf16", "none")):
+        raise ValueError(f"--objective {objective} corrects a quantized model: give --quant (w8a8, w4a8, ...)")
     os.makedirs(args.out, exist_ok=True)
     record = os.path.join(args.out, "record.jsonl")
     if os.path.exists(record) and not args.resume:
         raise ValueError(f"{record} exists: pass --resume to continue it, or choose another --out")
-    gen = _build_generator(args, args.steps)
-    jaq, jaq_config = _build_jaq(args)
+    from ...qsched.coefficients import check_replaceable
+
+    check_replaceable(os.path.join(args.out, "preset.json"))  # refused now, not after the search
+    gen, ref = _build_pair(args) if objective != "jaq" else (_build_generator(args, args.steps), None)
+    jaq, jaq_config = _build_jaq(args) if objective != "reference" else (None, None)
 
     def progress(info: ProgressInfo) -> None:
         if not args.quiet:
             print(info.line(), file=sys.stderr, flush=True)
 
     preset = os.path.join(args.out, "preset.json")
+    options = {} if ref is None else {"objective": objective, "reference": ref}
     result = calibrate(gen, jaq, prompts, space=space, strategy=args.strategy, points=args.points, seed=args.seed,
                        budget=args.budget, record=record, resume=args.resume, preset=preset, progress=progress,
-                       scorer_config=jaq_config)
+                       scorer_config=jaq_config, **options)
     plot_landscape(result, os.path.join(args.out, "landscape.png"))
     from ...qsched import Coefficients
 
     seeds = [args.seed + i for i in range(len(prompts))]
     ident = gen.generate(Coefficients.identity(args.steps), prompts, seeds)
     best = gen.generate(result.best, prompts, seeds)
-    preview_grid(ident, best, os.path.join(args.out, "preview.png"))
+    fp = None if ref is None else ref.generate(Coefficients.identity(args.steps), prompts, seeds)
+    preview_grid(ident, best, os.path.join(args.out, "preview.png"), reference_images=fp)
     print(result.summary())
-    print(f"wrote {preset}, {record}, {os.path.join(args.out, 'landscape.png')}, "
-          f"{os.path.join(args.out, 'preview.png')} (top: identity, bottom: best)")
+    written = [preset] + ([record] if os.path.exists(record) else []) + [os.path.join(args.out, "landscape.png"),
+                                                                          os.path.join(args.out, "preview.png")]
+    rows = "top: identity, bottom: best" if fp is None else "rows: full precision, identity, best"
+    print(f"wrote {', '.join(written)} ({rows})")
     return 0
 
 

@@ -53,6 +53,7 @@ class QuantReport:
     quantized: dict = field(default_factory=dict)  # name -> kernel ("int8_mm", "bnb-nf4", ...)
     skipped: dict = field(default_factory=dict)  # name -> why it stayed in full precision
     fallbacks: dict = field(default_factory=dict)  # name -> what was changed for this layer and why
+    native: dict = field(default_factory=dict)  # name -> ComfyUI-native format it was read from (comfy-kitchen)
     seconds: float = 0.0
 
     def __str__(self) -> str:
@@ -68,6 +69,11 @@ class QuantReport:
             counts += f", in {self.seconds:.1f} s"
         how_loaded = self.family.partition("(")[2].rstrip(")")  # "comfy (pre-quantized file)" -> its words
         lines = [self.spec.describe(), f"{counts}; backend {self.backend}" + (f"; {how_loaded}" if how_loaded else "")]
+        if self.native:
+            fmts: dict[str, int] = {}
+            for f in self.native.values():
+                fmts[f] = fmts.get(f, 0) + 1
+            lines.append(f"  read from a ComfyUI-native file (dequantized by comfy-kitchen): {fmts}")
         lines += [f"  fallback {n}: {why}" for n, why in self.fallbacks.items()]
         return "\n".join(lines)
 
