@@ -21,17 +21,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..qsched.quant import native, qmath
+from ..qsched.quant import families, native, qmath
 from ..qsched.quant.layers import (dequantize, frozen_param, quant_linear, quantize_linear_weight,
                                    requantize_with_scales)
 from ..qsched.quant.spec import QuantSpec
-from ..qsched.quant.swap import COMFY_SKIP, QuantReport, check_runnable, layer_kernel, matches_skip
+from ..qsched.quant.swap import QuantReport, check_runnable, layer_kernel, matching_pattern
 
 COMFY_BACKENDS = ("auto", "native", "simulated")
 
 
 def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_device=None, run_device=None,
-             prequantized: dict | None = None, native_layers: dict | None = None, report: QuantReport | None = None):
+             prequantized: dict | None = None, native_layers: dict | None = None, report: QuantReport | None = None,
+             family=None):
     """ComfyUI operations class quantizing Linear layers to ``spec`` at load time.
 
     ``quant_device``: where the rounding runs (e.g. the GPU while the model is loaded to the CPU; results go back to
@@ -40,7 +41,8 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
     ``native_layers``: {layer name: config} from a ComfyUI-native file's ``_quantization_metadata`` header (layers
     with a ``<layer>.comfy_quant`` marker tensor are found without it): such a layer's weight is dequantized by
     comfy-kitchen (``native.dequantize``) and then treated as a float weight.
-    ``report`` collects what happened to each layer."""
+    ``report`` collects what happened to each layer. ``family`` (a ``families.Family``): whose skip table applies
+    (None: every ComfyUI family's patterns, ``COMFY_SKIP``); ``skip`` replaces it."""
     import comfy.float
     import comfy.model_management
     import comfy.ops
@@ -54,7 +56,9 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
         raise ValueError(f"format {spec.name!r} (bitsandbytes) cannot be created at load time; allowed: int and "
                          "fp8 formats (w8a8, w8a8-fp8, w4a8, ...)")
     check_runnable(spec, run_device)
-    patterns = tuple(COMFY_SKIP if skip is None else skip) + tuple(extra_skip)
+    table = {} if skip is not None else family.skip if family is not None else {
+        p: why for name in families.COMFY_FAMILIES for p, why in families.FAMILIES[name].skip.items()}
+    patterns = tuple(table if skip is None else skip) + tuple(extra_skip)
     cuda = run_device is not None and torch.device(run_device).type == "cuda"
     report = report if report is not None else QuantReport(spec, backend, "comfy")
     base = comfy.ops.disable_weight_init
@@ -103,9 +107,10 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
                 error_msgs.append(f"{name}.weight: shape {tuple(w.shape)} != ({self.out_features}, "
                                   f"{self.in_features})")
                 return
-            if prequantized is not None or matches_skip(name, patterns):
+            hit = None if prequantized is not None else matching_pattern(name, patterns)
+            if prequantized is not None or hit is not None:
                 self.weight = frozen_param(w.to(self._qsched_dtype or w.dtype, copy=True))
-                report.skipped[name] = "skip list" if prequantized is None else "16 bit in the file"
+                report.skipped[name] = "16 bit in the file" if prequantized is not None else table.get(hit, "skip list")
                 return
             kernel, group, why = layer_kernel(spec, backend, self.in_features, self.out_features, cuda)
             q = quantize_linear_weight(w, spec, kernel, group, quant_device)

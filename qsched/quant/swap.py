@@ -9,35 +9,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .families import FAMILIES, comfy_union, family_of_module
+from .families import get as get_family
 from .layers import BnbLinear, QuantConv2d, QuantLinear
 from .spec import QuantSpec
 
 BACKENDS = ("auto", "simulated", "native", "bitsandbytes")
 
-# Layers left in full precision per model family: the embedders that read the conditioning (timestep, pooled
-# text, raw latents) and the final projection. They are a tiny share of the weights and the most
-# sensitive to rounding. Patterns match a module name, its prefix ("time_embedding" covers time_embedding.linear_1)
-# or an fnmatch glob.
-DEFAULT_SKIP = {
-    "diffusers_unet": ("time_embedding", "add_embedding", "class_embedding", "encoder_hid_proj", "conv_in",
-                       "conv_out"),
-    "diffusers_flux": ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"),
-    "comfy_unet": ("time_embed", "label_emb", "input_blocks.0", "out"),
-    "comfy_flux": ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer"),
-    "generic": (),
-}
-# ComfyUI's own module names (UNetModel of SD1.x/SDXL, Flux): the embedders and the final layer stay in 16 bit.
-COMFY_SKIP = DEFAULT_SKIP["comfy_unet"] + DEFAULT_SKIP["comfy_flux"]
-_FAMILY_BY_CLASS = {
-    "UNet2DConditionModel": "diffusers_unet",
-    "FluxTransformer2DModel": "diffusers_flux",
-    "UNetModel": "comfy_unet",
-    "Flux": "comfy_flux",
-}
+# Layers left in full precision per model family: one table per architecture in ``families`` (with the reason
+# for each entry).
+DEFAULT_SKIP = {name: f.patterns for name, f in FAMILIES.items()}
+# Every ComfyUI family's skip patterns at once: used where a model's layout is not known before it is built
+# (pre-quantizing a file, quantizing while ComfyUI loads it); each family's own table is in ``families``.
+COMFY_SKIP = comfy_union()
 
 
 def detect_family(module: nn.Module) -> str:
-    return _FAMILY_BY_CLASS.get(type(module).__name__, "generic")
+    return family_of_module(module).name
 
 
 #: How each kernel runs, in words for the report shown on the loader nodes.
@@ -78,8 +66,9 @@ class QuantReport:
         return "\n".join(lines)
 
 
-def matches_skip(name: str, patterns) -> bool:
-    return any(name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p) for p in patterns)
+def matching_pattern(name: str, patterns) -> str | None:
+    """The first pattern that matches a module name (the name itself, a prefix of it, or an fnmatch glob)."""
+    return next((p for p in patterns if name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p)), None)
 
 
 def native_kernel(spec: QuantSpec, k: int, n: int, group: int | None, cuda: bool) -> tuple[str, str | None]:
@@ -154,10 +143,9 @@ def quantize_(module: nn.Module, spec: "QuantSpec | str", backend: str = "auto",
     t0 = time.perf_counter()
     spec = QuantSpec.parse(spec)
     backend = _pick_backend(spec, backend)
-    family = family or detect_family(module)
-    if family not in DEFAULT_SKIP:
-        raise ValueError(f"invalid family={family!r}; allowed: {tuple(DEFAULT_SKIP)}")
+    family = get_family(family).name if family else detect_family(module)
     patterns = tuple(DEFAULT_SKIP[family] if skip is None else skip) + tuple(extra_skip)
+    reasons = FAMILIES[family].skip if skip is None else {}
     report = QuantReport(spec, backend, family)
     if spec.is_identity:
         report.seconds = time.perf_counter() - t0
@@ -176,8 +164,9 @@ def quantize_(module: nn.Module, spec: "QuantSpec | str", backend: str = "auto",
         is_conv = isinstance(child, nn.Conv2d) and spec.quantize_conv
         if not (is_linear or is_conv):
             continue
-        if matches_skip(name, patterns):
-            report.skipped[name] = "skip list"
+        hit = matching_pattern(name, patterns)
+        if hit is not None:
+            report.skipped[name] = reasons.get(hit, "skip list")
             continue
         new = _build(name, child, spec, backend, device, report)
         if new is not None:
