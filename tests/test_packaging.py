@@ -21,7 +21,11 @@ def test_every_subpackage_is_listed():
             found.add("qsched_pack." + rel.replace(os.sep, "."))
     assert found == listed, f"missing from pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"
     assert cfg["project"]["scripts"]["qsched"] == "qsched_pack.calibration.app.cli:main"
-    assert {"PublisherId", "DisplayName", "Icon"} <= set(cfg["tool"]["comfy"])
+    comfy = cfg["tool"]["comfy"]  # Comfy Registry metadata
+    assert {"PublisherId", "DisplayName", "Icon", "includes", "requires-comfyui"} <= set(comfy)
+    assert comfy["Icon"].startswith("https://") and comfy["Icon"].endswith((".png", ".jpg", ".svg"))
+    assert comfy["requires-comfyui"] == ">=0.3.64"  # the oldest core verified by execution
+    assert cfg["project"]["urls"]["Repository"].startswith("https://github.com/")
 
 
 def test_requirements_hold_what_every_node_needs_and_optional_packages_say_what_to_install(monkeypatch):
