@@ -1,5 +1,5 @@
 """Real ComfyUI (0.3.64, in-process) at full size with random weights: core, GGUF and the pack's quantized models
-side by side, plus small simulated cards and the Quantize Model scenarios (issue 11).
+side by side, plus small simulated cards and the Quantize Model scenarios.
 
     python benchmarks/bench_comfyui_gpu.py --comfy COMFYUI_DIR --gguf-nodes DIR/comfyui_gguf --work /tmp/qsb \
         --out benchmarks/results
@@ -65,10 +65,12 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
-from hostmem import AnonPeak  # noqa: E402
 import comfyui_parts as parts  # noqa: E402
+import simcard  # noqa: E402
+from simcard import clean, sync  # noqa: E402
 import kernel_breakdown  # noqa: E402
-from qsched_pack.qsched.quant import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
+from qsched_pack.calibration.testing import AnonPeak  # noqa: E402
+from qsched_pack.nodes.quant_model import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
 
 DEV = mm.get_torch_device()
 CUDA = getattr(DEV, "type", "cpu") == "cuda"
@@ -122,19 +124,6 @@ def guarded(name, need_s=0.0):
     return deco
 
 
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def clean():
-    mm.unload_all_models()
-    mm.cleanup_models_gc()
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
-
-
 # ------------------------------------------------------------------------------------------------------ models
 def flux_model(device):
     import comfy.ops
@@ -169,18 +158,7 @@ def sdxl_model(device):
 
 
 def random_state_dict(module, dtype, seed):
-    """normal(0, 1/sqrt(fan_in)) for matrices/kernels, 1 for norm scales, 0 for biases; generated on the device."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    sd = {}
-    for name, p in module.state_dict().items():
-        if p.ndim >= 2:
-            t = torch.randn(p.shape, generator=g, device=DEV, dtype=torch.float32) / p[0].numel() ** 0.5
-        elif name.endswith("bias"):
-            t = torch.zeros(p.shape, device=DEV)
-        else:
-            t = torch.ones(p.shape, device=DEV)
-        sd[name] = t.to(dtype).cpu()
-    return sd
+    return simcard.random_state_dict(module, dtype, seed, DEV)
 
 
 FILES = {}
@@ -266,13 +244,7 @@ def inputs(fam):
 
 def sample(model, fam, steps=4):
     cond, latent = inputs(fam)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(7))
-    sync()
-    t = time.time()
-    out = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, seed=7,
-                              disable_pbar=True)
-    sync()
-    return out.float(), time.time() - t
+    return simcard.timed_sample(model, cond, latent, steps)
 
 
 def held():
@@ -384,7 +356,7 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=F
             if profile:
                 rec["breakdown_compiled"] = stage(rec, "profile compiled",
                                                   lambda: profile_breakdown(base, fam, rec["s_per_step_compiled"]))
-    if graph:  # issue 13 fast path: each step replayed from CUDA graphs (Q-Sched CUDA Graph node)
+    if graph:  # the fast path: each step replayed from CUDA graphs (Q-Sched CUDA Graph node)
         def do_graph():
             from qsched_pack.nodes.fastpath import apply_cuda_graph
 
@@ -529,38 +501,11 @@ def run_config(key):
 
 
 # ------------------------------------------------------------------------------------------------------ cards
-class Card:
-    """ComfyUI sees a card of ``gib`` GiB: its free/total queries answer for it, and PyTorch cannot allocate more."""
+class Card(simcard.Card):
+    """ComfyUI sees a card of ``gib`` GiB (benchmarks/simcard.py)."""
 
     def __init__(self, gib):
-        self.gib = gib
-
-    def __enter__(self):
-        if not CUDA:
-            return self
-        cap = int(self.gib * GiB)
-        total = torch.cuda.get_device_properties(0).total_memory
-        self.saved = (mm.get_free_memory, mm.get_total_memory, mm.total_vram)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
-
-        def get_total_memory(dev=None, torch_total_too=False):
-            return (cap, cap) if torch_total_too else cap
-
-        def get_free_memory(dev=None, torch_free_too=False):
-            st = torch.cuda.memory_stats()
-            active, reserved = st["active_bytes.all.current"], st["reserved_bytes.all.current"]
-            free_torch = reserved - active
-            free_total = max(0, cap - reserved) + free_torch
-            return (free_total, free_torch) if torch_free_too else free_total
-
-        mm.get_free_memory, mm.get_total_memory, mm.total_vram = get_free_memory, get_total_memory, cap / 2 ** 20
-        return self
-
-    def __exit__(self, *exc):
-        if CUDA:
-            clean()
-            mm.get_free_memory, mm.get_total_memory, mm.total_vram = self.saved
-            torch.cuda.set_per_process_memory_fraction(1.0)
+        super().__init__(gib, clean)
 
 
 # ------------------------------------------------------------------------------------------------------ sections
@@ -718,7 +663,7 @@ elif __name__ == "__main__":
     cards()
     if "sdxl" in FILES:
         sdxl_configs()
-    if "fastpath" not in SKIP:  # before compile_all: the issue-13 acceptance configs first
+    if "fastpath" not in SKIP:  # before compile_all: the real-time acceptance configs first
         fastpath_all() if not ARGS.tiny else run_config("sdxl/fp16/graph")
     if not ARGS.tiny and "compile" not in SKIP:
         compile_all()

@@ -176,17 +176,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def quantize_file(src: str, out: str, spec, *, skip=None, device=None, overwrite: bool = False) -> dict:
-    """Pre-quantize a ComfyUI-layout diffusion-model file (FLUX, SD1.x/SDXL UNet; a full checkpoint's
+    """Pre-quantize a ComfyUI-layout diffusion-model file (a family of ``families``; a full checkpoint's
     ``model.diffusion_model.*`` part) without building the model: every 2-D ``*.weight`` not on the skip list is a
     Linear weight in these layouts and is quantized one tensor at a time (memory: the codes plus one layer).
     ``device``: where the rounding runs. Returns a summary. ValueError (naming the file) for bad input."""
     from safetensors import safe_open
 
     from .._io import file_sha256
-    from .comfy_ops import COMFY_SKIP, layer_kernel
+    from . import families
     from .layers import quantize_linear_weight
     from .spec import QuantSpec
-    from .swap import _matches
+    from .swap import COMFY_SKIP, layer_kernel, matching_pattern
 
     spec = QuantSpec.parse(spec)
     if spec.is_identity or spec.w_dtype in ("nf4", "fp4"):
@@ -200,10 +200,11 @@ def quantize_file(src: str, out: str, spec, *, skip=None, device=None, overwrite
     name = os.path.basename(src)
     if read_metadata(src) is not None:
         raise ValueError(f"{name} is already a pre-quantized file; quantize the full-precision file")
-    patterns = tuple(COMFY_SKIP if skip is None else skip)
     tensors, layers = {}, {}
     with safe_open(src, framework="pt", device="cpu") as f:
         keys = list(f.keys())
+        family = families.family_of_keys(keys)
+        patterns = tuple(skip if skip is not None else family.patterns if family is not None else COMFY_SKIP)
         prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in keys) else ""
         for k in keys:
             if not k.startswith(prefix):
@@ -211,7 +212,7 @@ def quantize_file(src: str, out: str, spec, *, skip=None, device=None, overwrite
             key = k[len(prefix):]
             t = f.get_tensor(k)
             layer, _, attr = key.rpartition(".")
-            if attr != "weight" or t.ndim != 2 or not t.is_floating_point() or _matches(layer, patterns):
+            if attr != "weight" or t.ndim != 2 or not t.is_floating_point() or matching_pattern(layer, patterns):
                 tensors[key] = t
                 continue
             n, kdim = t.shape

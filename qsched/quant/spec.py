@@ -107,9 +107,11 @@ class QuantSpec:
         if self.fp8_folded:
             g = f"as float8 (power-of-two scales per {g}, float scale per channel)"
             return f"{self.name}: weights int4 {g}; activations fp8 per-token sym"
+        bits = lambda dtype, b: dtype if dtype == "fp8" else f"{dtype}{b}"  # noqa: E731 - "fp8", not "fp88"
         a = "none" if self.a_bits == 16 else (
-            f"{self.a_dtype}{self.a_bits} per-token {'sym' if self.act_symmetric else 'asym'}")
-        return f"{self.name}: weights {self.w_dtype}{self.w_bits} {g}; activations {a}"
+            f"{bits(self.a_dtype, self.a_bits)} per-token {'sym' if self.act_symmetric else 'asym'}")
+        w = bits(self.w_dtype, self.w_bits)
+        return f"{self.name}: weights {w} {g}; activations {a}"
 
 
 def _check(ok: bool, field: str, value, allowed) -> None:

@@ -9,33 +9,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .families import FAMILIES, comfy_union, family_of_module
+from .families import get as get_family
 from .layers import BnbLinear, QuantConv2d, QuantLinear
 from .spec import QuantSpec
 
 BACKENDS = ("auto", "simulated", "native", "bitsandbytes")
 
-# Layers left in full precision per model family: the embedders that read the conditioning (timestep, pooled
-# text, raw latents) and the final projection. They are a tiny share of the weights and the most
-# sensitive to rounding. Patterns match a module name, its prefix ("time_embedding" covers time_embedding.linear_1)
-# or an fnmatch glob.
-DEFAULT_SKIP = {
-    "diffusers_unet": ("time_embedding", "add_embedding", "class_embedding", "encoder_hid_proj", "conv_in",
-                       "conv_out"),
-    "diffusers_flux": ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"),
-    "comfy_unet": ("time_embed", "label_emb", "input_blocks.0", "out"),
-    "comfy_flux": ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer"),
-    "generic": (),
-}
-_FAMILY_BY_CLASS = {
-    "UNet2DConditionModel": "diffusers_unet",
-    "FluxTransformer2DModel": "diffusers_flux",
-    "UNetModel": "comfy_unet",
-    "Flux": "comfy_flux",
-}
+# Layers left in full precision per model family: one table per architecture in ``families`` (with the reason
+# for each entry).
+DEFAULT_SKIP = {name: f.patterns for name, f in FAMILIES.items()}
+# Every ComfyUI family's skip patterns at once: used where a model's layout is not known before it is built
+# (pre-quantizing a file, quantizing while ComfyUI loads it); each family's own table is in ``families``.
+COMFY_SKIP = comfy_union()
 
 
 def detect_family(module: nn.Module) -> str:
-    return _FAMILY_BY_CLASS.get(type(module).__name__, "generic")
+    return family_of_module(module).name
 
 
 #: How each kernel runs, in words for the report shown on the loader nodes.
@@ -76,11 +66,12 @@ class QuantReport:
         return "\n".join(lines)
 
 
-def _matches(name: str, patterns) -> bool:
-    return any(name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p) for p in patterns)
+def matching_pattern(name: str, patterns) -> str | None:
+    """The first pattern that matches a module name (the name itself, a prefix of it, or an fnmatch glob)."""
+    return next((p for p in patterns if name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p)), None)
 
 
-def _native_kernel(spec: QuantSpec, k: int, n: int, group: int | None, cuda: bool) -> tuple[str, str | None]:
+def native_kernel(spec: QuantSpec, k: int, n: int, group: int | None, cuda: bool) -> tuple[str, str | None]:
     """(kernel, reason it is not the fast one or None)."""
     if spec.fp8_folded:
         if cuda and k % 128:
@@ -96,6 +87,31 @@ def _native_kernel(spec: QuantSpec, k: int, n: int, group: int | None, cuda: boo
             return "dequant", f"in/out features {k}/{n} not multiples of 8 (torch._int_mm)"
         return "int8_mm", None
     return "dequant", None
+
+
+def layer_kernel(spec: QuantSpec, backend: str, in_features: int, out_features: int, cuda: bool):
+    """(kernel, group size, fallback reason or None) for one Linear of this shape."""
+    group = spec.group_size
+    why = None
+    if group is not None and in_features % group:
+        why = f"in_features {in_features} not a multiple of group_size {group}: one scale per channel"
+        group = None
+    if backend == "simulated":
+        return "simulated", group, why
+    kernel, reason = native_kernel(spec, in_features, out_features, group, cuda)
+    return kernel, group, reason or why
+
+
+def check_runnable(spec: QuantSpec, device) -> None:
+    """ValueError if ``device`` cannot run the format (float8 activations need an FP8 GPU: Ada / Hopper or newer)."""
+    device = torch.device(device) if device is not None else None
+    if spec.a_dtype == "fp8" and device is not None and device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
+            raise ValueError(f"format {spec.name!r} needs a GPU with FP8 tensor cores (compute capability 8.9+: "
+                             f"RTX 40xx, L4/L40, H100/H200 or newer); {name} has {cap[0]}.{cap[1]}. Choose w8a8 "
+                             "(int8) or w4a8 instead")
 
 
 def _pick_backend(spec: QuantSpec, backend: str) -> str:
@@ -127,10 +143,9 @@ def quantize_(module: nn.Module, spec: "QuantSpec | str", backend: str = "auto",
     t0 = time.perf_counter()
     spec = QuantSpec.parse(spec)
     backend = _pick_backend(spec, backend)
-    family = family or detect_family(module)
-    if family not in DEFAULT_SKIP:
-        raise ValueError(f"invalid family={family!r}; allowed: {tuple(DEFAULT_SKIP)}")
+    family = get_family(family).name if family else detect_family(module)
     patterns = tuple(DEFAULT_SKIP[family] if skip is None else skip) + tuple(extra_skip)
+    reasons = FAMILIES[family].skip if skip is None else {}
     report = QuantReport(spec, backend, family)
     if spec.is_identity:
         report.seconds = time.perf_counter() - t0
@@ -149,8 +164,9 @@ def quantize_(module: nn.Module, spec: "QuantSpec | str", backend: str = "auto",
         is_conv = isinstance(child, nn.Conv2d) and spec.quantize_conv
         if not (is_linear or is_conv):
             continue
-        if _matches(name, patterns):
-            report.skipped[name] = "skip list"
+        hit = matching_pattern(name, patterns)
+        if hit is not None:
+            report.skipped[name] = reasons.get(hit, "skip list")
             continue
         new = _build(name, child, spec, backend, device, report)
         if new is not None:
@@ -196,7 +212,7 @@ def _build(name: str, child: nn.Module, spec: QuantSpec, backend: str, device, r
         kernel, why = "simulated", None
     else:
         cuda = (device or child.weight.device).type == "cuda"
-        kernel, why = _native_kernel(spec, k, n, group, cuda)
+        kernel, why = native_kernel(spec, k, n, group, cuda)
     if why:
         report.fallbacks[name] = why
     report.quantized[name] = kernel

@@ -99,6 +99,67 @@ def build_flux(seed: int) -> dict:
     return flux.state_dict()
 
 
+def _build(cls, seed: int, **kwargs) -> dict:
+    import comfy.ops
+
+    model = cls(dtype=torch.float32, operations=comfy.ops.disable_weight_init, **kwargs)
+    init_(model, seed)
+    return model.state_dict()
+
+
+# Tiny models of the few-step families, keys as users' files have them (ComfyUI detects each from its keys; where
+# ComfyUI fixes a width for the family, e.g. Qwen-Image / Chroma / FLUX hidden 3072, the model is 1 block deep).
+def build_qwen_image(seed: int) -> dict:
+    """qwen_image_bf16.safetensors layout (diffusers names, no prefix); 1 transformer block."""
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+
+    return _build(QwenImageTransformer2DModel, seed, num_layers=1)
+
+
+def build_wan(seed: int, five_b: bool) -> dict:
+    """Wan 2.2 (original names, no prefix). five_b: TI2V 5B layout (48 latent channels, Wan 2.2 VAE) -> ComfyUI's
+    WAN22_T2V; else an A14B expert (16 channels) -> WAN21_T2V. dim 256 (2 heads of 128), 1 block."""
+    from comfy.ldm.wan.model import WanModel
+
+    ch = 48 if five_b else 16
+    return _build(WanModel, seed, model_type="t2v", in_dim=ch, out_dim=ch, dim=256, ffn_dim=512, num_heads=2,
+                  num_layers=1)
+
+
+def build_sd35(seed: int) -> dict:
+    """SD3.5 Large (Turbo) layout: MMDiT with RMS q/k norms, pooled 2048, context 4096 (``model.diffusion_model.``
+    prefix as in sd3.5_large_turbo.safetensors); depth 2 -> hidden 128."""
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+
+    sd = _build(OpenAISignatureMMDITWrapper, seed, in_channels=16, patch_size=2, out_channels=16, depth=2,
+                adm_in_channels=2048, num_patches=256, pos_embed_max_size=16, qk_norm="rms",
+                context_embedder_config={"target": "torch.nn.Linear",
+                                         "params": {"in_features": 4096, "out_features": 128}})
+    return {f"model.diffusion_model.{k}": v for k, v in sd.items()}
+
+
+def build_chroma(seed: int) -> dict:
+    """chroma-unlocked layout (no prefix): ComfyUI's fixed Chroma widths, 1 double block, 0 single blocks."""
+    from comfy.ldm.chroma.model import Chroma
+
+    return _build(Chroma, seed, in_channels=64, out_channels=64, context_in_dim=4096, hidden_size=3072,
+                  mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0, axes_dim=[16, 56, 56], theta=10000,
+                  patch_size=2, qkv_bias=True, in_dim=64, out_dim=3072, hidden_dim=5120, n_layers=5)
+
+
+def build_flux_dev(seed: int) -> dict:
+    """flux1-dev layout: FLUX with guidance_in, pooled CLIP-L 768; 1 double block."""
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    flux = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0, axes_dim=[16, 56, 56],
+                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, dtype=torch.float32,
+                operations=comfy.ops.disable_weight_init)
+    init_(flux, seed)
+    return flux.state_dict()
+
+
 def main(models_dir: str) -> None:
     clip = build_clip_l(1)
     ckpt = {f"model.diffusion_model.{k}": v for k, v in build_sd_unet(2).items()}

@@ -23,11 +23,11 @@ import weakref
 
 import torch
 
-from .._io import atomic_write, file_sha256
-from . import native, prequant
-from .comfy_ops import COMFY_SKIP, make_ops, quantized_layers
-from .spec import QuantSpec
-from .swap import QuantReport
+from ..qsched._io import atomic_write, file_sha256
+from ..qsched.quant import families, native, prequant
+from ..qsched.quant.spec import QuantSpec
+from ..qsched.quant.swap import COMFY_SKIP, QuantReport
+from .quant_ops import make_ops, quantized_layers
 
 
 def _devices():
@@ -35,6 +35,35 @@ def _devices():
 
     run = mm.get_torch_device()
     return run, (run if torch.device(run).type == "cuda" else None)
+
+
+def _file_family(path: str):
+    """The family of a safetensors file from its header (no tensor is read); None when unknown or unreadable (the
+    load that follows reports a bad file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return families.family_of_keys(f.keys())
+    except (OSError, ValueError, SafetensorError):  # not safetensors, or damaged: ComfyUI's load names the problem
+        return None
+
+
+def _no_layer_error(name: str, model_patcher, report: QuantReport, family) -> ValueError:
+    """Why nothing was quantized, naming the layer type that holds the model's weights (one error, no traceback)."""
+    held: dict[str, int] = {}
+    dm = getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
+    for m in (dm.modules() if dm is not None else ()):
+        n = sum(p.numel() for p in m.parameters(recurse=False))
+        if n:
+            held[type(m).__name__] = held.get(type(m).__name__, 0) + n
+    total = sum(held.values()) or 1
+    top = sorted(held.items(), key=lambda kv: -kv[1])[:2]
+    kinds = ", ".join(f"{k} ({100 * v / total:.0f} % of the weights)" for k, v in top) or "no layers"
+    fam = f"family {family.name}" if family is not None else "an unrecognised layout"
+    return ValueError(f"{name}: cannot quantize this model ({fam}, {type(dm).__name__}): its weights are in {kinds}, "
+                      f"not in Linear layers built through ComfyUI's operations ({len(report.skipped)} Linear layers "
+                      "skipped by the skip table); load it with the core loader")
 
 
 def _finish(model_patcher, report: QuantReport, source: dict):
@@ -60,7 +89,7 @@ def load_quantized(path: str, spec, backend: str = "auto", *, checkpoint: bool =
     if meta is not None:
         if checkpoint:
             raise ValueError(f"{name} is a pre-quantized diffusion model (no text encoder / VAE): load it with "
-                             "Q-Sched Diffusion Model Loader")
+                             "Q-Sched Diffusion Model Loader (quantized)")
         spec = QuantSpec.parse(meta.get("qsched.spec", "w4a8"))
         report = QuantReport(spec, backend, "comfy (pre-quantized file)")
         sd = prequant.comfy_state_dict(path, meta)
@@ -81,14 +110,16 @@ def load_quantized(path: str, spec, backend: str = "auto", *, checkpoint: bool =
         return _finish(model, report, {"path": path, "sha256": meta.get("qsched.source_sha256", ""),
                                        "name": meta.get("qsched.source_name", name)}), None, None, report
     spec = QuantSpec.parse(spec)
-    report = QuantReport(spec, backend, "comfy (quantized while loading)")
+    family = _file_family(path)
+    report = QuantReport(spec, backend, f"{family.name if family else 'comfy'} (quantized while loading)")
     configs = native.read_configs(path)  # a ComfyUI-native quantized file: comfy-kitchen dequantizes its layers
     sd = None
     if configs:
         native.kitchen()
         sd = native.loader_state_dict(path, configs)
     ops = make_ops(spec, backend, skip=skip, extra_skip=extra_skip, quant_device=quant_device,
-                   run_device=run_device, native_layers=native.strip_prefix(configs, sd or ()) or None, report=report)
+                   run_device=run_device, native_layers=native.strip_prefix(configs, sd or ()) or None, report=report,
+                   family=family)
     clip = vae = None
     if checkpoint:
         opts = dict(output_vae=True, output_clip=True, embedding_directory=embedding_directory,
@@ -105,8 +136,7 @@ def load_quantized(path: str, spec, backend: str = "auto", *, checkpoint: bool =
         if model is None:
             raise ValueError(f"{name}: ComfyUI cannot detect the model type of this ComfyUI-native quantized file")
     if not report.quantized:
-        raise ValueError(f"{name}: no Linear layer was quantized ({len(report.skipped)} skipped by the skip list "
-                         f"{COMFY_SKIP if skip is None else skip}); is this a supported diffusion model?")
+        raise _no_layer_error(name, model, report, family)
     return _finish(model, report, {"path": path, "sha256": "", "name": name}), clip, vae, report
 
 
@@ -134,7 +164,7 @@ def quantize_comfy_model(model_patcher, spec, backend: str = "auto", *, skip=Non
     """-> (new quantized ModelPatcher, QuantReport); the input MODEL is not modified (see module doc)."""
     import comfy.patcher_extension
 
-    from . import _compat
+    from . import comfy_compat
 
     src = model_patcher.model
     src_dm = src.diffusion_model
@@ -145,10 +175,12 @@ def quantize_comfy_model(model_patcher, spec, backend: str = "auto", *, skip=Non
     run_device = model_patcher.load_device
     if device is None:
         device = run_device if torch.device(run_device).type == "cuda" else None
-    report = QuantReport(spec, backend, "comfy (new model from a MODEL)")
+    family = families.family_of_module(src_dm)
+    family = None if family.name == "generic" else family
+    report = QuantReport(spec, backend, f"{family.name if family else 'comfy'} (new model from a MODEL)")
     cfg = copy.copy(src.model_config)
     cfg.custom_operations = make_ops(spec, backend, skip=skip, extra_skip=extra_skip, quant_device=device,
-                                     run_device=run_device, report=report)
+                                     run_device=run_device, report=report, family=family)
     new = cfg.get_model({}, "")
     new.model_sampling = copy.deepcopy(src.model_sampling)
     new.model_type = src.model_type
@@ -172,8 +204,8 @@ def quantize_comfy_model(model_patcher, spec, backend: str = "auto", *, skip=Non
             if t is not None and t.device != torch.device(offload):
                 t.data = t.data.to(offload)
     if not report.quantized:
-        raise ValueError(f"no Linear layer of this MODEL was quantized ({len(report.skipped)} skipped)")
-    out = _compat.model_patcher_class()(new, load_device=run_device, offload_device=offload)
+        raise _no_layer_error("MODEL", model_patcher, report, family)
+    out = comfy_compat.model_patcher_class()(new, load_device=run_device, offload_device=offload)
     out.model_options = copy.deepcopy(model_patcher.model_options)
     out.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "qsched_unload_source",
                              _unload_source_first(weakref.ref(src)))
@@ -223,13 +255,15 @@ def save_quantized(model_patcher, path: str, *, source_sha256: str | None = None
                        "dtype": prequant.dtype_name(base.get_dtype() if hasattr(base, "get_dtype") else
                                                     torch.bfloat16)}
     spec = next(iter(layers.values())).qsched_spec
+    family = families.family_of_module(dm)
     source = getattr(base, "qsched_source", None) or {}
     if source_sha256 is None:
         source_sha256 = source.get("sha256", "")
         if not source_sha256 and source.get("path") and os.path.isfile(source["path"]):
             source_sha256 = file_sha256(source["path"])
+    skip = family.patterns if family.name != "generic" else COMFY_SKIP
     return prequant.write(path, tensors, table, spec_name=spec.name, arch=type(base.model_config).__name__,
-                          skip=list(COMFY_SKIP), source_sha256=source_sha256, source_name=source.get("name", ""))
+                          skip=list(skip), source_sha256=source_sha256, source_name=source.get("name", ""))
 
 
 def save_native(model_patcher, path: str) -> dict:
@@ -241,7 +275,7 @@ def save_native(model_patcher, path: str) -> dict:
     {"bytes", "layers": {format: count}, "exact": bool (every layer's weights unchanged)}."""
     from safetensors.torch import save_file
 
-    from .layers import dequantize
+    from ..qsched.quant.layers import dequantize
 
     dm = model_patcher.model.diffusion_model
     layers = dict(quantized_layers(dm))
