@@ -1,5 +1,5 @@
 """Real ComfyUI (0.3.64, in-process) at full size with random weights: core, GGUF and the pack's quantized models
-side by side, plus small simulated cards and the Quantize Model scenarios (issue 11).
+side by side, plus small simulated cards and the Quantize Model scenarios.
 
     python benchmarks/bench_comfyui_gpu.py --comfy COMFYUI_DIR --gguf-nodes DIR/comfyui_gguf --work /tmp/qsb \
         --out benchmarks/results
@@ -65,12 +65,12 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
-from hostmem import AnonPeak  # noqa: E402
 import comfyui_parts as parts  # noqa: E402
 import simcard  # noqa: E402
-from simcard import clean  # noqa: E402
+from simcard import clean, sync  # noqa: E402
 import kernel_breakdown  # noqa: E402
-from qsched_pack.qsched.quant import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
+from qsched_pack.calibration.testing import AnonPeak  # noqa: E402
+from qsched_pack.nodes.quant_model import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
 
 DEV = mm.get_torch_device()
 CUDA = getattr(DEV, "type", "cpu") == "cuda"
@@ -356,7 +356,7 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=F
             if profile:
                 rec["breakdown_compiled"] = stage(rec, "profile compiled",
                                                   lambda: profile_breakdown(base, fam, rec["s_per_step_compiled"]))
-    if graph:  # issue 13 fast path: each step replayed from CUDA graphs (Q-Sched CUDA Graph node)
+    if graph:  # the fast path: each step replayed from CUDA graphs (Q-Sched CUDA Graph node)
         def do_graph():
             from qsched_pack.nodes.fastpath import apply_cuda_graph
 
@@ -663,7 +663,7 @@ elif __name__ == "__main__":
     cards()
     if "sdxl" in FILES:
         sdxl_configs()
-    if "fastpath" not in SKIP:  # before compile_all: the issue-13 acceptance configs first
+    if "fastpath" not in SKIP:  # before compile_all: the real-time acceptance configs first
         fastpath_all() if not ARGS.tiny else run_config("sdxl/fp16/graph")
     if not ARGS.tiny and "compile" not in SKIP:
         compile_all()

@@ -46,7 +46,8 @@ import torch  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.ops  # noqa: E402
 import comfy.sd  # noqa: E402
-from qsched_pack.qsched.quant import comfy_ops, quantize_comfy_model  # noqa: E402
+from qsched_pack.nodes import quant_ops  # noqa: E402
+from qsched_pack.nodes.quant_model import quantize_comfy_model  # noqa: E402
 from simcard import Card, clean, random_state_dict, timed_sample  # noqa: E402
 
 DEV = mm.get_torch_device()
@@ -204,7 +205,7 @@ def run_family(name):
                     core = comfy.sd.load_diffusion_model_state_dict(sd)
                     sd = None
                 model = quantize_comfy_model(core, fmt)[0]
-                rec["quantized_layers"] = sum(1 for _ in comfy_ops.quantized_layers(model.model.diffusion_model))
+                rec["quantized_layers"] = sum(1 for _ in quant_ops.quantized_layers(model.model.diffusion_model))
             rec["config"] = type(model.model.model_config).__name__
             rec["dtype"] = str(model.model.get_dtype())
             rec["load_s"] = time.time() - t

@@ -1,4 +1,4 @@
-"""Kernel micro-benchmarks for issue 13 (no diffusers, no ComfyUI): one Linear at FLUX / SDXL shapes.
+"""Kernel micro-benchmarks of the fast formats (no diffusers, no ComfyUI): one Linear at FLUX / SDXL shapes.
 
     python benchmarks/bench_kernels_gpu.py --out benchmarks/results [--budget-s 200] [--quick]
 
@@ -50,9 +50,9 @@ def main():
     sections = set(args.sections.split(","))
     t0 = time.time()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_quant_gpu import _import_pack  # the pack as qsched_pack (installed or this checkout)
+    from bench_quant_gpu import import_pack  # the pack as qsched_pack (installed or this checkout)
 
-    _import_pack()
+    import_pack()
     from triton.testing import do_bench
 
     from qsched_pack.qsched import cudagraph

@@ -42,7 +42,7 @@ FORMATS = [("bf16", "fp16", "native"), ("w8a8 int8", "w8a8", "native"), ("w8a8-f
            ("w8a8 (bnb LLM.int8)", "w8a8", "bitsandbytes")]
 
 
-def _import_pack():
+def import_pack():
     """The pack as ``qsched_pack`` (installed, or this checkout aliased under that name)."""
     import importlib
     import importlib.util
@@ -301,7 +301,7 @@ def main():
     ap.add_argument("--formats", default=",".join(f[0] for f in FORMATS))
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
-    quant = _import_pack()
+    quant = import_pack()
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -14,13 +14,14 @@ Objectives: synthetic (bowl / ridge / multimodal, with and without deterministic
 in the 2-D ``start``, 4-D ``start_end`` and 4-D ``per_step`` spaces; 20 prompts per point as in the paper), and
 the tiny random SDXL-like pipeline (W4A4-quantized, 4 steps, 32x32, 4 prompts, 15x15 ``start`` grid) under
 three scorers: fidelity to the full-precision images (1 − MSE, what Theorem 1 is about), the weight-free image
-statistic stand-in, and the real JAQ code (CLIPScore + 2·CLIP-IQA) with tiny random CLIP weights; and the model
-trained by this project (``calibration/tinyworld``: W4A4 and W8A8 at 2/4/8 steps, the JAQ of its stand-in scorers, its 20
-calibration prompts, 21x21 ``start`` grid on calibration seed 0), whose landscape is a real one.
+statistic stand-in, and the real JAQ code (CLIPScore + 2·CLIP-IQA) with tiny random CLIP weights; and the models
+trained by this project (the shape world's flow model, ``calibration/shapeworld``: W4A4 and W8A8 at 2/4/8 steps, the
+pack's JAQ on its tiny CLIP, its 20 calibration prompts, 21x21 ``start`` grid on calibration seed 0), whose landscape
+is a real one.
 
     .venv/bin/python benchmarks/bench_search.py            # everything (~10 min on 2 CPU cores)
     .venv/bin/python benchmarks/bench_search.py --synthetic-only
-    .venv/bin/python benchmarks/bench_search.py --trained-only     # the trained tiny model only (~2 min)
+    .venv/bin/python benchmarks/bench_search.py --trained-only     # the trained shape-world model only
 Writes benchmarks/results/search_benchmark.md and .json.
 """
 
@@ -170,47 +171,43 @@ def tiny_pipeline(rows, n=21, prompts_n=4, steps=4, size=32):
     return {k: {json.dumps(list(p)): v for p, v in t.items()} for k, t in tables.items()}
 
 
-def trained_world(rows, n=21, formats=("w4a4", "w8a8"), steps_list=(2, 4, 8)):
-    """The trained tiny world: full grid once per (format, steps), then the strategies replayed against it."""
+def trained_world(rows, n=21, formats=("w4a4", "w8a8"), steps_list=(2, 4, 8), family="flow"):
+    """The trained shape world (docs/shape_world.md): full grid once per (format, steps), then the strategies
+    replayed against it."""
     from qsched_pack.calibration.runner import score_images
     from qsched_pack.calibration.search import SearchSpace
-    from qsched_pack.calibration.tinyworld.data import all_prompts
-    from qsched_pack.calibration.tinyworld.experiment import calib_seeds, make_jaq, single_thread
-    from qsched_pack.calibration.tinyworld.train import load_or_train
+    from qsched_pack.calibration.shapeworld.data import calibration_prompts
+    from qsched_pack.calibration.shapeworld.experiment import calib_seeds, threads
+    from qsched_pack.calibration.shapeworld.world import ShapeWorld
 
-    world = load_or_train()
-    jaq = make_jaq(world)
-    prompts = all_prompts()
+    world = ShapeWorld.load()
+    jaq = world.jaq()
+    prompts = calibration_prompts()
     seeds = calib_seeds(0, len(prompts))
     tables = {}
-    with single_thread():
+    with threads(1):
         for fmt in formats:
-            net = world.quantized_generator(fmt)[0]
+            net = world.quantized(family, fmt)[0]
             for steps in steps_list:
-                gen = world.sampler(steps, net=net, quant=fmt)
+                gen = world.generator(family, steps, net=net, quant=fmt)
                 space = SearchSpace("start", steps)
                 table = {}
                 for p in [space.identity] + space.grid(n):
                     vals, _ = score_images(jaq, gen.generate(space.coefficients(p), prompts, seeds), prompts)
                     table[p] = math.fsum(vals) / len(vals)
-                label = f"trained tiny model {fmt.upper()} {steps} steps, JAQ"
+                label = f"shape world {family} {fmt.upper()} {steps} steps, JAQ"
                 bench_table(label, space, table, n, len(prompts), rows)
                 tables[label] = {json.dumps(list(p)): v for p, v in table.items()}
     return tables
 
 
 def _tiny_jaq():
-    """The real JAQ class on tiny random CLIPs (tests/jaq_fixtures builds them in the users' file formats)."""
+    """The real JAQ class on tiny random CLIPs written in the users' file format."""
     import tempfile
     from pathlib import Path
 
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-    try:
-        from jaq_fixtures import save_openai_torchscript
-    except ImportError as exc:
-        print(f"skipping the JAQ scorer: {exc}", file=sys.stderr)
-        return None
     from qsched_pack.calibration.jaq import JAQ
+    from qsched_pack.calibration.testing import save_openai_torchscript
 
     d = Path(tempfile.mkdtemp(prefix="qsched-bench-clip-"))
     return JAQ(preset="clip", k=2.0, device="cpu",

@@ -30,7 +30,7 @@ MODES = ("eager", "graph", "compiled", "compiled+graph", "refcal", "refcal-card"
 BASELINE = {"flux": "bf16", "sdxl": "fp16"}  # the core config every ratio of a family is taken against
 
 # Seconds a config needs on an H200 (load + eager + compile + timed runs + one profiled 4-step run per mode), the
-# largest per family and mode measured in session 3's calls (benchmarks/results/comfyui_h200_part*_bench.log): FLUX
+# largest per family and mode measured in earlier calls (benchmarks/results/comfyui_h200_part*_bench.log): FLUX
 # compiled+graph 75 s (bf16) / 155 s (w8a8-fp8) / 171 s (w4a8-fp8); SDXL compiled+graph 141 s (fp16) / 238 s
 # (w8a8-fp8; its compile alone 150 s), and SDXL w4a8-fp8's compile did not finish in the 200 s left. SDXL's UNet
 # compiles slower than FLUX (more distinct blocks). Plan two or three SDXL compiles per 10-minute device call.
@@ -43,13 +43,13 @@ REFCAL_CARD = {"flux": 24, "sdxl": 8}
 WRITE_S = {"flux": 40, "sdxl": 8}
 
 # Part A: FLUX. The acceptance rows first: core bf16 (the baseline), w8a8-fp8 and w4a8-fp8, each eager (measured and
-# profiled first, saved before compiling), compiled, compiled + CUDA graph; then what the last session measured
+# profiled first, saved before compiling), compiled, compiled + CUDA graph; then what the last run measured
 # already (core fp8_fast, w4a8, w8a8 eager) if time is left. No separate eager rows for the first three: a FLUX load
 # + first run costs 10-15 s each, the difference between fitting the third compile in the budget or not.
 PART_A = ("flux/bf16/compiled+graph", "flux/w8a8-fp8/compiled+graph", "flux/w4a8-fp8/compiled+graph",
           "flux/fp8_fast/eager", "flux/w4a8/eager", "flux/w8a8/eager")
 # Part B: SDXL. Every format eager (core fp16 with the fast path), then compiled (+ fast path on core fp16 and the
-# fp8 formats: issue 13's real-time target is the fast path vs core compiled fp16), then FLUX compiled leftovers
+# fp8 formats: the real-time target is the fast path vs core compiled fp16), then FLUX compiled leftovers
 # (their ratios are taken against part A's core bf16: the report marks them).
 PART_B = ("sdxl/fp16/graph", "sdxl/fp8_fast/eager", "sdxl/w8a8-fp8/eager", "sdxl/w4a8-fp8/eager", "sdxl/w4a8/eager",
           "sdxl/w8a8/eager",
@@ -101,7 +101,7 @@ def split_attention(fmt: str) -> tuple[str, bool]:
 
 
 def display_name(fmt: str) -> str:
-    """The row name of a format in the tables (the names the last session's results use)."""
+    """The row name of a format in the tables (the names the stored results use)."""
     base, sage = split_attention(fmt)
     return (CORE_FORMATS.get(base) or f"pack {base}") + (" + sage attention" if sage else "")
 

@@ -129,7 +129,7 @@ def new_tables(runs: list) -> list:
         fast = [(run, r) for run, r in recs if "s_per_step_graph" in r or "s_per_step_compiled_graph" in r]
         if fast:
             out += [f"Fast path ({fam.upper()}): 4-step sampling time (`comfy.sample.sample`, batch 1) vs core "
-                    "compiled in the same part; issue 13's target for SDXL-Turbo is ≤ 0.50×.", "",
+                    "compiled in the same part; the real-time target for SDXL-Turbo is ≤ 0.50×.", "",
                     "| config | part | 4 steps s | × core compiled | graph captures / replays / eager calls |",
                     "|---|---|---|---|---|"]
             for run, r in fast:

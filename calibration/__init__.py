@@ -1,1 +1,1 @@
-"""Calibration: JAQ scoring, coefficient search, prompts, CLI."""
+"""Calibration: the runner and its record, the search, the objectives (JAQ and its metrics, the reference), generators, prompts, plots; the toy world (shapeworld/) and the front ends (app/) sit above."""

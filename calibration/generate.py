@@ -197,9 +197,10 @@ def load_pipeline(path: str | os.PathLike, *, config: str | os.PathLike | None =
       the denoiser in diffusers key layout (loaded strictly), or an original-layout checkpoint (UNet-only,
       FLUX transformer-only, or a full SD/SDXL checkpoint), converted by diffusers' single-file loaders.
     """
-    from ..qsched._compat import ensure_torchvision_importable
+    from ..qsched._compat import ensure_torchvision_importable, require
 
     ensure_torchvision_importable()
+    require("diffusers", "diffusers>=0.38", "loading a diffusers pipeline (qsched calibrate / sample)")
     from diffusers import DiffusionPipeline
 
     p = Path(path).expanduser()

@@ -75,10 +75,6 @@ class JAQ:
             return metric
         return get_metric_class(metric)(weights.get(metric), **common, **(options or {}))
 
-    @classmethod
-    def from_preset(cls, preset: str, **kwargs) -> "JAQ":
-        return cls(preset=preset, **kwargs)
-
     def components(self, images: torch.Tensor, prompts) -> dict[str, torch.Tensor]:
         """Per-image values of each metric, keyed by metric name (and ``"tc"`` / ``"iq"``)."""
         tc = self.tc(images, prompts)

@@ -21,7 +21,7 @@ import torch
 from ..qsched._io import atomic_write
 
 
-def _save_png(img, path: str) -> str:
+def save_png(img, path: str) -> str:
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
@@ -157,7 +157,7 @@ def _heatmap_pil(result, path, cell: int = 12):
                            fill=_color((v - lo) / (hi - lo) if hi > lo else 0.5))
     bx, by = xs.index(result.best_point[0]), len(es) - 1 - es.index(result.best_point[1])
     draw.rectangle([bx * cell, by * cell, (bx + 1) * cell - 1, (by + 1) * cell - 1], outline=(255, 0, 0), width=2)
-    return _save_png(img, path)
+    return save_png(img, path)
 
 
 def _trace_pil(result, path, w: int = 480, h: int = 240):
@@ -178,7 +178,7 @@ def _trace_pil(result, path, w: int = 480, h: int = 240):
         draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=(40, 80, 200))
     running = [max(scores[: i + 1]) for i in range(len(scores))]
     draw.line([xy(i, s) for i, s in enumerate(running)], fill=(220, 0, 0), width=2)
-    return _save_png(img, path)
+    return save_png(img, path)
 
 
 def plot_fit(result, path: str, w: int = 480, h: int = 260) -> str:
@@ -208,7 +208,7 @@ def plot_fit(result, path: str, w: int = 480, h: int = 260) -> str:
         draw.text((4 + i * slot + slot * 0.35, bottom + 4), f"step {i + 1}", fill=(0, 0, 0))
     verdict = "kept" if result.accepted else "identity kept (fit shown outlined)"
     draw.text((4, 4), f"reference fit, c_x blue / c_eps orange, 1.0 +- {half:.3g}: {verdict}", fill=(0, 0, 0))
-    return _save_png(img, path)
+    return save_png(img, path)
 
 
 def preview_grid(identity_images: torch.Tensor, best_images: torch.Tensor, path: str, *, tile: int = 256,
@@ -235,7 +235,7 @@ def preview_grid(identity_images: torch.Tensor, best_images: torch.Tensor, path:
             if (th, tw) != (h, w):
                 im = im.resize((tw, th), Image.BILINEAR)
             grid.paste(im, (i * tw, row * th))
-    return _save_png(grid, path)
+    return save_png(grid, path)
 
 
 def save_images(images: torch.Tensor, folder: str, prefix: str = "image") -> list[str]:
@@ -246,7 +246,7 @@ def save_images(images: torch.Tensor, folder: str, prefix: str = "image") -> lis
     out = []
     for i in range(images.shape[0]):
         arr = (images[i].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        out.append(_save_png(Image.fromarray(arr), os.path.join(folder, f"{prefix}_{i:03d}.png")))
+        out.append(save_png(Image.fromarray(arr), os.path.join(folder, f"{prefix}_{i:03d}.png")))
     return out
 
 

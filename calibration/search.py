@@ -8,7 +8,7 @@ Search spaces (``SearchSpace.kind``), every value drawn from ``[low, high]`` (de
 
 Strategies (all maximise the mean JAQ over the calibration prompts; the paper's ``S̄ < S*`` with ``S* = ∞``
 is a typo for a higher-is-better score, and the released code's lexicographic ``max`` over score lists that
-in effect ranks by CLIPScore is a bug, see notes/method.md §2):
+in effect ranks by CLIPScore is a bug, see docs/calibration.md, "The released search"):
 
 * ``grid``    Algorithm 1 with ``opt`` = a full Cartesian grid: ``n`` points per dimension,
   ``linspace(low, high, n)``, iterated in ``itertools.product`` order of ``SearchSpace.names`` (for ``start``:
@@ -105,10 +105,6 @@ class SearchSpace:
     def grid(self, n: int) -> list[Point]:
         """Every point of the n^dim grid in Algorithm 1 order (``itertools.product`` over ``names``)."""
         return list(itertools.product(self.axis(n), repeat=self.dim))
-
-    def grid_size(self, n: int) -> int:
-        check_points(n)
-        return n ** self.dim
 
     def coefficients(self, point: Sequence[float]) -> Coefficients:
         p = tuple(float(v) for v in point)

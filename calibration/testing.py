@@ -3,13 +3,20 @@
 * ``synthetic_objective(name, dim)``: objectives on search points with known optima;
 * ``SyntheticGenerator``: images whose pixels encode a function of the coefficients (``generate.Generator``
   protocol), so the real runner / record / preset machinery runs on a known landscape;
-* ``ImageStatScorer``: a weight-free scorer with JAQ's protocol (``components``/``combine``/``score``).
+* ``ImageStatScorer``: a weight-free scorer with JAQ's protocol (``components``/``combine``/``score``);
+* ``save_openai_torchscript``: a tiny random CLIP written in OpenAI's file format (what ``RN50.pt`` is), for a real
+  JAQ without downloads;
+* ``AnonPeak``: peak anonymous memory of the process (the in-process ComfyUI checks and the ComfyUI benchmark).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import threading
+import time
+import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -159,3 +166,63 @@ class ToyTrajectoryGenerator:
 
         prompts, seeds = check_generate_args(coefficients, prompts, seeds, self.steps)
         return torch.sigmoid(self.latents(coefficients, prompts, seeds)).permute(0, 2, 3, 1).contiguous()
+
+
+# ------------------------------------------------------------------------------------ tiny CLIP weight files
+TEXT_CFG = dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
+
+
+def tiny_clip(vision: dict, seed: int, quick_gelu: bool = True):
+    from open_clip.model import CLIP
+
+    torch.manual_seed(seed)
+    return CLIP(embed_dim=32, vision_cfg=vision, text_cfg=TEXT_CFG, quick_gelu=quick_gelu).eval()
+
+
+def save_openai_torchscript(path: Path, kind: str, seed: int = 0) -> Path:
+    """kind: "rn" (RN50-like ModifiedResNet) or "vit" (ViT with 7 blocks, so CLIP Surgery's 6 fit)."""
+    import open_clip
+
+    vision = (dict(layers=(1, 1, 1, 1), width=16, head_width=64, image_size=64) if kind == "rn"
+              else dict(layers=7, width=64, head_width=64, patch_size=16, image_size=64))
+    model = tiny_clip(vision, seed)
+    model.logit_scale.data.fill_(math.log(100.0))  # as in OpenAI's released files (the clamp value)
+    # OpenAI's files keep the causal mask out of the state dict; open_clip registers it as a buffer
+    model.attn_mask = model._buffers.pop("attn_mask")
+    with warnings.catch_warnings():  # tracing is only a way to write the TorchScript format OpenAI ships
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (torch.rand(1, 3, 64, 64), open_clip.tokenize(["a photo"])), check_trace=False)
+        traced.save(str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------ memory
+class AnonPeak:
+    """Peak anonymous resident memory of this process (Linux ``RssAnon``) while the ``with`` block runs, sampled
+    every few milliseconds: memory-mapped file pages (safetensors tensors) are page cache and count under RssFile
+    instead. ``growth`` = peak − value at entry."""
+
+    def __enter__(self):
+        self.base = self.peak = self.now()
+        self.stop = False
+        self.t = threading.Thread(target=self.loop, daemon=True)
+        self.t.start()
+        return self
+
+    @staticmethod
+    def now():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def loop(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.t.join()
+        self.peak = max(self.peak, self.now())
+        self.growth = self.peak - self.base

@@ -180,7 +180,7 @@ def build_flux_pipeline(seed: int = 0):
 
 def build_sd15_pipeline(seed: int = 0, lcm: bool = False):
     """Tiny SD1.5-layout pipeline (one CLIP text encoder, SD1.5 VAE scaling 0.18215, no safety checker), with
-    the schedulers of notes/method.md §6 (scaled_linear 0.00085-0.012, eps, original_inference_steps 50; their
+    the schedulers the official code ships for these families (scaled_linear 0.00085-0.012, eps, original_inference_steps 50; their
     4-step timesteps are 999, 759, 499, 259, whatever the spacing/offset fields say):
 
     * ``lcm=True``: SimianLuo/LCM_Dreamshaper_v7-like ``LatentConsistencyModelPipeline``: UNet with

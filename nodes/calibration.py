@@ -410,7 +410,8 @@ class QSchedCalibrate:
         import folder_paths
 
         from ..calibration.plots import plot_landscape, preview_grid
-        from ..calibration.runner import RecordError, RecordWriteError, calibrate
+        from ..calibration.record import RecordError, RecordWriteError
+        from ..calibration.runner import calibrate
 
         goal = resolve_objective(objective, reference_model is not None, scorer is not None)
         search = goal != "reference"  # the coefficient search (space, strategy, budget) runs for jaq and hybrid

@@ -1,6 +1,6 @@
 """Helpers shared by the node modules: socket types, shared widgets (eta, steps, preset names), folder registration,
-and the one way a node reports bad input: ``node_input`` turns the library validators' ``ValueError`` into a
-``NodeInputError`` naming the node input (the rules themselves live in the library, never here).
+and the one way a node reports bad input: ``node_input`` turns the library validators' ``ValueError``
+into a ``NodeInputError`` naming the node input (the rules themselves live in the library, never here).
 
 ComfyUI (``comfy``, ``folder_paths``) is imported inside functions only: this module is imported by the pack's
 ``__init__.py`` before anything else and by the unit tests, where ComfyUI is absent.
@@ -170,6 +170,22 @@ def find_preset(name, node: str = "Q-Sched Load Preset", input_name: str = "pres
         if os.path.isfile(path):
             return path
     return None
+
+
+def load_preset(name: str):
+    """The Coefficients of preset ``name`` (Q-Sched Load Preset's reader); errors name that node's input."""
+    from ..qsched.coefficients import Coefficients
+
+    node = "Q-Sched Load Preset"
+    path = find_preset(name, node, "preset")
+    if path is None:
+        raise NodeInputError(node, "preset", f"file {name!r} not found in models/{QSCHED_FOLDER}/ (or the extra "
+                                             f"'{QSCHED_FOLDER}' paths of extra_model_paths.yaml)")
+    with node_input(node, "preset"):
+        try:
+            return Coefficients.load(path)
+        except ValueError as exc:
+            raise ValueError(f"malformed preset: {exc}") from None
 
 
 def model_sampling_of(model):

@@ -1,4 +1,4 @@
-"""Q-Sched CUDA Graph: the real-time few-step fast path (issue 13). A MODEL -> MODEL node that replays each denoiser
+"""Q-Sched CUDA Graph: the real-time few-step fast path. A MODEL -> MODEL node that replays each denoiser
 call from a CUDA graph (``qsched.cudagraph.StepGraphs``): launch overhead gone, same kernels, same numbers.
 
 It hooks two of ComfyUI's wrapper points (0.3.64 ``comfy.patcher_extension``): APPLY_MODEL (every denoiser call goes
@@ -10,7 +10,7 @@ stream in per call). On the CPU, or with inputs off the GPU, it calls the model 
 from __future__ import annotations
 
 from ..qsched.cudagraph import StepGraphs, weights_state
-from ..qsched.quant import _compat
+from . import comfy_compat
 from .attention import ATTENTION_16, ATTENTION_CHOICES, apply_attention
 from .common import CATEGORY_SAMPLING, NodeInputError
 
@@ -33,7 +33,7 @@ def apply_cuda_graph(model_patcher, max_graphs: int = 2, node: str = "Q-Sched CU
         guider = args[0] if args else None
         patcher = getattr(guider, "model_patcher", None)
         base = getattr(patcher, "model", None) or m.model
-        if getattr(base, "model_lowvram", False) or _compat.is_dynamic(patcher):
+        if getattr(base, "model_lowvram", False) or comfy_compat.is_dynamic(patcher):
             active[0] = False
             graphs.eager_reason = "weights stream in per call (partially loaded / Dynamic VRAM)"
         else:

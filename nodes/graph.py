@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 import struct
 
-from .common import NodeInputError
+from ..qsched.quant import families
+from .common import NodeInputError, load_preset
 
 #: Hidden input that carries a graph problem to the node it concerns ({"input": name, "message": text}).
 GRAPH_CHECK = "qsched_graph_check"
@@ -71,10 +72,8 @@ def users(prompt: dict, nid: str, slot: int):
 # steps
 # ---------------------------------------------------------------------------------------------------------------
 def _preset_steps(name) -> int | None:
-    from .sampling import _load_preset  # the one preset reader; its errors belong to Load Preset's own check
-
-    try:
-        return _load_preset(name).steps
+    try:  # the one preset reader; its errors belong to Load Preset's own check
+        return load_preset(name).steps
     except (NodeInputError, ImportError, OSError):
         return None
 
@@ -261,6 +260,15 @@ def safetensors_header(path: str) -> dict | None:
     return header if isinstance(header, dict) else None
 
 
+def safetensors_is_flow(path: str) -> bool | None:
+    """True for a flow model's file (FLUX, Chroma, SD3, Qwen-Image, Wan), False for another recognised layout, None
+    when the header cannot be read or the layout is not one of ``qsched.quant.families``. Reads only the JSON
+    header (no tensor data, no code)."""
+    header = safetensors_header(path)
+    layout = None if header is None else families.family_of_keys(header)
+    return None if layout is None else layout.flow
+
+
 def loader_of(prompt: dict, nid: str | None, seen=None):
     """Follows MODEL links (through LoRA loaders and other pass-through nodes) to the node that made the model."""
     seen = set() if seen is None else seen
@@ -300,6 +308,9 @@ def model_facts(prompt: dict, loader_id: str | None) -> dict:
             header = safetensors_header(path) if path else None
             if header is not None:
                 facts["family"] = family_of_keys(header)
+                layout = families.family_of_keys(header)  # the quantization families' table says flow or eps
+                if layout is not None:
+                    facts["flow"] = layout.flow
                 meta = header.get("__metadata__") or {}
                 if isinstance(meta, dict) and meta.get("qsched.spec"):  # a pre-quantized file keeps its format
                     facts["precision"] = str(meta["qsched.spec"])
@@ -309,6 +320,25 @@ def model_facts(prompt: dict, loader_id: str | None) -> dict:
         if isinstance(p, str):
             facts["precision"] = "16-bit" if p in ("fp16", "bf16") else _resolve_precision(p)
     return {k: v for k, v in facts.items() if v is not None}
+
+
+def sampler_model_is_flow(prompt: dict, sampler_id: str) -> bool | None:
+    """Whether the MODEL that reaches the SAMPLER made by node ``sampler_id`` (through SamplerCustom(Advanced), a
+    guider and MODEL pass-through nodes such as LoRA loaders) is a flow model (``qsched.quant.families``: FLUX, Chroma,
+    SD3, Qwen-Image, Wan), read from its loader's file header; None when the graph does not say (a linked file name, an unknown loader, a file that is not safetensors)."""
+    if not isinstance(prompt, dict):
+        return None
+    for node in prompt.values():
+        inputs = (node.get("inputs") or {}) if isinstance(node, dict) else {}
+        if link(inputs.get("sampler")) != str(sampler_id):
+            continue
+        src = link(inputs.get("model"))  # SamplerCustom
+        if src is None and link(inputs.get("guider")) is not None:  # SamplerCustomAdvanced -> guider -> model
+            src = link(((prompt.get(link(inputs["guider"])) or {}).get("inputs") or {}).get("model"))
+        flow = model_facts(prompt, loader_of(prompt, src)).get("flow")
+        if flow is not None:
+            return flow
+    return None
 
 
 def _resolve_precision(p: str) -> str:

@@ -1,6 +1,6 @@
 """Loader nodes: quantized models that ComfyUI's memory manager handles like its own.
 
-* The two loaders hand ComfyUI's own loader ``model_options["custom_operations"]`` (``qsched.quant.comfy_ops``): each
+* The two loaders hand ComfyUI's own loader ``model_options["custom_operations"]`` (``nodes.quant_ops``): each
   Linear is quantized while its weights stream in, or read from a pre-quantized file (Save Quantized Model /
   ``qsched quantize``), so the full-precision model never exists in RAM or VRAM.
 * Quantize Model builds a new model object from any MODEL (core, GGUF, after LoRA); the input MODEL is untouched.
@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import os
 
-from ..qsched.quant import QuantSpec, load_quantized, quantize_comfy_model, save_quantized
-from ..qsched.quant import native
-from ..qsched.quant.comfy import save_native
-from ..qsched.quant.comfy_ops import COMFY_BACKENDS
-from .common import CATEGORY_LOADERS, NodeInputError
+from ..qsched.quant import QuantSpec, native
+from .common import CATEGORY_LOADERS, NodeInputError, check_combo
+from .quant_model import load_quantized, quantize_comfy_model, save_native, save_quantized
+from .quant_ops import COMFY_BACKENDS
 
 #: fp16 / bf16 = no quantization (weights kept in that dtype); "fast 8-bit" = w8a8-fp8 on GPUs with FP8 tensor cores
 #: (Ada, Hopper, newer), else w8a8; the rest are qsched.quant formats.
@@ -65,7 +64,6 @@ class _QSchedLoaderBase:
 
     CATEGORY = CATEGORY_LOADERS
     FUNCTION = "load"
-    NODE_NAME = ""
     FOLDER = ""
     FILE_INPUT = ""
     CHECKPOINT = False
@@ -86,15 +84,13 @@ class _QSchedLoaderBase:
 
         path = folder_paths.get_full_path(self.FOLDER, name)
         if path is None:
-            raise NodeInputError(self.NODE_NAME, self.FILE_INPUT, f"file {name!r} not found in models/{self.FOLDER}/ "
+            raise NodeInputError(self.DISPLAY_NAME, self.FILE_INPUT, f"file {name!r} not found in models/{self.FOLDER}/ "
                                  f"(or the '{self.FOLDER}' paths of extra_model_paths.yaml)")
         return path
 
     def _check(self, precision: str, backend: str) -> str:
-        if precision not in PRECISIONS:
-            raise NodeInputError(self.NODE_NAME, "precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
-        if backend not in COMFY_BACKENDS:
-            raise NodeInputError(self.NODE_NAME, "backend", f"{backend!r} is not one of {', '.join(COMFY_BACKENDS)}")
+        check_combo(self.DISPLAY_NAME, "precision", precision, PRECISIONS)
+        check_combo(self.DISPLAY_NAME, "backend", backend, COMFY_BACKENDS)
         return resolve_precision(precision)
 
     def _load_float(self, path: str, precision: str):
@@ -116,9 +112,9 @@ class _QSchedLoaderBase:
                 "w4a8" if precision in FLOAT_PRECISIONS else precision), backend, checkpoint=self.CHECKPOINT,
                 embedding_directory=self._embeddings())
         except (ValueError, SafetensorError, OSError) as exc:
-            raise NodeInputError(self.NODE_NAME, self.FILE_INPUT, f"{name!r}: {exc}") from None
+            raise NodeInputError(self.DISPLAY_NAME, self.FILE_INPUT, f"{name!r}: {exc}") from None
         except RuntimeError as exc:  # ComfyUI: "Could not detect model type of ..."
-            raise NodeInputError(self.NODE_NAME, self.FILE_INPUT, f"{name!r}: {str(exc).splitlines()[0]}; is it a "
+            raise NodeInputError(self.DISPLAY_NAME, self.FILE_INPUT, f"{name!r}: {str(exc).splitlines()[0]}; is it a "
                                  f"{'checkpoint' if self.CHECKPOINT else 'diffusion model'} file?") from None
         text = f"{os.path.basename(path)}: {report}\nComfyUI size: {model.model_size() / 2**30:.2f} GiB"
         return model, clip, vae, text
@@ -137,7 +133,7 @@ class QSchedCheckpointLoader(_QSchedLoaderBase):
     RETURN_NAMES = ("MODEL", "CLIP", "VAE", "report")
     OUTPUT_TOOLTIPS = ("The quantized diffusion model.", "The text encoder(s).", "The VAE.",
                        "What was quantized, and how; ComfyUI's size of the model.")
-    NODE_NAME, FOLDER, FILE_INPUT, CHECKPOINT = "Q-Sched Checkpoint Loader", "checkpoints", "ckpt_name", True
+    FOLDER, FILE_INPUT, CHECKPOINT = "checkpoints", "ckpt_name", True
     DISPLAY_NAME = "Q-Sched Checkpoint Loader (quantized)"
 
     @classmethod
@@ -166,7 +162,7 @@ class QSchedDiffusionModelLoader(_QSchedLoaderBase):
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("MODEL", "report")
     OUTPUT_TOOLTIPS = ("The quantized diffusion model.", "What was quantized, and how; ComfyUI's size of the model.")
-    NODE_NAME, FOLDER, FILE_INPUT = "Q-Sched Diffusion Model Loader", "diffusion_models", "unet_name"
+    FOLDER, FILE_INPUT = "diffusion_models", "unet_name"
     DISPLAY_NAME = "Q-Sched Diffusion Model Loader (quantized)"
 
     @classmethod
@@ -193,7 +189,7 @@ class QSchedQuantizeModel:
     RETURN_NAMES = ("MODEL", "report")
     OUTPUT_TOOLTIPS = ("The quantized model (a new model object).", "What was quantized, and how.")
     FUNCTION = "quantize"
-    NODE_NAME = DISPLAY_NAME = "Q-Sched Quantize Model"
+    DISPLAY_NAME = "Q-Sched Quantize Model"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -204,15 +200,12 @@ class QSchedQuantizeModel:
         }}
 
     def quantize(self, model, precision, backend):
-        if precision not in QUANT_PRECISIONS:
-            raise NodeInputError(self.NODE_NAME, "precision", f"{precision!r} is not one of "
-                                 f"{', '.join(QUANT_PRECISIONS)}")
-        if backend not in COMFY_BACKENDS:
-            raise NodeInputError(self.NODE_NAME, "backend", f"{backend!r} is not one of {', '.join(COMFY_BACKENDS)}")
+        check_combo(self.DISPLAY_NAME, "precision", precision, QUANT_PRECISIONS)
+        check_combo(self.DISPLAY_NAME, "backend", backend, COMFY_BACKENDS)
         try:
             quantized, report = quantize_comfy_model(model, QuantSpec.parse(resolve_precision(precision)), backend)
         except ValueError as exc:
-            raise NodeInputError(self.NODE_NAME, "model", str(exc)) from None
+            raise NodeInputError(self.DISPLAY_NAME, "model", str(exc)) from None
         text = f"{report}\nComfyUI size: {quantized.model_size() / 2**30:.2f} GiB (input MODEL: " \
                f"{model.model_size() / 2**30:.2f} GiB)"
         return _ui(quantized, text)
@@ -231,7 +224,7 @@ class QSchedSaveQuantizedModel:
     OUTPUT_TOOLTIPS = ("Where the file was written.",)
     FUNCTION = "save"
     OUTPUT_NODE = True
-    NODE_NAME = DISPLAY_NAME = "Q-Sched Save Quantized Model"
+    DISPLAY_NAME = "Q-Sched Save Quantized Model"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -254,19 +247,18 @@ class QSchedSaveQuantizedModel:
         if name.lower().endswith(".safetensors"):
             name = name[:-len(".safetensors")]
         if not name or os.path.basename(name) != name or name.startswith("."):
-            raise NodeInputError(self.NODE_NAME, "filename", f"{filename!r}: give a plain file name (no folders, not "
+            raise NodeInputError(self.DISPLAY_NAME, "filename", f"{filename!r}: give a plain file name (no folders, not "
                                  "starting with '.')")
         folder = folder_paths.get_folder_paths("diffusion_models")[0]
         path = os.path.join(folder, name + ".safetensors")
         if os.path.exists(path) and not overwrite:
-            raise NodeInputError(self.NODE_NAME, "filename", f"{path} exists; choose another name or set overwrite")
-        if file_format not in FILE_FORMATS:
-            raise NodeInputError(self.NODE_NAME, "file_format", f"{file_format!r}; allowed: {FILE_FORMATS}")
+            raise NodeInputError(self.DISPLAY_NAME, "filename", f"{path} exists; choose another name or set overwrite")
+        check_combo(self.DISPLAY_NAME, "file_format", file_format, FILE_FORMATS)
         if file_format == "comfyui native":
             try:
                 native.kitchen()
             except ValueError as exc:
-                raise NodeInputError(self.NODE_NAME, "file_format", str(exc)) from None
+                raise NodeInputError(self.DISPLAY_NAME, "file_format", str(exc)) from None
         try:
             if file_format == "comfyui native":
                 info = save_native(model, path)
@@ -276,7 +268,7 @@ class QSchedSaveQuantizedModel:
             else:
                 size, extra = save_quantized(model, path), ""
         except ValueError as exc:
-            raise NodeInputError(self.NODE_NAME, "model", str(exc)) from None
+            raise NodeInputError(self.DISPLAY_NAME, "model", str(exc)) from None
         text = f"wrote {path} ({size / 2**30:.2f} GiB{extra})"
         return {"ui": {"text": [text]}, "result": (path,)}
 

@@ -12,11 +12,11 @@ import os
 from ..qsched import samplers as qsamplers
 from ..qsched import schedules as qschedules
 from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_steps
-from ..qsched.quant import families
-from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, QSCHED_FOLDER, NodeInputError,
-                     check_combo, is_flow, model_sampling_of, node_input, preset_names, find_preset, preset_file,
-                     steps_input, validation_result)
-from .graph import GRAPH_CHECK_INPUT, compat_warnings, raise_graph_problem, safetensors_header
+from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, NodeInputError, check_combo, find_preset,
+                     is_flow, load_preset, model_sampling_of, node_input, preset_file, preset_names, steps_input,
+                     validation_result)
+from .graph import (FAMILY_WORDS, GRAPH_CHECK_INPUT, compat_warnings, family_of_name, raise_graph_problem,
+                    sampler_model_is_flow)
 
 #: The samplers of ``qsched.samplers.SAMPLERS`` in widget order (SDXL-Turbo's first).
 SAMPLER_NAMES = ("euler_ancestral", "euler", "tcd", "lcm")
@@ -112,69 +112,6 @@ def _alphas_cumprod(model_sampling, node):
             "or similar patches before a TCD sampler)"))
     s = sigmas.detach().to("cpu", torch.float64)
     return 1.0 / (1.0 + s * s)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the cheap flow-vs-eps check: which model file feeds a sampler, read from the graph and the file's header
-# ---------------------------------------------------------------------------------------------------------------
-#: Loader nodes whose model file can be looked at before it is loaded: class -> (file input, ComfyUI folder).
-MODEL_FILE_LOADERS = {"QSchedDiffusionModelLoader": ("unet_name", "diffusion_models"),
-                      "UNETLoader": ("unet_name", "diffusion_models"),
-                      "QSchedCheckpointLoader": ("ckpt_name", "checkpoints"),
-                      "CheckpointLoaderSimple": ("ckpt_name", "checkpoints")}
-
-
-def safetensors_is_flow(path: str) -> bool | None:
-    """True for a flow model's file (FLUX, Chroma, SD3, Qwen-Image, Wan), False for another recognised diffusion model,
-    None when the header cannot be read or the layout is not one of ``qsched.quant.families``. Reads only the
-    safetensors JSON header (no tensor data, no code)."""
-    keys = safetensors_header(path)
-    if keys is None:
-        return None
-    family = families.family_of_keys(keys)
-    return None if family is None else family.flow
-
-
-def graph_model_is_flow(prompt: dict, node_id: str) -> bool | None:
-    """Follows the MODEL that reaches the sampler made by node ``node_id`` (through SamplerCustom(Advanced), a
-    guider and MODEL pass-through nodes such as LoRA loaders) back to a loader node, and reads its file's header.
-    None when the graph does not say (a linked file name, an unknown loader, a file that is not safetensors)."""
-    if not isinstance(prompt, dict):
-        return None
-
-    def link(v):
-        return str(v[0]) if isinstance(v, list) and len(v) == 2 and isinstance(v[0], (str, int)) else None
-
-    def model_source(nid, seen):
-        node = prompt.get(nid)
-        if node is None or nid in seen:
-            return None
-        seen.add(nid)
-        loader = MODEL_FILE_LOADERS.get(node.get("class_type"))
-        inputs = node.get("inputs", {})
-        if loader is not None:
-            name = inputs.get(loader[0])
-            if not isinstance(name, str) or not name.endswith((".safetensors", ".sft")):
-                return None
-            import folder_paths
-
-            path = folder_paths.get_full_path(loader[1], name)
-            return None if path is None else safetensors_is_flow(path)
-        up = link(inputs.get("model"))
-        return None if up is None else model_source(up, seen)
-
-    for nid, node in prompt.items():
-        inputs = node.get("inputs", {})
-        if link(inputs.get("sampler")) != str(node_id):
-            continue
-        src = link(inputs.get("model"))  # SamplerCustom
-        if src is None and link(inputs.get("guider")) is not None:  # SamplerCustomAdvanced -> guider -> model
-            src = link(prompt.get(link(inputs["guider"]), {}).get("inputs", {}).get("model"))
-        if src is not None:
-            found = model_source(src, set())
-            if found is not None:
-                return found
-    return None
 
 
 def make_sampler(base: str, eta: float, coefficients, node: str = "Q-Sched Sampler", noise_sampler=None):
@@ -340,7 +277,7 @@ class QSchedLoadPreset:
     def VALIDATE_INPUTS(cls, preset=None, qsched_graph_check=None):
         # Naming `preset` here turns off ComfyUI's combo-membership check: _load covers it (missing file).
         if preset is not None:
-            validation_result(_load_preset, preset)
+            validation_result(load_preset, preset)
         return validation_result(raise_graph_problem, cls.DISPLAY_NAME, qsched_graph_check)
 
     @classmethod
@@ -352,7 +289,7 @@ class QSchedLoadPreset:
         return os.path.getmtime(path) if path else float("nan")
 
     def load(self, preset, qsched_graph_check=None):
-        c = _load_preset(preset)
+        c = load_preset(preset)
         text = preset_summary(c)
         uses = (qsched_graph_check or {}).get("uses") if isinstance(qsched_graph_check, dict) else None
         warnings = compat_warnings(c.metadata, uses or [])
@@ -366,7 +303,9 @@ def preset_summary(c: Coefficients) -> str:
     lines = [describe(c)]
     m = c.metadata or {}
     sampling = m.get("sampling") if isinstance(m.get("sampling"), dict) else {}
-    made = [str(v) for v in (m.get("family") or sampling.get("model_class"),
+    family = m.get("family") or sampling.get("model_class")
+    family = FAMILY_WORDS.get(family_of_name(family), family)  # "BaseModel" -> "SD 1.x/2.x"
+    made = [str(v) for v in (family,
                              m.get("quant") or ("16-bit" if "quant" in m else None),
                              m.get("sampler") or sampling.get("sampler")) if v]
     if sampling.get("width") and sampling.get("height"):
@@ -379,19 +318,6 @@ def preset_summary(c: Coefficients) -> str:
     if isinstance(best, (int, float)) and isinstance(ident, (int, float)):
         lines.append(f"JAQ {best:.4f} vs {ident:.4f} for the stock sampler ({best - ident:+.4f})")
     return "\n".join(lines)
-
-
-def _load_preset(name: str) -> Coefficients:
-    node = "Q-Sched Load Preset"
-    path = find_preset(name, node, "preset")
-    if path is None:
-        raise NodeInputError(node, "preset", f"file {name!r} not found in models/{QSCHED_FOLDER}/ (or the extra "
-                                             f"'{QSCHED_FOLDER}' paths of extra_model_paths.yaml)")
-    with node_input(node, "preset"):
-        try:
-            return Coefficients.load(path)
-        except ValueError as exc:
-            raise ValueError(f"malformed preset: {exc}") from None
 
 
 class QSchedSavePreset:
@@ -456,7 +382,7 @@ class QSchedSampler:
         return validation_result(raise_graph_problem, cls.DISPLAY_NAME, qsched_graph_check)
 
     def get_sampler(self, sampler_name, eta, coefficients=None, prompt=None, unique_id=None, qsched_graph_check=None):
-        if sampler_name in qsamplers.EPS_ONLY and unique_id is not None and graph_model_is_flow(prompt, unique_id):
+        if sampler_name in qsamplers.EPS_ONLY and unique_id is not None and sampler_model_is_flow(prompt, unique_id):
             # The model that will reach this sampler is a flow model: say so here, on this node, before anything
             # is sampled (else the error comes from inside SamplerCustomAdvanced, after loading and quantizing).
             with node_input(self.DISPLAY_NAME, "sampler_name"):

@@ -1,4 +1,5 @@
-"""Environment fixes that user-facing entry points (CLI, tests) apply before importing torchvision users.
+"""Environment fixes that user-facing entry points (CLI, tests) apply before importing torchvision users, and
+``require``: the one way an optional package is imported where a feature needs it.
 
 On CPU-only machines the only torchvision wheel that matches torch 2.13 is a CUDA build whose import
 fails (``operator torchvision::nms does not exist``). Declaring the two operator schemas it registers
@@ -8,6 +9,7 @@ Nothing changes on a machine where torchvision imports normally.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 _TV_LIB = None  # keeps the torch.library registration alive for the life of the process
@@ -36,3 +38,18 @@ def ensure_torchvision_importable() -> str:
     import torchvision  # noqa: F401
 
     return "shimmed"
+
+
+class MissingDependency(ImportError):
+    """An optional package that the called feature needs is not installed; the message says what to install."""
+
+
+def require(module: str, package: str, feature: str):
+    """``import module``, or one error naming the feature, the package and the pip command (the ComfyUI pack's
+    requirements.txt holds only what every node needs; the rest is optional: pyproject's extras)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependency(f"{feature} needs the optional package {package!r}, which is not installed ({exc}). "
+                                f"Install it with pip install \"{package}\" (for ComfyUI: into ComfyUI's own Python) "
+                                "and restart.") from None

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The real-ComfyUI GPU benchmark (issues 11/13) in one device call per part; what runs ON the device.
+# The real-ComfyUI GPU benchmark in one device call per part; what runs ON the device.
 # Here, once, in the root of the checkout the device tool sends: scripts/prep_comfyui_bench.sh (fills .dev-comfy/).
 # Then: run(command="scripts/device_comfyui_bench.sh A", carry=[".dev-comfy"], timeout_s=600), the same with B.
 #   A: FLUX (file write ~40 s; eager core bf16 / w8a8-fp8 / w4a8-fp8, compiled + CUDA graph of those three, then

@@ -62,7 +62,7 @@ grep -vE '^(torch|torchvision|torchaudio)([<>=~ ].*)?$' "$COMFY_DIR/requirements
 # The pack's own runtime requirements go into the same venv (ComfyUI users do `pip install -r requirements.txt`).
 PACK_REQ="$HERE/requirements.txt"
 "$PIP" install -q --disable-pip-version-check -c "$VENV/constraints.txt" -r "$VENV/req-nontorch.txt" \
-  -r "$PACK_REQ" requests "$TORCHVISION"
+  -r "$PACK_REQ" "open_clip_torch>=2.24" matplotlib requests "$TORCHVISION"  # + the extras the tests exercise
 TV=$("$VENV/bin/python" -c 'import importlib.util,os;print(os.path.dirname(importlib.util.find_spec("torchvision").origin))')
 if ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
   sed -i -E 's/^@torch\.library\.register_fake\("torchvision::(nms|qnms)"\)/@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda f: f))/' \

@@ -3,7 +3,7 @@
 # train.GPU_SECONDS; the flow teacher first, then the LCM/TCD students), assemble the weight files, run the
 # experiment (one worker per family x format), merge. The shipped weights came from two calls of this pipeline's
 # parts (flow/clip/ref in the first, the students in the second): docs/shape_world.md.
-# Writes into $OUT: weights/shapeworld.safetensors, weights/shapeworld_clip.pt, results.json, table.md, logs.
+# Writes into $OUT: weights/shapeworld.safetensors, weights/shapeworld_clip.safetensors, results.json, table.md, logs.
 # Wheels (open_clip_torch, ftfy, wcwidth) travel in .whl/shapeworld; see scripts/device_gpu_tests.sh for how.
 # The experiment alone with the shipped weights (all families, the full grid, point batching, deadlines):
 # scripts/shapeworld_gpu_experiment.sh.

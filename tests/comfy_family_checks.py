@@ -40,7 +40,8 @@ import folder_paths  # noqa: E402
 from qsched_pack.nodes.loaders import QSchedDiffusionModelLoader, QSchedQuantizeModel  # noqa: E402
 from qsched_pack.nodes.sampling import QSchedKSampler, QSchedSampler  # noqa: E402
 from qsched_pack.qsched.coefficients import Coefficients  # noqa: E402
-from qsched_pack.qsched.quant import comfy_ops, families  # noqa: E402
+from qsched_pack.nodes import quant_ops  # noqa: E402
+from qsched_pack.qsched.quant import families  # noqa: E402
 
 torch.manual_seed(0)
 FORMATS = ("w8a8-fp8", "w4a8-fp8", "w4a8")
@@ -164,7 +165,7 @@ def check_load():
             q, text = res[0], res[-1]
             report = q.model.qsched_report
             assert report.family.startswith(FAMILY.name), report.family
-            layers = dict(comfy_ops.quantized_layers(q.model.diffusion_model))
+            layers = dict(quant_ops.quantized_layers(q.model.diffusion_model))
             assert layers and len(layers) == len(report.quantized)
             # every skipped Linear is in the family's table, with that entry's reason, and nothing else is skipped
             for name, why in report.skipped.items():
@@ -280,7 +281,7 @@ def check_lora():
         t0 = time.perf_counter()
         d_q = direct(ql) - yq  # direct() loads the model: the patches are applied to the quantized codes here
         t_patch_run = time.perf_counter() - t0
-        quantized = {f"diffusion_model.{n}.weight" for n, _ in comfy_ops.quantized_layers(q.model.diffusion_model)}
+        quantized = {f"diffusion_model.{n}.weight" for n, _ in quant_ops.quantized_layers(q.model.diffusion_model)}
         assert torch.equal(direct(q), yq)  # the base model is unchanged after the LoRA clone ran
         out[qfmt] = {"lora_contribution_rel_diff": rel(d_q, d_ref), "patched_quantized_layers":
                      len(targets & quantized), "load_s": round(t_apply, 3), "patch_and_run_s": round(t_patch_run, 3)}

@@ -18,7 +18,6 @@ sys.argv = [sys.argv[0], "--cpu"]
 sys.path.insert(0, os.getcwd())
 sys.path.insert(0, SHIM)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import comfy.options  # noqa: E402
 
@@ -30,9 +29,11 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.sd  # noqa: E402
-from qsched_pack.qsched.quant import comfy_ops, load_quantized, prequant, quantize_comfy_model, save_quantized  # noqa
+from qsched_pack.calibration.testing import AnonPeak  # noqa: E402
+from qsched_pack.nodes import quant_ops  # noqa: E402
+from qsched_pack.nodes.quant_model import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402
+from qsched_pack.qsched.quant import prequant, swap  # noqa: E402
 from qsched_pack.qsched.quant import layers as qlayers  # noqa: E402
-from hostmem import AnonPeak  # noqa: E402
 
 torch.manual_seed(0)
 FILES = {"sd": os.path.join(WORK, "sd_unet.safetensors"), "flux": os.path.join(WORK, "flux_unet.safetensors")}
@@ -78,7 +79,7 @@ def lora_sd(model, rank=4, scale=0.05, shapes_ok=True):
     Linear of ``model``."""
     g = torch.Generator().manual_seed(3)
     out = {}
-    for name, m in comfy_ops.quantized_layers(model.model.diffusion_model):
+    for name, m in quant_ops.quantized_layers(model.model.diffusion_model):
         k = m.in_features if shapes_ok else m.in_features + 1
         out[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(rank, k, generator=g) * scale
         out[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * scale
@@ -100,7 +101,7 @@ def check_load_time(kind="flux", fmt="w4a8"):
     with AnonPeak() as peak:
         q, _, _, report = load_quantized(FILES[kind], fmt)
     dm = q.model.diffusion_model
-    layers = dict(comfy_ops.quantized_layers(dm))
+    layers = dict(quant_ops.quantized_layers(dm))
     assert layers and all(m.weight.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn) for m in layers.values())
     assert all(isinstance(p, torch.nn.Parameter) for m in layers.values() for p in (m.weight, m.weight_scale))
     size = q.model_size()
@@ -136,7 +137,7 @@ def check_lowvram(kind="sd"):
         m.model.diffusion_model  # noqa: B018
     q.patch_model(load_weights=False)
     q.load(torch.device("cpu"), lowvram_model_memory=budget)
-    streamed = [n for n, m in comfy_ops.quantized_layers(q.model.diffusion_model) if m.comfy_cast_weights]
+    streamed = [n for n, m in quant_ops.quantized_layers(q.model.diffusion_model) if m.comfy_cast_weights]
     assert streamed, "no quantized layer was left for per-call streaming"
     x = run_direct(q, kind)
     q.unpatch_model()
@@ -250,12 +251,12 @@ def check_prequant(kind="flux", fmt="w4a8"):
     def forbidden(*a, **k):
         raise AssertionError("a pre-quantized load must not quantize anything")
 
-    comfy_ops.quantize_linear_weight = forbidden
+    quant_ops.quantize_linear_weight = forbidden
     try:
         with AnonPeak() as peak:
             q2, _, _, report = load_quantized(path, "w8a8")  # the file's own format wins
     finally:
-        comfy_ops.quantize_linear_weight = real
+        quant_ops.quantize_linear_weight = real
     assert report.spec.name == fmt
     y2 = run(q2, kind)
     assert torch.equal(y, y2), rel(y2, y)
@@ -313,7 +314,7 @@ def check_bad_input():
     real = torch.cuda.get_device_capability
     torch.cuda.get_device_capability = lambda d=None: (8, 6)
     try:
-        out["no_fp8"] = expect_error(lambda: comfy_ops.check_runnable(prequant_spec("w8a8-fp8"), "cuda:0"),
+        out["no_fp8"] = expect_error(lambda: swap.check_runnable(prequant_spec("w8a8-fp8"), "cuda:0"),
                                      "w8a8-fp8", "w8a8")
     finally:
         torch.cuda.get_device_capability = real
@@ -405,7 +406,7 @@ def check_compile(kind="sd"):
 
 
 def check_w4a8_fp8():
-    """w4a8-fp8 (issue 13) in ComfyUI: quantized while loading (the group exponents are a parameter ComfyUI counts
+    """w4a8-fp8 in ComfyUI: quantized while loading (the group exponents are a parameter ComfyUI counts
     and moves), saved and loaded back from a pre-quantized file with the same output."""
     out = {}
     for kind in ("flux", "sd"):
@@ -539,7 +540,7 @@ def check_newer_core_contract(kind="sd"):
     q, _, _, _ = load_quantized(FILES[kind], "w4a8")
     ql = with_lora(q, lora_sd(q), 1.0)
     ref, ref_l = direct_ref(q, kind), direct_ref(ql, kind)
-    layers = dict(comfy_ops.quantized_layers(q.model.diffusion_model))
+    layers = dict(quant_ops.quantized_layers(q.model.diffusion_model))
     out = {}
     with CastContract038() as contract:
         for name, m in (("plain", q), ("lora", ql)):
@@ -595,7 +596,7 @@ def check_native(kind="sd"):
     from safetensors.torch import load_file, save_file
 
     from qsched_pack.qsched.quant import native
-    from qsched_pack.qsched.quant.comfy import save_native
+    from qsched_pack.nodes.quant_model import save_native
 
     out = {}
     for fmt in ("w8a8", "w8a8-fp8", "w4a8"):
@@ -604,7 +605,7 @@ def check_native(kind="sd"):
         info = save_native(q, path)
         assert info["exact"] == (fmt == "w8a8"), info
         configs = native.read_configs(path)
-        layers = dict(comfy_ops.quantized_layers(q.model.diffusion_model))
+        layers = dict(quant_ops.quantized_layers(q.model.diffusion_model))
         assert set(configs) == set(layers)
         with safe_open(path, "pt") as f:
             header = json.loads(f.metadata()[native.HEADER])["layers"]
@@ -623,7 +624,7 @@ def check_native(kind="sd"):
         back, _, _, report = load_quantized(path, fmt)
         assert set(report.native) == set(layers)
         if fmt == "w8a8":
-            for name, m in dict(comfy_ops.quantized_layers(back.model.diffusion_model)).items():
+            for name, m in dict(quant_ops.quantized_layers(back.model.diffusion_model)).items():
                 assert torch.equal(m.weight, layers[name].weight), name
             assert torch.equal(run_direct(back, kind), y)
         out[fmt] = {"layers": info["layers"], "worst_weight_rel_err": worst, "bytes": info["bytes"],
@@ -632,7 +633,7 @@ def check_native(kind="sd"):
     # files as newer core writes them: comfy-kitchen's own QuantizedTensor state dicts (core's saver calls them)
     src = load_file(FILES[kind])
     q, _, _, _ = load_quantized(FILES[kind], "w8a8")
-    names = [n for n, _ in comfy_ops.quantized_layers(q.model.diffusion_model)]
+    names = [n for n, _ in quant_ops.quantized_layers(q.model.diffusion_model)]
     cases = [("asym_w4a8_int8", ckt.AsymW4A8Int8Layout, {}, "header"),
              ("nvfp4", ckt.TensorCoreNVFP4Layout, {}, "markers"),
              ("float8_e4m3fn", ckt.TensorCoreFP8Layout, {}, "markers"),
@@ -663,7 +664,7 @@ def check_native(kind="sd"):
         m16, _, _, report = load_quantized(path, "w8a8")
         assert set(report.native) == set(configs), (fmt, style)
         # the pack's w8a8 of comfy-kitchen's dequantized weight = the pack's w8a8 of that float weight
-        got = dict(comfy_ops.quantized_layers(m16.model.diffusion_model))
+        got = dict(quant_ops.quantized_layers(m16.model.diffusion_model))
         for n, w in want.items():
             codes, scale = qlayers.qmath.quantize_weight(w, 8, None, "int")
             assert torch.equal(got[n].weight, codes), (fmt, style, n)

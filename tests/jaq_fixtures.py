@@ -1,8 +1,7 @@
 """Tiny random CLIP scorers saved in the formats users have, for the JAQ tests.
 
-* OpenAI format (what ``RN50.pt`` / ``ViT-B-16.pt`` / ``ViT-L-14.pt`` are): a TorchScript archive of a CLIP
-  whose state dict has OpenAI's key names; built from an open_clip config with OpenAI's head rule
-  (head width 64) and QuickGELU, then traced and saved.
+* OpenAI format (what ``RN50.pt`` / ``ViT-B-16.pt`` / ``ViT-L-14.pt`` are): ``save_openai_torchscript``, which
+  lives in ``calibration.testing`` because the search benchmark uses it too.
 * open_clip checkpoint (what ``HPS_v2.1_compressed.pt`` is): ``{"state_dict": ...}`` of a registered config.
 * transformers CLIP folder (``openai/clip-vit-large-patch14`` layout): ``save_pretrained`` of a tiny
   ``CLIPModel`` and a ``CLIPTokenizer`` rebuilt from the real CLIP BPE bundled with open_clip.
@@ -11,38 +10,13 @@
 from __future__ import annotations
 
 import json
-import math
-import warnings
 from pathlib import Path
 
 import torch
 
-TEXT_CFG = dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
+from qsched_pack.calibration.testing import save_openai_torchscript  # noqa: F401  (the tests import it from here)
+
 TINY_HPS = "qsched-tiny-hps"  # ViT-H-14's structure (GELU, no QuickGELU) at toy size
-
-
-def _clip(vision: dict, seed: int, quick_gelu: bool = True):
-    from open_clip.model import CLIP
-
-    torch.manual_seed(seed)
-    return CLIP(embed_dim=32, vision_cfg=vision, text_cfg=TEXT_CFG, quick_gelu=quick_gelu).eval()
-
-
-def save_openai_torchscript(path: Path, kind: str, seed: int = 0) -> Path:
-    """kind: "rn" (RN50-like ModifiedResNet) or "vit" (ViT with 7 blocks, so CLIP Surgery's 6 fit)."""
-    import open_clip
-
-    vision = (dict(layers=(1, 1, 1, 1), width=16, head_width=64, image_size=64) if kind == "rn"
-              else dict(layers=7, width=64, head_width=64, patch_size=16, image_size=64))
-    model = _clip(vision, seed)
-    model.logit_scale.data.fill_(math.log(100.0))  # as in OpenAI's released files (the clamp value)
-    # OpenAI's files keep the causal mask out of the state dict; open_clip registers it as a buffer
-    model.attn_mask = model._buffers.pop("attn_mask")
-    with warnings.catch_warnings():  # tracing is only a way to write the TorchScript format OpenAI ships
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, (torch.rand(1, 3, 64, 64), open_clip.tokenize(["a photo"])), check_trace=False)
-        traced.save(str(path))
-    return path
 
 
 def register_tiny_hps_config(tmp: Path) -> str:

@@ -1,17 +1,27 @@
 """The real-ComfyUI GPU benchmark's pure-Python parts: config selection (--part/--only/--skip), the kernel-time
 classification and the report (ratios against the core baseline of the same part, earlier runs kept and marked)."""
 
+import importlib.util
 import json
 import os
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
-import comfyui_parts as parts  # noqa: E402
-import kernel_breakdown as kb  # noqa: E402
-import report_comfyui as rep  # noqa: E402
+
+def _load(name: str):
+    """A benchmark's pure-Python module, loaded from its file (benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCHMARKS, name + ".py"))
+    mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+parts = _load("comfyui_parts")
+kb = _load("kernel_breakdown")
+rep = _load("report_comfyui")
 
 
 # ------------------------------------------------------------------------------------------------ selection

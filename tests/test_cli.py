@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from qsched_pack.calibration.cli import main
+from qsched_pack.calibration.app.cli import main
 from qsched_pack.qsched import Coefficients
 
 

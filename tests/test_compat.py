@@ -1,4 +1,4 @@
-"""qsched/quant/_compat.py without ComfyUI: each branch with a stand-in of the core API it follows (0.3.64's and 0.38.1's
+"""nodes/comfy_compat.py without ComfyUI: each branch with a stand-in of the core API it follows (0.3.64's and 0.38.1's
 ``cast_bias_weight``). The same branches run inside real ComfyUI 0.3.64 in tests/comfy_quant_checks.py
 (check_newer_core_contract)."""
 
@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from qsched_pack.qsched.quant import _compat
+from qsched_pack.nodes import comfy_compat
 
 
 class Layer:
@@ -41,11 +41,11 @@ def test_cast_0_3_64_signature(ops):
     layer, patch = Layer(), (lambda w: w * 2)
     layer.weight_function = [patch]
     x = torch.zeros(1, 3, dtype=torch.bfloat16)
-    w, b, handle, patches = _compat.cast_stored(layer, x)
+    w, b, handle, patches = comfy_compat.cast_stored(layer, x)
     assert w is layer.weight and b.dtype == torch.bfloat16 and handle is None
     assert seen == [([], torch.int8, torch.bfloat16)]  # core never saw the patch, and asked for the codes' dtype
     assert patches == [patch] and layer.weight_function == [patch]  # handed to the layer, restored on the module
-    _compat.release(layer, w, b, handle)  # nothing to release on 0.3.64
+    comfy_compat.release(layer, w, b, handle)  # nothing to release on 0.3.64
 
 
 def test_cast_0_38_signature_offloadable_and_release(ops):
@@ -62,11 +62,11 @@ def test_cast_0_38_signature_offloadable_and_release(ops):
     ops.cast_bias_weight, ops.uncast_bias_weight = cast_bias_weight, uncast_bias_weight
     layer, lora, wrap = Layer(), object(), (lambda w: w)
     layer.weight_lowvram_function, layer.weight_function = lora, [wrap]
-    w, b, handle, patches = _compat.cast_stored(layer, torch.zeros(1, 3))
+    w, b, handle, patches = comfy_compat.cast_stored(layer, torch.zeros(1, 3))
     assert patches == [lora, wrap]  # Dynamic VRAM's LoRA first, then the wrappers (core's order)
     assert calls == [("cast", True, None, torch.int8)]
     assert layer.weight_lowvram_function is lora and layer.weight_function == [wrap]
-    _compat.release(layer, w, b, handle)
+    comfy_compat.release(layer, w, b, handle)
     assert calls[-1] == ("uncast", "handle")
 
 
@@ -78,13 +78,13 @@ def test_patches_are_restored_when_core_raises(ops):
     layer, patch = Layer(), (lambda w: w)
     layer.weight_function = [patch]
     with pytest.raises(RuntimeError):
-        _compat.cast_stored(layer, torch.zeros(1, 3))
+        comfy_compat.cast_stored(layer, torch.zeros(1, 3))
     assert layer.weight_function == [patch] and "weight_lowvram_function" not in layer.__dict__
 
 
 def test_float_patches_and_dynamic_flag():
     w = torch.ones(2, 2)
-    assert torch.equal(_compat.apply_float_patch(lambda t: t * 3, w), w * 3)  # a weight wrapper: float in, out
-    assert _compat.is_dynamic(types.SimpleNamespace(is_dynamic=lambda: True))
-    assert not _compat.is_dynamic(types.SimpleNamespace())  # 0.3.64 patchers have no is_dynamic
-    assert not _compat.is_dynamic(None)
+    assert torch.equal(comfy_compat.apply_float_patch(lambda t: t * 3, w), w * 3)  # a weight wrapper: float in, out
+    assert comfy_compat.is_dynamic(types.SimpleNamespace(is_dynamic=lambda: True))
+    assert not comfy_compat.is_dynamic(types.SimpleNamespace())  # 0.3.64 patchers have no is_dynamic
+    assert not comfy_compat.is_dynamic(None)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from qsched_pack.nodes.sampling import safetensors_is_flow
+from qsched_pack.nodes.graph import safetensors_is_flow
 from qsched_pack.qsched.quant import DEFAULT_SKIP, QuantSpec, quantize_
 from qsched_pack.qsched.quant import families as F
 

@@ -157,7 +157,7 @@ def test_one_step_uniform_coefficient_scales_the_result(name, family):
 
 @pytest.mark.parametrize("name,family,sampler,quant", [("lcm", "lcm", "lcm", "w8a8"), ("pcm", "pcm", "tcd", "w4a8")])
 def test_calibrate_end_to_end_on_saved_sd15_folder(tmp_path, jaq_dir, capsys, name, family, sampler, quant):
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
 
     model = str(sd15_models()[name])
     prompts = tmp_path / "p.txt"

@@ -18,7 +18,7 @@ import torch
 from test_record_safety import PROMPTS, SP
 from test_record_safety import run as record_safety_run
 
-from qsched_pack.calibration.runner import RecordError, RecordWarning
+from qsched_pack.calibration.record import RecordError, RecordWarning
 from qsched_pack.calibration.search import SearchSpace, point_of
 from qsched_pack.calibration.testing import SyntheticGenerator, synthetic_objective
 
@@ -75,7 +75,7 @@ def test_point_line_copied_from_another_record_is_refused(tmp_path, records, don
 def _resign(record: bytes, n: int, **changes) -> bytes:
     """Line n (0-based) changed and signed exactly like the record's writer signs it (so only the value checks
     can refuse it)."""
-    from qsched_pack.calibration.runner import point_line, record_key
+    from qsched_pack.calibration.record import point_line, record_key
 
     lines = _lines(record)
     header = json.loads(lines[0])
@@ -115,16 +115,16 @@ def test_point_line_with_values_that_do_not_fit_the_record_is_refused(tmp_path, 
 
 
 def test_record_of_the_previous_line_format_is_refused_naming_the_version(tmp_path, records):
-    from qsched_pack.calibration.runner import RECORD_VERSION
+    from qsched_pack.calibration.record import RECORD_VERSION
 
     lines = _lines(records["ridge"]["record"])
     header = json.loads(lines[0])
     assert header["version"] == RECORD_VERSION >= 3
     header.pop("crc")
     header["version"] = 2
-    from qsched_pack.calibration.runner import _line
+    from qsched_pack.calibration.record import record_line
 
-    (tmp_path / "rec.jsonl").write_text(_line(header) + b"".join(lines[1:]).decode())
+    (tmp_path / "rec.jsonl").write_text(record_line(header) + b"".join(lines[1:]).decode())
     with pytest.raises(RecordError, match="older version of Q-Sched .record version 2"):
         run(tmp_path, resume=True)
 
@@ -394,7 +394,7 @@ def _cli(args, timeout=120):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-c", "import sys; from qsched_pack.calibration.cli import main; "
+    return subprocess.run([sys.executable, "-c", "import sys; from qsched_pack.calibration.app.cli import main; "
                            "sys.exit(main(sys.argv[1:]))", *args], capture_output=True, text=True, timeout=timeout)
 
 
@@ -440,7 +440,7 @@ def _prequant_file(tmp_path, fmt="w4a8"):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
 
     g = torch.Generator().manual_seed(0)
     src, out = tmp_path / "src.safetensors", tmp_path / f"q-{fmt}.safetensors"
@@ -521,7 +521,7 @@ def test_expected_tensors_rule_matches_what_the_quantizer_writes(fmt):
     """The validation rule and the writer cannot drift apart: every tensor quantize_linear_weight makes is what
     prequant.expected_tensors demands, for even and odd in_features."""
     from qsched_pack.qsched.quant import prequant
-    from qsched_pack.qsched.quant.comfy_ops import layer_kernel
+    from qsched_pack.qsched.quant.swap import layer_kernel
     from qsched_pack.qsched.quant.layers import quantize_linear_weight
     from qsched_pack.qsched.quant.spec import QuantSpec
 
@@ -575,7 +575,7 @@ def test_installed_diffusers_refuses_component_code_without_trust_remote_code(ti
 def test_pack_refuses_a_model_folder_holding_component_code(tiny_pipelines, tmp_path, capsys, library):
     """The pack's own guard (independent of the diffusers version): a component folder with Python code, or a
     library that is not diffusers/transformers, is refused before diffusers is called."""
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
 
     model, target = _evil_folder(tiny_pipelines, tmp_path, library)
     assert main(["calibrate", "--model", str(model), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
@@ -604,7 +604,7 @@ def test_requirements_demand_loaders_that_cannot_run_code():
     ('{"_class_name": "StableDiffusionXLPipeline", "unet": ["os", "system"]}', "library 'os'"),
 ])
 def test_bad_model_index_is_a_clean_error(tmp_path, capsys, index, expected):
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
 
     model = tmp_path / "model"
     model.mkdir()
@@ -618,7 +618,7 @@ def test_bad_model_index_is_a_clean_error(tmp_path, capsys, index, expected):
 @pytest.mark.parametrize("device", ["bogus", "meta", "cuda:99", "cuda"])
 @pytest.mark.parametrize("command", ["calibrate", "quantize", "score"])
 def test_bad_device_is_refused_before_anything_runs(tmp_path, capsys, device, command):
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
 
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("a CUDA device is available here")
@@ -634,7 +634,7 @@ def test_bad_device_is_refused_before_anything_runs(tmp_path, capsys, device, co
 
 
 def test_family_that_does_not_fit_the_pipeline_is_refused_and_leaves_no_record(tiny_pipelines, tmp_path, capsys):
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
 
     out = tmp_path / "o"
     args = ["calibrate", "--model", str(tiny_pipelines["sdxl"]), "--out", str(out), "--device", "cpu",
@@ -648,7 +648,7 @@ def test_family_that_does_not_fit_the_pipeline_is_refused_and_leaves_no_record(t
 def test_quantize_never_replaces_its_source(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
 
     src = tmp_path / "x.safetensors"
     save_file({"blocks.0.qkv.weight": torch.randn(64, 64).to(torch.bfloat16)}, str(src))
@@ -669,7 +669,7 @@ def test_ctrl_c_or_sigterm_at_any_moment_ends_cleanly(tmp_path, delay):
     import time
 
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        p = subprocess.Popen([sys.executable, "-c", "import sys; from qsched_pack.calibration.cli import main; "
+        p = subprocess.Popen([sys.executable, "-c", "import sys; from qsched_pack.calibration.app.cli import main; "
                               "sys.exit(main(sys.argv[1:]))", "calibrate", "--model", str(tmp_path / "m"),
                               "--out", str(tmp_path / "o"), "--device", "cpu"], stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
@@ -741,7 +741,7 @@ json_values = st.recursive(
 def test_fuzz_record_lines_are_recomputed_never_trusted(tmp_path_factory, records, line, field, value, signed):
     """Any value in any field of any point line, signed like the writer signs (so only the value checks stand) or
     not: the run ends with the clean preset's images count, and only RecordWarning is raised."""
-    from qsched_pack.calibration.runner import point_line, record_key
+    from qsched_pack.calibration.record import point_line, record_key
 
     d = tmp_path_factory.mktemp("fuzzrec")
     lines = _lines(records["ridge"]["record"])
@@ -858,7 +858,7 @@ def test_fuzz_cli_gives_only_clean_errors(tmp_path_factory, capsys, case, data, 
     """Random model_index.json objects, --device strings, prompt files, images and presets through ``qsched``:
     exit 2 with one 'qsched <command>: ...' line (or argparse's usage error), never a traceback or another
     exception."""
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
 
     d = tmp_path_factory.mktemp("fuzzcli")
     model = d / "model"
@@ -881,7 +881,7 @@ def test_fuzz_cli_gives_only_clean_errors(tmp_path_factory, capsys, case, data, 
 
 
 def test_cli_calibrate_refuses_to_replace_a_file_that_is_not_a_preset_before_running(tmp_path, capsys):
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
 
     out = tmp_path / "o"
     out.mkdir()

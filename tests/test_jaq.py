@@ -509,7 +509,7 @@ def test_gpu_half_precision_close_to_fp32(files, dtype):
         torch.testing.assert_close(got, ref, atol=0.05 * scale, rtol=0.05)
 
 
-# ---------------------------------------------------------------- reference fidelity (issue 12)
+# ---------------------------------------------------------------- reference fidelity
 @pytest.mark.parametrize("hw", [(100, 334), (334, 100), (64, 201), (97, 131), (57, 57), (300, 64)])
 def test_clip_resize_rounds_like_torchvision(hw):
     """Shortest side to the model size, long side int(size*long/short) (torchvision Resize(int), CLIP's

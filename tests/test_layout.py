@@ -1,6 +1,7 @@
 """The package's import graph (docs/architecture.md): every arrow points nodes/ -> calibration/ -> qsched/, no
-import cycle between files or packages, and the command-line front ends are the only library files that reach
-the toy world. Every import counts, including the ones inside functions."""
+import cycle between files or between folders (no exemption), the front ends (calibration/app) sit above the toy
+world (calibration/shapeworld), which sits above the calibration library, and ComfyUI is imported only by the
+adapters (nodes/). Every import counts, including the ones inside functions."""
 
 import ast
 import os
@@ -10,10 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("qsched", "calibration", "nodes")
 #: The top-level packages each one may import (the layering of docs/architecture.md).
 ALLOWED = {"qsched": set(), "calibration": {"qsched"}, "nodes": {"calibration", "qsched"}}
-#: Front ends inside calibration/: they sit above the toy worlds (calibration/tinyworld, calibration/shapeworld),
-#: which sit above the rest (the shape world reuses the digits world's guard and Fréchet distance).
-FRONT_ENDS = {"calibration.cli", "calibration.demo", "calibration.shapeworld.demo"}
-TOY_WORLDS = ("calibration.tinyworld", "calibration.shapeworld")
+#: Layers inside calibration/, top first: a module may import its own layer and the ones below, never one above.
+FRONT_ENDS = "calibration.app"
+TOY_WORLD = "calibration.shapeworld"
 
 
 def import_graph(root: Path, packages=PACKAGES) -> dict[str, set[str]]:
@@ -78,28 +78,51 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def package_graph(graph: dict[str, set[str]], skip=frozenset()) -> dict[str, set[str]]:
-    """Folder-level graph (a module's package is its folder), leaving out the modules in ``skip``."""
+def package_graph(graph: dict[str, set[str]], root: Path = ROOT) -> dict[str, set[str]]:
+    """Folder-level graph (a module's package is its folder)."""
     def folder(m):
-        return m if (ROOT / m.replace(".", os.sep)).is_dir() else m.rpartition(".")[0]
+        return m if (root / m.replace(".", os.sep)).is_dir() else m.rpartition(".")[0]
 
     out: dict[str, set[str]] = {}
     for m, targets in graph.items():
-        if m in skip:
-            continue
         for t in targets:
             if folder(t) != folder(m):
                 out.setdefault(folder(m), set()).add(folder(t))
     return out
 
 
+def external_imports(root: Path, packages=PACKAGES) -> dict[str, set[str]]:
+    """module name -> the top-level names it imports absolutely (``comfy``, ``diffusers``, ``torch``, ...), at any
+    depth (inside functions too)."""
+    out = {}
+    for top in packages:
+        for path in sorted((root / top).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            mods = set()
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+                if isinstance(node, ast.Import):
+                    mods |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    mods.add(node.module.split(".")[0])
+            out[name] = mods
+    return out
+
+
 GRAPH = import_graph(ROOT)
+EXTERNAL = external_imports(ROOT)
+#: ComfyUI's importable top-level modules: only the adapters (nodes/) may import them.
+COMFY_MODULES = {"comfy", "comfy_extras", "comfy_api", "comfy_execution", "folder_paths", "server",
+                 "latent_preview", "node_helpers", "execution"}
 
 
 def test_the_graph_sees_every_module_and_function_level_imports():
-    assert {"qsched.samplers", "calibration.runner", "calibration.tinyworld.world", "nodes.comfy_generator"} <= set(GRAPH)
+    assert {"qsched.samplers", "calibration.runner", "calibration.shapeworld.world", "calibration.app.cli",
+            "nodes.comfy_generator"} <= set(GRAPH)
     assert "calibration.search" in GRAPH["calibration.runner"]  # module level
-    assert "calibration.tinyworld.world" in GRAPH["calibration.tinyworld.train"]  # inside load_or_train
+    assert "calibration.shapeworld.world" in GRAPH["calibration.shapeworld.train"]  # inside train_all
+    assert "calibration.app.demo" in GRAPH["calibration.app.cli"]  # inside _demo
     assert "calibration.generate" in GRAPH["nodes.comfy_generator"]
 
 
@@ -113,14 +136,36 @@ def test_arrows_point_nodes_to_calibration_to_qsched():
     assert wrong == []
 
 
-def test_no_import_cycle_between_packages_below_the_front_ends():
-    assert cycles(package_graph(GRAPH, skip=FRONT_ENDS)) == []
-    nobody = sorted(m for m, targets in GRAPH.items() if targets & FRONT_ENDS and m not in FRONT_ENDS)
-    assert nobody == [], "front ends are imported by no library module"
-    reach_toy = sorted(m for m, targets in GRAPH.items() if m.startswith("calibration.")
-                       and not m.startswith(TOY_WORLDS) and m not in FRONT_ENDS
-                       and any(t.startswith(TOY_WORLDS) for t in targets))
-    assert reach_toy == [], "the calibration library must not depend on the toy world"
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(module, target) pairs where calibration's library reaches the toy world or the front ends, or the toy
+    world reaches the front ends, or anything outside the front ends imports them."""
+    def layer(m):
+        return 2 if m.startswith(FRONT_ENDS) else 1 if m.startswith(TOY_WORLD) else 0
+
+    return sorted((m, t) for m, targets in graph.items() for t in targets
+                  if t.startswith("calibration.") and layer(t) > layer(m))
+
+
+def test_no_import_cycle_between_packages():
+    assert cycles(package_graph(GRAPH)) == []
+
+
+def test_front_ends_above_the_toy_world_above_the_library():
+    assert upward_imports(GRAPH) == []
+
+
+def offenders(external: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(module, import) pairs that break the adapter rule: ComfyUI only in nodes/, diffusers in qsched/ only in its
+    drop-in scheduler wrapper (qsched.diffusers, which imports it lazily)."""
+    bad = [(m, x) for m, mods in external.items() if not m.startswith("nodes") for x in sorted(mods & COMFY_MODULES)]
+    bad += [(m, "diffusers") for m, mods in external.items()
+            if m.startswith("qsched") and m != "qsched.diffusers" and "diffusers" in mods]
+    return sorted(bad)
+
+
+def test_only_the_adapters_import_comfyui():
+    assert "torch" in EXTERNAL["qsched.samplers"] and "comfy" in EXTERNAL["nodes.quant_ops"]  # the scan sees imports
+    assert offenders(EXTERNAL) == []
 
 
 def test_search_is_a_leaf_and_test_doubles_stay_out_of_the_product():
@@ -139,6 +184,22 @@ def test_the_checks_fail_on_a_planted_cycle_and_a_backward_arrow(tmp_path):
     g = import_graph(tmp_path)
     assert cycles(g) == [["qsched.a", "qsched.b"]]
     assert g["qsched.b"] == {"qsched.a", "calibration.c"}  # the backward arrow qsched -> calibration is seen
+    # a folder cycle without a file cycle: calibration.c -> calibration.sub.d, calibration.sub.e -> calibration.f
+    for rel, text in {"calibration/sub/__init__.py": "", "calibration/sub/d.py": "", "calibration/f.py": "",
+                      "calibration/sub/e.py": "from .. import f\n"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / "calibration" / "c.py").write_text("from .sub import d\n")
+    g = import_graph(tmp_path)
+    assert cycles(g) == [["qsched.a", "qsched.b"]]  # no new file cycle...
+    assert cycles(package_graph(g, tmp_path)) == [["calibration", "calibration.sub"]]  # ...but a folder cycle
+    assert upward_imports({"calibration.runner": {"calibration.app.cli"}, "nodes.x": {"calibration.app.demo"},
+                           "calibration.app.cli": {"calibration.shapeworld.world", "calibration.runner"}}) == [
+        ("calibration.runner", "calibration.app.cli"), ("nodes.x", "calibration.app.demo")]
+    (tmp_path / "qsched" / "a.py").write_text("def f():\n    import comfy.ops\n    from diffusers import X\n")
+    (tmp_path / "calibration" / "c.py").write_text("import folder_paths\n")
+    assert offenders(external_imports(tmp_path)) == [("calibration.c", "folder_paths"), ("qsched.a", "comfy"),
+                                                     ("qsched.a", "diffusers")]
 
 
 def _resolves(dotted: str) -> bool:

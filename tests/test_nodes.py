@@ -601,3 +601,22 @@ def test_qsched_folder_keeps_extra_model_paths_and_adds_the_default(folder_paths
     register_qsched_folder()
     assert folder_paths.get_folder_paths("qsched") == [str(tmp_path / "shared_presets"),
                                                         str(tmp_path / "models" / "qsched")]
+
+
+def test_errors_name_each_node_as_displayed(folder_paths):  # noqa: F811
+    """One node-name convention: every node name the node modules write is a display name, and a loader's error
+    starts with its display name (``(quantized)`` included)."""
+    import re
+
+    from qsched_pack.nodes import loaders
+
+    shown = set(NODE_DISPLAY_NAME_MAPPINGS.values())
+    root = Path(__file__).resolve().parents[1] / "nodes"
+    written = {m for f in root.glob("*.py") for m in re.findall(r'"(Q-Sched [A-Za-z ()]+)"', f.read_text())}
+    assert written and written <= shown, sorted(written - shown)
+    with pytest.raises(NodeInputError) as exc:
+        loaders.QSchedDiffusionModelLoader().load("missing.safetensors", "w4a8", "auto")
+    assert str(exc.value).startswith("Q-Sched Diffusion Model Loader (quantized): input 'unet_name'")
+    with pytest.raises(NodeInputError) as exc:
+        loaders.QSchedQuantizeModel().quantize(object(), "w9a9", "auto")
+    assert str(exc.value).startswith("Q-Sched Quantize Model: input 'precision': 'w9a9' is not one of")

@@ -14,7 +14,7 @@ def test_imports_under_any_folder_name(tmp_path):
     dest = tmp_path / "custom_nodes" / "ComfyUI-Q.Sched main"
     shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info",
                                                               "qsched-demo", ".hypothesis", ".pytest_cache",
-                                                              ".pyshim", ".pp", ".dev-*"))
+                                                              ".pyshim", ".dev-*", ".dev", ".pp"))
     script = textwrap.dedent(f"""
         import importlib.util, sys, types
         sys.modules["nodes"] = types.ModuleType("nodes")   # ComfyUI's own module

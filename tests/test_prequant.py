@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qsched_pack.calibration.cli import main
+from qsched_pack.calibration.app.cli import main
 from qsched_pack.qsched.quant import prequant, qmath
 from qsched_pack.qsched.quant.layers import dequantize
 

@@ -1,4 +1,4 @@
-"""w4a8-fp8: int4 weight codes with power-of-two group scales folded exactly into float8 e4m3 (issue 13). CPU tests of
+"""w4a8-fp8: int4 weight codes with power-of-two group scales folded exactly into float8 e4m3. CPU tests of
 the packing/rounding math (hypothesis), the simulated and native (CPU) paths, and the layer plumbing; the Triton
 kernel is checked against a float64 reference in tests/test_quant_gpu.py."""
 

@@ -289,7 +289,7 @@ def test_fused_gemm_under_cuda_graph(tk, fmt):
     assert torch.equal(out, ref)
 
 
-# ------------------------------------------------------------------------------------------------ w4a8-fp8 (issue 13)
+# ------------------------------------------------------------------------------------------------ w4a8-fp8
 def _blockperm(x, block=128):
     """Columns of each block stored even first, then odd (the layout fp8w4_gemm reads)."""
     m, k = x.shape

@@ -19,8 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qsched_pack.calibration.runner import (RecordError, RecordLocked, RecordWarning, RecordWriteError, Runner,
-                                            calibrate)
+from qsched_pack.calibration.record import RecordError, RecordLocked, RecordWarning, RecordWriteError
+from qsched_pack.calibration.runner import Runner, calibrate
 from qsched_pack.calibration.search import SearchSpace, check_budget, point_of
 from qsched_pack.calibration.testing import ImageStatScorer, SyntheticGenerator, synthetic_objective
 from qsched_pack.qsched import Coefficients
@@ -55,7 +55,7 @@ def clean(tmp_path_factory):
 def test_cli_resume_refuses_each_change_naming_the_field(tmp_path, jaq_dir, capsys, tiny_pipelines):
     from jaq_fixtures import save_openai_torchscript
 
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
 
     model = tmp_path / "model"
     shutil.copytree(tiny_pipelines["sdxl"], model)
@@ -101,9 +101,9 @@ def test_record_written_by_an_older_version_gets_a_clear_message(tmp_path, clean
     header = json.loads(lines[0])
     header.pop("crc")
     header["version"] = 1
-    from qsched_pack.calibration.runner import _line
+    from qsched_pack.calibration.record import record_line
 
-    (tmp_path / "rec.jsonl").write_text(_line(header) + "".join(lines[1:]))
+    (tmp_path / "rec.jsonl").write_text(record_line(header) + "".join(lines[1:]))
     with pytest.raises(RecordError, match="written by an older version of Q-Sched .record version 1"):
         run(tmp_path, resume=True)
 
@@ -113,7 +113,7 @@ def test_second_writer_in_another_process_is_refused_naming_it(tmp_path, clean):
     shutil.copy(clean["dir"] / "rec.jsonl", tmp_path / "rec.jsonl")
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from qsched_pack.calibration.runner import RecordLock
+        from qsched_pack.calibration.record import RecordLock
         lock = RecordLock({str(tmp_path / "rec.jsonl")!r})
         lock.acquire()
         print("locked", flush=True)
@@ -239,7 +239,8 @@ def test_atomic_writes_name_the_target_not_the_temp_file(tmp_path, monkeypatch):
 
 
 def test_cli_ctrl_c_ends_cleanly_with_the_resume_hint(tmp_path, monkeypatch, capsys):
-    from qsched_pack.calibration import cli, runner
+    from qsched_pack.calibration import runner
+    from qsched_pack.calibration.app import cli
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -311,7 +312,7 @@ def test_validation_before_the_record_is_written(tmp_path):
     ("--range", "nan", "--range must be a finite number > 0"),
 ])
 def test_cli_float_options_refuse_nan_inf_and_out_of_range_before_anything(tmp_path, capsys, option, value, msg):
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
 
     args = ["calibrate", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")]
     args += [option, value, "1.2"] if option == "--range" else [f"{option}={value}"]
@@ -418,9 +419,9 @@ def test_fuzz_prompt_file_parser_raises_only_value_error(tmp_path, data, suffix)
 @FUZZ
 @given(st.text(max_size=30))
 def test_fuzz_cli_float_parser_raises_only_argument_type_error(text):
-    from qsched_pack.calibration.cli import _finite_float, _positive_float
+    from qsched_pack.calibration.app.args import finite_float, positive_float
 
-    for parse, lo, hi in ((_finite_float("--eta", 0.0, 1.0), 0.0, 1.0), (_positive_float("--range"), 0.0, None)):
+    for parse, lo, hi in ((finite_float("--eta", 0.0, 1.0), 0.0, 1.0), (positive_float("--range"), 0.0, None)):
         try:
             v = parse(text)
         except argparse.ArgumentTypeError:

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from qsched_pack.calibration.runner import RecordError, calibrate
+from qsched_pack.calibration.record import RecordError
+from qsched_pack.calibration.runner import calibrate
 from qsched_pack.calibration.search import SearchSpace, point_of
 from qsched_pack.calibration.testing import ImageStatScorer, SyntheticGenerator, synthetic_objective
 from qsched_pack.qsched import Coefficients

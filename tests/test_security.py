@@ -98,7 +98,7 @@ def test_file_writing_archive_never_runs_through_the_node(folder_paths, archives
 
 
 def test_file_writing_archive_never_runs_through_the_cli(archives, tmp_path, capsys):
-    from qsched_pack.calibration.cli import main
+    from qsched_pack.calibration.app.cli import main
     from PIL import Image
 
     target = tmp_path / "pwned"

@@ -1,6 +1,6 @@
-"""The shape world (issue 15, docs/shape_world.md): renderer and captions, the shipped weights (tiny CLIP loaded by
-the pack's own CLIPScore / CLIP-IQA loaders, generators, reference), quantization loss on the reference, the
-default ``qsched demo``, and the whole pipeline (train -> assemble -> experiment) on a reduced CPU setting."""
+"""The shape world (docs/shape_world.md): renderer and captions, the shipped weights (tiny CLIP loaded by the pack's
+own CLIPScore / CLIP-IQA loaders, generators, reference), quantization loss on the reference, and the whole pipeline
+(train -> assemble -> experiment) on a reduced CPU setting. ``qsched demo``: tests/test_demo.py."""
 
 import json
 import os
@@ -11,7 +11,6 @@ import torch
 
 pytest.importorskip("open_clip", reason="the JAQ metrics need open_clip_torch")
 
-from qsched_pack.calibration.cli import main  # noqa: E402
 from qsched_pack.calibration.metrics.clipiqa import CLIPIQA  # noqa: E402
 from qsched_pack.calibration.metrics.clipscore import CLIPScore  # noqa: E402
 from qsched_pack.calibration.shapeworld import data as D  # noqa: E402
@@ -22,7 +21,6 @@ from qsched_pack.calibration.runner import calibrate  # noqa: E402
 from qsched_pack.calibration.search import SearchSpace  # noqa: E402
 from qsched_pack.calibration.shapeworld.world import (CLIP_FILE, PACKAGED, WEIGHTS, PointBatched,  # noqa: E402
                                                       ShapeWorld, assemble)
-from qsched_pack.qsched.coefficients import Coefficients  # noqa: E402
 from qsched_pack.qsched.ptqd import PTQDCorrection  # noqa: E402
 
 
@@ -187,58 +185,6 @@ def test_a_failing_run_in_a_batch_raises_its_own_error_and_stops_the_others(worl
     with pytest.raises(ValueError, match="run 2 failed"):
         gen.generate_points([space.coefficients((0.9, 1.0)) for _ in range(4)], D.calibration_prompts()[:2],
                           [1, 2])
-
-
-# ---------------------------------------------------------------------------------------------- demo (default world)
-def test_default_demo_is_the_shape_world_and_writes_every_file(tmp_path, capsys):
-    """The default objective (reference): rows per prompt set, the table's held-out rows first, the summary read on
-    the held-out prompts, the preset the row's coefficients."""
-    out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--seeds", "0", "--per-prompt", "1", "--grid-images", "1", "--steps", "2"]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "shape world" in printed and "flow family, W4A8, 2 steps" in printed and "held-out prompts" in printed
-    for f in ("table.md", "results.json", "grid.png", "preset.json"):
-        assert (out / f).is_file(), f
-    assert not (out / "landscape.png").exists()  # no search to draw
-    res = json.loads((out / "results.json").read_text())
-    assert res["config"]["objective"] == "reference"
-    assert {(x["method"], x["prompts"]) for x in res["rows"]} == {
-        (m, p) for m in ("fp", "naive", "ptqd", "qsched-reference") for p in ("calibration", "heldout")}
-    q = [x for x in res["rows"] if x["method"] == "qsched-reference"]
-    assert all(x["images"] == 32 and len(x["c_x"]) == 2 and "acceptance" in x for x in q)
-    preset = Coefficients.load(out / "preset.json")
-    assert list(preset.c_x) == q[0]["c_x"] and preset.metadata["objective"] == "reference"
-    table = (out / "table.md").read_text()
-    first = [ln for ln in table.splitlines() if ln.startswith("| heldout") or ln.startswith("| calibration")]
-    assert first[0].startswith("| heldout | FP32 | fp |") and len(first) == 8
-    assert "on the 20 held-out prompts" in table
-
-
-def test_demo_jaq_objective_keeps_the_papers_search(tmp_path, capsys):
-    out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--objective", "jaq", "--seeds", "0", "--per-prompt", "1", "--points", "5",
-            "--budget", "600", "--grid-images", "1", "--steps", "2"]
-    assert main(argv) == 0
-    res = json.loads((out / "results.json").read_text())
-    assert {x["method"] for x in res["rows"]} == {"fp", "naive", "ptqd", "qsched-zoom"}
-    q = next(x for x in res["rows"] if x["method"] == "qsched-zoom")
-    assert q["images"] <= 600 and len(q["c_x"]) == 2
-    assert (out / "landscape.png").is_file()
-
-
-@pytest.mark.parametrize("argv,msg", [
-    (["--world", "digits", "--family", "lcm"], "--family only applies to --world shapes"),
-    (["--per-prompt", "2", "--grid-images", "3"], "grid images per prompt must be in [1, per-prompt = 2]"),
-    (["--budget", "100"], "budget too small"),
-    (["--random-models", "--world", "digits"], "--world only apply to the trained-model demo"),
-    (["--world", "digits", "--objective", "jaq"], "--objective only applies to --world shapes"),
-    (["--objective", "reference", "--guard"], "--guard applies to --objective jaq"),
-])
-def test_shape_demo_bad_options_fail_before_anything_is_written(tmp_path, capsys, argv, msg):
-    assert main(["demo", "--out", str(tmp_path / "o")] + argv) == 2
-    assert msg in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------------------------- reduced pipeline

@@ -15,8 +15,11 @@ METRICS = {
 def get_metric_class(name: str):
     import importlib
 
+    from ...qsched._compat import require
+
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; choose from {sorted(METRICS)}")
+    require("open_clip", "open_clip_torch>=2.24", "JAQ scoring (CLIPScore, CLIP-IQA, HPSv2.1, AQ-MAP)")
     module, cls = METRICS[name]
     return getattr(importlib.import_module(f".{module}", __name__), cls)
 

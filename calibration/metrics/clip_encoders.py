@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .common import (OPENAI_MEAN, OPENAI_STD, _file_key, _prepare, cached_model, letterbox, normalize,
+from .common import (OPENAI_MEAN, OPENAI_STD, cached_model, file_key, frozen_eval, letterbox, normalize,
                      open_clip_tokenize, resize_center_crop)
 from .weights import WeightFileError
 
@@ -51,7 +51,7 @@ class HFClipEncoder:
         except Exception as exc:
             raise WeightFileError(f"{what}: cannot load the transformers CLIP folder {folder} "
                                   f"({type(exc).__name__}: {str(exc)[:500]})") from exc
-        self.model = _prepare(model, device, dtype)
+        self.model = frozen_eval(model, device, dtype)
         self.device, self.dtype = device, dtype
         cfg = {}
         pp = folder / "preprocessor_config.json"
@@ -79,5 +79,5 @@ class HFClipEncoder:
 
 
 def load_hf_clip(folder: Path, device, dtype, what: str) -> HFClipEncoder:
-    return cached_model(("hf", _file_key(folder / "config.json") if (folder / "config.json").exists()
+    return cached_model(("hf", file_key(folder / "config.json") if (folder / "config.json").exists()
                          else str(folder), str(device), dtype), lambda: HFClipEncoder(folder, device, dtype, what))

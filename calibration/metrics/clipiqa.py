@@ -84,7 +84,7 @@ class CLIPIQA:
 
 
 def _load_pyiqa(path, device):
-    from .common import _file_key, cached_model
+    from .common import cached_model, file_key
 
     def build():
         from .safe_load import read_weights, state_dict_of
@@ -116,4 +116,4 @@ def _load_pyiqa(path, device):
         metric.net.prompt_pairs = tokenize(list(ANTONYMS))
         return metric
 
-    return cached_model(("pyiqa", _file_key(path), str(device)), build)
+    return cached_model(("pyiqa", file_key(path), str(device)), build)

@@ -129,12 +129,12 @@ def clear_model_cache() -> None:
     _MODELS.clear()
 
 
-def _file_key(path: Path) -> tuple:
+def file_key(path: Path) -> tuple:
     st = path.stat()
     return (str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
-def _prepare(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
+def frozen_eval(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
     model = model.to(device=device, dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -165,9 +165,9 @@ def load_openai_clip(path: Path, device, dtype, *, expect: str, what: str):
             got = "ResNet" if is_resnet else "ViT"
             raise WeightFileError(f"{what}: {path} holds a {got} CLIP, but this metric needs a "
                                   f"{'ResNet (RN50)' if expect == 'resnet' else 'ViT'} CLIP")
-        return _prepare(model, device, dtype)
+        return frozen_eval(model, device, dtype)
 
-    return cached_model(("openai", _file_key(path), expect, str(device), dtype), build)
+    return cached_model(("openai", file_key(path), expect, str(device), dtype), build)
 
 
 def load_open_clip(path: Path, model_name: str, device, dtype, *, what: str):
@@ -186,9 +186,9 @@ def load_open_clip(path: Path, model_name: str, device, dtype, *, what: str):
             raise WeightFileError(
                 f"{what}: {path} is not a loadable {model_name} open_clip checkpoint "
                 f"({type(exc).__name__}: {str(exc)[:500]})") from None
-        return _prepare(model, device, dtype)
+        return frozen_eval(model, device, dtype)
 
-    return cached_model(("open_clip", _file_key(path), model_name, str(device), dtype), build)
+    return cached_model(("open_clip", file_key(path), model_name, str(device), dtype), build)
 
 
 def open_clip_tokenize(texts: list[str], context_length: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ from ...qsched._io import atomic_write_text
 from ...qsched.coefficients import Coefficients
 from ...qsched.ptqd import collect_pairs, fit_ptqd
 from . import data as D
-from ..tinyworld.guard import acceptance, paired
+from ..guard import acceptance, paired
 from .world import FAMILIES, PointBatched, ShapeWorld
 
 FORMATS = ("w8a8", "w4a8", "w4a4")
@@ -429,7 +429,7 @@ def merge(out_dir: str, parts: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ table
-def _ms(vals, digits: int) -> str:
+def mean_std(vals, digits: int) -> str:
     t = torch.tensor(vals, dtype=torch.float64)
     std = float(t.std()) if len(vals) > 1 else 0.0
     return f"{float(t.mean()):.{digits}f} ± {std:.{digits}f}"
@@ -484,13 +484,13 @@ def format_table(result: dict) -> str:
                         label += f" ({sum(bool(x['accepted']) for x in sel)}/{len(sel)} kept)"
                     if any(x.get("stopped") == "budget" for x in sel):
                         label += " (budget hit)"
-                    images = _ms([x["images"] for x in sel], 0) if "images" in sel[0] else ""
+                    images = mean_std([x["images"] for x in sel], 0) if "images" in sel[0] else ""
                     lines.append(
-                        f"| {family} | {steps} | {fmt.upper()} | {label} | {_ms([x['fd'] for x in sel], 2)} | "
-                        f"{_ms([x['fd_heldout'] for x in sel], 2) if 'fd_heldout' in sel[0] else ''} | "
-                        f"{_ms([x['accuracy'] for x in sel], 3)} | "
-                        f"{_ms([x['jaq'] for x in sel], 3)} | {_ms([x['tc'] for x in sel], 2)} | "
-                        f"{_ms([x['iq'] for x in sel], 3)} | {closed} | {images} |")
+                        f"| {family} | {steps} | {fmt.upper()} | {label} | {mean_std([x['fd'] for x in sel], 2)} | "
+                        f"{mean_std([x['fd_heldout'] for x in sel], 2) if 'fd_heldout' in sel[0] else ''} | "
+                        f"{mean_std([x['accuracy'] for x in sel], 3)} | "
+                        f"{mean_std([x['jaq'] for x in sel], 3)} | {mean_std([x['tc'] for x in sel], 2)} | "
+                        f"{mean_std([x['iq'] for x in sel], 3)} | {closed} | {images} |")
     n = len(cfg["seeds"])
     held = any("fd_heldout" in x for x in rows)
     lines += ["", f"{n} seed{'s' * (n != 1)}; {cfg['per_prompt']} images per prompt x 20 calibration prompts (FD, "

@@ -29,7 +29,8 @@ from ...qsched import samplers
 from ...qsched._io import atomic_write, file_sha256
 from ...qsched.coefficients import Coefficients
 from ...qsched.schedules import alphas_cumprod_scaled_linear, few_step_sigmas
-from ..tinyworld.metrics import frechet_distance
+from ..generate import per_sample_noise_sampler
+from ..metrics.frechet import frechet_distance
 from . import data as D
 from .nets import QUANT_SKIP, EpsDenoiser, FlowDenoiser, ReferenceNet, ShapeUNet, UNetConfig
 
@@ -134,7 +135,7 @@ class ShapeWorld:
     def jaq(self, k: float = 2.0, tc_transform: str = "log_per_image", batch_size: int = 256):
         """The pack's JAQ, unchanged: ln(CLIPScore) + k·CLIP-IQA, both loaded from the tiny CLIP file by the shipped
         loaders. Default ``log_per_image`` (mean of per-image ln CLIPScore): the rule the shipped tables were made
-        with (the GPU run predates the official ln-of-mean ``log`` rule, issue 12); pass ``"log"`` for that one."""
+        with (the GPU run predates the official ln-of-mean ``log`` rule); pass ``"log"`` for that one."""
         from ..jaq import JAQ
 
         dtype = torch.float32  # fp32 everywhere: the same scores on CPU and GPU up to float error
@@ -161,12 +162,6 @@ def initial_noise(seeds: Sequence[int], device) -> torch.Tensor:
     """One N(0, 1) image per seed from its own CPU generator (same noise on every device and batch)."""
     return torch.cat([torch.randn((1, 3, D.SIZE, D.SIZE), generator=torch.Generator().manual_seed(int(s)))
                       for s in seeds]).to(device)
-
-
-def per_sample_noise_sampler(seeds: Sequence[int], device, offset: int = 1):
-    gens = [torch.Generator().manual_seed(int(s) * 1000003 + offset) for s in seeds]
-    return lambda sigma, sigma_next: torch.cat(
-        [torch.randn((1, 3, D.SIZE, D.SIZE), generator=g) for g in gens]).to(device)
 
 
 class ShapeGenerator:
@@ -208,7 +203,8 @@ class ShapeGenerator:
     def sampler_kwargs(self, seeds: Sequence[int]) -> dict:
         kw = dict(self.options)
         if self.sampler in ("lcm", "tcd"):
-            kw["noise_sampler"] = per_sample_noise_sampler(seeds, self.device)
+            kw["noise_sampler"] = per_sample_noise_sampler(torch.empty((0, 3, D.SIZE, D.SIZE), device=self.device),
+                                                           seeds)
         if self.sampler != "tcd":
             kw["parameterization"] = self.parameterization
         return kw

@@ -43,7 +43,7 @@ def _triton():
     return kernels if kernels.available() else None
 
 
-def _param(t: torch.Tensor) -> nn.Parameter:
+def frozen_param(t: torch.Tensor) -> nn.Parameter:
     # Quantized data are (frozen) parameters, not buffers: ComfyUI's memory manager counts, moves and offloads a
     # module's parameters (partial / lowvram loading skips modules that only hold buffers).
     return nn.Parameter(t, requires_grad=False)
@@ -318,16 +318,16 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.spec, self.kernel, self.group_size = spec, kernel, group_size
         self.packed = qweight.dtype == torch.uint8
-        self.qweight = _param(qweight)
-        self.wscale = _param(wscale)
-        self.bias = None if bias is None else _param(bias)
+        self.qweight = frozen_param(qweight)
+        self.wscale = frozen_param(wscale)
+        self.bias = None if bias is None else frozen_param(bias)
         if kernel == "int8_mm" and not spec.act_symmetric:
-            self.wsum = _param(qweight.sum(1, dtype=torch.int32) if wsum is None else wsum)
+            self.wsum = frozen_param(qweight.sum(1, dtype=torch.int32) if wsum is None else wsum)
         else:
             self.wsum = None
         if spec.fp8_folded and wexp is None:
             raise ValueError("w4a8-fp8 layers need their group exponents (wexp)")
-        self.wexp = _param(wexp) if spec.fp8_folded else None  # int8 [N, K / group], w4a8-fp8 only
+        self.wexp = frozen_param(wexp) if spec.fp8_folded else None  # int8 [N, K / group], w4a8-fp8 only
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, spec: QuantSpec, kernel: str, group_size: int | None,
@@ -373,9 +373,9 @@ class QuantConv2d(nn.Module):
         self.packed = codes.dtype == torch.int8 and spec.w_bits <= 4 and codes.shape[1] % 2 == 0
         if self.packed:
             codes = qmath.pack_int4(codes)
-        self.qweight = _param(codes.to(w.device))
-        self.wscale = _param(scale.to(w.device))
-        self.bias = None if conv.bias is None else _param(conv.bias.detach().clone())
+        self.qweight = frozen_param(codes.to(w.device))
+        self.wscale = frozen_param(scale.to(w.device))
+        self.bias = None if conv.bias is None else frozen_param(conv.bias.detach().clone())
 
     def extra_repr(self) -> str:
         return f"weight_shape={self.weight_shape}, format={self.spec.name}, group_size={self.group_size}"
@@ -413,7 +413,9 @@ class BnbLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, spec: QuantSpec, group_size: int, device=None) -> "BnbLinear":
-        import bitsandbytes as bnb
+        from .._compat import require
+
+        bnb = require("bitsandbytes", "bitsandbytes>=0.45", f"format {spec.name!r} (backend 'bitsandbytes')")
 
         home = lin.weight.device
         work = torch.device(device) if device is not None else home

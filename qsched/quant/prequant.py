@@ -184,10 +184,9 @@ def quantize_file(src: str, out: str, spec, *, skip=None, device=None, overwrite
 
     from .._io import file_sha256
     from . import families
-    from .comfy_ops import COMFY_SKIP, layer_kernel
     from .layers import quantize_linear_weight
     from .spec import QuantSpec
-    from .swap import _matches
+    from .swap import COMFY_SKIP, layer_kernel, matching_pattern
 
     spec = QuantSpec.parse(spec)
     if spec.is_identity or spec.w_dtype in ("nf4", "fp4"):
@@ -213,7 +212,7 @@ def quantize_file(src: str, out: str, spec, *, skip=None, device=None, overwrite
             key = k[len(prefix):]
             t = f.get_tensor(k)
             layer, _, attr = key.rpartition(".")
-            if attr != "weight" or t.ndim != 2 or not t.is_floating_point() or _matches(layer, patterns):
+            if attr != "weight" or t.ndim != 2 or not t.is_floating_point() or matching_pattern(layer, patterns):
                 tensors[key] = t
                 continue
             n, kdim = t.shape

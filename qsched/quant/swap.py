@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import BnbLinear, QuantConv2d, QuantLinear
-from .families import FAMILIES, family_of_module
+from .families import FAMILIES, comfy_union, family_of_module
 from .families import get as get_family
+from .layers import BnbLinear, QuantConv2d, QuantLinear
 from .spec import QuantSpec
 
 BACKENDS = ("auto", "simulated", "native", "bitsandbytes")
@@ -19,6 +19,9 @@ BACKENDS = ("auto", "simulated", "native", "bitsandbytes")
 # Layers left in full precision per model family: one table per architecture in ``families`` (with the reason
 # for each entry).
 DEFAULT_SKIP = {name: f.patterns for name, f in FAMILIES.items()}
+# Every ComfyUI family's skip patterns at once: used where a model's layout is not known before it is built
+# (pre-quantizing a file, quantizing while ComfyUI loads it); each family's own table is in ``families``.
+COMFY_SKIP = comfy_union()
 
 
 def detect_family(module: nn.Module) -> str:
@@ -68,11 +71,7 @@ def matching_pattern(name: str, patterns) -> str | None:
     return next((p for p in patterns if name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p)), None)
 
 
-def _matches(name: str, patterns) -> bool:
-    return matching_pattern(name, patterns) is not None
-
-
-def _native_kernel(spec: QuantSpec, k: int, n: int, group: int | None, cuda: bool) -> tuple[str, str | None]:
+def native_kernel(spec: QuantSpec, k: int, n: int, group: int | None, cuda: bool) -> tuple[str, str | None]:
     """(kernel, reason it is not the fast one or None)."""
     if spec.fp8_folded:
         if cuda and k % 128:
@@ -88,6 +87,31 @@ def _native_kernel(spec: QuantSpec, k: int, n: int, group: int | None, cuda: boo
             return "dequant", f"in/out features {k}/{n} not multiples of 8 (torch._int_mm)"
         return "int8_mm", None
     return "dequant", None
+
+
+def layer_kernel(spec: QuantSpec, backend: str, in_features: int, out_features: int, cuda: bool):
+    """(kernel, group size, fallback reason or None) for one Linear of this shape."""
+    group = spec.group_size
+    why = None
+    if group is not None and in_features % group:
+        why = f"in_features {in_features} not a multiple of group_size {group}: one scale per channel"
+        group = None
+    if backend == "simulated":
+        return "simulated", group, why
+    kernel, reason = native_kernel(spec, in_features, out_features, group, cuda)
+    return kernel, group, reason or why
+
+
+def check_runnable(spec: QuantSpec, device) -> None:
+    """ValueError if ``device`` cannot run the format (float8 activations need an FP8 GPU: Ada / Hopper or newer)."""
+    device = torch.device(device) if device is not None else None
+    if spec.a_dtype == "fp8" and device is not None and device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
+            raise ValueError(f"format {spec.name!r} needs a GPU with FP8 tensor cores (compute capability 8.9+: "
+                             f"RTX 40xx, L4/L40, H100/H200 or newer); {name} has {cap[0]}.{cap[1]}. Choose w8a8 "
+                             "(int8) or w4a8 instead")
 
 
 def _pick_backend(spec: QuantSpec, backend: str) -> str:
@@ -188,7 +212,7 @@ def _build(name: str, child: nn.Module, spec: QuantSpec, backend: str, device, r
         kernel, why = "simulated", None
     else:
         cuda = (device or child.weight.device).type == "cuda"
-        kernel, why = _native_kernel(spec, k, n, group, cuda)
+        kernel, why = native_kernel(spec, k, n, group, cuda)
     if why:
         report.fallbacks[name] = why
     report.quantized[name] = kernel

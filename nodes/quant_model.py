@@ -23,11 +23,11 @@ import weakref
 
 import torch
 
-from .._io import atomic_write, file_sha256
-from . import families, native, prequant
-from .comfy_ops import COMFY_SKIP, make_ops, quantized_layers
-from .spec import QuantSpec
-from .swap import QuantReport
+from ..qsched._io import atomic_write, file_sha256
+from ..qsched.quant import families, native, prequant
+from ..qsched.quant.spec import QuantSpec
+from ..qsched.quant.swap import COMFY_SKIP, QuantReport
+from .quant_ops import make_ops, quantized_layers
 
 
 def _devices():
@@ -89,7 +89,7 @@ def load_quantized(path: str, spec, backend: str = "auto", *, checkpoint: bool =
     if meta is not None:
         if checkpoint:
             raise ValueError(f"{name} is a pre-quantized diffusion model (no text encoder / VAE): load it with "
-                             "Q-Sched Diffusion Model Loader")
+                             "Q-Sched Diffusion Model Loader (quantized)")
         spec = QuantSpec.parse(meta.get("qsched.spec", "w4a8"))
         report = QuantReport(spec, backend, "comfy (pre-quantized file)")
         sd = prequant.comfy_state_dict(path, meta)
@@ -164,7 +164,7 @@ def quantize_comfy_model(model_patcher, spec, backend: str = "auto", *, skip=Non
     """-> (new quantized ModelPatcher, QuantReport); the input MODEL is not modified (see module doc)."""
     import comfy.patcher_extension
 
-    from . import _compat
+    from . import comfy_compat
 
     src = model_patcher.model
     src_dm = src.diffusion_model
@@ -205,7 +205,7 @@ def quantize_comfy_model(model_patcher, spec, backend: str = "auto", *, skip=Non
                 t.data = t.data.to(offload)
     if not report.quantized:
         raise _no_layer_error("MODEL", model_patcher, report, family)
-    out = _compat.model_patcher_class()(new, load_device=run_device, offload_device=offload)
+    out = comfy_compat.model_patcher_class()(new, load_device=run_device, offload_device=offload)
     out.model_options = copy.deepcopy(model_patcher.model_options)
     out.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "qsched_unload_source",
                              _unload_source_first(weakref.ref(src)))
@@ -275,7 +275,7 @@ def save_native(model_patcher, path: str) -> dict:
     {"bytes", "layers": {format: count}, "exact": bool (every layer's weights unchanged)}."""
     from safetensors.torch import save_file
 
-    from .layers import dequantize
+    from ..qsched.quant.layers import dequantize
 
     dm = model_patcher.model.diffusion_model
     layers = dict(quantized_layers(dm))

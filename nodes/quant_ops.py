@@ -21,41 +21,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import native, qmath
-from .layers import _param, dequantize, quant_linear, quantize_linear_weight, requantize_with_scales
-from .spec import QuantSpec
-from . import families
-from .swap import QuantReport, _native_kernel, matching_pattern
+from ..qsched.quant import families, native, qmath
+from ..qsched.quant.layers import (dequantize, frozen_param, quant_linear, quantize_linear_weight,
+                                   requantize_with_scales)
+from ..qsched.quant.spec import QuantSpec
+from ..qsched.quant.swap import QuantReport, check_runnable, layer_kernel, matching_pattern
 
-# Every ComfyUI family's skip patterns at once: used where a model's layout is not known before it is built (each
-# family's own table, with the reason per entry, is in ``families``).
-COMFY_SKIP = families.comfy_union()
 COMFY_BACKENDS = ("auto", "native", "simulated")
-
-
-def layer_kernel(spec: QuantSpec, backend: str, in_features: int, out_features: int, cuda: bool):
-    """(kernel, group size, fallback reason or None) for one Linear of this shape."""
-    group = spec.group_size
-    why = None
-    if group is not None and in_features % group:
-        why = f"in_features {in_features} not a multiple of group_size {group}: one scale per channel"
-        group = None
-    if backend == "simulated":
-        return "simulated", group, why
-    kernel, reason = _native_kernel(spec, in_features, out_features, group, cuda)
-    return kernel, group, reason or why
-
-
-def check_runnable(spec: QuantSpec, device) -> None:
-    """ValueError if ``device`` cannot run the format (float8 activations need an FP8 GPU: Ada / Hopper or newer)."""
-    device = torch.device(device) if device is not None else None
-    if spec.a_dtype == "fp8" and device is not None and device.type == "cuda":
-        cap = torch.cuda.get_device_capability(device)
-        if cap < (8, 9):
-            name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
-            raise ValueError(f"format {spec.name!r} needs a GPU with FP8 tensor cores (compute capability 8.9+: "
-                             f"RTX 40xx, L4/L40, H100/H200 or newer); {name} has {cap[0]}.{cap[1]}. Choose w8a8 "
-                             "(int8) or w4a8 instead")
 
 
 def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_device=None, run_device=None,
@@ -75,7 +47,7 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
     import comfy.model_management
     import comfy.ops
 
-    from . import _compat
+    from . import comfy_compat
 
     spec = QuantSpec.parse(spec)
     if backend not in COMFY_BACKENDS:
@@ -115,7 +87,7 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
             bkey = prefix + "bias"
             if bkey in sd:
                 b = sd[bkey]
-                self.bias = _param(b.to(self._qsched_dtype or b.dtype, copy=True))
+                self.bias = frozen_param(b.to(self._qsched_dtype or b.dtype, copy=True))
             elif self._qsched_has_bias:
                 missing_keys.append(bkey)
             if prequantized is not None and name in prequantized:
@@ -137,7 +109,7 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
                 return
             hit = None if prequantized is not None else matching_pattern(name, patterns)
             if prequantized is not None or hit is not None:
-                self.weight = _param(w.to(self._qsched_dtype or w.dtype, copy=True))
+                self.weight = frozen_param(w.to(self._qsched_dtype or w.dtype, copy=True))
                 report.skipped[name] = "16 bit in the file" if prequantized is not None else table.get(hit, "skip list")
                 return
             kernel, group, why = layer_kernel(spec, backend, self.in_features, self.out_features, cuda)
@@ -175,12 +147,12 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
 
         def _set_codes(self, lspec, kernel, codes, scale, wsum, wexp=None):
             self.qsched_spec, self.qsched_kernel = lspec, kernel
-            self.weight = _param(codes)
-            self.weight_scale = _param(scale)
+            self.weight = frozen_param(codes)
+            self.weight_scale = frozen_param(scale)
             if lspec.fp8_folded:
-                self.weight_exp = _param(wexp)
+                self.weight_exp = frozen_param(wexp)
             if kernel == "int8_mm" and not lspec.act_symmetric:
-                self.weight_sum = _param(codes.sum(1, dtype=torch.int32) if wsum is None else wsum)
+                self.weight_sum = frozen_param(codes.sum(1, dtype=torch.int32) if wsum is None else wsum)
 
         def extra_repr(self):
             fmt = "16 bit" if self.qsched_spec is None else f"{self.qsched_spec.name}, kernel={self.qsched_kernel}"
@@ -203,10 +175,10 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
             if self.qsched_spec is None:
                 return super().forward_comfy_cast_weights(x, *args, **kwargs)
             # Streaming (partial loading; Dynamic VRAM in newer cores): core's own cast fetches the codes and the
-            # bias (``_compat.cast_stored``: vbar / offload streams where the core has them). Weight patches (a LoRA
+            # bias (``comfy_compat.cast_stored``: vbar / offload streams where the core has them). Weight patches (a LoRA
             # while streamed, weight wrappers) apply to the dequantized float32 weight, and the result is rounded
             # with the layer's own scales, as ``set_weight`` does when core merges a LoRA into a loaded layer.
-            codes, bias, handle, patches = _compat.cast_stored(self, x)
+            codes, bias, handle, patches = comfy_compat.cast_stored(self, x)
             try:
                 dev = x.device
                 nb = comfy.model_management.device_supports_non_blocking(dev)
@@ -217,14 +189,14 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
                 if patches:
                     wf = dequantize(codes, scale, self.in_features, torch.float32, wexp)
                     for f in patches:
-                        wf = _compat.apply_float_patch(f, wf)
+                        wf = comfy_compat.apply_float_patch(f, wf)
                     w = requantize_with_scales(wf, codes, scale, self.qsched_spec, wexp)
                     if wsum is not None:
                         wsum = w.sum(1, dtype=torch.int32)
                 return quant_linear(x, w, scale, self._waux(wsum, wexp), bias, self.qsched_spec, self.qsched_kernel,
                                     self.out_features)
             finally:
-                _compat.release(self, codes, bias, handle)
+                comfy_compat.release(self, codes, bias, handle)
 
         # ----------------------------------------------------------------------------------------- patches
         def convert_weight(self, weight, inplace=False, **kwargs):
@@ -245,7 +217,7 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
             if inplace_update:
                 self.weight.data.copy_(new)
             else:
-                self.weight = _param(new)
+                self.weight = frozen_param(new)
 
     class QSchedOps(base):
         pass

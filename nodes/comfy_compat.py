@@ -1,5 +1,5 @@
-"""The one place where the pack's code depends on which ComfyUI core runs it (a ComfyUI adapter: it belongs in
-nodes/ with the other adapters of quantized models and moves there with them).
+"""The one place where the pack's code depends on which ComfyUI core runs it (a ComfyUI adapter, beside the other
+adapters of quantized models: nodes/quant_ops.py, nodes/quant_model.py).
 
 Every other module calls ComfyUI names that are the same in the two cores the pack is checked against (the table
 "ComfyUI versions" in docs/comfyui.md lists each name the pack uses, in both):

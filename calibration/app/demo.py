@@ -1,4 +1,4 @@
-"""``qsched demo`` (default world): the shape world's models, quantized, calibrated (``--objective``: ``reference``,
+"""``qsched demo``: the shape world's models, quantized, calibrated (``--objective``: ``reference``,
 the default, fitted to the full-precision model; ``hybrid``; ``jaq``, the paper's search with the pack's real JAQ),
 compared with FP, naive and PTQD on the independent reference metric, on the 20 calibration prompts (unseen seeds)
 and on 20 held-out prompts. The rows are the experiment's rows for one (family, steps, format) -- same functions,
@@ -15,18 +15,37 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 from ...qsched._io import atomic_write_text
-from . import data as D
-from . import experiment as E
-from .world import FAMILIES, ShapeWorld
+from ..plots import plot_landscape, save_png
+from ..search import SearchSpace, check_budget, check_points
+from ..shapeworld import data as D
+from ..shapeworld import experiment as E
+from ..shapeworld.world import FAMILIES, ShapeWorld
 
 DEFAULTS = dict(family="flow", quant="w4a8", steps=4, seeds=(0, 1), per_prompt=5, points=21, strategy="zoom",
                 budget=1000, grid_images=4, objective="reference")
 #: --objective -> the experiment's method (the rows the demo shows beside FP, naive and PTQD)
 OBJECTIVES = {"jaq": "qsched-zoom", "reference": "qsched-reference", "hybrid": "qsched-hybrid"}
+
+
+def check_demo_options(seeds, strategy: str, per_prompt: int, grid_images: int | None, points: int, steps: int,
+                       budget: int | None, default_grid_images: int) -> tuple[list, int]:
+    """The trained-model demos' option checks, before anything is loaded or written: (unique seeds, grid images)."""
+    seeds = list(dict.fromkeys(seeds))
+    if not seeds:
+        raise ValueError("give at least one seed")
+    if strategy not in ("zoom", "pattern"):
+        raise ValueError(f"strategy must be an adaptive one (zoom, pattern), got {strategy!r}")
+    grid_images = min(default_grid_images, per_prompt) if grid_images is None else grid_images
+    if not 1 <= grid_images <= per_prompt:
+        raise ValueError(f"grid images per prompt must be in [1, per-prompt = {per_prompt}], got {grid_images}")
+    check_points(points)
+    check_budget(SearchSpace("start", steps), strategy, points, 20, budget)
+    return seeds, grid_images
 
 
 def demo_rows(rows: list[dict]) -> list[dict]:
@@ -62,9 +81,9 @@ def demo_table(rows: list[dict]) -> str:
             if m not in ("fp", "naive") and fp and naive:
                 g = E.gap_closed(sel, xs[0]["family"], xs[0]["steps"], xs[0]["format"], m)
                 gap = "n/a (no gap)" if g is None else f"{g:.0f}%"
-            images = E._ms([x["images"] for x in xs], 0) if "images" in xs[0] else ""
-            lines.append(f"| {prompts} | {fmt} | {label} | {E._ms([x['fd'] for x in xs], 2)} | "
-                         f"{E._ms([x['accuracy'] for x in xs], 3)} | {E._ms([x['jaq'] for x in xs], 3)} | {gap} | "
+            images = E.mean_std([x["images"] for x in xs], 0) if "images" in xs[0] else ""
+            lines.append(f"| {prompts} | {fmt} | {label} | {E.mean_std([x['fd'] for x in xs], 2)} | "
+                         f"{E.mean_std([x['accuracy'] for x in xs], 3)} | {E.mean_std([x['jaq'] for x in xs], 3)} | {gap} | "
                          f"{images} |")
     return "\n".join(lines) + "\n"
 
@@ -111,8 +130,6 @@ def run_demo(out_dir: str = "qsched-demo", *, family: str = "flow", quant: str =
              budget: int | None = 1000, guard: bool = False, z: float = 2.0, weights=None,
              grid_images: int | None = None, objective: str = DEFAULTS["objective"], log=print) -> dict:
     from ...qsched.coefficients import Coefficients
-    from ..demo import check_demo_options, finish_demo
-    from ..plots import plot_landscape
 
     if family not in FAMILIES:
         raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
@@ -195,6 +212,45 @@ def run_demo(out_dir: str = "qsched-demo", *, family: str = "flow", quant: str =
     return finish_demo(log, result, table, lines, files, seconds)
 
 
+def finish_demo(log, result: dict, table: str, summary: list, files: dict, seconds: float) -> dict:
+    """Print the table, the summary and the files written; the demos' return value."""
+    log("")
+    log(table)
+    log("\n".join(summary))
+    log(f"\nwrote {', '.join(files[k] for k in ('table', 'grid', 'landscape', 'results', 'preset') if k in files)} "
+        f"in {seconds:.0f} s")
+    return {"result": result, "summary": summary, "files": files, "seconds": seconds}
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Pixel layout of the sample grid: a header row, a label column, then one block of ``images`` tiles per
+    column (method), one row per prompt."""
+
+    rows: int
+    columns: int
+    images: int
+    tile: int = 64  # a 32x32 render upscaled 2x (nearest)
+    gap: int = 2  # between tiles of one block
+    block_gap: int = 14  # between blocks
+    label: int = 250  # label column width (the prompt)
+    header: int = 20
+
+    @property
+    def block(self) -> int:
+        return self.images * self.tile + (self.images - 1) * self.gap
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.label + self.columns * self.block + (self.columns - 1) * self.block_gap,
+                self.header + self.rows * (self.tile + self.gap))
+
+    def box(self, row: int, column: int, i: int) -> tuple[int, int, int, int]:
+        x = self.label + column * (self.block + self.block_gap) + i * (self.tile + self.gap)
+        y = self.header + row * (self.tile + self.gap)
+        return (x, y, x + self.tile, y + self.tile)
+
+
 def grid_columns(world, family, net, steps, quant, coefficients, r, per_prompt, images):
     """``[(title, images [20·images, 32, 32, 3])]``: FP | naive | Q-Sched, the first ``images`` evaluation images of
     every calibration prompt for seed r (the same noise in every column)."""
@@ -211,12 +267,10 @@ def grid_columns(world, family, net, steps, quant, coefficients, r, per_prompt, 
 def sample_grid(world, family, net, steps, quant, coefficients, r, per_prompt, images, path) -> str:
     from PIL import Image, ImageDraw, ImageFont
 
-    from ..demo import GridLayout
-    from ..plots import _save_png
 
     cols = grid_columns(world, family, net, steps, quant, coefficients, r, per_prompt, images)
     prompts = D.calibration_prompts()
-    lay = GridLayout(rows=len(prompts), columns=len(cols), images=images, tile=64, label=250)
+    lay = GridLayout(rows=len(prompts), columns=len(cols), images=images)
     canvas = Image.new("RGB", lay.size, (48, 48, 48))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
@@ -228,4 +282,4 @@ def sample_grid(world, family, net, steps, quant, coefficients, r, per_prompt, i
                 canvas.paste(Image.fromarray(arr).resize((lay.tile, lay.tile), Image.NEAREST), lay.box(j, c, i)[:2])
     for j, p in enumerate(prompts):
         draw.text((4, lay.box(j, 0, 0)[1] + lay.tile // 2 - 6), p, fill=(255, 255, 255), font=font)
-    return _save_png(canvas, path)
+    return save_png(canvas, path)

@@ -1,236 +1,112 @@
-"""``qsched`` command line: demo, experiment (docs/tiny_world.md), calibrate, sample, score (docs/calibration.md),
-quantize (docs/quantization.md)."""
+"""``qsched`` command line (the console script): demo (docs/shape_world.md), calibrate, sample, score
+(docs/calibration.md), quantize (docs/quantization.md, in ``calibration.app.quantize``)."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
+
+from .args import device_arg, finite_float, int_range, positive_float
+from .quantize import add_quantize
 
 
 def _demo(args) -> int:
     from . import demo
 
-    tiny_only = {"--quant": args.quant, "--seeds": args.seeds, "--per-prompt": args.per_prompt,
-                 "--points": args.points, "--strategy": args.strategy, "--budget": args.budget,
-                 "--no-budget": args.no_budget or None, "--grid-images": args.grid_images, "--weights": args.weights,
-                 "--guard": args.guard or None, "--family": args.family, "--objective": args.objective,
-                 "--world": None if args.world == "shapes" else args.world}
+    trained_only = {"--quant": args.quant, "--seeds": args.seeds, "--per-prompt": args.per_prompt,
+                    "--points": args.points, "--strategy": args.strategy, "--budget": args.budget,
+                    "--no-budget": args.no_budget or None, "--grid-images": args.grid_images,
+                    "--weights": args.weights, "--guard": args.guard or None, "--family": args.family,
+                    "--objective": args.objective}
     if args.random_models:
-        given = [k for k, v in tiny_only.items() if v is not None]
+        given = [k for k, v in trained_only.items() if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply to the trained-model demo, not to --random-models")
-        demo.run_random_models_demo(out_dir=args.out, steps=args.steps or 4, size=args.size or 64,
-                                    seed=0 if args.seed is None else args.seed)
+        from .random_demo import run_random_models_demo
+
+        run_random_models_demo(out_dir=args.out, steps=args.steps or 4, size=args.size or 64,
+                               seed=0 if args.seed is None else args.seed)
         return 0
     given = [k for k, v in {"--size": args.size, "--seed": args.seed}.items() if v is not None]
     if given:
         raise ValueError(f"{', '.join(given)} only apply to --random-models (the trained-model demo takes --seeds)")
-    kw = {k: getattr(args, k) for k in ("quant", "seeds", "per_prompt", "points", "strategy", "budget",
-                                         "grid_images") if getattr(args, k) is not None}
+    kw = {k: getattr(args, k) for k in ("family", "objective", "quant", "seeds", "per_prompt", "points", "strategy",
+                                         "budget", "grid_images") if getattr(args, k) is not None}
     if args.no_budget:
         if args.budget is not None:
             raise ValueError("give --budget or --no-budget, not both")
         kw["budget"] = None
-    if args.world == "shapes":
-        from .shapeworld import demo as shape_demo
-
-        if args.family is not None:
-            kw["family"] = args.family
-        if args.objective is not None:
-            kw["objective"] = args.objective
-        shape_demo.run_demo(out_dir=args.out, steps=args.steps or shape_demo.DEFAULTS["steps"], guard=args.guard,
-                            weights=args.weights, **kw)
-        return 0
-    if args.family is not None or args.objective is not None:
-        raise ValueError(f"{'--family' if args.family is not None else '--objective'} only applies to --world "
-                         "shapes (the digits world has one flow model and the JAQ search)")
-    import importlib.util
-
-    try:
-        found = importlib.util.find_spec("sklearn") is not None
-    except ValueError:  # sklearn in sys.modules with no spec
-        found = False
-    if not found:
-        raise ValueError("the digits demo needs scikit-learn, whose handwritten digits are its data: "
-                         "pip install scikit-learn (or run qsched demo, the shape world, which needs nothing extra)")
-    demo.run_demo(out_dir=args.out, steps=args.steps or 4, guard=args.guard, weights=args.weights, **kw)
-    return 0
-
-
-def _experiment(args) -> int:
-    from .tinyworld.experiment import from_args
-
-    from_args(args)
+    demo.run_demo(out_dir=args.out, steps=args.steps or demo.DEFAULTS["steps"], guard=args.guard,
+                  weights=args.weights, **kw)
     return 0
 
 
 def _add_demo(sub):
-    from .demo import DEFAULTS as D
-    from .shapeworld.demo import DEFAULTS as S
+    from .demo import DEFAULTS as S
 
     d = sub.add_parser(
         "demo", help="trained models: quantize, calibrate Q-Sched with JAQ, evaluate; writes a table, the search "
                      "landscape and a sample grid (--random-models: every sampler on tiny random models)",
-        description="Trained-model demo. Default (--world shapes, docs/shape_world.md): the shape world's few-step "
-                    "models (flow / LCM / TCD) quantized by the pack, calibrated with the pack's real JAQ "
-                    "(CLIPScore + CLIP-IQA on a tiny CLIP trained here) and compared with FP, naive and PTQD on an "
-                    "independent reference (Fréchet distance, attribute accuracy). --world digits: the older "
-                    "handwritten-digit world (docs/tiny_world.md, needs scikit-learn). Writes table.md, results.json, "
-                    "landscape.png, grid.png, preset.json into --out.")
+        description="Trained-model demo (docs/shape_world.md): the shape world's few-step models (flow / LCM / TCD) "
+                    "quantized by the pack, calibrated with the pack's real JAQ (CLIPScore + CLIP-IQA on a tiny CLIP "
+                    "trained here) and compared with FP, naive and PTQD on an independent reference (Fréchet "
+                    "distance, attribute accuracy). Writes table.md, results.json, landscape.png, grid.png, "
+                    "preset.json into --out.")
     d.add_argument("--out", default="qsched-demo", help="output folder (default: qsched-demo)")
-    d.add_argument("--world", choices=("shapes", "digits"), default="shapes",
-                   help="shapes (default: 32x32 colour scenes, real JAQ code) or digits (the issue-7 world)")
-    d.add_argument("--family", choices=("flow", "lcm", "tcd"),
-                   help=f"shapes only: model family (default {S['family']})")
+    d.add_argument("--family", choices=("flow", "lcm", "tcd"), help=f"model family (default {S['family']})")
     d.add_argument("--objective", choices=("reference", "hybrid", "jaq"),
-                   help=f"shapes only: how the coefficients are found (default {S['objective']}, the best measured, "
+                   help=f"how the coefficients are found (default {S['objective']}, the best measured, "
                         "docs/shape_world.md): reference = fitted to the full-precision model, kept only if a "
                         "held-out test shows a gain; hybrid = JAQ search around that fit; jaq = the paper's search")
-    d.add_argument("--steps", type=_int_range("--steps", 1, 8), default=None, help="sampling steps, 1-8 (default 4)")
-    d.add_argument("--quant", help=f"quantization of the denoiser: w8a8, w4a8, w4a4, w4a6, ... (default: shapes "
-                                   f"{S['quant']}, digits {D['quant']}, the settings with a real loss)")
-    d.add_argument("--seeds", type=_int_range("--seeds", 0, 10**6), nargs="+",
-                   help="seed indices; each one is a fresh set of calibration and evaluation seeds (default: shapes "
-                        f"{' '.join(map(str, S['seeds']))}, digits 0 1 2)")
-    d.add_argument("--per-prompt", type=_int_range("--per-prompt", 1, 1000),
-                   help=f"evaluation images per prompt (default: shapes {S['per_prompt']}, digits {D['per_prompt']}; "
-                        "x 20 prompts)")
-    d.add_argument("--points", type=_int_range("--points", 3, 201),
-                   help=f"search lattice values per dimension over [0.8, 1.2] (default {D['points']})")
-    d.add_argument("--strategy", choices=("zoom", "pattern"), help=f"adaptive search (default {D['strategy']})")
-    d.add_argument("--budget", type=_int_range("--budget", 1, 10**9),
-                   help=f"maximum images the search may spend (default: shapes {S['budget']}, digits {D['budget']})")
+    d.add_argument("--steps", type=int_range("--steps", 1, 8), default=None, help="sampling steps, 1-8 (default 4)")
+    d.add_argument("--quant", help=f"quantization of the denoiser: w8a8, w4a8, w4a4, w4a6, ... (default "
+                                   f"{S['quant']}, a setting with a real loss)")
+    d.add_argument("--seeds", type=int_range("--seeds", 0, 10**6), nargs="+",
+                   help="seed indices; each one is a fresh set of calibration and evaluation seeds (default "
+                        f"{' '.join(map(str, S['seeds']))})")
+    d.add_argument("--per-prompt", type=int_range("--per-prompt", 1, 1000),
+                   help=f"evaluation images per prompt (default {S['per_prompt']}; x 20 prompts)")
+    d.add_argument("--points", type=int_range("--points", 3, 201),
+                   help=f"search lattice values per dimension over [0.8, 1.2] (default {S['points']})")
+    d.add_argument("--strategy", choices=("zoom", "pattern"), help=f"adaptive search (default {S['strategy']})")
+    d.add_argument("--budget", type=int_range("--budget", 1, 10**9),
+                   help=f"maximum images the search may spend (default {S['budget']})")
     d.add_argument("--no-budget", action="store_true", help="no image budget for the search")
     d.add_argument("--guard", action="store_true",
-                   help="also report the opt-in acceptance guard (calibration.tinyworld.guard): Q-Sched "
-                        "coefficients only if the JAQ gain is significant, the quantized model lost JAQ vs FP32 and "
-                        "the best does not overshoot FP32; else identity")
-    d.add_argument("--grid-images", type=_int_range("--grid-images", 1, 16),
-                   help=f"images per prompt in each column of grid.png (default {D['grid_images']})")
-    d.add_argument("--weights", help="shapes: the folder holding shapeworld.safetensors and shapeworld_clip.pt "
-                                     "(default: the packaged one); digits: tiny_world.safetensors (default: the "
-                                     "packaged file, then the cache; trained into the cache if neither exists)")
+                   help="also report the opt-in acceptance guard (calibration.guard): Q-Sched coefficients only "
+                        "if the JAQ gain is significant, the quantized model lost JAQ vs FP32 and the best does "
+                        "not overshoot FP32; else identity")
+    d.add_argument("--grid-images", type=int_range("--grid-images", 1, 16),
+                   help=f"images per prompt in each column of grid.png (default {S['grid_images']})")
+    d.add_argument("--weights", help="the folder holding shapeworld.safetensors and shapeworld_clip.safetensors "
+                                     "(default: the packaged one)")
     d.add_argument("--random-models", action="store_true",
                    help="instead: every sampler with identity and Q-Sched coefficients on tiny random SDXL-like / "
                         "FLUX-like pipelines (the machinery demo)")
-    d.add_argument("--size", type=_int_range("--size", 16, 512, multiple=16),
+    d.add_argument("--size", type=int_range("--size", 16, 512, multiple=16),
                    help="--random-models only: image size in pixels, 16-512, multiple of 16 (default 64)")
     d.add_argument("--seed", type=int, help="--random-models only: seed (default 0)")
     d.set_defaults(func=_demo)
-
-
-def _add_experiment(sub):
-    from .tinyworld.experiment import add_arguments
-
-    e = sub.add_parser("experiment", help="the tiny world's results table: FP32 vs W8A8/W4A8/W4A4 naive vs PTQD vs "
-                                          "Q-Sched at 2/4/8 steps (docs/tiny_world.md)")
-    add_arguments(e)
-    e.set_defaults(func=_experiment)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qsched", description="Q-Sched: quantization-aware few-step sampling.")
     sub = p.add_subparsers(dest="command", required=True)
     _add_demo(sub)
-    _add_experiment(sub)
     _add_calibrate(sub)
     _add_sample(sub)
     _add_score(sub)
-    _add_quantize(sub)
+    add_quantize(sub)
     return p
-
-
-def _add_quantize(sub):
-    q = sub.add_parser("quantize", help="write a pre-quantized diffusion-model file for the Q-Sched ComfyUI loaders",
-                       description="Quantizes the Linear layers of a ComfyUI-layout diffusion model (FLUX, SD1.x/SDXL "
-                                   "UNet, or a checkpoint's model.diffusion_model part) tensor by tensor and writes one "
-                                   "safetensors file (codes, scales, format, skip list, source sha256) that Q-Sched "
-                                   "Diffusion Model Loader loads without a full-precision pass.")
-    q.add_argument("source", help="full-precision .safetensors file")
-    q.add_argument("out", help="output .safetensors file (e.g. models/diffusion_models/flux1-schnell-w4a8.safetensors)")
-    q.add_argument("--format", default="w4a8", help="w8a8, w8a8-fp8, w4a8 (default), w4a6, w4a5, w4a4, w8a16, w4a16")
-    q.add_argument("--device", type=_device, default=None,
-                   help="where the rounding runs (default: cuda if available, else cpu)")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    q.set_defaults(func=_quantize)
-
-
-def _quantize(args) -> int:
-    import torch
-
-    from ..qsched.quant.prequant import quantize_file
-
-    if not str(args.source).lower().endswith((".safetensors", ".sft")) or not os.path.isfile(args.source):
-        raise ValueError(f"source {args.source!r}: give an existing .safetensors file")
-    if not str(args.out).lower().endswith(".safetensors"):
-        raise ValueError(f"out {args.out!r}: the output name must end in .safetensors")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    r = quantize_file(args.source, args.out, args.format, device=device, overwrite=args.overwrite)
-    print(f"wrote {args.out}: {r['layers']} Linear layers in {args.format}, {r['bytes'] / 2**30:.2f} GiB "
-          f"({r['bytes'] / r['source_bytes']:.2f}x the source)")
-    return 0
 
 
 # ---- calibrate / sample / score ------------------------------------------------------------------------
 
-def _device(text: str) -> str:
-    """argparse type of ``--device``: a device torch can run the models on here (cpu, an existing cuda:N, mps)."""
-    import torch
-
-    try:
-        d = torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        d = None
-    if d is not None and d.type == "cpu":
-        return str(d)
-    if d is not None and d.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise argparse.ArgumentTypeError(f"--device {text!r}: torch sees no CUDA GPU here; use --device cpu")
-        if d.index is not None and d.index >= count:
-            raise argparse.ArgumentTypeError(f"--device {text!r}: torch sees {count} CUDA GPU(s) (cuda:0 to "
-                                             f"cuda:{count - 1})")
-        return str(d)
-    if d is not None and d.type == "mps" and torch.backends.mps.is_available():
-        return str(d)
-    raise argparse.ArgumentTypeError(f"--device {text[:40]!r} cannot run the models: use cpu, cuda or cuda:N")
-
-
-def _positive_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number > 0, got {text!r}") from None
-        if not (v > 0 and math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
-        return v
-
-    return parse
-
-
-def _finite_float(name: str, lo: float | None = None, hi: float | None = None):
-    """argparse type: a finite float (NaN and +-inf refused) within [lo, hi]."""
-    where = (f" in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else
-             f" >= {lo:g}" if lo is not None else f" <= {hi:g}" if hi is not None else "")
-
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number{where}, got {text!r}") from None
-        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number{where}, got {text!r}")
-        return v
-
-    return parse
-
 
 def _add_model_args(p, steps_default):
-    from ..qsched.samplers import SAMPLERS
-    from .generate import FAMILIES, MAX_GENERATOR_STEPS
+    from ...qsched.samplers import SAMPLERS
+    from ..generate import FAMILIES, MAX_GENERATOR_STEPS
 
     p.add_argument("--model", required=True,
                    help="diffusers pipeline folder (model_index.json ...) or a single .safetensors checkpoint")
@@ -240,18 +116,18 @@ def _add_model_args(p, steps_default):
     p.add_argument("--sampler", choices=tuple(SAMPLERS),
                    help="sampler (default: the family's: sdxl_turbo euler_ancestral, flux_schnell euler, lcm lcm, "
                         "tcd/pcm tcd)")
-    p.add_argument("--steps", type=_int_range("--steps", 1, MAX_GENERATOR_STEPS), default=steps_default,
+    p.add_argument("--steps", type=int_range("--steps", 1, MAX_GENERATOR_STEPS), default=steps_default,
                    help="sampling steps" + (f" (default {steps_default})" if steps_default else ""))
-    p.add_argument("--size", type=_int_range("--size", 16, 2048, multiple=16),
+    p.add_argument("--size", type=int_range("--size", 16, 2048, multiple=16),
                    help="image height and width in pixels (default: the family's)")
     p.add_argument("--quant", help="quantization of the denoiser: w8a8, w4a8, w4a4, ... (qsched.quant formats) "
                                    "or fp16 (none)")
-    p.add_argument("--guidance", type=_finite_float("--guidance", 0.0, 100.0),
+    p.add_argument("--guidance", type=finite_float("--guidance", 0.0, 100.0),
                    help="LCM w-embedding guidance (default: the family's)")
-    p.add_argument("--eta", type=_finite_float("--eta", 0.0, 1.0),
+    p.add_argument("--eta", type=finite_float("--eta", 0.0, 1.0),
                    help="TCD gamma / ancestral eta, in [0, 1] (default: the family's)")
-    p.add_argument("--batch-size", type=_int_range("--batch-size", 1, 256), default=4, help="images per network call")
-    p.add_argument("--device", type=_device, default=None,
+    p.add_argument("--batch-size", type=int_range("--batch-size", 1, 256), default=4, help="images per network call")
+    p.add_argument("--device", type=device_arg, default=None,
                    help="torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="network dtype (default: float16 on cuda, float32 on cpu)")
@@ -261,7 +137,7 @@ def _add_jaq_args(p):
     p.add_argument("--jaq", choices=("clip", "preference"), default="clip",
                    help="JAQ variant: clip = CLIPScore + k*CLIP-IQA (LCM/PCM), preference = AQ-MAP + k*HPSv2 "
                         "(SDXL-Turbo/FLUX) (default clip)")
-    p.add_argument("--k", type=_finite_float("--k", 0.0, 1000.0), default=2.0,
+    p.add_argument("--k", type=finite_float("--k", 0.0, 1000.0), default=2.0,
                    help="JAQ weight k of the image-quality term (default 2)")
     p.add_argument("--jaq-weights", help="folder with the scorer weight files (RN50.pt, ViT-L-14.pt, ViT-B-16.pt, "
                                          "HPS_v2.1_compressed.pt, or .safetensors copies, which are preferred); "
@@ -269,7 +145,7 @@ def _add_jaq_args(p):
 
 
 def _add_calibrate(sub):
-    from .search import DEFAULT_RANGE, SPACES, STRATEGIES
+    from ..search import DEFAULT_RANGE, SPACES, STRATEGIES
 
     c = sub.add_parser("calibrate", help="search Q-Sched coefficients for a (quantized) model; writes a preset")
     _add_model_args(c, 4)
@@ -284,19 +160,19 @@ def _add_calibrate(sub):
                                        "with --quant: the pipeline is then loaded once and only the denoiser copied")
     c.add_argument("--prompts", help="prompt file (.txt one per line, .yaml mapping like sDCI.yaml, .json list); "
                                      "default: the project's 20 calibration prompts")
-    c.add_argument("--limit", type=_int_range("--limit", 1, 100000), help="use only the first N prompts")
+    c.add_argument("--limit", type=int_range("--limit", 1, 100000), help="use only the first N prompts")
     c.add_argument("--space", choices=SPACES, default="start",
                    help="start: (c_x, c_eps) ramp starts, ends at 1 (released code); start_end: 4-D (paper "
                         "Algorithm 1); per_step: one value per step (default start)")
-    c.add_argument("--range", nargs=2, type=_positive_float("--range"), metavar=("MIN", "MAX"),
+    c.add_argument("--range", nargs=2, type=positive_float("--range"), metavar=("MIN", "MAX"),
                    default=list(DEFAULT_RANGE), help="coefficient range (default 0.8 1.2)")
     c.add_argument("--strategy", choices=STRATEGIES, default="pattern",
                    help="pattern: lattice pattern search from identity (default); zoom: coarse grid first, then "
                         "pattern search; grid: exact Algorithm 1")
-    c.add_argument("--points", type=_int_range("--points", 2, 10000),
+    c.add_argument("--points", type=int_range("--points", 2, 10000),
                    help="grid values per dimension (default: start 50, start_end 11, per_step 5)")
-    c.add_argument("--budget", type=_int_range("--budget", 1, 10**12), help="maximum number of images")
-    c.add_argument("--seed", type=_int_range("--seed", 0, 2**62), default=42,
+    c.add_argument("--budget", type=int_range("--budget", 1, 10**12), help="maximum number of images")
+    c.add_argument("--seed", type=int_range("--seed", 0, 2**62), default=42,
                    help="seed of prompt 0 (prompt i uses seed+i) (default 42)")
     c.add_argument("--out", default="qsched-calibration",
                    help="output folder: preset.json, record.jsonl, landscape.png, preview.png")
@@ -311,7 +187,7 @@ def _add_sample(sub):
     s.add_argument("--preset", required=True, help="preset JSON written by qsched calibrate")
     s.add_argument("--prompt", action="append", help="prompt (repeatable)")
     s.add_argument("--prompts", help="prompt file (.txt / .yaml / .json)")
-    s.add_argument("--seed", type=_int_range("--seed", 0, 2**62), default=42)
+    s.add_argument("--seed", type=int_range("--seed", 0, 2**62), default=42)
     s.add_argument("--compare", action="store_true", help="also write identity (c = 1) images and a side-by-side")
     s.add_argument("--out", default="qsched-samples", help="output folder")
     s.set_defaults(func=_sample)
@@ -323,7 +199,7 @@ def _add_score(sub):
     s.add_argument("--prompt", action="append", help="prompt, once for all images or once per image")
     s.add_argument("--prompts", help="prompt file with one prompt per image")
     _add_jaq_args(s)
-    s.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    s.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cpu)")
     s.add_argument("--json", help="also write the scores to this JSON file")
     s.set_defaults(func=_score)
 
@@ -337,7 +213,7 @@ def _device_dtype(args):
 
 
 def _build_generator(args, steps, family=None, sampler=None, quant=None):
-    from .generate import DiffusersGenerator, load_pipeline, model_hash
+    from ..generate import DiffusersGenerator, load_pipeline, model_hash
 
     device, dtype = _device_dtype(args)
     pipe = load_pipeline(args.model, config=args.config, dtype=dtype, device=device)
@@ -353,7 +229,7 @@ def _build_pair(args):
     (text encoders and VAE shared)."""
     import copy
 
-    from .generate import DiffusersGenerator, load_pipeline, model_hash
+    from ..generate import DiffusersGenerator, load_pipeline, model_hash
 
     same = os.path.realpath(args.reference) == os.path.realpath(args.model)
     device, dtype = _device_dtype(args)
@@ -376,9 +252,9 @@ def _build_pair(args):
 def _build_jaq(args):
     import os
 
-    from .jaq import JAQ, PRESETS
-    from .metrics import resolve
-    from .metrics.weights import weights_digest
+    from ..jaq import JAQ, PRESETS
+    from ..metrics import resolve
+    from ..metrics.weights import weights_digest
 
     tc, iq = PRESETS[args.jaq]
     weights = {}
@@ -399,10 +275,10 @@ def _build_jaq(args):
 def _calibrate(args) -> int:
     import os
 
-    from .plots import plot_landscape, preview_grid
-    from .prompts import default_prompts, load_prompts
-    from .runner import ProgressInfo, calibrate
-    from .search import SearchSpace, check_budget, default_points
+    from ..plots import plot_landscape, preview_grid
+    from ..prompts import default_prompts, load_prompts
+    from ..runner import ProgressInfo, calibrate
+    from ..search import SearchSpace, check_budget, default_points
 
     prompts = load_prompts(args.prompts, args.limit) if args.prompts else default_prompts()[: args.limit]
     space = SearchSpace(args.space, args.steps, args.range[0], args.range[1])
@@ -422,7 +298,7 @@ def _calibrate(args) -> int:
     record = os.path.join(args.out, "record.jsonl")
     if os.path.exists(record) and not args.resume:
         raise ValueError(f"{record} exists: pass --resume to continue it, or choose another --out")
-    from ..qsched.coefficients import check_replaceable
+    from ...qsched.coefficients import check_replaceable
 
     check_replaceable(os.path.join(args.out, "preset.json"))  # refused now, not after the search
     gen, ref = _build_pair(args) if objective != "jaq" else (_build_generator(args, args.steps), None)
@@ -438,7 +314,7 @@ def _calibrate(args) -> int:
                        budget=args.budget, record=record, resume=args.resume, preset=preset, progress=progress,
                        scorer_config=jaq_config, **options)
     plot_landscape(result, os.path.join(args.out, "landscape.png"))
-    from ..qsched import Coefficients
+    from ...qsched import Coefficients
 
     seeds = [args.seed + i for i in range(len(prompts))]
     ident = gen.generate(Coefficients.identity(args.steps), prompts, seeds)
@@ -456,9 +332,9 @@ def _calibrate(args) -> int:
 def _sample(args) -> int:
     import os
 
-    from ..qsched import Coefficients
-    from .plots import preview_grid, save_images
-    from .prompts import load_prompts
+    from ...qsched import Coefficients
+    from ..plots import preview_grid, save_images
+    from ..prompts import load_prompts
 
     preset = Coefficients.load(args.preset)
     steps = preset.steps if args.steps is None else args.steps
@@ -475,8 +351,8 @@ def _sample(args) -> int:
     if args.family and family and args.family != family:
         print(f"qsched sample: warning: preset calibrated for family {family!r}, running {args.family!r}",
               file=sys.stderr)
-    from ..qsched.samplers import SAMPLERS
-    from .generate import FAMILIES
+    from ...qsched.samplers import SAMPLERS
+    from ..generate import FAMILIES
 
     gen = _build_generator(args, steps, family=family if family in FAMILIES else None,
                            sampler=sampler if sampler in SAMPLERS else None,
@@ -498,10 +374,10 @@ def _sample(args) -> int:
 def _score(args) -> int:
     import json
 
-    from ..qsched._io import atomic_write_text
-    from .plots import load_images
-    from .prompts import load_prompts
-    from .runner import point_score, score_images
+    from ...qsched._io import atomic_write_text
+    from ..plots import load_images
+    from ..prompts import load_prompts
+    from ..runner import point_score, score_images
 
     images = load_images(args.images)
     prompts = list(args.prompt or [])
@@ -522,20 +398,6 @@ def _score(args) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps({"jaq": config, "images": rows}, indent=2) + "\n")
     return 0
-
-
-def _int_range(name: str, lo: int, hi: int, multiple: int = 1):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer in [{lo}, {hi}], got {text!r}") from None
-        if not lo <= v <= hi or v % multiple:
-            extra = f", a multiple of {multiple}" if multiple > 1 else ""
-            raise argparse.ArgumentTypeError(f"{name} must be an integer in [{lo}, {hi}]{extra}, got {v}")
-        return v
-
-    return parse
 
 
 class Terminated(KeyboardInterrupt):
@@ -575,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         for s, handler in previous.items():
             if handler in (signal.SIG_DFL, signal.default_int_handler):
                 signal.signal(s, _on_signal)
-        from ..qsched._compat import ensure_torchvision_importable
+        from ...qsched._compat import ensure_torchvision_importable
 
         ensure_torchvision_importable()
         args = build_parser().parse_args(argv)

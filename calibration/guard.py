@@ -1,14 +1,14 @@
 """Opt-in acceptance guard for a Q-Sched calibration result: *report* whether the found coefficients should be
 trusted, without changing the search (paper Algorithm 1 still returns the highest mean JAQ, whatever the margin).
 
-Works on any ``calibration.runner.CalibrationResult`` (it only reads the per-prompt JAQ the runner records), so it
-could live next to ``CalibrationResult.summary``; it sits here because the tiny world is where it was measured.
+Works on any ``calibration.runner.CalibrationResult`` (it only reads the per-prompt JAQ the runner records); the shape
+world's experiment measures it (docs/shape_world.md).
 
 Checks, all paired by calibration prompt (same prompt, same seed; ``z`` standard errors, default 2):
 
 * ``gain``: mean JAQ(best) − JAQ(identity) > z·SE. The SE is the seed-to-seed spread of the paired per-prompt
   differences / sqrt(n). Optimistic: the best was *selected* on these same images, so a real acceptance test would
-  re-score on fresh seeds (the tiny experiment does, on 400 unseen images).
+  re-score on fresh seeds (the shape world's ``+heldout`` guard does).
 * with ``fp_scores`` (per-prompt JAQ of the full-precision model on the same prompts and seeds; costs one image
   per prompt):
   ``loss``: mean JAQ(FP) − JAQ(identity) > z·SE -- there is a quality loss to recover at all;
@@ -16,8 +16,7 @@ Checks, all paired by calibration prompt (same prompt, same seed; ``z`` standard
   which for a method meant to recover that model signals that the search is exploiting the scorers.
 
 Accept iff the gain is significant and (without ``fp_scores``) nothing else, (with) a loss exists and there is no
-overshoot. On the tiny world only the FP-anchored checks reject the W8A8/W4A8 cases: there the JAQ gain is large
-and real (it holds on unseen seeds), the scorers are fooled, not noisy (docs/tiny_world.md).
+overshoot.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from ...qsched.coefficients import Coefficients
+from ..qsched.coefficients import Coefficients
 
 
 def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
