@@ -67,7 +67,7 @@ import comfy.sd  # noqa: E402
 from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
 import comfyui_parts as parts  # noqa: E402
 import simcard  # noqa: E402
-from simcard import clean  # noqa: E402
+from simcard import clean, sync  # noqa: E402
 import kernel_breakdown  # noqa: E402
 from qsched_pack.calibration.testing import AnonPeak  # noqa: E402
 from qsched_pack.nodes.quant_model import load_quantized, quantize_comfy_model, save_quantized  # noqa: E402

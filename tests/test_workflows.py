@@ -19,7 +19,8 @@ CORE = json.loads((Path(__file__).resolve().parent / "data" / "object_info_core.
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 #: Combo inputs whose options are the files in a model folder (they differ per install).
-FILE_LIST_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name", "preset"}
+FILE_LIST_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name",
+                    "lora_name", "preset"}
 
 
 def is_widget(spec) -> bool:
@@ -396,7 +397,7 @@ def test_templates_carry_thumbnails_titles_and_model_metadata():
                 m = models.get(f)
                 assert m, f"{path.stem}: {node['type']} names {f} without model metadata"
                 assert m["url"].startswith("https://huggingface.co/") and m["url"].split("?")[0].endswith("/" + f)
-                assert m["directory"] in ("checkpoints", "diffusion_models", "text_encoders", "vae")
+                assert m["directory"] in ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras")
 
 
 def test_notes_point_to_the_calibration_templates():
