@@ -15,7 +15,8 @@ from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_
 from .common import (CATEGORY_SAMPLING, COEFFICIENTS, ETA, MAX_UI_STEPS, NodeInputError, check_combo, find_preset,
                      is_flow, load_preset, model_sampling_of, node_input, preset_file, preset_names, steps_input,
                      validation_result)
-from .graph import GRAPH_CHECK_INPUT, compat_warnings, raise_graph_problem, sampler_model_is_flow
+from .graph import (FAMILY_WORDS, GRAPH_CHECK_INPUT, compat_warnings, family_of_name, raise_graph_problem,
+                    sampler_model_is_flow)
 
 #: The samplers of ``qsched.samplers.SAMPLERS`` in widget order (SDXL-Turbo's first).
 SAMPLER_NAMES = ("euler_ancestral", "euler", "tcd", "lcm")
@@ -302,7 +303,9 @@ def preset_summary(c: Coefficients) -> str:
     lines = [describe(c)]
     m = c.metadata or {}
     sampling = m.get("sampling") if isinstance(m.get("sampling"), dict) else {}
-    made = [str(v) for v in (m.get("family") or sampling.get("model_class"),
+    family = m.get("family") or sampling.get("model_class")
+    family = FAMILY_WORDS.get(family_of_name(family), family)  # "BaseModel" -> "SD 1.x/2.x"
+    made = [str(v) for v in (family,
                              m.get("quant") or ("16-bit" if "quant" in m else None),
                              m.get("sampler") or sampling.get("sampler")) if v]
     if sampling.get("width") and sampling.get("height"):

@@ -765,7 +765,7 @@ def test_calibrate_refuses_to_overwrite_a_preset_it_did_not_make(page):
     (page.server.models / "qsched" / "browser_good.json").write_text(
         '{"format": "qsched-coefficients", "version": 1, "steps": 2, "c_x": [0.9, 1.0], "c_eps": [1.1, 1.0]}')
     name = "qsched_sdxl_turbo_w4a8_calibrate"
-    page.load_template(name)
+    page.load_template(name, TINY[name][1])  # the JAQ search, as in the tiny run
     for t, values in TINY[name][0].items():
         page.set_widgets(t, **values)
     page.set_widgets("QSchedCalibrate", preset_name="browser_good")
@@ -782,7 +782,7 @@ def test_calibration_longer_than_max_minutes_stops_and_asks(page):
     """A grid of 1682 points (3364 images) with max_minutes 1: the node stops after its first point, says the
     estimate and the value to set; the point is kept."""
     name = "qsched_sdxl_turbo_w4a8_calibrate"
-    page.load_template(name)
+    page.load_template(name, TINY[name][1])  # the JAQ search, as in the tiny run
     for t, values in TINY[name][0].items():
         page.set_widgets(t, **values)
     page.set_widgets("QSchedCalibrate", strategy="grid", points=41, budget=4000, max_minutes=1,
