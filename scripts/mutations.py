@@ -47,8 +47,8 @@ MUTATIONS = [
     Mutation(
         "record keeps a half-written last line (no truncation after a kill inside a write)",
         "calibration/record.py",
-        "            with open(self.path, \"r+b\") as f:\n                f.truncate(complete)\n",
-        "            with open(self.path, \"r+b\") as f:\n                pass\n",
+        "                f.truncate(complete)\n",
+        "                pass\n",
         ("tests/test_runner.py::test_half_written_last_line_is_dropped_and_recomputed",)),
     Mutation(
         "shape-world training ignores its init seed",
