@@ -49,7 +49,7 @@ if [ ! -f "$COMFY_DIR/main.py" ]; then
 fi
 
 stamp="$VENV/.qsched-comfy-installed"
-want="$(cat "$COMFY_DIR/requirements.txt" "$HERE/requirements.txt" | sha256sum | cut -d' ' -f1) $TORCH $TORCHVISION"
+want="$(cat "$COMFY_DIR/requirements.txt" "$HERE/requirements.txt" "$HERE/scripts/setup_comfyui.sh" | sha256sum | cut -d' ' -f1) $TORCH $TORCHVISION"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   "$VENV/bin/python" -c "import sys; sys.path.insert(0, '$COMFY_DIR'); import torchvision, requests, aiohttp" \
     && { echo "ComfyUI ready: $COMFY_DIR (python: $VENV/bin/python)"; exit 0; }
@@ -62,7 +62,7 @@ grep -vE '^(torch|torchvision|torchaudio)([<>=~ ].*)?$' "$COMFY_DIR/requirements
 # The pack's own runtime requirements go into the same venv (ComfyUI users do `pip install -r requirements.txt`).
 PACK_REQ="$HERE/requirements.txt"
 "$PIP" install -q --disable-pip-version-check -c "$VENV/constraints.txt" -r "$VENV/req-nontorch.txt" \
-  -r "$PACK_REQ" "open_clip_torch>=2.24" matplotlib requests "$TORCHVISION"  # + the extras the tests exercise
+  -r "$PACK_REQ" "open_clip_torch>=2.24" matplotlib "comfy-kitchen==0.2.40" requests "$TORCHVISION"  # + the extras the tests exercise
 TV=$("$VENV/bin/python" -c 'import importlib.util,os;print(os.path.dirname(importlib.util.find_spec("torchvision").origin))')
 if ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
   sed -i -E 's/^@torch\.library\.register_fake\("torchvision::(nms|qnms)"\)/@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda f: f))/' \
