@@ -282,7 +282,10 @@ def test_huge_searches_are_refused_arithmetically_before_anything_is_built():
         check_budget(sp, "zoom", 10000, 20, None)
     with pytest.raises(ValueError, match="budget too small"):
         check_budget(sp, "grid", 10000, 20, 10 ** 9)
-    check_budget(sp, "pattern", 10000, 20, None)  # pattern polls neighbours only: fine
+    # an adaptive search's length is bounded by its lattice: without a budget a huge lattice is refused too ...
+    with pytest.raises(ValueError, match=r"strategy 'pattern' on a 100-D space .*set a budget"):
+        check_budget(sp, "pattern", 10000, 20, None)
+    check_budget(sp, "pattern", 10000, 20, 10 ** 6)  # ... and a budget makes it fine (it polls neighbours only)
     assert time.perf_counter() - t0 < 1.0
 
 
