@@ -9,6 +9,7 @@ from qsched_pack.calibration.app.cli import main
 from qsched_pack.qsched import Coefficients
 
 
+@pytest.mark.slow  # 30-50 s on the 2-core CI machine
 def test_calibrate_sample_score_end_to_end(tmp_path, jaq_dir, capsys, tiny_pipelines):
     model = str(tiny_pipelines["sdxl"])
     prompts = tmp_path / "p.txt"

@@ -188,6 +188,7 @@ def test_a_failing_run_in_a_batch_raises_its_own_error_and_stops_the_others(worl
 
 
 # ---------------------------------------------------------------------------------------------- reduced pipeline
+@pytest.mark.slow  # 30-50 s on the 2-core CI machine
 def test_reduced_pipeline_trains_assembles_and_runs_the_experiment(tmp_path):
     """CI's end-to-end run: every part trained a few steps on the CPU, the files written in the shipped format,
     loaded back, and the experiment's rows (naive, PTQD, Q-Sched with every guard, grid) computed and tabled."""
