@@ -122,7 +122,9 @@ def build(name):
                    theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=3072, hidden_dim=5120, n_layers=5,
                    dtype=torch.bfloat16, device="meta", operations=ops)
         n = 8 if t else 128
-        return m, torch.bfloat16, [[torch.randn(1, 8 if t else 512, 4096, generator=g), {}]], (1, 16, n, n), 8, None
+        # T5 only: the conditioning carries pooled_output None (what ComfyUI's Chroma text encoder outputs)
+        cond = [[torch.randn(1, 8 if t else 512, 4096, generator=g), {"pooled_output": None}]]
+        return m, torch.bfloat16, cond, (1, 16, n, n), 8, None
     raise ValueError(name)
 
 
