@@ -369,8 +369,6 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=F
         if gm is not None and profile:
             rec["breakdown_graph"] = stage(rec, "profile graph", lambda: profile_breakdown(
                 gm, fam, rec.get("s_per_step_compiled_graph", rec.get("s_per_step_graph"))))
-        del gm
-    del base
     log(name, key or "", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
                           if k not in ("loaded",) and not k.startswith("breakdown")})
     for k in ("breakdown_eager", "breakdown_compiled", "breakdown_graph"):
