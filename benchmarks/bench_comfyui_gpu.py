@@ -49,15 +49,11 @@ P.add_argument("--no-profile", action="store_true", help="no kernel-time breakdo
 ARGS = P.parse_args()
 T0 = time.time()
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.argv = [sys.argv[0]] + (["--cpu"] if ARGS.tiny else [])
-sys.path.insert(0, os.path.abspath(ARGS.comfy))
-sys.path.insert(0, HERE)
-if ARGS.gguf_nodes:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(ARGS.gguf_nodes)))
 
-import comfy.options  # noqa: E402
+import simcard  # noqa: E402
 
-comfy.options.enable_args_parsing()
+GGUF_PARENT = [os.path.dirname(os.path.abspath(ARGS.gguf_nodes))] if ARGS.gguf_nodes else []
+simcard.enter_comfyui(ARGS.comfy, ARGS.tiny, *GGUF_PARENT)
 
 import torch  # noqa: E402
 
@@ -66,7 +62,6 @@ import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
 import comfyui_parts as parts  # noqa: E402
-import simcard  # noqa: E402
 from simcard import clean, sync  # noqa: E402
 import kernel_breakdown  # noqa: E402
 from qsched_pack.calibration.testing import AnonPeak  # noqa: E402
@@ -374,8 +369,6 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=F
         if gm is not None and profile:
             rec["breakdown_graph"] = stage(rec, "profile graph", lambda: profile_breakdown(
                 gm, fam, rec.get("s_per_step_compiled_graph", rec.get("s_per_step_graph"))))
-        del gm
-    del base
     log(name, key or "", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
                           if k not in ("loaded",) and not k.startswith("breakdown")})
     for k in ("breakdown_eager", "breakdown_compiled", "breakdown_graph"):

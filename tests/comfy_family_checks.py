@@ -13,21 +13,13 @@ update written out here. Prints one JSON line ("RESULT {...}").
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
-SHIM, WORK, CASE = sys.argv[1], sys.argv[2], sys.argv[3]
-CHECK = sys.argv[4] if len(sys.argv) > 4 else "load"
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path.insert(0, os.getcwd())
-sys.path.insert(0, SHIM)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+from comfy_env import enter_comfyui, report
 
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+SHIM, WORK, CASE, *_rest = enter_comfyui()
+CHECK = _rest[0] if _rest else "load"
 
 import torch  # noqa: E402
 
@@ -327,5 +319,4 @@ def check_coefficients():
 
 if __name__ == "__main__":
     build()
-    result = globals()[f"check_{CHECK}"]()
-    print("RESULT " + json.dumps(result, default=str), flush=True)
+    report(globals(), CHECK)
