@@ -29,14 +29,14 @@ import time
 from pathlib import Path
 
 import pytest
+from comfy_env import require_comfyui
 
 pytestmark = pytest.mark.comfyui
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-if not os.environ.get("COMFYUI_PATH"):
-    pytest.skip("COMFYUI_PATH does not point at a ComfyUI checkout", allow_module_level=True)
+require_comfyui()
 if not (CHROMIUM and CHROMEDRIVER):
     pytest.skip("chromium / chromedriver not installed (scripts/setup_browser.sh)", allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver")
