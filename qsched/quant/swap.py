@@ -61,7 +61,8 @@ class QuantReport:
             fmts: dict[str, int] = {}
             for f in self.native.values():
                 fmts[f] = fmts.get(f, 0) + 1
-            lines.append(f"  read from a ComfyUI-native file (dequantized by comfy-kitchen): {fmts}")
+            lines.append("  read from a ComfyUI-native file (dequantized by comfy-kitchen): "
+                         + ", ".join(f"{n} {f}" for f, n in sorted(fmts.items())))
         lines += [f"  fallback {n}: {why}" for n, why in self.fallbacks.items()]
         return "\n".join(lines)
 
