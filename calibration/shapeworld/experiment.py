@@ -149,7 +149,12 @@ GUARDS = ("accept", "heldout", "trust")
 #: Reference-anchored methods (calibration.reference): the free-running fit (the default), the teacher-forced
 #: fit, a zoom search on the final-output distance, and the hybrid (JAQ zoom around the fit).
 REFERENCE_METHODS = ("reference", "reference-tf", "reference-x0", "reference-search", "hybrid")
-REFERENCE_CHOICES = REFERENCE_METHODS + ("reference+ptqd", "reference-rules")
+REFERENCE_CHOICES = REFERENCE_METHODS + ("reference+ptqd", "reference-rules", "reference-iv", "reference-iv-tf")
+#: the candidates of the rule analysis: method -> (row name, fit mode, fit match)
+RULE_FITS = {"reference-rules": ("qsched-reference", "free", "state"),
+             "reference+ptqd": ("qsched-reference+ptqd", "free", "state"),
+             "reference-iv": ("qsched-reference-iv", "free", "iv"),
+             "reference-iv-tf": ("qsched-reference-iv-tf", "teacher", "iv")}
 #: The confirmatory candidates (docs/shape_world.md, "Confirmatory run"): ``reference-rules`` measures the shipped
 #: free-running fit under both acceptance rules; ``reference+ptqd`` fits PTQD's bias correction on the same 4 fit
 #: prompts, the coefficients on top of it, and tests the result against naive under both rules. Rows:
@@ -219,7 +224,7 @@ def reference_rows(world, ev: Evaluator, family: str, steps: int, r: int, fmt: s
             sres.heldout, sres.images_spent = test.acceptance.to_dict(), test.images
             rows.append(_reference_row(base, "qsched-reference-search", gen, ev, r, naive, sres,
                                        time.perf_counter() - t0))
-        elif method in ("reference+ptqd", "reference-rules"):
+        elif method in RULE_FITS:
             rows += _rule_rows(world, ev, base, method, gen, fp_gen, naive, r, fit_p, fit_s, test_p, test_s)
         elif method == "hybrid":
             res = calibrate(PointBatched(gen, batch) if batch else gen, ev.jaq, fit_p, seeds=fit_s,
@@ -271,15 +276,15 @@ def _rule_rows(world, ev, base, method, gen, fp_gen, naive, r, fit_p, fit_s, tes
     same held-out images (8 prompts/seeds the fit never saw; FP, naive, fitted)."""
     from .. import reference as R
     t0 = time.perf_counter()
-    fit_gen, images, extra, name = gen, 0, {}, "qsched-reference"
+    fit_gen, images, extra = gen, 0, {}
+    name, mode, match = RULE_FITS[method]
     if method == "reference+ptqd":
-        name = "qsched-reference+ptqd"
         corr = fit_ptqd_for(world, base["family"], base["steps"], gen.net, fit_p, fit_s)
         fit_gen = world.generator(base["family"], base["steps"], net=gen.net, quant=base["format"],
                                   model_wrapper=corr.wrap)
         images += 2 * len(fit_p)  # PTQD's pairs: FP and quantized on the FP trajectory
         extra["gamma"] = list(corr.gamma)
-    fit = R.fit_reference(fit_gen, fp_gen, fit_p, fit_s)
+    fit = R.fit_reference(fit_gen, fp_gen, fit_p, fit_s, mode=mode, match=match)
     images += fit.images + 3 * len(test_p)
     ref = fp_gen.generate(None, test_p, test_s)
     idn = gen.generate(None, test_p, test_s)
@@ -287,6 +292,10 @@ def _rule_rows(world, ev, base, method, gen, fp_gen, naive, r, fit_p, fit_s, tes
     sets = {"identity": idn, "fitted": fitted}
     if fit_gen is not gen:
         sets["corrected"] = fit_gen.generate(None, test_p, test_s)  # PTQD alone (not counted: analysis only)
+        # PTQD's slope as Q-Sched coefficients (c_x = 1, c_eps = 1 / (1 + gamma)): the correlated part of its
+        # correction without the per-channel offset, fitted by regressing the quantized prediction on the FP one
+        scale = Coefficients([1.0] * base["steps"], [1.0 / (1.0 + g) for g in extra["gamma"]])
+        sets["scale"] = gen.generate(scale, test_p, test_s)
     extra["distances"] = {k: {n: [round(float(v), 8) for v in f(x, ref)] for n, x in sets.items()}
                           for k, f in DISTANCES.items()}
     d = {"pixel": (R.paired_distance(idn, ref), R.paired_distance(fitted, ref)),
@@ -306,6 +315,8 @@ def _rule_rows(world, ev, base, method, gen, fp_gen, naive, r, fit_p, fit_s, tes
         out.append(dict(common, method=name + suffix, accepted=bool(ok), **src))
     if method == "reference+ptqd":
         out.append(dict(common, method="ptqd-fit4", **(ev.measure(fit_gen, None, r))))
+        out.append(dict(common, method="ptqd-scale", c_x=list(scale.c_x), c_eps=list(scale.c_eps),
+                        **(ev.measure(gen, scale, r))))
     return out
 
 

@@ -24,7 +24,10 @@ from . import report as Rep
 #: candidate -> (row method holding its FD, row method holding its distances, distance set name)
 CANDIDATES = {"fit": ("qsched-reference-unchecked", "qsched-reference-unchecked", "fitted"),
               "ptqd": ("ptqd-fit4", "ptqd-fit4", "corrected"),
-              "ptqd+fit": ("qsched-reference+ptqd-unchecked", "qsched-reference+ptqd-unchecked", "fitted")}
+              "ptqd+fit": ("qsched-reference+ptqd-unchecked", "qsched-reference+ptqd-unchecked", "fitted"),
+              "scale": ("ptqd-scale", "ptqd-scale", "scale"),
+              "iv": ("qsched-reference-iv-unchecked", "qsched-reference-iv-unchecked", "fitted"),
+              "iv-tf": ("qsched-reference-iv-tf-unchecked", "qsched-reference-iv-tf-unchecked", "fitted")}
 #: rules: name -> (distance names, candidates, family-wise alpha); a candidate is kept if its distance drops
 #: significantly on any listed distance (alpha split over distances x candidates) and the first listed distance
 #: does not grow; of the kept candidates the one with the largest drop on the first distance wins.
@@ -37,6 +40,17 @@ RULES = {
     "stats (fit|ptqd|ptqd+fit)": (("stats",), ("fit", "ptqd", "ptqd+fit"), 0.05),
     "stats|pixel (fit|ptqd|ptqd+fit)": (("stats", "pixel"), ("fit", "ptqd", "ptqd+fit"), 0.05),
     "pixel (ptqd+fit)": (("pixel",), ("ptqd+fit",), 0.05),
+    "pixel (scale)": (("pixel",), ("scale",), 0.05),
+    "pixel (fit|scale)": (("pixel",), ("fit", "scale"), 0.05),
+    "stats (scale)": (("stats",), ("scale",), 0.05),
+    "no test (scale)": ((), ("scale",), 0.05),
+    "pixel (iv)": (("pixel",), ("iv",), 0.05),
+    "pixel (iv-tf)": (("pixel",), ("iv-tf",), 0.05),
+    "stats (iv)": (("stats",), ("iv",), 0.05),
+    "pixel|stats (iv)": (("pixel", "stats"), ("iv",), 0.05),
+    "pixel (fit|iv)": (("pixel",), ("fit", "iv"), 0.05),
+    "no test (iv)": ((), ("iv",), 0.05),
+    "no test (iv-tf)": ((), ("iv-tf",), 0.05),
     "no test (fit)": ((), ("fit",), 0.05),
     "no test (ptqd+fit)": ((), ("ptqd+fit",), 0.05),
     "no test (ptqd)": ((), ("ptqd",), 0.05),
@@ -88,7 +102,7 @@ def rule_rows(rows, rule, name, seeds) -> list[dict]:
 def tally(result, seeds, key="fd_heldout") -> list[str]:
     rows, cfg = result["rows"], result["config"]
     lines = ["| rule | better than naive (4-bit) | worse than naive (all) | better than PTQD (4-bit) | worse than "
-             "PTQD (4-bit) | kept (fit / ptqd / ptqd+fit / naive) |", "|---|---|---|---|---|---|"]
+             "PTQD (4-bit) | kept (per candidate, then naive) |", "|---|---|---|---|---|---|"]
     for name, rule in RULES.items():
         extra = rule_rows(rows, rule, "rule", seeds)
         allrows = [x for x in rows if x["seed"] in seeds] + extra
@@ -112,7 +126,7 @@ def tally(result, seeds, key="fd_heldout") -> list[str]:
                         if vp == "worse":
                             pw4.append(f"{fam} {fmt} {steps}")
         kept = [x["kept"] for x in extra]
-        kc = " / ".join(str(sum(k == c for k in kept)) for c in ("fit", "ptqd", "ptqd+fit", None))
+        kc = " / ".join(str(sum(k == c for k in kept)) for c in (*CANDIDATES, None))
         lines.append(f"| {name} | {n4} | {len(w)} of {total}{' (' + ', '.join(w) + ')' if w else ''} | {p4} | "
                      f"{len(pw4)} | {kc} |")
     return lines
