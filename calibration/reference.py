@@ -227,28 +227,35 @@ def trajectory(gen: TrajectoryGenerator, prompts: Sequence[str], seeds: Sequence
     fn = samplers.SAMPLERS[gen.sampler]
     parts = []
     for ps, ss in _chunks(gen, prompts, seeds):
-        states, est = [], []
+        states, est, raw = [], [], []
 
         def record(info):
             states.append(info["x"])
             est.append(info["denoised"])
+        model = gen.denoiser(ps)
+
+        def recorded(x, sigma, **kw):
+            raw.append(model(x, sigma, **kw))
+            return raw[-1]
         x0 = gen.start(ss)
-        out = fn(gen.denoiser(ps), x0, _sigmas(gen, x0), None, disable=True, coefficients=coefficients,
+        out = fn(recorded, x0, _sigmas(gen, x0), None, disable=True, coefficients=coefficients,
                  callback=record, **gen.sampler_kwargs(ss))
-        parts.append(states + [out] + est)
+        parts.append(states + [out] + est + raw)
     n = len(parts[0])
     full = [torch.cat([p[i] for p in parts]) for i in range(n)]
-    steps = (n - 1) // 2
-    return Trajectory(full[:steps + 1], full[steps + 1:])
+    steps = (n - 1) // 3
+    return Trajectory(full[:steps + 1], full[steps + 1:2 * steps + 1], full[2 * steps + 1:])
 
 
 class Trajectory(list):
     """The states ``[x_0, ..., x_N]`` of a run (a list), with ``x0``: the sampler's clean-image estimate at every
-    step (``[steps]`` tensors; what its callback reports as ``denoised``)."""
+    step (``[steps]`` tensors; what its callback reports as ``denoised``) and ``raw``: the model's own output at
+    every step's state (before coefficients or boundary conditions; empty if not recorded)."""
 
-    def __init__(self, states, x0=()):
+    def __init__(self, states, x0=(), raw=()):
         super().__init__(states)
         self.x0 = list(x0)
+        self.raw = list(raw)
 
 
 @dataclass
@@ -315,6 +322,7 @@ def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], se
         o += len(ps)
     models = [quantized.denoiser(ps) for ps, _ in chunks]
     ref_models = [reference.denoiser(ps) for ps, _ in chunks] if match == "iv" else None
+    recorded = match == "iv" and mode == "teacher" and len(getattr(target, "raw", ())) == steps
     kwargs = []
     for _, ss in chunks:
         kw = quantized.sampler_kwargs(ss)
@@ -341,7 +349,10 @@ def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], se
             d = model(x, sig[i] * x.new_ones([x.shape[0]]))
             state, est = step_basis(fn, sig, i, x, d, kwargs[k], x0=True)
             if match == "iv":
-                d_ref = ref_models[k](x, sig[i] * x.new_ones([x.shape[0]]))
+                if recorded:  # teacher-forced: the FP run's own output at its own state
+                    d_ref = target.raw[i][offsets[k]:offsets[k] + len(ps)].to(x.device, x.dtype)
+                else:
+                    d_ref = ref_models[k](x, sig[i] * x.new_ones([x.shape[0]]))
                 u, v, w = state
                 w_ref = stock_step(fn, sig, i, torch.zeros_like(x), d_ref - x, kwargs[k]) - u
                 g.add_iv(u, v, w, w_ref, u + v + w_ref)
@@ -357,7 +368,8 @@ def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], se
         res_fit.append(g.loss(a, b))
         for k, (x, d) in enumerate(saved):
             xs[k] = qsched_step(fn, sig, i, x, d, a, b, kwargs[k])
-    images = len(prompts) * (2 if match == "iv" else 1)  # "iv": one FP pass per image and step too
+    # free "iv": one FP pass per image and step at the quantized states (teacher: the FP run's recorded output)
+    images = len(prompts) * (2 if match == "iv" and not recorded else 1)
     return ReferenceFit(Coefficients(c_x, c_eps), mode, res_id, res_fit, images=images)
 
 
