@@ -13,21 +13,13 @@ update written out here. Prints one JSON line ("RESULT {...}").
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
-SHIM, WORK, CASE = sys.argv[1], sys.argv[2], sys.argv[3]
-CHECK = sys.argv[4] if len(sys.argv) > 4 else "load"
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path.insert(0, os.getcwd())
-sys.path.insert(0, SHIM)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+from comfy_env import enter_comfyui, report
 
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+SHIM, WORK, CASE, *_rest = enter_comfyui()
+CHECK = _rest[0] if _rest else "load"
 
 import torch  # noqa: E402
 
@@ -74,7 +66,7 @@ CASES = {
                              cond=_cond(6, 4096, pooled_output=2048)),
     "chroma": dict(file="chroma-unlocked-v50.safetensors", build="build_chroma", dtype=torch.bfloat16,
                    config="Chroma", family="chroma", setting="chroma_flash_8step", latent=(1, 16, 8, 8),
-                   cond=_cond(6, 4096)),
+                   cond=_cond(6, 4096, pooled_output=None)),  # T5 only: ComfyUI's encoder gives pooled None
     "flux_dev": dict(file="flux1-dev.safetensors", build="build_flux_dev", dtype=torch.bfloat16, config="Flux",
                      family="flux", setting="flux_dev_turbo_8step", latent=(1, 16, 8, 8),
                      cond=_cond(6, 4096, pooled_output=768, guidance=3.5)),
@@ -120,7 +112,7 @@ def direct(model):
     mm.load_models_gpu([model], force_full_load=True)
     base = model.model
     conds = {"c_crossattn": cond[0]}
-    if "pooled_output" in cond[1]:
+    if cond[1].get("pooled_output") is not None:
         conds["y"] = cond[1]["pooled_output"]
     if "guidance" in cond[1] or FAMILY.name == "chroma":  # Chroma's model takes guidance (core's default 0)
         conds["guidance"] = torch.tensor([cond[1].get("guidance", 0.0)])
@@ -327,5 +319,4 @@ def check_coefficients():
 
 if __name__ == "__main__":
     build()
-    result = globals()[f"check_{CHECK}"]()
-    print("RESULT " + json.dumps(result, default=str), flush=True)
+    report(globals(), CHECK)

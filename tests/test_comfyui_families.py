@@ -6,21 +6,11 @@ the video (Wan) flow sampler. Needs COMFYUI_PATH (and COMFYUI_PYTHON)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from comfy_env import check_dirs, require_comfyui, run_check
 
 pytestmark = pytest.mark.comfyui
-
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
-if not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "main.py").is_file():
-    pytest.skip("COMFYUI_PATH does not point at a ComfyUI checkout", allow_module_level=True)
+require_comfyui()
 
 #: ComfyUI fixes Qwen-Image's, Chroma's and FLUX's width (3072), so their one-block tiny models hold 0.3-0.5 B
 #: parameters and take minutes on a 2-core CPU: marked slow.
@@ -33,21 +23,11 @@ CONFIG = {"qwen_image": "QwenImage", "wan22_5b": "WAN22_T2V", "wan22_a14b": "WAN
 
 @pytest.fixture(scope="session")
 def family_env(tmp_path_factory):
-    shim = tmp_path_factory.mktemp("shim")
-    (shim / "qsched_pack").symlink_to(REPO, target_is_directory=True)
-    work = Path(os.environ.get("QSCHED_FAMILY_MODELS") or tmp_path_factory.mktemp("family_models"))
-    work.mkdir(parents=True, exist_ok=True)
-    return shim, work
+    return check_dirs(tmp_path_factory, "QSCHED_FAMILY_MODELS", "family_models")
 
 
 def check(env, case: str, what: str) -> dict:
-    shim, work = env
-    cmd = [COMFYUI_PYTHON, str(REPO / "tests" / "comfy_family_checks.py"), str(shim), str(work), case, what]
-    p = subprocess.run(cmd, cwd=COMFYUI_PATH, env=dict(os.environ, OMP_NUM_THREADS="2"), capture_output=True,
-                       text=True, timeout=1200)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, (p.stdout[-3000:], p.stderr[-6000:])
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_check("comfy_family_checks.py", env, case, what)
 
 
 @pytest.mark.parametrize("case", CASES)
