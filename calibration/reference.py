@@ -49,9 +49,17 @@ RIDGE = 1e-4
 #: Acceptance: one-sided paired sign-flip test on per-image log distance ratios, at this level.
 ALPHA = 0.05
 MODES = ("free", "teacher")
-#: What each step is fitted to (``fit_to_trajectory``'s ``match``); the default is the measured best.
+#: What each step is fitted to (``fit_to_trajectory``'s ``match``); the default is the measured best
+#: (docs/shape_world.md): "iv", the FP model's step from the same state with the FP basis as instruments.
 MATCHES = ("state", "x0", "state+x0", "iv")
-MATCH = "state"
+MATCH = "iv"
+
+
+def images_per_fit_prompt(mode: str = "free", match: str = MATCH) -> int:
+    """Network passes per step and fit prompt, counted in images: the FP run and the quantized run, plus the FP
+    model at the quantized run's states for the free-running instrumental fit (teacher-forced: the FP run's own
+    recorded output serves)."""
+    return 3 if match == "iv" and mode == "free" else 2
 
 
 @runtime_checkable
@@ -369,7 +377,7 @@ def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], se
         for k, (x, d) in enumerate(saved):
             xs[k] = qsched_step(fn, sig, i, x, d, a, b, kwargs[k])
     # free "iv": one FP pass per image and step at the quantized states (teacher: the FP run's recorded output)
-    images = len(prompts) * (2 if match == "iv" and not recorded else 1)
+    images = len(prompts) * (2 if match == "iv" and not recorded else 1)  # + the FP run: images_per_fit_prompt
     return ReferenceFit(Coefficients(c_x, c_eps), mode, res_id, res_fit, images=images)
 
 

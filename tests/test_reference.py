@@ -88,7 +88,7 @@ def test_iv_fit_is_not_attenuated_by_prediction_noise():
     stays near 1/k."""
     fp = ToyTrajectoryGenerator("euler", "eps", size=12)
     q = ScaledEps("euler", "eps", size=12, k=(0.8,) * 4, noise=0.4)
-    ls = R.fit_reference(q, fp, PROMPTS, SEEDS, mode="teacher", ridge=0.0)
+    ls = R.fit_reference(q, fp, PROMPTS, SEEDS, mode="teacher", match="state", ridge=0.0)
     iv = R.fit_reference(q, fp, PROMPTS, SEEDS, mode="teacher", match="iv", ridge=0.0)
     err_ls = max(abs(c - 1.25) for c in ls.coefficients.c_eps)
     err_iv = max(abs(c - 1.25) for c in iv.coefficients.c_eps)
@@ -129,7 +129,7 @@ def test_fit_brings_a_distorted_model_closer_on_heldout_images():
     res = R.calibrate_to_reference(q, fp, PROMPTS, SEEDS, held_p, held_s)
     assert res.acceptance.accepted, res.acceptance.text
     assert res.acceptance.distance_fitted < 0.8 * res.acceptance.distance_identity
-    assert "kept" in res.acceptance.text and res.images == 2 * 6 + 3 * 8
+    assert "kept" in res.acceptance.text and res.images == R.images_per_fit_prompt() * 6 + 3 * 8
     assert not res.coefficients.is_identity
 
 
@@ -141,7 +141,7 @@ def test_free_running_fit_beats_teacher_forcing_on_its_own_objective():
     ref = fp.generate(None, held_p, held_s)
     dist = {}
     for mode in R.MODES:
-        fit = R.fit_reference(q, fp, PROMPTS, SEEDS, mode=mode)
+        fit = R.fit_reference(q, fp, PROMPTS, SEEDS, mode=mode, match="state")
         dist[mode] = float(R.paired_distance(q.generate(fit.coefficients, held_p, held_s), ref).mean())
     naive = float(R.paired_distance(q.generate(None, held_p, held_s), ref).mean())
     assert dist["free"] < naive and dist["teacher"] < naive
@@ -221,7 +221,7 @@ def test_calibrate_reference_objective_needs_no_scorer(tmp_path):
     res = calibrate(q, None, PROMPTS, objective="reference", reference=fp, heldout_prompts=HELD[0],
                     heldout_seeds=HELD[1], preset=str(preset))
     assert res.objective == "reference" and res.accepted and "kept" in res.acceptance
-    assert res.images_spent == 2 * 6 + 3 * 8
+    assert res.images_spent == R.images_per_fit_prompt() * 6 + 3 * 8
     assert res.heldout["distance_fitted"] < res.heldout["distance_identity"]
     loaded = Coefficients.load(str(preset))
     assert loaded.c_x == res.best.c_x and not loaded.is_identity
