@@ -30,7 +30,6 @@ import contextlib
 import gc
 import json
 import os
-import sys
 import time
 import traceback
 
@@ -48,7 +47,6 @@ P.add_argument("--only", default=None, help="comma-separated config keys family/
 P.add_argument("--no-profile", action="store_true", help="no kernel-time breakdown")
 ARGS = P.parse_args()
 T0 = time.time()
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 import simcard  # noqa: E402
 
@@ -405,11 +403,14 @@ class RandomTextEncoder:
 
 def random_vae(fam):
     """A full-size VAE of the family's latent format (FLUX ae: 16 channels; SDXL: 4), random weights, fp16."""
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "data"))
-    from build_tiny_comfy_models import build_vae
+    from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    sd = {k: v.to(torch.float16) for k, v in build_vae(16 if fam == "flux" else 4, 3).items()}
-    return comfy.sd.VAE(sd=sd)
+    z = 16 if fam == "flux" else 4
+    ddconfig = {"double_z": True, "z_channels": z, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    with torch.device("meta"):
+        vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=z)
+    return comfy.sd.VAE(sd=random_state_dict(vae, torch.float16, 3))
 
 
 def refcal(key, fam, fmt, card):

@@ -107,7 +107,8 @@ class _QSchedLoaderBase:
                 from ..qsched.quant import prequant
 
                 if prequant.read_metadata(path) is None:
-                    return (*self._load_float(path, precision), f"{precision}: not quantized")
+                    model, clip, vae = self._load_float(path, precision)
+                    return model, clip, vae, self._report(path, model, f"{precision}, not quantized")
             model, clip, vae, report = load_quantized(path, QuantSpec.parse(
                 "w4a8" if precision in FLOAT_PRECISIONS else precision), backend, checkpoint=self.CHECKPOINT,
                 embedding_directory=self._embeddings())
@@ -116,8 +117,13 @@ class _QSchedLoaderBase:
         except RuntimeError as exc:  # ComfyUI: "Could not detect model type of ...", or layers that do not fit
             raise NodeInputError(self.DISPLAY_NAME, self.FILE_INPUT, f"{name!r}: {_load_failure(exc, self.CHECKPOINT)}"
                                  ) from None
-        text = f"{os.path.basename(path)}: {report}\nComfyUI size: {model.model_size() / 2**30:.2f} GiB"
-        return model, clip, vae, text
+        return model, clip, vae, self._report(path, model, report)
+
+    @staticmethod
+    def _report(path: str, model, what: str) -> str:
+        """The loader's box: the file, how it was loaded, and the size ComfyUI counts for it (quantized or not, so
+        the full-precision reference and the quantized model can be compared)."""
+        return f"{os.path.basename(path)}: {what}\nComfyUI size: {model.model_size() / 2**30:.2f} GiB"
 
     def _embeddings(self):
         import folder_paths

@@ -372,8 +372,8 @@ def test_calibration_workflow_samples_with_the_calibrated_coefficients(name, sam
     text = next(v for v in p.values() if v["class_type"] == "CLIPTextEncode" and v["inputs"]["text"])
     assert score["inputs"]["prompts"] == text["inputs"]["text"]  # scored against the prompt it was made from
     notes = " ".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note")
-    for knob in ("budget", "strategy", "space", "range_min", "points", "preset_name", "RESUMES", "Load Preset", "k:",
-                 "objective", "match full precision", "held-out", "unmute"):
+    for knob in ("budget", "strategy", "space", "range_min", "points", "preset_name", "resume", "Load Preset", "k:",
+                 "objective", "match full precision", "held-out", "Ctrl+M", "overwrite", "max_minutes"):
         assert knob in notes, knob
 
 
