@@ -30,7 +30,6 @@ import contextlib
 import gc
 import json
 import os
-import sys
 import time
 import traceback
 
@@ -48,16 +47,11 @@ P.add_argument("--only", default=None, help="comma-separated config keys family/
 P.add_argument("--no-profile", action="store_true", help="no kernel-time breakdown")
 ARGS = P.parse_args()
 T0 = time.time()
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.argv = [sys.argv[0]] + (["--cpu"] if ARGS.tiny else [])
-sys.path.insert(0, os.path.abspath(ARGS.comfy))
-sys.path.insert(0, HERE)
-if ARGS.gguf_nodes:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(ARGS.gguf_nodes)))
 
-import comfy.options  # noqa: E402
+import simcard  # noqa: E402
 
-comfy.options.enable_args_parsing()
+GGUF_PARENT = [os.path.dirname(os.path.abspath(ARGS.gguf_nodes))] if ARGS.gguf_nodes else []
+simcard.enter_comfyui(ARGS.comfy, ARGS.tiny, *GGUF_PARENT)
 
 import torch  # noqa: E402
 
@@ -66,7 +60,6 @@ import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
 import comfyui_parts as parts  # noqa: E402
-import simcard  # noqa: E402
 from simcard import clean, sync  # noqa: E402
 import kernel_breakdown  # noqa: E402
 from qsched_pack.calibration.testing import AnonPeak  # noqa: E402
@@ -374,8 +367,6 @@ def measure(name, fam, loader, *, compiled=False, card=None, keep=False, graph=F
         if gm is not None and profile:
             rec["breakdown_graph"] = stage(rec, "profile graph", lambda: profile_breakdown(
                 gm, fam, rec.get("s_per_step_compiled_graph", rec.get("s_per_step_graph"))))
-        del gm
-    del base
     log(name, key or "", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
                           if k not in ("loaded",) and not k.startswith("breakdown")})
     for k in ("breakdown_eager", "breakdown_compiled", "breakdown_graph"):
@@ -412,11 +403,14 @@ class RandomTextEncoder:
 
 def random_vae(fam):
     """A full-size VAE of the family's latent format (FLUX ae: 16 channels; SDXL: 4), random weights, fp16."""
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "data"))
-    from build_tiny_comfy_models import build_vae
+    from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    sd = {k: v.to(torch.float16) for k, v in build_vae(16 if fam == "flux" else 4, 3).items()}
-    return comfy.sd.VAE(sd=sd)
+    z = 16 if fam == "flux" else 4
+    ddconfig = {"double_z": True, "z_channels": z, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    with torch.device("meta"):
+        vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=z)
+    return comfy.sd.VAE(sd=random_state_dict(vae, torch.float16, 3))
 
 
 def refcal(key, fam, fmt, card):

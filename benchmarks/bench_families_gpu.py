@@ -32,14 +32,10 @@ P.add_argument("--compile", default="", help="comma-separated families to also r
 P.add_argument("--budget-s", type=float, default=420.0)
 ARGS = P.parse_args()
 T0 = time.time()
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.argv = [sys.argv[0]] + (["--cpu"] if ARGS.tiny else [])
-sys.path.insert(0, os.path.abspath(ARGS.comfy))
-sys.path.insert(0, HERE)
 
-import comfy.options  # noqa: E402
+from simcard import Card, clean, enter_comfyui, random_state_dict, timed_sample  # noqa: E402
 
-comfy.options.enable_args_parsing()
+enter_comfyui(ARGS.comfy, ARGS.tiny)
 
 import torch  # noqa: E402
 
@@ -48,7 +44,6 @@ import comfy.ops  # noqa: E402
 import comfy.sd  # noqa: E402
 from qsched_pack.nodes import quant_ops  # noqa: E402
 from qsched_pack.nodes.quant_model import quantize_comfy_model  # noqa: E402
-from simcard import Card, clean, random_state_dict, timed_sample  # noqa: E402
 
 DEV = mm.get_torch_device()
 CUDA = getattr(DEV, "type", "cpu") == "cuda"
@@ -122,7 +117,9 @@ def build(name):
                    theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=3072, hidden_dim=5120, n_layers=5,
                    dtype=torch.bfloat16, device="meta", operations=ops)
         n = 8 if t else 128
-        return m, torch.bfloat16, [[torch.randn(1, 8 if t else 512, 4096, generator=g), {}]], (1, 16, n, n), 8, None
+        # T5 only: the conditioning carries pooled_output None (what ComfyUI's Chroma text encoder outputs)
+        cond = [[torch.randn(1, 8 if t else 512, 4096, generator=g), {"pooled_output": None}]]
+        return m, torch.bfloat16, cond, (1, 16, n, n), 8, None
     raise ValueError(name)
 
 

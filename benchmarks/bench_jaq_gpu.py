@@ -17,6 +17,7 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ PROMPTS = [f"a photo of object {i}: a red car parked next to a small dog on a su
 def import_pack():
     """The repository root is the package; import it as ``qsched_pack`` when it is not installed."""
     try:
-        import qsched_pack  # noqa: F401
+        importlib.import_module("qsched_pack")
     except ImportError:
         spec = importlib.util.spec_from_file_location("qsched_pack", ROOT / "__init__.py",
                                                       submodule_search_locations=[str(ROOT)])
@@ -101,10 +102,10 @@ def main():
                     if place == "cpu":
                         imgs = imgs.pin_memory()
                     torch.cuda.reset_peak_memory_stats()
-                    sec = timeit(lambda: jaq.score(imgs, prompts), args.iters)
+                    sec = timeit(partial(jaq.score, imgs, prompts), args.iters)
                     per = {}
                     for name, metric in (("tc", jaq.tc), ("iq", jaq.iq)):
-                        per[metric.name] = round(b / timeit(lambda: metric(imgs, prompts), args.iters), 1)
+                        per[metric.name] = round(b / timeit(partial(metric, imgs, prompts), args.iters), 1)
                     row = dict(preset=preset, size=size, input=place, batch=b, dtype=args.dtype,
                                images_per_s=round(b / sec, 1), per_metric_images_per_s=per,
                                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),

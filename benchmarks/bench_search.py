@@ -19,10 +19,12 @@ trained by this project (the shape world's flow model, ``calibration/shapeworld`
 pack's JAQ on its tiny CLIP, its 20 calibration prompts, 21x21 ``start`` grid on calibration seed 0), whose landscape
 is a real one.
 
-    .venv/bin/python benchmarks/bench_search.py            # everything (~10 min on 2 CPU cores)
+    .venv/bin/python benchmarks/bench_search.py            # everything
     .venv/bin/python benchmarks/bench_search.py --synthetic-only
     .venv/bin/python benchmarks/bench_search.py --trained-only     # the trained shape-world model only
-Writes benchmarks/results/search_benchmark.md and .json.
+Writes benchmarks/results/search_benchmark.md and .json (--trained-only: search_benchmark_trained.md and .json). The
+shape-world part is six 21x21 grids of 20 images, 1.0-2.9 s a grid point on one thread of a 2-core machine: about
+80 minutes.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
-"""A smaller card on a big GPU for ComfyUI's memory manager, and the sync/clean steps between configs (shared by the
-real-ComfyUI GPU benchmarks).
+"""A smaller card on a big GPU for ComfyUI's memory manager, the in-process ComfyUI start and the sync/clean steps
+between configs (shared by the real-ComfyUI GPU benchmarks).
+
+``enter_comfyui(checkout, cpu)`` before the first ``import comfy.*``: the checkout on sys.path, ComfyUI's own
+arguments read (``--cpu`` for the CPU smoke tests, nothing else).
 
 ``with Card(24, clean):`` ComfyUI's free/total memory queries answer for a card of 24 GiB and PyTorch's allocator is
 capped there (``torch.cuda.set_per_process_memory_fraction``); ``clean`` (unload every model, empty the cache) runs
@@ -9,9 +12,23 @@ on exit. Imports ComfyUI (``comfy.model_management``): run inside a ComfyUI proc
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
 GiB = 2 ** 30
+
+
+def enter_comfyui(checkout: str, cpu: bool, *more_paths: str) -> None:
+    """Import ComfyUI from ``checkout`` (and anything in ``more_paths``, e.g. a custom node pack's parent folder) in
+    this process, with ComfyUI's argument parser seeing only ``--cpu`` when ``cpu``."""
+    sys.argv = [sys.argv[0]] + (["--cpu"] if cpu else [])
+    for path in (checkout, *more_paths):
+        sys.path.insert(0, os.path.abspath(path))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
 
 
 def sync():

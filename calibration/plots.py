@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import warnings
@@ -27,7 +28,7 @@ def save_png(img, path: str) -> str:
 
 def _have_matplotlib() -> bool:
     try:
-        import matplotlib  # noqa: F401
+        importlib.import_module("matplotlib")
     except ImportError:
         return False
     return True

@@ -43,7 +43,9 @@ LOADERS = {"QSchedDiffusionModelLoader": ("unet_name", "diffusion_models", True)
            "QSchedCheckpointLoader": ("ckpt_name", "checkpoints", True),
            "UNETLoader": ("unet_name", "diffusion_models", False),
            "CheckpointLoaderSimple": ("ckpt_name", "checkpoints", False)}
-FAMILY_WORDS = {"flux": "FLUX", "sd3": "SD3", "sdxl": "SDXL", "sd1": "SD 1.x/2.x"}
+#: How messages name the families of ``family_of_keys``.
+FAMILY_WORDS = {"flux": "FLUX", "chroma": "Chroma", "sd3": "SD3", "sdxl": "SDXL", "sd1": "SD 1.x/2.x",
+                "qwen_image": "Qwen-Image", "wan": "Wan"}
 
 
 def link(v):
@@ -223,27 +225,27 @@ def register_on_prompt() -> bool:
 # preset compatibility (run time: Load Preset's hidden PROMPT)
 # ---------------------------------------------------------------------------------------------------------------
 def family_of_keys(keys) -> str | None:
-    """Model family from a diffusion model's tensor names: flux, sd3, sdxl, sd1 (SD 1.x / 2.x); None if unknown."""
-    keys = list(keys)
-    if any("double_blocks." in k for k in keys):
-        return "flux"
-    if any("joint_blocks." in k for k in keys):
-        return "sd3"
-    if any("input_blocks." in k for k in keys):
-        return "sdxl" if any("label_emb." in k for k in keys) else "sd1"
-    return None
+    """Model family from a diffusion model's tensor names: the layout ``qsched.quant.families`` recognises (flux,
+    chroma, sd3, qwen_image, wan), its SD UNet told apart as sdxl (which has the pooled-text embedder ``label_emb``)
+    or sd1 (SD 1.x / 2.x); None if unknown."""
+    layout = families.family_of_keys(keys)
+    if layout is None or layout.name != "sd_unet":
+        return None if layout is None else layout.name
+    return "sdxl" if any(k.startswith("label_emb.") for k in families.strip_model_prefix(keys)) else "sd1"
+
+
+#: What a preset records (ComfyUI's model class, e.g. Flux, SDXL, BaseModel, WAN22, QwenImage, or the command line's
+#: family), normalised, by prefix -> the family names of ``family_of_keys``.
+_NAME_PREFIXES = (("chroma", "chroma"), ("flux", "flux"), ("sd3", "sd3"), ("sdxl", "sdxl"), ("basemodel", "sd1"),
+                  ("sd1", "sd1"), ("sd2", "sd1"), ("qwenimage", "qwen_image"), ("wan", "wan"))
 
 
 def family_of_name(name) -> str | None:
-    """The same families from what a preset records (ComfyUI's model class, or the command line's family)."""
+    """The same families from what a preset records; None if unknown."""
     if not isinstance(name, str):
         return None
     n = name.lower().replace("-", "").replace("_", "").replace(".", "")
-    for prefix, fam in (("flux", "flux"), ("sd3", "sd3"), ("sdxl", "sdxl"), ("basemodel", "sd1"), ("sd1", "sd1"),
-                        ("sd2", "sd1")):
-        if n.startswith(prefix):
-            return fam
-    return None
+    return next((fam for prefix, fam in _NAME_PREFIXES if n.startswith(prefix)), None)
 
 
 def safetensors_header(path: str) -> dict | None:

@@ -107,22 +107,43 @@ class _QSchedLoaderBase:
                 from ..qsched.quant import prequant
 
                 if prequant.read_metadata(path) is None:
-                    return (*self._load_float(path, precision), f"{precision}: not quantized")
+                    model, clip, vae = self._load_float(path, precision)
+                    return model, clip, vae, self._report(path, model, f"{precision}, not quantized")
             model, clip, vae, report = load_quantized(path, QuantSpec.parse(
                 "w4a8" if precision in FLOAT_PRECISIONS else precision), backend, checkpoint=self.CHECKPOINT,
                 embedding_directory=self._embeddings())
         except (ValueError, SafetensorError, OSError) as exc:
             raise NodeInputError(self.DISPLAY_NAME, self.FILE_INPUT, f"{name!r}: {exc}") from None
-        except RuntimeError as exc:  # ComfyUI: "Could not detect model type of ..."
-            raise NodeInputError(self.DISPLAY_NAME, self.FILE_INPUT, f"{name!r}: {str(exc).splitlines()[0]}; is it a "
-                                 f"{'checkpoint' if self.CHECKPOINT else 'diffusion model'} file?") from None
-        text = f"{os.path.basename(path)}: {report}\nComfyUI size: {model.model_size() / 2**30:.2f} GiB"
-        return model, clip, vae, text
+        except RuntimeError as exc:  # ComfyUI: "Could not detect model type of ...", or layers that do not fit
+            raise NodeInputError(self.DISPLAY_NAME, self.FILE_INPUT, f"{name!r}: {_load_failure(exc, self.CHECKPOINT)}"
+                                 ) from None
+        return model, clip, vae, self._report(path, model, report)
+
+    @staticmethod
+    def _report(path: str, model, what: str) -> str:
+        """The loader's box: the file, how it was loaded, and the size ComfyUI counts for it (quantized or not, so
+        the full-precision reference and the quantized model can be compared)."""
+        return f"{os.path.basename(path)}: {what}\nComfyUI size: {model.model_size() / 2**30:.2f} GiB"
 
     def _embeddings(self):
         import folder_paths
 
         return folder_paths.get_folder_paths("embeddings")
+
+
+def _load_failure(exc: RuntimeError, checkpoint: bool) -> str:
+    """ComfyUI's RuntimeError while it detects or builds the model, in one sentence with what to do. Layers that do not
+    fit the model ComfyUI built from the file's keys ("Error(s) in loading state_dict for X"): a family this ComfyUI
+    does not know (a newer model whose keys look like an older family's) or a damaged file."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    head = lines[0] if lines else type(exc).__name__
+    if head.startswith("Error(s) in loading state_dict for "):
+        built = head[len("Error(s) in loading state_dict for "):].rstrip(":")
+        first = lines[1][:200] if len(lines) > 1 else ""
+        return (f"its layers do not fit the model ComfyUI built from its keys ({built}; {first}): this ComfyUI does "
+                "not know the model's family (a model newer than this ComfyUI needs a newer ComfyUI) or the file is "
+                "damaged. Check that the core Load Diffusion Model loads it; update ComfyUI if it does not")
+    return f"{head}; is it a {'checkpoint' if checkpoint else 'diffusion model'} file?"
 
 
 class QSchedCheckpointLoader(_QSchedLoaderBase):

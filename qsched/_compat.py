@@ -19,8 +19,7 @@ def ensure_torchvision_importable() -> str:
     """Return "native", "absent" or "shimmed"."""
     global _TV_LIB
     try:
-        import torchvision  # noqa: F401
-
+        importlib.import_module("torchvision")
         return "native"
     except ModuleNotFoundError:
         return "absent"
@@ -35,8 +34,7 @@ def ensure_torchvision_importable() -> str:
         _TV_LIB = torch.library.Library("torchvision", "DEF")
         _TV_LIB.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         _TV_LIB.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision  # noqa: F401
-
+    importlib.import_module("torchvision")
     return "shimmed"
 
 

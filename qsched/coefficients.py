@@ -17,7 +17,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 from ._io import PRESET_MAX_BYTES, atomic_write_text, brief, check_nesting, read_text_capped
 

@@ -9,8 +9,11 @@
 # benchmarks/bench_kernels_gpu.py, run first in the same environment (log: $OUT/kernels_part<PART>.log). BUDGET_S (default 540) = the benchmark's own time budget;
 # a config starts only if its estimate fits. Extra arguments go to bench_comfyui_gpu.py; PART "only" takes the list
 # from them: device_comfyui_bench.sh only --only sdxl/w8a8/compiled,flux/w4a8-fp8/eager
+# PART "families": benchmarks/bench_families_gpu.py instead (Qwen-Image, SD3.5 Large, Wan 2.2 5B, Chroma, Wan A14B on
+# a simulated 24 GiB card; BUDGET_S default 520; extra arguments go to it, e.g. --only wan5b,chroma --compile chroma);
+# writes $OUT/families_gpu.json and $OUT/bench_families.log.
 set -uo pipefail
-PART=${1:?usage: device_comfyui_bench.sh A|B [bench args]}
+PART=${1:?usage: device_comfyui_bench.sh A|B|only|families [bench args]}
 shift
 OUT=${OUT:-/tmp/qsb_out}
 T=${QSB_TMP:-/tmp}   # scratch: wheels' site dir, the package link, the model files (FLUX ~24 GB)
@@ -27,6 +30,11 @@ cat "$OUT/env_part$PART.txt"
 if [ -n "${KERNELS:-}" ]; then   # kernel micro-benchmarks first, e.g. KERNELS="--sections attention,onepass --name X"
     # shellcheck disable=SC2086
     python3 benchmarks/bench_kernels_gpu.py --out "$OUT" $KERNELS 2>&1 | tee "$OUT/kernels_part$PART.log"
+fi
+if [ "$PART" = families ]; then
+    python3 benchmarks/bench_families_gpu.py --comfy .dev-comfy/src --out "$OUT" --budget-s "${BUDGET_S:-520}" "$@" \
+        2>&1 | tee "$OUT/bench_families.log"
+    exit "${PIPESTATUS[0]}"
 fi
 PARTARG=(--part "$PART"); [ "$PART" = only ] && PARTARG=()   # "only": the list comes in --only KEY,...
 python3 benchmarks/bench_comfyui_gpu.py --comfy .dev-comfy/src --work "$T/qsb" --out "$OUT" "${PARTARG[@]}" \

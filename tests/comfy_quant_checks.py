@@ -15,15 +15,9 @@ import json
 import os
 import sys
 
-SHIM, WORK, CHECK = sys.argv[1], sys.argv[2], sys.argv[3]
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path.insert(0, os.getcwd())
-sys.path.insert(0, SHIM)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+from comfy_env import enter_comfyui, report
 
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+SHIM, WORK, CHECK = enter_comfyui()
 
 import torch  # noqa: E402
 
@@ -742,5 +736,4 @@ def check_attention():
 
 if __name__ == "__main__":
     build()
-    result = globals()[f"check_{CHECK}"]()
-    print("RESULT " + json.dumps(result, default=str), flush=True)
+    report(globals(), CHECK)

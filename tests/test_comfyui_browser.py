@@ -29,14 +29,14 @@ import time
 from pathlib import Path
 
 import pytest
+from comfy_env import require_comfyui
 
 pytestmark = pytest.mark.comfyui
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-if not os.environ.get("COMFYUI_PATH"):
-    pytest.skip("COMFYUI_PATH does not point at a ComfyUI checkout", allow_module_level=True)
+require_comfyui()
 if not (CHROMIUM and CHROMEDRIVER):
     pytest.skip("chromium / chromedriver not installed (scripts/setup_browser.sh)", allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -115,10 +115,11 @@ class Page:
                                                          window.__qs.alltexts.push(e.detail); });
         """)
         self.wait("return !!window.app.extensionManager?.setting", 60, "the settings")
-        # screenshots: text drawn at every zoom they use, no minimap over the graph
+        # screenshots: text drawn at every zoom they use, no minimap over the graph, no frame-rate counter
         self.js_async("const s = window.app.extensionManager.setting;"
                       "await s.set('Comfy.Minimap.Visible', false);"
-                      "await s.set('LiteGraph.Canvas.LowQualityRenderingZoomThreshold', 0.3);"
+                      "await s.set('Comfy.Graph.CanvasInfo', false);"
+                      "await s.set('LiteGraph.Canvas.MinFontSizeForLOD', 0);"
                       "await s.set('Comfy.Workflow.WorkflowTabsPosition', 'Sidebar'); return true;")
 
     def close_dialogs(self):
@@ -224,7 +225,11 @@ class Page:
         raise AssertionError("the server's queue did not empty")
 
     def result_boxes(self) -> dict:
-        """Our nodes' result boxes: node id -> {type, text, state, visible, inside} (inside = drawn within the node)."""
+        """Our nodes' result boxes: node id -> {type, text, state, visible, inside} (inside = drawn within the node).
+
+        The whole graph is brought into view first: the frontend does not draw the boxes of nodes outside the
+        visible canvas (an artist scrolls to them), and the view is whatever the last test left."""
+        self.fit_view()
         return self.js("""
             const out = {}, c = window.app.canvas;
             for (const n of window.app.graph._nodes) {
@@ -269,6 +274,20 @@ class Page:
                 const a = box(ns[i]), b = box(ns[j]);
                 if (a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3])
                     out.push(`${ns[i].type} #${ns[i].id} / ${ns[j].type} #${ns[j].id}`);
+            }
+            return out;
+        """)
+
+    def notes_cut_off(self) -> list[str]:
+        """Notes whose text is taller than their box (the artist would have to scroll to read it all)."""
+        return self.js("""
+            const out = [];
+            for (const n of window.app.graph._nodes) {
+                if (n.type !== 'Note' && n.type !== 'MarkdownNote') continue;
+                const el = n.widgets?.[0]?.element ?? n.widgets?.[0]?.inputEl;
+                if (!el || el.clientHeight < 20) out.push(`${n.type} #${n.id}: its text box is not drawn`);
+                else if (el.scrollHeight > el.clientHeight + 1)
+                    out.push(`${n.type} #${n.id}: text ${el.scrollHeight} px in a box of ${el.clientHeight} px`);
             }
             return out;
         """)
@@ -360,6 +379,7 @@ def test_template_loads_without_missing_nodes_or_broken_links(page, name):
 
     page.close_dialogs()
     page.fit_view()
+    assert page.notes_cut_off() == [], f"{name}: a note does not show its whole text"
     page.screenshot(SHOTS / f"{name}.png")
     # the template's thumbnail: its main Q-Sched node and its neighbours at a readable zoom, square
     _resize(1100, 1100, page)
@@ -683,6 +703,22 @@ def test_preset_nodes_show_their_results(page):
     assert "browser_copy.json" in options, options
     page.fit_view(1.0)
     page.screenshot(SHOTS / "presets_run.png")
+    # what the calibration templates' note tells the artist: a Load Preset added afterwards (to another workflow)
+    # lists the new preset too, and a preset file copied into models/qsched/ by hand appears after R (Refresh Node
+    # Definitions) pressed on the canvas
+    page.load_template("qsched_sdxl_turbo_w4a8")
+    added = page.js("const n = window.LiteGraph.createNode('QSchedLoadPreset'); window.app.graph.add(n);"
+                    "return n.widgets.find(w => w.name === 'preset').options.values")
+    assert "browser_copy.json" in added, added
+    (page.server.models / "qsched" / "browser_by_hand.json").write_text(
+        '{"format": "qsched-coefficients", "version": 1, "steps": 4, "c_x": [1, 1, 1, 1], "c_eps": [1, 1, 1, 1]}')
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    page.js("document.activeElement?.blur();")  # no text box selected: the key goes to the canvas's shortcuts
+    ActionChains(page.d).send_keys("r").perform()
+    page.wait("return window.app.graph._nodes.filter(n => n.type === 'QSchedLoadPreset').every(n => "
+              "n.widgets.find(w => w.name === 'preset').options.values.includes('browser_by_hand.json'))", 60,
+              "the hand-copied preset in Load Preset's list after R")
 
 
 

@@ -27,7 +27,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -36,19 +35,16 @@ import uuid
 from pathlib import Path
 
 import pytest
+from comfy_env import COMFYUI_PATH, COMFYUI_PYTHON, REPO, require_comfyui
 
 pytestmark = pytest.mark.comfyui
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 WORKFLOWS = REPO / "workflows"
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 PACK_DIR_NAME = "ComfyUI-QSched"  # not the pip name: proves the pack's imports are relative
 SIZE = 64
 
-if not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "main.py").is_file():
-    pytest.skip("COMFYUI_PATH does not point at a ComfyUI checkout", allow_module_level=True)
+require_comfyui()
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")

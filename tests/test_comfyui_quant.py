@@ -4,40 +4,22 @@ original, pre-quantized files, bad files, no graph breaks. Needs COMFYUI_PATH (a
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from comfy_env import check_dirs, require_comfyui, run_check
 
 pytestmark = pytest.mark.comfyui
-
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
-if not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "main.py").is_file():
-    pytest.skip("COMFYUI_PATH does not point at a ComfyUI checkout", allow_module_level=True)
+require_comfyui()
 
 
 @pytest.fixture(scope="session")
 def quant_env(tmp_path_factory):
-    shim = tmp_path_factory.mktemp("shim")
-    (shim / "qsched_pack").symlink_to(REPO, target_is_directory=True)
-    work = Path(os.environ.get("QSCHED_QUANT_MODELS") or tmp_path_factory.mktemp("quant_models"))
-    work.mkdir(parents=True, exist_ok=True)
-    return shim, work
+    return check_dirs(tmp_path_factory, "QSCHED_QUANT_MODELS", "quant_models")
 
 
 def check(quant_env, name: str) -> dict:
-    shim, work = quant_env
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    p = subprocess.run([COMFYUI_PYTHON, str(REPO / "tests" / "comfy_quant_checks.py"), str(shim), str(work), name],
-                       cwd=COMFYUI_PATH, env=env, capture_output=True, text=True, timeout=1200)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, (p.stdout[-3000:], p.stderr[-6000:])
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_check("comfy_quant_checks.py", quant_env, name)
 
 
 def test_flux_quantized_while_loading(quant_env):

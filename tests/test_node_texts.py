@@ -15,6 +15,7 @@ from qsched_pack.calibration.runner import ProgressInfo
 from qsched_pack.nodes import calibration, graph, sampling
 from qsched_pack.nodes.common import NodeInputError
 from qsched_pack.qsched.coefficients import Coefficients
+from test_families import USER_KEYS
 from test_workflows import CORE, our_object_info, ui_to_api
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,8 +170,18 @@ def test_family_from_file_and_from_preset_agree():
     sd15 = ["model.diffusion_model.input_blocks.0.0.weight"]
     assert [graph.family_of_keys(k) for k in (flux, sdxl, sd15, ["x"])] == ["flux", "sdxl", "sd1", None]
     assert [graph.family_of_name(n) for n in ("Flux", "FluxSchnell", "flux_schnell", "SDXL", "sdxl_turbo",
-                                              "BaseModel", "SD3", "Wan22", None)] == \
-        ["flux", "flux", "flux", "sdxl", "sdxl", "sd1", "sd3", None, None]
+                                              "BaseModel", "SD3", "Wan22", "Chroma", "QwenImage", "HunyuanVideo",
+                                              None)] == \
+        ["flux", "flux", "flux", "sdxl", "sdxl", "sd1", "sd3", "wan", "chroma", "qwen_image", None, None]
+    # one layout rule (qsched.quant.families): each family's users' keys, and ComfyUI's model class of that family
+    for family, keys in USER_KEYS.items():
+        assert graph.family_of_keys(keys) == (family if family != "sd_unet" else "sd1"), family
+    for cls, family in (("Flux", "flux"), ("Chroma", "chroma"), ("SD3", "sd3"), ("SDXL", "sdxl"),
+                        ("BaseModel", "sd1"), ("WAN22", "wan"), ("WAN21", "wan"), ("QwenImage", "qwen_image")):
+        assert graph.family_of_name(cls) == family and family in graph.FAMILY_WORDS, cls
+    assert graph.compat_warnings({"family": "Flux"}, [{"node": "n", "family": graph.family_of_keys(
+        USER_KEYS["chroma"])}]) == ["calibrated for family FLUX, but n uses Chroma: the coefficients may not fit; "
+                                    "calibrate for Chroma (or use a preset made for it)"]
     warn = graph.compat_warnings({"family": "SDXL"}, [{"node": "Q-Sched KSampler (#3)", "family": "sd1"}])
     assert warn == ["calibrated for family SDXL, but Q-Sched KSampler (#3) uses SD 1.x/2.x: the coefficients may "
                     "not fit; calibrate for SD 1.x/2.x (or use a preset made for it)"]

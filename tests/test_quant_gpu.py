@@ -221,7 +221,7 @@ def test_w4a8_gemm_matches_exact_reference(tk, m, n, k, g, bias):
 def test_w4a8_layer_fused_vs_dequant_path(fmt, kw, m):
     """The layer routes through the fused GEMM; it equals that kernel called directly, and the previous dequantize +
     cuBLAS path up to that path's own bf16 roundings (activations, weights, output: ~1.6e-3 each)."""
-    from qsched_pack.qsched.quant import kernels, layers
+    from qsched_pack.qsched.quant import kernels
 
     lin = nn.Linear(3072, 1024).cuda().to(torch.bfloat16)
     q = nn.Sequential(copy.deepcopy(lin))
@@ -245,7 +245,7 @@ def test_w4a8_layer_fused_vs_dequant_path(fmt, kw, m):
 
 @pytest.mark.parametrize("m,fused", [(1, True), (16, True), (17, False), (4096, False)])
 def test_w4a8_routing_by_token_count(m, fused):
-    from qsched_pack.qsched.quant import kernels, layers
+    from qsched_pack.qsched.quant import kernels
 
     assert kernels.W4A8_FUSED_MAX_M == 16
     lin = nn.Linear(1024, 512).cuda().to(torch.bfloat16)
@@ -261,8 +261,6 @@ def test_w4a8_routing_by_token_count(m, fused):
 
 @pytest.mark.parametrize("fmt,kw", [("w4a8", dict(act_symmetric=False)), ("w4a16", {}), ("w4a8", dict(group_size=32))])
 def test_w4a8_ineligible_layers_keep_dequant_path(fmt, kw):
-    from qsched_pack.qsched.quant import layers
-
     lin = nn.Linear(512, 256).cuda().to(torch.bfloat16)
     q = nn.Sequential(copy.deepcopy(lin))
     quantize_(q, QuantSpec.parse(fmt, **kw), "native")

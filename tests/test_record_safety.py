@@ -191,7 +191,7 @@ def test_disk_full_names_the_record_and_the_run_resumes_identically(tmp_path, cl
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(RecordWriteError, match=rf"cannot write the calibration record .*rec\.jsonl: the disk is "
+    with pytest.raises(RecordWriteError, match=r"cannot write the calibration record .*rec\.jsonl: the disk is "
                                                r"full\. Everything recorded before is kept.*--resume"):
         run(tmp_path)
     monkeypatch.setattr(os, "fsync", real)

@@ -1,8 +1,6 @@
 """The reference objective (calibration/reference.py): exact math first (affine step, closed-form fit), then the
 acceptance test and calibrate(objective=...)."""
 
-import math
-
 import pytest
 import torch
 

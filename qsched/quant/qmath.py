@@ -76,29 +76,32 @@ def quantize_weight_fp8w4(w: torch.Tensor, group_size: int | None, candidates: i
     wg = w.reshape(n, k // g, g)
     step = wg.abs().amax(-1) / 7.0  # ideal step per group [N, G]
     top = step.amax(1, keepdim=True)
+    ones = torch.ones_like(step)
+    # Only the choice (exponent per group, scale per row) is carried through the search; the codes are computed once
+    # from it at the end (the same float ops, so the same codes): one full-size temporary per trial, no full-size
+    # selects (4x less memory traffic than keeping the codes of the best trial, which mattered on the CPU).
     best = None
     for j in range(candidates):
         scale = (top * 2.0 ** (j / candidates - FP8W4_EMAX)).clamp_min(_EPS)
         hi = _ceil_log2((step / scale).clamp_min(2.0 ** (FP8W4_EMIN - 1))).clamp(FP8W4_EMIN, FP8W4_EMAX)
         pick = None
         for e in (hi, (hi - 1).clamp_min(FP8W4_EMIN)):
-            st = (scale * torch.ldexp(torch.ones_like(step), e))[..., None]
-            q = torch.round(wg / st).clamp_(-7, 7)
-            err = (q * st - wg).square().sum(-1)
+            st = (scale * torch.ldexp(ones, e))[..., None]
+            err = torch.div(wg, st).round_().clamp_(-7, 7).mul_(st).sub_(wg).square_().sum(-1)
             if pick is None:
-                pick = (q, e, err)
+                pick = (e, err)
             else:
-                better = err < pick[2]
-                pick = (torch.where(better[..., None], q, pick[0]), torch.where(better, e, pick[1]),
-                        torch.where(better, err, pick[2]))
-        total = pick[2].sum(1, keepdim=True)
+                better = err < pick[1]
+                pick = (torch.where(better, e, pick[0]), torch.where(better, err, pick[1]))
+        total = pick[1].sum(1, keepdim=True)
         if best is None:
-            best = (pick[0], pick[1], scale, total)
+            best = (pick[0], scale, total)
         else:
-            better = total < best[3]
-            best = (torch.where(better[..., None], pick[0], best[0]), torch.where(better, pick[1], best[1]),
-                    torch.where(better, scale, best[2]), torch.where(better, total, best[3]))
-    q, e, scale, _ = best
+            better = total < best[2]
+            best = (torch.where(better, pick[0], best[0]), torch.where(better, scale, best[1]),
+                    torch.where(better, total, best[2]))
+    e, scale, _ = best
+    q = torch.div(wg, (scale * torch.ldexp(ones, e))[..., None]).round_().clamp_(-7, 7)
     return q.to(torch.int8).reshape(n, k), e.to(torch.int8), scale
 
 

@@ -74,37 +74,31 @@ def build_vae(z_channels: int, seed: int) -> dict:
     return vae.state_dict()
 
 
-def build_sd_unet(seed: int) -> dict:
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
-                     channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
-                     transformer_depth_middle=1, context_dim=768, num_heads=8, use_spatial_transformer=True,
-                     use_linear_in_transformer=False, adm_in_channels=None, dtype=torch.float32,
-                     operations=comfy.ops.disable_weight_init)
-    init_(unet, seed)
-    return unet.state_dict()
-
-
-def build_flux(seed: int) -> dict:
-    import comfy.ops
-    from comfy.ldm.flux.model import Flux
-
-    flux = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=2048, context_in_dim=4096,
-                hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0, axes_dim=[16, 56, 56],
-                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False, dtype=torch.float32,
-                operations=comfy.ops.disable_weight_init)
-    init_(flux, seed)
-    return flux.state_dict()
-
-
 def _build(cls, seed: int, **kwargs) -> dict:
     import comfy.ops
 
     model = cls(dtype=torch.float32, operations=comfy.ops.disable_weight_init, **kwargs)
     init_(model, seed)
     return model.state_dict()
+
+
+def build_sd_unet(seed: int) -> dict:
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    return _build(UNetModel, seed, image_size=32, in_channels=4, out_channels=4, model_channels=320,
+                  num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+                  transformer_depth_middle=1, context_dim=768, num_heads=8, use_spatial_transformer=True,
+                  use_linear_in_transformer=False, adm_in_channels=None)
+
+
+def build_flux(seed: int, dev: bool = False) -> dict:
+    """FLUX, 1 double block: flux1-schnell layout (no guidance_in, pooled 2048: see the module docstring) or, with
+    ``dev``, flux1-dev layout (guidance_in, pooled CLIP-L 768)."""
+    from comfy.ldm.flux.model import Flux
+
+    return _build(Flux, seed, image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768 if dev else 2048,
+                  context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0,
+                  axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=dev)
 
 
 # Tiny models of the few-step families, keys as users' files have them (ComfyUI detects each from its keys; where
@@ -148,16 +142,8 @@ def build_chroma(seed: int) -> dict:
 
 
 def build_flux_dev(seed: int) -> dict:
-    """flux1-dev layout: FLUX with guidance_in, pooled CLIP-L 768; 1 double block."""
-    import comfy.ops
-    from comfy.ldm.flux.model import Flux
-
-    flux = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-                hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0, axes_dim=[16, 56, 56],
-                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, dtype=torch.float32,
-                operations=comfy.ops.disable_weight_init)
-    init_(flux, seed)
-    return flux.state_dict()
+    """flux1-dev layout (the name the family checks build by)."""
+    return build_flux(seed, dev=True)
 
 
 def main(models_dir: str) -> None:

@@ -169,8 +169,11 @@ async function refreshPresetLists() {
     const spec = (await res.json())?.QSchedLoadPreset?.input?.required?.preset;
     const values = Array.isArray(spec?.[0]) ? spec[0] : spec?.[1]?.options;
     if (!Array.isArray(values)) return;
+    // new nodes get the new list too: the frontend builds a node's widgets from its definition's `inputs` (the
+    // frontend's own form, 1.x) and older frontends from `input.required` (the server's form); both are updated
     const def = window.LiteGraph?.registered_node_types?.QSchedLoadPreset?.nodeData;
-    if (def?.input?.required?.preset) def.input.required.preset[0] = values;  // new nodes get the new list too
+    if (def?.input?.required?.preset) def.input.required.preset[0] = values;
+    if (def?.inputs?.preset && Array.isArray(def.inputs.preset.options)) def.inputs.preset.options = values;
     for (const node of app.graph?._nodes ?? []) {
       if (node.type !== "QSchedLoadPreset") continue;
       const w = node.widgets?.find((x) => x.name === "preset");

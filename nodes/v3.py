@@ -33,7 +33,7 @@ def _input(io, name: str, spec: tuple, optional: bool, node: str):
     known = {**COMMON, **WIDGET_OPTIONS.get(key, {})}
     unknown = set(opts) - set(known)
     if unknown:
-        raise ValueError(f"{node}.{name}: option(s) {sorted(unknown)} have no V3 equivalent in nodes/_v3.py; add "
+        raise ValueError(f"{node}.{name}: option(s) {sorted(unknown)} have no V3 equivalent in nodes/v3.py; add "
                          "them to WIDGET_OPTIONS")
     kw = {known[k]: v for k, v in opts.items()}
     if key == "COMBO":
