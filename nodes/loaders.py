@@ -114,9 +114,9 @@ class _QSchedLoaderBase:
                 embedding_directory=self._embeddings())
         except (ValueError, SafetensorError, OSError) as exc:
             raise NodeInputError(self.DISPLAY_NAME, self.FILE_INPUT, f"{name!r}: {exc}") from None
-        except RuntimeError as exc:  # ComfyUI: "Could not detect model type of ..."
-            raise NodeInputError(self.DISPLAY_NAME, self.FILE_INPUT, f"{name!r}: {str(exc).splitlines()[0]}; is it a "
-                                 f"{'checkpoint' if self.CHECKPOINT else 'diffusion model'} file?") from None
+        except RuntimeError as exc:  # ComfyUI: "Could not detect model type of ...", or layers that do not fit
+            raise NodeInputError(self.DISPLAY_NAME, self.FILE_INPUT, f"{name!r}: {_load_failure(exc, self.CHECKPOINT)}"
+                                 ) from None
         return model, clip, vae, self._report(path, model, report)
 
     @staticmethod
@@ -129,6 +129,21 @@ class _QSchedLoaderBase:
         import folder_paths
 
         return folder_paths.get_folder_paths("embeddings")
+
+
+def _load_failure(exc: RuntimeError, checkpoint: bool) -> str:
+    """ComfyUI's RuntimeError while it detects or builds the model, in one sentence with what to do. Layers that do not
+    fit the model ComfyUI built from the file's keys ("Error(s) in loading state_dict for X"): a family this ComfyUI
+    does not know (a newer model whose keys look like an older family's) or a damaged file."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    head = lines[0] if lines else type(exc).__name__
+    if head.startswith("Error(s) in loading state_dict for "):
+        built = head[len("Error(s) in loading state_dict for "):].rstrip(":")
+        first = lines[1][:200] if len(lines) > 1 else ""
+        return (f"its layers do not fit the model ComfyUI built from its keys ({built}; {first}): this ComfyUI does "
+                "not know the model's family (a model newer than this ComfyUI needs a newer ComfyUI) or the file is "
+                "damaged. Check that the core Load Diffusion Model loads it; update ComfyUI if it does not")
+    return f"{head}; is it a {'checkpoint' if checkpoint else 'diffusion model'} file?"
 
 
 class QSchedCheckpointLoader(_QSchedLoaderBase):

@@ -50,7 +50,8 @@ def _file_family(path: str):
 
 
 def _no_layer_error(name: str, model_patcher, report: QuantReport, family) -> ValueError:
-    """Why nothing was quantized, naming the layer type that holds the model's weights (one error, no traceback)."""
+    """Why nothing was quantized, naming the layer types that hold the model's weights and what to do (one error,
+    no traceback)."""
     held: dict[str, int] = {}
     dm = getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
     for m in (dm.modules() if dm is not None else ()):
@@ -61,9 +62,11 @@ def _no_layer_error(name: str, model_patcher, report: QuantReport, family) -> Va
     top = sorted(held.items(), key=lambda kv: -kv[1])[:2]
     kinds = ", ".join(f"{k} ({100 * v / total:.0f} % of the weights)" for k, v in top) or "no layers"
     fam = f"family {family.name}" if family is not None else "an unrecognised layout"
-    return ValueError(f"{name}: cannot quantize this model ({fam}, {type(dm).__name__}): its weights are in {kinds}, "
-                      f"not in Linear layers built through ComfyUI's operations ({len(report.skipped)} Linear layers "
-                      "skipped by the skip table); load it with the core loader")
+    kept = (f"; its {len(report.skipped)} Linear layers are all ones the skip table keeps in 16 bit (embedders, "
+            "global modulation, final layer)") if report.skipped else ""
+    return ValueError(f"{name}: nothing to quantize in this model ({fam}, {type(dm).__name__}): its weights are in "
+                      f"{kinds}, and the pack quantizes only Linear layers built through ComfyUI's operations{kept}. "
+                      "Load it with the core loader (Load Diffusion Model / Load Checkpoint) instead")
 
 
 def _finish(model_patcher, report: QuantReport, source: dict):

@@ -103,6 +103,12 @@ def make_ops(spec, backend: str = "auto", *, skip=None, extra_skip=(), quant_dev
             if w is None or w.is_meta:
                 missing_keys.append(prefix + "weight")
                 return
+            sw = sd.get(prefix + "scale_weight")
+            if sw is not None and w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                # core's scaled fp8 file (*_fp8_scaled.safetensors): the weight is float8 codes x scale_weight. (A
+                # MODEL from core's loader reaches Quantize Model already converted to float32 by its convert_weight.)
+                w = w.float() * sw.float()
+                report.scaled_fp8 += 1
             if tuple(w.shape) != (self.out_features, self.in_features):
                 error_msgs.append(f"{name}.weight: shape {tuple(w.shape)} != ({self.out_features}, "
                                   f"{self.in_features})")

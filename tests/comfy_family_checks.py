@@ -13,6 +13,7 @@ update written out here. Prints one JSON line ("RESULT {...}").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -61,6 +62,15 @@ CASES = {
     "wan22_a14b": dict(file="wan2.2_t2v_high_noise_14B_fp16.safetensors", build=("build_wan", False),
                        dtype=torch.float16, config="WAN21_T2V", family="wan", setting="wan22_lightx2v_4step",
                        latent=(1, 16, 2, 8, 8), cond=_cond(6, 4096)),
+    # the same expert as Comfy-Org repackages it for 24 GiB cards: core's scaled fp8 (block Linear weights float8
+    # with a per-layer scale_weight, a "scaled_fp8" marker key), the file most users of A14B have
+    "wan22_a14b_fp8_scaled": dict(file="wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", build=("build_wan", False),
+                                  dtype=torch.float16, fp8_scaled=True, config="WAN21_T2V", family="wan",
+                                  setting="wan22_lightx2v_4step", latent=(1, 16, 2, 8, 8), cond=_cond(6, 4096)),
+    # a family this ComfyUI does not know: a Z-Image-like NextDiT file (cap_embedder, x_embedder, layers.N...) that
+    # ComfyUI 0.3.64 takes for Lumina2 and whose layers do not fit what it builds
+    "newer_family": dict(file="z_image_turbo_bf16.safetensors", build="newer_family_file", dtype=torch.bfloat16,
+                         config=None, family="generic", setting=None),
     "sd35_large_turbo": dict(file="sd3.5_large_turbo.safetensors", build="build_sd35", dtype=torch.bfloat16,
                              config="SD3", family="sd3", setting="sd35_large_turbo_4step", latent=(1, 16, 8, 8),
                              cond=_cond(6, 4096, pooled_output=2048)),
@@ -78,7 +88,7 @@ CASES = {
 }
 C = CASES[CASE]
 FAMILY = families.get(C["family"])
-SETTING = FAMILY.few_step[C["setting"]]
+SETTING = FAMILY.few_step[C["setting"]] if C["setting"] else {}
 PATH = os.path.join(DM, C["file"])
 
 
@@ -90,10 +100,45 @@ def build():
     import build_tiny_comfy_models as b
 
     fn, *args = C["build"] if isinstance(C["build"], tuple) else (C["build"],)
-    sd = getattr(b, fn)(23, *args) if fn != "build_sd_unet" else b.build_sd_unet(23)
+    if fn == "newer_family_file":
+        g = torch.Generator().manual_seed(23)
+        sd = {k: torch.randn(shape, generator=g) for k, shape in (
+            ("x_embedder.weight", (384, 64)), ("cap_embedder.0.weight", (256,)), ("cap_embedder.1.weight", (384, 256)),
+            ("layers.0.attention.qkv.weight", (1152, 384)), ("layers.0.attention.out.weight", (384, 384)),
+            ("layers.0.feed_forward.w1.weight", (1024, 384)), ("final_layer.linear.weight", (64, 384)))}
+    else:
+        sd = getattr(b, fn)(23, *args) if fn != "build_sd_unet" else b.build_sd_unet(23)
+    sd = {k: (v.to(C["dtype"]) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    if C.get("fp8_scaled"):
+        sd = fp8_scaled(sd)
     tmp = PATH + ".tmp"
-    save_file({k: (v.to(C["dtype"]) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, tmp)
+    save_file(sd, tmp)
     os.replace(tmp, PATH)
+
+
+def fp8_scaled(sd):
+    """Core's scaled fp8 layout (what ComfyUI's fp8_scaled files hold): each block Linear weight as float8 e4m3 codes
+    of weight / scale_weight (one float32 scale per layer, amax / 448), plus the ``scaled_fp8`` marker key."""
+    out = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for k, v in sd.items():
+        if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2:
+            scale = v.float().abs().amax() / 448.0
+            out[k] = (v.float() / scale).to(torch.float8_e4m3fn)
+            out[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
+            out[k] = v
+    return out
+
+
+#: seconds per phase of this run (in the RESULT: where a slow case spends its time)
+TIMES: dict = {}
+
+
+@contextlib.contextmanager
+def timed(phase):
+    t0 = time.perf_counter()
+    yield
+    TIMES[phase] = round(TIMES.get(phase, 0.0) + time.perf_counter() - t0, 1)
 
 
 def rel(a, b):
@@ -144,7 +189,8 @@ def check_load():
     assert families.family_of_keys(list(_keys())) is FAMILY
     y_core = direct(core)
     core_size = core.model_size()
-    out = {"config": config, "family": FAMILY.name, "core_size": core_size}
+    out = {"config": config, "family": FAMILY.name, "core_size": core_size,
+           "core_scaled_fp8": str(core.model.model_config.scaled_fp8)}
     models = {}
     for fmt in FORMATS:
         for how in ("loader", "quantize_model"):
@@ -154,6 +200,7 @@ def check_load():
             else:
                 res = QSchedQuantizeModel().quantize(core, fmt, "auto")["result"]
             secs = time.perf_counter() - t0
+            TIMES[f"quantize {fmt}"] = round(TIMES.get(f"quantize {fmt}", 0.0) + secs, 1)
             q, text = res[0], res[-1]
             report = q.model.qsched_report
             assert report.family.startswith(FAMILY.name), report.family
@@ -168,13 +215,21 @@ def check_load():
             lin_q = sum(m.weight.numel() * m.weight.element_size() + m.weight_scale.numel() *
                         m.weight_scale.element_size() for m in layers.values())
             lin_bf16 = sum(m.in_features * m.out_features * 2 for m in layers.values())
-            y = direct(q)
+            with timed(f"direct {fmt}"):
+                y = direct(q)
             out[f"{fmt}/{how}"] = {"quantized": len(layers), "skipped": sorted(report.skipped), "size": size,
                                    "held": held, "size_vs_core": size / core_size,
                                    "quantized_weights_vs_bf16": lin_q / lin_bf16, "rel_err": rel(y, y_core),
-                                   "seconds": round(secs, 2), "report": text.splitlines()[0]}
+                                   "seconds": round(secs, 2), "report": text.splitlines()[0],
+                                   "scaled_fp8_layers": report.scaled_fp8}
             if how == "loader":
                 models[fmt] = q
+            else:  # the quantized layers (codes, scales, exponents) of the two ways, tensor for tensor
+                ref = dict(quant_ops.quantized_layers(models[fmt].model.diffusion_model))
+                out[f"{fmt}/{how}"]["same_codes_as_loader"] = ref.keys() == layers.keys() and all(
+                    all(torch.equal(getattr(m, t), getattr(ref[n], t)) for t in ("weight", "weight_scale")
+                        if getattr(m, t, None) is not None) and
+                    (m.weight_exp is None or torch.equal(m.weight_exp, ref[n].weight_exp)) for n, m in layers.items())
             mm.unload_all_models()
     # the family's distilled setting: Q-Sched KSampler / Q-Sched Sampler (identity) == core, on bf16 and quantized
     steps, cfg, sampler, sched = SETTING["steps"], SETTING["cfg"], SETTING["sampler"], SETTING["scheduler"]
@@ -185,29 +240,63 @@ def check_load():
     for key, m in (("bf16", core), ("w4a8", models["w4a8"]), ("w8a8-fp8", models["w8a8-fp8"])):
         m = with_setting(m)
         pos, neg = C["cond"](), C["cond"]()
-        y_core = nodes.KSampler().sample(m, 7, steps, cfg, sampler, sched, pos, neg, latent, 1.0)[0]["samples"]
-        y_pack = QSchedKSampler().sample(m, pos, neg, latent, 7, steps, cfg, sampler, sched, 1.0, 1.0,
-                                         coefficients=identity)[0]["samples"]
-        assert torch.equal(y_pack, y_core), (key, rel(y_pack, y_core))
-        sigmas = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), sched, steps).cpu()
-        noise = comfy.sample.prepare_noise(latent["samples"], 7)
-        core_s = comfy.samplers.sampler_object(sampler)
-        ours = QSchedSampler().get_sampler(sampler, 1.0, identity)[0]
-        ours_ramp = QSchedSampler().get_sampler(sampler, 1.0, ramp)[0]
-        a = comfy.sample.sample_custom(m, noise, cfg, core_s, sigmas, pos, neg, latent["samples"], seed=7,
-                                       disable_pbar=True)
-        b = comfy.sample.sample_custom(m, noise, cfg, ours, sigmas, pos, neg, latent["samples"], seed=7,
-                                       disable_pbar=True)
-        r = comfy.sample.sample_custom(m, noise, cfg, ours_ramp, sigmas, pos, neg, latent["samples"], seed=7,
-                                       disable_pbar=True)
-        assert torch.equal(a, b), (key, rel(b, a))
-        assert torch.equal(a, y_core), (key, "SamplerCustom != KSampler", rel(a, y_core))
-        assert not torch.equal(r, a), key
+        with timed(f"sample {key}"):
+            y_core = nodes.KSampler().sample(m, 7, steps, cfg, sampler, sched, pos, neg, latent, 1.0)[0]["samples"]
+            y_pack = QSchedKSampler().sample(m, pos, neg, latent, 7, steps, cfg, sampler, sched, 1.0, 1.0,
+                                             coefficients=identity)[0]["samples"]
+            assert torch.equal(y_pack, y_core), (key, rel(y_pack, y_core))
+            sigmas = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), sched, steps).cpu()
+            noise = comfy.sample.prepare_noise(latent["samples"], 7)
+
+            def custom(smp):
+                return comfy.sample.sample_custom(m, noise, cfg, smp, sigmas, pos, neg, latent["samples"], seed=7,
+                                                  disable_pbar=True)
+
+            # bf16: Q-Sched Sampler (identity) in core's SamplerCustom == core's SamplerCustom == core KSampler, and a
+            # coefficient ramp changes the latent. The quantized models run the comparison that depends on the model
+            # (Q-Sched KSampler == core KSampler above): each run is `steps` model calls, this check's cost on a CPU.
+            if key == "bf16":
+                a = custom(comfy.samplers.sampler_object(sampler))
+                assert torch.equal(a, y_core), (key, "SamplerCustom != KSampler", rel(a, y_core))
+                b = custom(QSchedSampler().get_sampler(sampler, 1.0, identity)[0])
+                assert torch.equal(b, a), (key, rel(b, a))
+                r = custom(QSchedSampler().get_sampler(sampler, 1.0, ramp)[0])
+                assert not torch.equal(r, a), key
         sampled[key] = y_core.float()
         mm.unload_all_models()
     out["sampling"] = {"setting": C["setting"], **SETTING, "identity_equals_core": True,
                        "w4a8_vs_bf16": rel(sampled["w4a8"], sampled["bf16"]),
                        "w8a8-fp8_vs_bf16": rel(sampled["w8a8-fp8"], sampled["bf16"])}
+    return {**out, "timings": TIMES}
+
+
+def check_refused():
+    """What the loaders say where they cannot quantize, through the pack's real loading path: a file of a family this
+    ComfyUI does not know (the loader node: one NodeInputError naming its input and what to do), and a model in which
+    nothing is left to quantize (``load_quantized`` / ``quantize_comfy_model``, the functions behind the loader and
+    Quantize Model, with every block skipped: the error names the layer types holding the weights)."""
+    from qsched_pack.nodes.common import NodeInputError
+    from qsched_pack.nodes.quant_model import load_quantized, quantize_comfy_model
+
+    out = {}
+    try:
+        QSchedDiffusionModelLoader().load(C["file"], "w4a8", "auto")
+    except NodeInputError as exc:
+        out["newer_family"] = {"type": type(exc).__name__, "input": exc.input_name, "message": str(exc)}
+    else:
+        raise AssertionError("the loader accepted a file whose layers do not fit the model ComfyUI built")
+    wan = os.path.join(DM, CASES["wan22_a14b"]["file"])
+    if not os.path.exists(wan):
+        raise AssertionError("run the wan22_a14b case first (it writes the file this check reads)")
+    core = comfy.sd.load_diffusion_model(wan)
+    for how, call in (("loader", lambda: load_quantized(wan, "w4a8", extra_skip=("blocks",))),
+                      ("quantize_model", lambda: quantize_comfy_model(core, "w4a8", extra_skip=("blocks",)))):
+        try:
+            call()
+        except ValueError as exc:
+            out[f"nothing_to_quantize/{how}"] = {"type": type(exc).__name__, "message": str(exc)}
+        else:
+            raise AssertionError(f"{how}: no error for a model with nothing to quantize")
     return out
 
 
@@ -260,25 +349,34 @@ def check_lora():
     t0 = time.perf_counter()
     core_l = comfy.sd.load_lora_for_models(core, None, lsd, 1.0, 0)[0]
     assert set(core_l.patches) == targets, (len(core_l.patches), len(targets))
-    d_ref = direct(core_l) - y0
+    y_l = direct(core_l)
+    d_ref = y_l - y0
     out = {"format": fmt, "lora_tensors": len(lsd), "patched_weights": len(targets),
            "lora_effect_bf16": float(d_ref.norm() / y0.norm())}
     for qfmt in FORMATS:
-        q = QSchedDiffusionModelLoader().load(C["file"], qfmt, "auto")["result"][0]
+        with timed(f"quantize {qfmt}"):
+            q = QSchedDiffusionModelLoader().load(C["file"], qfmt, "auto")["result"][0]
         yq = direct(q)
         t0 = time.perf_counter()
         ql = comfy.sd.load_lora_for_models(q, None, lsd, 1.0, 0)[0]
         assert set(ql.patches) == targets
         t_apply = time.perf_counter() - t0
         t0 = time.perf_counter()
-        d_q = direct(ql) - yq  # direct() loads the model: the patches are applied to the quantized codes here
+        y_ql = direct(ql)  # direct() loads the model: the patches are applied to the quantized codes here
+        d_q = y_ql - yq
         t_patch_run = time.perf_counter() - t0
         quantized = {f"diffusion_model.{n}.weight" for n, _ in quant_ops.quantized_layers(q.model.diffusion_model)}
         assert torch.equal(direct(q), yq)  # the base model is unchanged after the LoRA clone ran
         out[qfmt] = {"lora_contribution_rel_diff": rel(d_q, d_ref), "patched_quantized_layers":
-                     len(targets & quantized), "load_s": round(t_apply, 3), "patch_and_run_s": round(t_patch_run, 3)}
+                     len(targets & quantized), "load_s": round(t_apply, 3), "patch_and_run_s": round(t_patch_run, 3),
+                     "rel_err_vs_bf16_with_lora": rel(y_ql, y_l), "rel_err_without_lora": rel(yq, y0)}
+        if qfmt == "w4a8":  # the other way: the LoRA merged into the full-precision MODEL, then Quantize Model
+            with timed("quantize merged w4a8"):
+                qm = QSchedQuantizeModel().quantize(core_l, qfmt, "auto")["result"][0]
+            out[qfmt]["merged_then_quantized_rel_err_vs_bf16_with_lora"] = rel(direct(qm), y_l)
+            del qm
         mm.unload_all_models()
-    return out
+    return {**out, "timings": TIMES}
 
 
 def check_coefficients():
@@ -314,9 +412,10 @@ def check_coefficients():
                                        latent, seed=7, disable_pbar=True)
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), rel(ours, ref)
     return {"max_abs_diff_vs_written_out": float((ours - ref).abs().max()), "coefficients_effect": rel(ours, plain),
-            "latent_shape": list(latent.shape), "flow": FAMILY.flow}
+            "latent_shape": list(latent.shape), "flow": FAMILY.flow, "timings": TIMES}
 
 
 if __name__ == "__main__":
-    build()
+    with timed("build"):
+        build()
     report(globals(), CHECK)

@@ -229,7 +229,26 @@ def test_our_nodes_accept_the_workflow_values(path, object_info, folder_paths):
         while isinstance(v, list):
             v = prompt[v[0]]["inputs"]["steps"]
         steps[nid] = v
+    split = [nid for nid, n in prompt.items() if n["class_type"] == "SplitSigmas"]
+    if split:  # one schedule split between samplers (two experts): each part's coefficients have that part's steps
+        assert _split_steps(prompt) == {k: v for k, v in steps.items() if prompt[k]["class_type"] == "QSchedCoefficients"}
+        return
     assert len(set(steps.values())) == 1, f"steps differ between nodes: {steps}"
+
+
+def _split_steps(prompt: dict) -> dict:
+    """{Q-Sched Coefficients id: the steps of the SplitSigmas part its sampler runs} for every SamplerCustom whose
+    sigmas come from a SplitSigmas of a BasicScheduler (high part: the split step; low part: the rest)."""
+    out = {}
+    for node in prompt.values():
+        sig = node["inputs"].get("sigmas")
+        if node["class_type"] != "SamplerCustom" or prompt[sig[0]]["class_type"] != "SplitSigmas":
+            continue
+        split = prompt[sig[0]]["inputs"]
+        total = prompt[split["sigmas"][0]]["inputs"]["steps"]
+        coeffs = prompt[node["inputs"]["sampler"][0]]["inputs"]["coefficients"][0]
+        out[coeffs] = split["step"] if sig[1] == 0 else total - split["step"]
+    return out
 
 
 def _id_of(prompt: dict, class_type: str) -> str:

@@ -42,6 +42,7 @@ class QuantReport:
     skipped: dict = field(default_factory=dict)  # name -> why it stayed in full precision
     fallbacks: dict = field(default_factory=dict)  # name -> what was changed for this layer and why
     native: dict = field(default_factory=dict)  # name -> ComfyUI-native format it was read from (comfy-kitchen)
+    scaled_fp8: int = 0  # layers read from core's scaled fp8 (float8 weight x scale_weight)
     seconds: float = 0.0
 
     def __str__(self) -> str:
@@ -63,6 +64,8 @@ class QuantReport:
                 fmts[f] = fmts.get(f, 0) + 1
             lines.append("  read from a ComfyUI-native file (dequantized by comfy-kitchen): "
                          + ", ".join(f"{n} {f}" for f, n in sorted(fmts.items())))
+        if self.scaled_fp8:
+            lines.append(f"  read from a scaled fp8 file: {self.scaled_fp8} layers (float8 weight x scale_weight)")
         lines += [f"  fallback {n}: {why}" for n, why in self.fallbacks.items()]
         return "\n".join(lines)
 
