@@ -49,6 +49,10 @@ RULES = {
     "stats (iv)": (("stats",), ("iv",), 0.05),
     "pixel|stats (iv)": (("pixel", "stats"), ("iv",), 0.05),
     "pixel (fit|iv)": (("pixel",), ("fit", "iv"), 0.05),
+    "lowpass4 (iv)": (("lowpass4",), ("iv",), 0.05),
+    "pixel|lowpass4 (iv)": (("pixel", "lowpass4"), ("iv",), 0.05),
+    "lowpass4|pixel (iv)": (("lowpass4", "pixel"), ("iv",), 0.05),
+    "lowpass8|lowpass4 (iv)": (("lowpass8", "lowpass4"), ("iv",), 0.05),
     "no test (iv)": ((), ("iv",), 0.05),
     "no test (iv-tf)": ((), ("iv-tf",), 0.05),
     "no test (fit)": ((), ("fit",), 0.05),
@@ -102,7 +106,8 @@ def rule_rows(rows, rule, name, seeds) -> list[dict]:
 def tally(result, seeds, key="fd_heldout") -> list[str]:
     rows, cfg = result["rows"], result["config"]
     lines = ["| rule | better than naive (4-bit) | worse than naive (all) | better than PTQD (4-bit) | worse than "
-             "PTQD (4-bit) | kept (per candidate, then naive) |", "|---|---|---|---|---|---|"]
+             "PTQD (4-bit) | FD gap closed, 4-bit mean (PTQD) | kept (per candidate, then naive) |",
+             "|---|---|---|---|---|---|---|"]
     for name, rule in RULES.items():
         extra = rule_rows(rows, rule, "rule", seeds)
         allrows = [x for x in rows if x["seed"] in seeds] + extra
@@ -125,11 +130,30 @@ def tally(result, seeds, key="fd_heldout") -> list[str]:
                         p4 += vp == "better"
                         if vp == "worse":
                             pw4.append(f"{fam} {fmt} {steps}")
+        gap = _gap(allrows, extra, key)
         kept = [x["kept"] for x in extra]
         kc = " / ".join(str(sum(k == c for k in kept)) for c in (*CANDIDATES, None))
         lines.append(f"| {name} | {n4} | {len(w)} of {total}{' (' + ', '.join(w) + ')' if w else ''} | {p4} | "
-                     f"{len(pw4)} | {kc} |")
+                     f"{len(pw4)} | {gap} | {kc} |")
     return lines
+
+
+def _gap(rows, rule_rows_, key) -> str:
+    """Mean over the 4-bit (setting, seed) rows of the share of the FP -> naive FD gap closed, the rule's and PTQD's."""
+    fp = {(x["family"], x["steps"], x["seed"]): x[key] for x in rows if x["method"] == "fp"}
+    ptqd = {(x["family"], x["steps"], x["seed"], x["format"]): x[key] for x in rows if x["method"] == "ptqd"}
+    ours, theirs = [], []
+    for x in rule_rows_:
+        k3, k4 = (x["family"], x["steps"], x["seed"]), (x["family"], x["steps"], x["seed"], x["format"])
+        naive = next(y[key] for y in rows if y["method"] == "naive" and
+                     (y["family"], y["steps"], y["seed"], y["format"]) == k4)
+        if x["format"] == "w8a8" or k3 not in fp or k4 not in ptqd or naive - fp[k3] <= 0:
+            continue
+        ours.append((naive - x[key]) / (naive - fp[k3]))
+        theirs.append((naive - ptqd[k4]) / (naive - fp[k3]))
+    if not ours:
+        return "–"
+    return f"{100 * sum(ours) / len(ours):.0f}% ({100 * sum(theirs) / len(theirs):.0f}%)"
 
 
 def E_mean(rows, fam, steps, fmt, method, key):
