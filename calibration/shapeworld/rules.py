@@ -156,6 +156,43 @@ def _gap(rows, rule_rows_, key) -> str:
     return f"{100 * sum(ours) / len(ours):.0f}% ({100 * sum(theirs) / len(theirs):.0f}%)"
 
 
+TABLE_METHODS = (("naive", "naive"), ("ptqd", "PTQD"), ("qsched-reference", "least squares (tested)"),
+                 ("qsched-reference-unchecked", "least squares, unchecked"),
+                 ("qsched-reference-iv", "instrumental (tested)"),
+                 ("qsched-reference-iv-unchecked", "instrumental, unchecked"))
+
+
+def setting_table(result, key="fd_heldout") -> str:
+    """Held-out FD per setting, mean over the seeds run: naive, PTQD and both fits with and without the shipped
+    test, (x%) = share of the FP -> naive gap closed, [k/n kept] = seeds whose test kept the fit."""
+    rows, cfg = result["rows"], result["config"]
+    head = ["family", "steps", "format", "seeds", "FP"] + [label for _, label in TABLE_METHODS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for fam in cfg["families"]:
+        for steps in cfg["steps"]:
+            fp = E_mean(rows, fam, steps, "fp32", "fp", key)
+            for fmt in cfg["formats"]:
+                naive = E_mean(rows, fam, steps, fmt, "naive", key)
+                if naive is None:
+                    continue
+                seeds = sorted({x["seed"] for x in rows if (x["family"], x["steps"], x.get("format"), x["method"])
+                                == (fam, steps, fmt, "naive")})
+                cells = []
+                for m, _ in TABLE_METHODS:
+                    v = E_mean(rows, fam, steps, fmt, m, key)
+                    sel = [x for x in rows if (x["family"], x["steps"], x.get("format"), x["method"]) ==
+                           (fam, steps, fmt, m)]
+                    text = "–" if v is None else f"{v:.1f}"
+                    if v is not None and m != "naive" and fp is not None and naive - fp > 0.05 * fp:
+                        text += f" ({100 * (naive - v) / (naive - fp):.0f}%)"
+                    if sel and "accepted" in sel[0]:
+                        text += f" [{sum(bool(x['accepted']) for x in sel)}/{len(sel)} kept]"
+                    cells.append(text)
+                lines.append(f"| {fam} | {steps} | {fmt.upper()} | {','.join(map(str, seeds))} | "
+                             f"{'–' if fp is None else f'{fp:.1f}'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def E_mean(rows, fam, steps, fmt, method, key):
     sel = [x[key] for x in rows if (x["family"], x["steps"], x.get("format"), x["method"]) == (fam, steps, fmt, method)]
     return sum(sel) / len(sel) if sel else None
@@ -169,6 +206,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     with open(a.results, encoding="utf-8") as f:
         result = json.load(f)
+    print(setting_table(result))
     for title, seeds in (("explore", a.explore), ("confirm", a.confirm)):
         if seeds:
             print(f"\n### seeds {seeds} ({title})\n")
