@@ -407,15 +407,24 @@ def test_template_browser_shows_titles_descriptions_thumbnails(page):
         const it = items.find(e => e.textContent.trim() === arguments[0]);
         if (it) it.click();
     """, PACK_DIR_NAME)
+    # The dialog loads a card's thumbnail while the card is in view and may drop it again when it scrolls out (as the
+    # artist scrolls): each card is scrolled into view in turn and its loaded thumbnail noted.
+    page.js("window.__qs.thumbs = {};")
     cards = page.wait("""
         const cards = [...document.querySelectorAll('[data-testid^="template-workflow-qsched_"]')];
         if (cards.length < arguments[0]) return null;
-        const imgs = cards.map(c => c.querySelector('img'));
-        if (!imgs.every(i => i && i.naturalWidth > 0)) return null;
+        const seen = window.__qs.thumbs;
+        for (const c of cards) {
+            const img = c.querySelector('img');
+            if (img?.naturalWidth > 0) seen[c.dataset.testid] = {img: img.src, w: img.naturalWidth};
+        }
+        const pending = cards.find(c => !seen[c.dataset.testid]);
+        if (pending) { pending.scrollIntoView({block: 'center'}); return null; }
         return cards.map(c => ({name: c.dataset.testid.replace('template-workflow-', ''),
                                 titles: [...c.querySelectorAll('[title]')].map(e => e.textContent.trim()),
-                                img: c.querySelector('img').src, w: c.querySelector('img').naturalWidth}));
+                                ...seen[c.dataset.testid]}));
     """.replace("arguments[0]", str(len(TEMPLATES))), 60, "the template cards with loaded thumbnails")
+    page.js("document.querySelector('[data-testid^=\"template-workflow-qsched_\"]').scrollIntoView({block: 'nearest'})")
     time.sleep(1.0)
     page.screenshot(SHOTS / "templates.png")
     by_name = {}
@@ -839,8 +848,8 @@ def test_calibration_longer_than_max_minutes_stops_and_asks(page):
 @pytest.mark.parametrize("path", sorted((REPO / "tests" / "data" / "workflows_saved_earlier").glob("*.json")),
                          ids=lambda p: p.stem)
 def test_workflow_saved_before_new_inputs_loads_with_their_defaults(page, path):
-    """Widget values are stored by position: a workflow saved before Calibrate had overwrite / max_minutes loads
-    every saved value where it was, and the new widgets at their defaults."""
+    """Widget values are stored by position: a workflow saved before Calibrate had overwrite / max_minutes /
+    objective loads every saved value where it was, and the new widgets at their defaults."""
     page.close_dialogs()
     wf = json.loads(path.read_text())
     res = page.load_graph(wf, path.stem)
@@ -854,7 +863,8 @@ def test_workflow_saved_before_new_inputs_loads_with_their_defaults(page, path):
             continue
         have = got[str(node["id"])]
         assert have[:len(saved)] == saved, (path.stem, node["type"])
-        assert have[len(saved):] == ([False, 30] if node["type"] == "QSchedCalibrate" else []), node["type"]
+        # Calibrate's inputs added since: overwrite, max_minutes, objective ('auto': a saved JAQ graph stays JAQ)
+        assert have[len(saved):] == ([False, 30, "auto"] if node["type"] == "QSchedCalibrate" else []), node["type"]
 
 
 def test_help_pages_load_without_a_missing_file(page):
