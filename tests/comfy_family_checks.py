@@ -175,7 +175,9 @@ def with_setting(model):
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
     ms = model.get_model_object("model_sampling")
-    return ModelSamplingSD3().patch(model, SETTING["shift"], multiplier=float(ms.multiplier))[0]
+    # Wan: the model's own multiplier (1000). Qwen-Image samples as FLUX (timestep = sigma, no multiplier): its
+    # workflows set the shift with ModelSamplingAuraFlow, which is this patch with multiplier 1.
+    return ModelSamplingSD3().patch(model, SETTING["shift"], multiplier=float(getattr(ms, "multiplier", 1.0)))[0]
 
 
 # ------------------------------------------------------------------------------------------------------ checks
