@@ -49,9 +49,17 @@ RIDGE = 1e-4
 #: Acceptance: one-sided paired sign-flip test on per-image log distance ratios, at this level.
 ALPHA = 0.05
 MODES = ("free", "teacher")
-#: What each step is fitted to (``fit_to_trajectory``'s ``match``); the default is the measured best.
-MATCHES = ("state", "x0", "state+x0")
-MATCH = "state"
+#: What each step is fitted to (``fit_to_trajectory``'s ``match``); the default is the measured best
+#: (docs/shape_world.md): "iv", the FP model's step from the same state with the FP basis as instruments.
+MATCHES = ("state", "x0", "state+x0", "iv")
+MATCH = "iv"
+
+
+def images_per_fit_prompt(mode: str = "free", match: str = MATCH) -> int:
+    """Network passes per step and fit prompt, counted in images: the FP run and the quantized run, plus the FP
+    model at the quantized run's states for the free-running instrumental fit (teacher-forced: the FP run's own
+    recorded output serves)."""
+    return 3 if match == "iv" and mode == "free" else 2
 
 
 @runtime_checkable
@@ -143,6 +151,8 @@ class StepGram:
     wr: float = 0.0
     rr: float = 0.0
     n: int = 0
+    #: instrumental-variable sums (v·v, v·w, w_ref·v, w_ref·w, v·r, w_ref·r), or None (least squares)
+    iv: tuple | None = None
 
     def add(self, u, v, w, target) -> None:
         v, w, r = v.double().reshape(-1), w.double().reshape(-1), (target - u).double().reshape(-1)
@@ -153,6 +163,16 @@ class StepGram:
         self.wr += float(w @ r)
         self.rr += float(r @ r)
         self.n += r.numel()
+
+    def add_iv(self, u, v, w, w_ref, target) -> None:
+        """Instrumental-variable statistics (besides the least-squares ones, which :meth:`loss` reports): the
+        normal equations with the FP model's basis (v, w_ref) as instruments instead of (v, w), so noise in the
+        quantized prediction does not shrink c_eps (least squares regresses the FP result on a noisy predictor:
+        its slope is attenuated toward 0 and the images lose contrast)."""
+        self.add(u, v, w, target)
+        v, w, wf, r = (t.double().reshape(-1) for t in (v, w, w_ref, target - u))
+        self.iv = (self.iv or (0.0,) * 6)
+        self.iv = tuple(a + float(b) for a, b in zip(self.iv, (v @ v, v @ w, wf @ v, wf @ w, v @ r, wf @ r)))
 
     def loss(self, a: float, b: float) -> float:
         """Mean squared residual at (c_x, c_eps) = (a, b), without the ridge."""
@@ -165,15 +185,23 @@ def solve_step(g: StepGram, ridge: float = RIDGE, box: tuple[float, float] = FIT
     lam = ridge·(vv + ww)/2. The unconstrained 2x2 solution if it lies in the box; otherwise the best of the
     box's edges (one coordinate at a bound, the other solved and clipped)."""
     lam = ridge * (g.vv + g.ww) / 2
-    A = [[g.vv + lam, g.vw], [g.vw, g.ww + lam]]
-    rhs = [g.vr + lam, g.wr + lam]
+    if g.iv is None:
+        A = [[g.vv + lam, g.vw], [g.vw, g.ww + lam]]
+        rhs = [g.vr + lam, g.wr + lam]
+    else:  # the IV equations (not symmetric); at the box's edges the one whose residual is smallest
+        vv, vw, fv, fw, vr, fr = g.iv
+        A = [[vv + lam, vw], [fv, fw + lam]]
+        rhs = [vr + lam, fr + lam]
 
     def obj(a, b):
+        if g.iv is not None:
+            e0, e1 = A[0][0] * a + A[0][1] * b - rhs[0], A[1][0] * a + A[1][1] * b - rhs[1]
+            return e0 * e0 + e1 * e1
         return g.loss(a, b) * max(g.n, 1) + lam * ((a - 1) ** 2 + (b - 1) ** 2)
 
     lo, hi = box
     det = A[0][0] * A[1][1] - A[0][1] * A[1][0]
-    if det > 1e-12 * max(A[0][0] * A[1][1], 1e-300):
+    if abs(det) > 1e-12 * max(abs(A[0][0] * A[1][1]), 1e-300):
         a = (rhs[0] * A[1][1] - A[0][1] * rhs[1]) / det
         b = (A[0][0] * rhs[1] - A[1][0] * rhs[0]) / det
         if lo <= a <= hi and lo <= b <= hi:
@@ -207,28 +235,35 @@ def trajectory(gen: TrajectoryGenerator, prompts: Sequence[str], seeds: Sequence
     fn = samplers.SAMPLERS[gen.sampler]
     parts = []
     for ps, ss in _chunks(gen, prompts, seeds):
-        states, est = [], []
+        states, est, raw = [], [], []
 
         def record(info):
             states.append(info["x"])
             est.append(info["denoised"])
+        model = gen.denoiser(ps)
+
+        def recorded(x, sigma, **kw):
+            raw.append(model(x, sigma, **kw))
+            return raw[-1]
         x0 = gen.start(ss)
-        out = fn(gen.denoiser(ps), x0, _sigmas(gen, x0), None, disable=True, coefficients=coefficients,
+        out = fn(recorded, x0, _sigmas(gen, x0), None, disable=True, coefficients=coefficients,
                  callback=record, **gen.sampler_kwargs(ss))
-        parts.append(states + [out] + est)
+        parts.append(states + [out] + est + raw)
     n = len(parts[0])
     full = [torch.cat([p[i] for p in parts]) for i in range(n)]
-    steps = (n - 1) // 2
-    return Trajectory(full[:steps + 1], full[steps + 1:])
+    steps = (n - 1) // 3
+    return Trajectory(full[:steps + 1], full[steps + 1:2 * steps + 1], full[2 * steps + 1:])
 
 
 class Trajectory(list):
     """The states ``[x_0, ..., x_N]`` of a run (a list), with ``x0``: the sampler's clean-image estimate at every
-    step (``[steps]`` tensors; what its callback reports as ``denoised``)."""
+    step (``[steps]`` tensors; what its callback reports as ``denoised``) and ``raw``: the model's own output at
+    every step's state (before coefficients or boundary conditions; empty if not recorded)."""
 
-    def __init__(self, states, x0=()):
+    def __init__(self, states, x0=(), raw=()):
         super().__init__(states)
         self.x0 = list(x0)
+        self.raw = list(raw)
 
 
 @dataclass
@@ -265,12 +300,17 @@ def check_pair(quantized, reference, prompts, seeds) -> None:
 def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], seeds: Sequence[int],
                       target: Sequence[torch.Tensor], *, mode: str = "free", ridge: float = RIDGE,
                       box: tuple[float, float] = FIT_RANGE, interrupt: Callable[[], None] | None = None,
-                      match: str = MATCH) -> ReferenceFit:
+                      match: str = MATCH, reference: TrajectoryGenerator | None = None) -> ReferenceFit:
     """Per-step closed-form least squares of the quantized run's steps to ``target`` (``[x_0..x_N]`` of the FP
     run on the same prompts/seeds, e.g. :func:`trajectory` of the FP generator), pooled over all images.
     ``mode``: ``"free"`` (along the corrected quantized run) or ``"teacher"`` (on the FP states). ``match``: what
     each step is fitted to: ``"state"`` (the next state x_{i+1}), ``"x0"`` (the step's clean-image estimate,
-    ``target.x0[i]``) or ``"state+x0"`` (both, summed)."""
+    ``target.x0[i]``), ``"state+x0"`` (both, summed) or ``"iv"``: each step matches the FP model's step *from
+    the same state* (``reference``'s denoiser evaluated there: one more FP pass per image), solved with the FP
+    basis as instruments (:meth:`StepGram.add_iv`), which undoes the correlated error without least squares'
+    attenuation (for ``eps_q = k·eps_fp + noise``: c_x = 1, c_eps = 1/k, PTQD's slope)."""
+    if match == "iv" and reference is None:
+        raise ValueError("match 'iv' needs the reference (full-precision) generator")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if match not in MATCHES:
@@ -289,6 +329,8 @@ def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], se
         offsets.append(o)
         o += len(ps)
     models = [quantized.denoiser(ps) for ps, _ in chunks]
+    ref_models = [reference.denoiser(ps) for ps, _ in chunks] if match == "iv" else None
+    recorded = match == "iv" and mode == "teacher" and len(getattr(target, "raw", ())) == steps
     kwargs = []
     for _, ss in chunks:
         kw = quantized.sampler_kwargs(ss)
@@ -314,9 +356,17 @@ def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], se
                                                                                           xs[k].dtype)
             d = model(x, sig[i] * x.new_ones([x.shape[0]]))
             state, est = step_basis(fn, sig, i, x, d, kwargs[k], x0=True)
-            if match != "x0":
+            if match == "iv":
+                if recorded:  # teacher-forced: the FP run's own output at its own state
+                    d_ref = target.raw[i][offsets[k]:offsets[k] + len(ps)].to(x.device, x.dtype)
+                else:
+                    d_ref = ref_models[k](x, sig[i] * x.new_ones([x.shape[0]]))
+                u, v, w = state
+                w_ref = stock_step(fn, sig, i, torch.zeros_like(x), d_ref - x, kwargs[k]) - u
+                g.add_iv(u, v, w, w_ref, u + v + w_ref)
+            elif match != "x0":
                 g.add(*state, tgt)
-            if match != "state":
+            if match in ("x0", "state+x0"):
                 g.add(*est, target.x0[i][offsets[k]:offsets[k] + len(ps)].to(x.device, x.dtype))
             saved.append((x, d))
         a, b = solve_step(g, ridge, box)
@@ -326,7 +376,9 @@ def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], se
         res_fit.append(g.loss(a, b))
         for k, (x, d) in enumerate(saved):
             xs[k] = qsched_step(fn, sig, i, x, d, a, b, kwargs[k])
-    return ReferenceFit(Coefficients(c_x, c_eps), mode, res_id, res_fit, images=len(prompts))
+    # free "iv": one FP pass per image and step at the quantized states (teacher: the FP run's recorded output)
+    images = len(prompts) * (2 if match == "iv" and not recorded else 1)  # + the FP run: images_per_fit_prompt
+    return ReferenceFit(Coefficients(c_x, c_eps), mode, res_id, res_fit, images=images)
 
 
 def fit_reference(quantized: TrajectoryGenerator, reference: TrajectoryGenerator, prompts: Sequence[str],
@@ -339,7 +391,7 @@ def fit_reference(quantized: TrajectoryGenerator, reference: TrajectoryGenerator
     check_pair(quantized, reference, prompts, seeds)
     target = trajectory(reference, prompts, seeds)
     fit = fit_to_trajectory(quantized, prompts, seeds, target, mode=mode, ridge=ridge, box=box,
-                            interrupt=interrupt, match=match)
+                            interrupt=interrupt, match=match, reference=reference)
     fit.images += len(prompts)
     return fit
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 
+from ..calibration.reference import images_per_fit_prompt
 from ..calibration.search import SPACES, STRATEGIES, SearchSpace, check_budget, check_range, estimate_points
 from ..qsched.coefficients import C_MAX, Coefficients, check_coefficient, check_steps
 from .common import (CATEGORY_CALIBRATION, COEFFICIENTS, ETA, JAQ_SCORER, MAX_UI_STEPS, NodeInputError,
@@ -430,8 +431,8 @@ class QSchedCalibrate:
         seeds = [base_seed + i for i in range(len(lines))]
         check = comfy.model_management.throw_exception_if_processing_interrupted
         fit_n = (len(lines) + 1) // 2  # the reference objectives fit on the first half, test on the rest
-        if goal == "reference":  # the bar counts model evaluations: FP + quantized on the fit half, 3 per held-out
-            progress = _Progress(steps * (2 * fit_n + 3 * (len(lines) - fit_n)), unique_id)
+        if goal == "reference":  # the bar counts model evaluations: the fit's passes, then 3 per held-out prompt
+            progress = _Progress(steps * (images_per_fit_prompt() * fit_n + 3 * (len(lines) - fit_n)), unique_id)
             progress.text(f"starting: fitting the coefficients to the full-precision model on {fit_n} prompts, then "
                           f"testing them on the other {len(lines) - fit_n} (held out); encoding the prompts")
             hooks = {"on_evaluations": progress.images}

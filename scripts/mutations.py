@@ -106,7 +106,8 @@ def apply(dest: Path, m: Mutation) -> None:
 
 def run_tests(dest: Path, tests, timeout: float) -> int:
     env = dict(os.environ, PYTHONPATH=str(dest / ".pp"), PYTHONDONTWRITEBYTECODE="1")
-    env.pop("COMFYUI_PATH", None)  # the guarded tests are the CPU ones
+    for name in ("COMFYUI_PATH", "QSCHED_REQUIRE_COMFYUI"):  # the guarded tests are the CPU ones
+        env.pop(name, None)
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests]
     try:
         return subprocess.run(cmd, cwd=dest, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

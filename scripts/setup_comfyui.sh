@@ -10,7 +10,8 @@
 #  1. an existing checkout in COMFY_DIR (then nothing is extracted);
 #  2. the ComfyUI 0.3.64 source snapshot (QSCHED_COMFYUI_SNAPSHOT, default: ComfyUI-0.3.64-*.tar.gz in
 #     ../shared/comfyui/ beside this checkout; every development machine and CI has it);
-#  3. a git dir of Comfy-Org/ComfyUI (COMFYUI_GIT_DIR, default: the `fetch` mirror), at COMFYUI_REF.
+#  3. a git dir of Comfy-Org/ComfyUI (COMFYUI_GIT_DIR, default: the `fetch` mirror), at COMFYUI_REF (default: the
+#     0.3.64 commit, not the newest: newer cores need what this machine lacks).
 # Known problems it works around on CPU-only Linux with torch 2.13 (docs/comfyui.md, "Integration test"):
 #  - the snapshot lacks one tokenizer file (comfy/text_encoders/llama_tokenizer/tokenizer.json; only the Llama-based
 #    text encoders need it; the git mirror lacks the same blob: excluded from the archive);
@@ -25,7 +26,7 @@ CACHE=${QSCHED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/qsched}
 COMFY_DIR=${1:-${COMFYUI_PATH:-$CACHE/ComfyUI-0.3.64}}
 VENV=${2:-${COMFYUI_VENV:-$CACHE/comfy-venv}}
 GIT_DIR=${COMFYUI_GIT_DIR:-/work/.mirror/Comfy-Org+ComfyUI/repo}
-REF=${COMFYUI_REF:-HEAD}
+REF=${COMFYUI_REF:-a125cd84b054a57729b5eecab930ca9408719832}  # ComfyUI 0.3.64, the version the suites are written for
 PY=${PYTHON:-python3}
 TORCH=${COMFYUI_TORCH:-torch==2.13.0}
 TORCHVISION=${COMFYUI_TORCHVISION:-torchvision==0.28.0}

@@ -1,7 +1,7 @@
 """The two halves of the in-process real-ComfyUI checks (tests/comfy_*_checks.py), in one place.
 
 pytest side (tests/test_comfyui_*.py): ``require_comfyui()`` skips the module unless COMFYUI_PATH holds a ComfyUI
-checkout; ``check_dirs()`` makes the shim folder (``qsched_pack`` -> this checkout) and the model folder;
+checkout (fails it under QSCHED_REQUIRE_COMFYUI=1); ``check_dirs()`` makes the shim folder (``qsched_pack`` -> this checkout) and the model folder;
 ``run_check()`` runs a checks script with COMFYUI_PYTHON inside the checkout and returns its ``RESULT`` line.
 
 ComfyUI side (the checks scripts, run with ComfyUI's python, no pytest there): ``enter_comfyui()`` reads the script's
@@ -23,11 +23,20 @@ COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 
 
 def require_comfyui() -> None:
-    """Skip the calling test module unless COMFYUI_PATH points at a ComfyUI checkout."""
+    """Skip the calling test module unless COMFYUI_PATH points at a ComfyUI checkout (and COMFYUI_PYTHON, when set,
+    at an interpreter). With QSCHED_REQUIRE_COMFYUI=1 (CI) the module fails instead: the suite must run."""
     import pytest
 
+    why = None
     if not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "main.py").is_file():
-        pytest.skip("COMFYUI_PATH does not point at a ComfyUI checkout", allow_module_level=True)
+        why = f"COMFYUI_PATH ({COMFYUI_PATH!r}) does not point at a ComfyUI checkout"
+    elif not os.access(COMFYUI_PYTHON, os.X_OK):
+        why = f"COMFYUI_PYTHON ({COMFYUI_PYTHON!r}) is not an executable: the python of ComfyUI's venv"
+    if why and os.environ.get("QSCHED_REQUIRE_COMFYUI"):
+        pytest.fail(f"{why}, and QSCHED_REQUIRE_COMFYUI is set: run scripts/setup_comfyui.sh (scripts/test.sh "
+                    "does)", pytrace=False)
+    if why:
+        pytest.skip(why, allow_module_level=True)
 
 
 def check_dirs(tmp_path_factory, models_env: str, name: str) -> tuple[Path, Path]:

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from qsched_pack.calibration.app.cli import main
+from qsched_pack.calibration.reference import images_per_fit_prompt
 from qsched_pack.qsched import Coefficients
 
 
@@ -105,7 +106,7 @@ def test_calibrate_against_the_full_precision_model(tmp_path, capsys, tiny_pipel
     m = preset.metadata
     assert m["objective"] == "reference" and isinstance(m["accepted"], bool) and m["heldout"]["pairs"] == 5
     assert m["reference"]["model_hash"] == m["model"]["model_hash"] and m["reference"]["quant"] is None
-    assert m["model"]["quant"] == "w4a8" and m["images_spent"] == 2 * 5 + 3 * 5
+    assert m["model"]["quant"] == "w4a8" and m["images_spent"] == images_per_fit_prompt() * 5 + 3 * 5
     assert not (out / "record.jsonl").exists() and (out / "landscape.png").stat().st_size > 0
     from PIL import Image
 

@@ -839,8 +839,8 @@ def test_calibration_longer_than_max_minutes_stops_and_asks(page):
 @pytest.mark.parametrize("path", sorted((REPO / "tests" / "data" / "workflows_saved_earlier").glob("*.json")),
                          ids=lambda p: p.stem)
 def test_workflow_saved_before_new_inputs_loads_with_their_defaults(page, path):
-    """Widget values are stored by position: a workflow saved before Calibrate had overwrite / max_minutes loads
-    every saved value where it was, and the new widgets at their defaults."""
+    """Widget values are stored by position: a workflow saved before Calibrate had overwrite / max_minutes /
+    objective loads every saved value where it was, and the new widgets at their defaults."""
     page.close_dialogs()
     wf = json.loads(path.read_text())
     res = page.load_graph(wf, path.stem)
@@ -854,7 +854,8 @@ def test_workflow_saved_before_new_inputs_loads_with_their_defaults(page, path):
             continue
         have = got[str(node["id"])]
         assert have[:len(saved)] == saved, (path.stem, node["type"])
-        assert have[len(saved):] == ([False, 30] if node["type"] == "QSchedCalibrate" else []), node["type"]
+        # Calibrate's inputs added since: overwrite, max_minutes, objective ('auto': a saved JAQ graph stays JAQ)
+        assert have[len(saved):] == ([False, 30, "auto"] if node["type"] == "QSchedCalibrate" else []), node["type"]
 
 
 def test_help_pages_load_without_a_missing_file(page):

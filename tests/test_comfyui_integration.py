@@ -619,7 +619,7 @@ def _preview_pngs(server, entry, p) -> list[bytes]:
 
 def _summary(entry, p) -> dict:
     text = _ui_text(entry, find(p, "QSchedCalibrate"))
-    m = re.search(r"points: (\d+) \((\d+) from the record, (\d+) computed now\)", text)
+    m = re.search(r"(\d+) points? \((\d+) from the record, (\d+) computed now\)", text)
     assert m, text
     return {"text": text, "points": int(m.group(1)), "from_record": int(m.group(2)), "computed": int(m.group(3)),
             "record": Path(re.search(r"^record: (.+)$", text, re.M).group(1)),
@@ -723,7 +723,7 @@ def test_flux_schnell_calibration_workflow(server, object_info):
     preset = json.loads(s["preset"].read_text())
     assert preset["steps"] == 4 and preset["metadata"]["sampler"] == "euler"
     assert preset["metadata"]["jaq"]["preset"] == "clip" and preset["metadata"]["images_spent"] <= 4
-    assert "stopped by the image budget" in s["text"]
+    assert "stopped by the budget" in s["text"]
     assert all(png.startswith(b"\x89PNG") for png in _preview_pngs(server, entry, p))
     images = entry["outputs"][find(p, "SaveImage")]["images"]  # rendered with the calibrated coefficients
     assert (server.output / images[0]["subfolder"] / images[0]["filename"]).is_file()
@@ -734,7 +734,8 @@ def test_calibration_bad_input_names_the_input(server, object_info):
     cases = [(dict(prompts="\n  \n"), "prompts", "is empty"),
              (dict(strategy="grid", points=5, budget=10), "budget", "budget too small: the grid evaluates"),
              (dict(range_min=1.2, range_max=0.8), "range_min", "must be smaller than range_max"),
-             (dict(preset_name="../x"), "preset_name", "not a plain file name")]
+             (dict(preset_name="../x"), "preset_name", "must be a name inside the folder"),
+             (dict(preset_name="a b"), "preset_name", "not a plain file name")]
     for settings, name, text in cases:
         p = calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_bad", budget=12,
                          objective="JAQ (paper)")

@@ -267,7 +267,8 @@ def test_node_messages_are_plain_words(folder_paths):
         _message(Coefficients.from_dict, {"c_x": [1, 1], "c_eps": [1, 1], "steps": 3}),
         _message(calibration.check_settings, range_min=1.2, range_max=0.8),
         str(QuantReport(QuantSpec.parse("w4a8"), "auto", "comfy (quantized while loading)",
-                        {"a": "dequant", "b": "int8_mm"}, {"c": "kept"}, seconds=0.0)),
+                        {"a": "dequant", "b": "int8_mm"}, {"c": "kept"}, seconds=0.0,
+                        native={"a": "float8_e4m3fn", "b": "int8_tensorwise"})),
         *(spec.source for spec in SPECS.values()),
     ]
     assert "value 2 of c_x_override" in texts[0]  # counted from 1, as the artist counts

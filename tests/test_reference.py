@@ -49,7 +49,53 @@ def test_trajectory_is_the_stock_run(sampler, param, eta):
     torch.testing.assert_close(traj[-1], gen.latents(c, PROMPTS, SEEDS), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("match", R.MATCHES)
+class ScaledEps(ToyTrajectoryGenerator):
+    """The FP toy with its noise prediction scaled by ``k[i]`` at step i (eps_q = k·eps_fp), plus ``noise``·a
+    fixed high-frequency pattern of x (a prediction error the FP result does not share)."""
+
+    def __init__(self, *a, k=(0.9, 1.1, 0.8, 1.2), noise=0.0, **kw):
+        super().__init__(*a, **kw)
+        self.k, self.noise = k, noise
+
+    def denoiser(self, prompts):
+        fp = super().denoiser(prompts)
+        table = self.sigmas[:-1]
+
+        def model(x, sigma, **_):
+            i = int(torch.argmin((table - float(sigma.reshape(-1)[0])).abs()))
+            d = fp(x, sigma)
+            return x - self.k[i] * (x - d) + self.noise * torch.sin(23.0 * x + 5.0)
+        return model
+
+
+@pytest.mark.parametrize("mode", R.MODES)
+@pytest.mark.parametrize("sampler,param,eta", SETUPS)
+def test_iv_fit_undoes_a_scaled_prediction_exactly(sampler, param, eta, mode):
+    """eps_q = k·eps_fp: the instrumental fit matches the FP step from the same state, c_x = 1, c_eps = 1/k."""
+    fp = ToyTrajectoryGenerator(sampler, param, eta=eta, batch_size=4)
+    q = ScaledEps(sampler, param, eta=eta, batch_size=4)
+    fit = R.fit_reference(q, fp, PROMPTS, SEEDS, mode=mode, match="iv", ridge=0.0)
+    assert fit.coefficients.c_x == pytest.approx([1.0] * 4, abs=1e-4)
+    assert fit.coefficients.c_eps == pytest.approx([1 / k for k in q.k], abs=1e-4)
+    # FP run + quantized run (+ free-running: the FP model at the quantized states; teacher: the FP run's output)
+    assert fit.images == (3 if mode == "free" else 2) * len(PROMPTS)
+    with pytest.raises(ValueError, match="needs the reference"):
+        R.fit_to_trajectory(q, PROMPTS, SEEDS, R.trajectory(fp, PROMPTS, SEEDS), match="iv")
+
+
+def test_iv_fit_is_not_attenuated_by_prediction_noise():
+    """With an error the FP model does not share, least squares shrinks c_eps below 1/k; the instrumental fit
+    stays near 1/k."""
+    fp = ToyTrajectoryGenerator("euler", "eps", size=12)
+    q = ScaledEps("euler", "eps", size=12, k=(0.8,) * 4, noise=0.4)
+    ls = R.fit_reference(q, fp, PROMPTS, SEEDS, mode="teacher", match="state", ridge=0.0)
+    iv = R.fit_reference(q, fp, PROMPTS, SEEDS, mode="teacher", match="iv", ridge=0.0)
+    err_ls = max(abs(c - 1.25) for c in ls.coefficients.c_eps)
+    err_iv = max(abs(c - 1.25) for c in iv.coefficients.c_eps)
+    assert err_iv < 0.5 * err_ls, (ls.coefficients, iv.coefficients)
+
+
+@pytest.mark.parametrize("match", [m for m in R.MATCHES if m != "iv"])
 @pytest.mark.parametrize("mode", R.MODES)
 @pytest.mark.parametrize("sampler,param,eta", SETUPS)
 def test_closed_form_fit_recovers_known_coefficients(sampler, param, eta, mode, match):
@@ -83,7 +129,7 @@ def test_fit_brings_a_distorted_model_closer_on_heldout_images():
     res = R.calibrate_to_reference(q, fp, PROMPTS, SEEDS, held_p, held_s)
     assert res.acceptance.accepted, res.acceptance.text
     assert res.acceptance.distance_fitted < 0.8 * res.acceptance.distance_identity
-    assert "kept" in res.acceptance.text and res.images == 2 * 6 + 3 * 8
+    assert "kept" in res.acceptance.text and res.images == R.images_per_fit_prompt() * 6 + 3 * 8
     assert not res.coefficients.is_identity
 
 
@@ -95,7 +141,7 @@ def test_free_running_fit_beats_teacher_forcing_on_its_own_objective():
     ref = fp.generate(None, held_p, held_s)
     dist = {}
     for mode in R.MODES:
-        fit = R.fit_reference(q, fp, PROMPTS, SEEDS, mode=mode)
+        fit = R.fit_reference(q, fp, PROMPTS, SEEDS, mode=mode, match="state")
         dist[mode] = float(R.paired_distance(q.generate(fit.coefficients, held_p, held_s), ref).mean())
     naive = float(R.paired_distance(q.generate(None, held_p, held_s), ref).mean())
     assert dist["free"] < naive and dist["teacher"] < naive
@@ -175,7 +221,7 @@ def test_calibrate_reference_objective_needs_no_scorer(tmp_path):
     res = calibrate(q, None, PROMPTS, objective="reference", reference=fp, heldout_prompts=HELD[0],
                     heldout_seeds=HELD[1], preset=str(preset))
     assert res.objective == "reference" and res.accepted and "kept" in res.acceptance
-    assert res.images_spent == 2 * 6 + 3 * 8
+    assert res.images_spent == R.images_per_fit_prompt() * 6 + 3 * 8
     assert res.heldout["distance_fitted"] < res.heldout["distance_identity"]
     loaded = Coefficients.load(str(preset))
     assert loaded.c_x == res.best.c_x and not loaded.is_identity

@@ -148,6 +148,19 @@ GUARDS = ("accept", "heldout", "trust")
 #: Reference-anchored methods (calibration.reference): the free-running fit (the default), the teacher-forced
 #: fit, a zoom search on the final-output distance, and the hybrid (JAQ zoom around the fit).
 REFERENCE_METHODS = ("reference", "reference-tf", "reference-x0", "reference-search", "hybrid")
+REFERENCE_CHOICES = REFERENCE_METHODS + ("reference+ptqd", "reference-rules", "reference-iv", "reference-iv-tf")
+#: the candidates of the rule analysis: method -> (row name, fit mode, fit match)
+RULE_FITS = {"reference-rules": ("qsched-reference", "free", "state"),
+             "reference+ptqd": ("qsched-reference+ptqd", "free", "state"),
+             "reference-iv": ("qsched-reference-iv", "free", "iv"),
+             "reference-iv-tf": ("qsched-reference-iv-tf", "teacher", "iv")}
+#: The confirmatory candidates (docs/shape_world.md, "Confirmatory run"): ``reference-rules`` measures the shipped
+#: free-running fit under both acceptance rules; ``reference+ptqd`` fits PTQD's bias correction on the same 4 fit
+#: prompts, the coefficients on top of it, and tests the result against naive under both rules. Rows:
+#: ``qsched-<m>`` (shipped rule: pixel distance, p <= 0.05; ``reference-rules`` writes the rows of ``reference``:
+#: run one of the two), ``qsched-<m>-A`` (rule A: pixel or 8x8 low-pass
+#: distance, each at p <= 0.025, the pixel distance not growing), ``qsched-<m>-unchecked`` (the fit, no test).
+LOWPASS = 8
 #: The reference objective's prompts: fit on calibration prompts [0, 4), test on [4, 12) (2·4 + 3·8 = 32 images:
 #: about 4% of a zoom search); the 20 held-out prompts of the table are never used.
 REFERENCE_FIT, REFERENCE_TEST = slice(0, 4), slice(4, 12)
@@ -210,6 +223,8 @@ def reference_rows(world, ev: Evaluator, family: str, steps: int, r: int, fmt: s
             sres.heldout, sres.images_spent = test.acceptance.to_dict(), test.images
             rows.append(_reference_row(base, "qsched-reference-search", gen, ev, r, naive, sres,
                                        time.perf_counter() - t0))
+        elif method in RULE_FITS:
+            rows += _rule_rows(world, ev, base, method, gen, fp_gen, naive, r, fit_p, fit_s, test_p, test_s)
         elif method == "hybrid":
             res = calibrate(PointBatched(gen, batch) if batch else gen, ev.jaq, fit_p, seeds=fit_s,
                             objective="hybrid", reference=fp_gen, heldout_prompts=test_p, heldout_seeds=test_s,
@@ -219,8 +234,89 @@ def reference_rows(world, ev: Evaluator, family: str, steps: int, r: int, fmt: s
                                        {"reference_accepted": res.accepted, "hybrid_jaq_gain": h.get("jaq_gain"),
                                         "hybrid_distance_growth": h.get("distance_growth")}))
         else:
-            raise ValueError(f"reference method must be one of {', '.join(REFERENCE_METHODS)}; got {method!r}")
+            raise ValueError(f"reference method must be one of {', '.join(REFERENCE_CHOICES)}; got {method!r}")
     return rows
+
+
+def lowpass_distance(images: torch.Tensor, reference_images: torch.Tensor, size: int = LOWPASS) -> torch.Tensor:
+    """Per-image mean squared difference of the ``size`` x ``size`` box-filtered images ([B, H, W, C] in 0..1): the
+    layout and colours, not the pixels."""
+    def pool(x):
+        return torch.nn.functional.adaptive_avg_pool2d(x.double().permute(0, 3, 1, 2), size)
+    n = reference_images.shape[0]
+    return ((pool(images) - pool(reference_images).repeat(images.shape[0] // n, 1, 1, 1)) ** 2).flatten(1).mean(1)
+
+
+def image_stats(images: torch.Tensor, bands: int = 4) -> torch.Tensor:
+    """Per image ([B, H, W, C] in 0..1): channel means and standard deviations and the log power of the image in
+    ``bands`` radial frequency bands per channel: colour, contrast and sharpness, not where things are."""
+    x = images.double().permute(0, 3, 1, 2)
+    mean, std = x.mean((2, 3)), x.std((2, 3))
+    power = torch.fft.fft2(x - x.mean((2, 3), keepdim=True)).abs() ** 2
+    h, w = x.shape[2:]
+    fy, fx = torch.fft.fftfreq(h).abs(), torch.fft.fftfreq(w).abs()
+    radius = torch.maximum(fy[:, None], fx[None, :])  # 0 .. 0.5
+    band = torch.clamp((radius * 2 * bands).long(), max=bands - 1)
+    logp = torch.stack([torch.log(power[..., band == b].mean(-1) + 1e-12) for b in range(bands)], -1)
+    return torch.cat([mean, std, logp.flatten(1)], 1)
+
+
+#: Per-image distances to the FP image of the same prompt and seed, for the acceptance-rule analysis.
+DISTANCES = {
+    "pixel": lambda a, b: ((a.double() - b.double()) ** 2).flatten(1).mean(1),
+    "lowpass8": lambda a, b: lowpass_distance(a, b, 8),
+    "lowpass4": lambda a, b: lowpass_distance(a, b, 4),
+    "stats": lambda a, b: ((image_stats(a) - image_stats(b)) ** 2).mean(1),
+}
+
+
+def _rule_rows(world, ev, base, method, gen, fp_gen, naive, r, fit_p, fit_s, test_p, test_s) -> list[dict]:
+    """The rows of a confirmatory candidate (``REFERENCE_METHODS``' comment): one fit, every rule applied to the
+    same held-out images (8 prompts/seeds the fit never saw; FP, naive, fitted)."""
+    from .. import reference as R
+    t0 = time.perf_counter()
+    fit_gen, images, extra = gen, 0, {}
+    name, mode, match = RULE_FITS[method]
+    if method == "reference+ptqd":
+        corr = fit_ptqd_for(world, base["family"], base["steps"], gen.net, fit_p, fit_s)
+        fit_gen = world.generator(base["family"], base["steps"], net=gen.net, quant=base["format"],
+                                  model_wrapper=corr.wrap)
+        images += 2 * len(fit_p)  # PTQD's pairs: FP and quantized on the FP trajectory
+        extra["gamma"] = list(corr.gamma)
+    fit = R.fit_reference(fit_gen, fp_gen, fit_p, fit_s, mode=mode, match=match)
+    images += fit.images + 3 * len(test_p)
+    ref = fp_gen.generate(None, test_p, test_s)
+    idn = gen.generate(None, test_p, test_s)
+    fitted = fit_gen.generate(fit.coefficients, test_p, test_s)
+    sets = {"identity": idn, "fitted": fitted}
+    if fit_gen is not gen:
+        sets["corrected"] = fit_gen.generate(None, test_p, test_s)  # PTQD alone (not counted: analysis only)
+        # PTQD's slope as Q-Sched coefficients (c_x = 1, c_eps = 1 / (1 + gamma)): the correlated part of its
+        # correction without the per-channel offset, fitted by regressing the quantized prediction on the FP one
+        scale = Coefficients([1.0] * base["steps"], [1.0 / (1.0 + g) for g in extra["gamma"]])
+        sets["scale"] = gen.generate(scale, test_p, test_s)
+    extra["distances"] = {k: {n: [round(float(v), 8) for v in f(x, ref)] for n, x in sets.items()}
+                          for k, f in DISTANCES.items()}
+    d = {"pixel": (R.paired_distance(idn, ref), R.paired_distance(fitted, ref)),
+         "lowpass": (lowpass_distance(idn, ref), lowpass_distance(fitted, ref))}
+    full = {k: R.acceptance_test(*v) for k, v in d.items()}
+    half = {k: R.acceptance_test(*v, alpha=R.ALPHA / 2) for k, v in d.items()}
+    shipped = full["pixel"].accepted
+    rule_a = half["pixel"].accepted or (half["lowpass"].accepted and full["pixel"].drop >= 0)
+    same_as_naive = fit.coefficients.is_identity and fit_gen is gen
+    m = {k: naive[k] for k in METRICS if k in naive} if same_as_naive else ev.measure(fit_gen, fit.coefficients, r)
+    common = dict(base, images=images, search_seconds=round(time.perf_counter() - t0, 2), c_x=list(fit.coefficients.c_x),
+                  c_eps=list(fit.coefficients.c_eps), test_p=full["pixel"].p_value, test_drop=full["pixel"].drop,
+                  test_p_lowpass=full["lowpass"].p_value, test_drop_lowpass=full["lowpass"].drop, **extra)
+    out = [dict(common, method=f"{name}-unchecked", **m)]
+    for suffix, ok in (("", shipped), ("-A", rule_a)):
+        src = m if ok else {k: naive[k] for k in METRICS if k in naive}
+        out.append(dict(common, method=name + suffix, accepted=bool(ok), **src))
+    if method == "reference+ptqd":
+        out.append(dict(common, method="ptqd-fit4", **(ev.measure(fit_gen, None, r))))
+        out.append(dict(common, method="ptqd-scale", c_x=list(scale.c_x), c_eps=list(scale.c_eps),
+                        **(ev.measure(gen, scale, r))))
+    return out
 
 
 def setting_rows(world, ev: Evaluator, family: str, steps: int, r: int, formats, nets, *, fp: bool, points: int,
@@ -527,7 +623,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="results")
     p.add_argument("--guards", nargs="*", default=list(GUARDS), choices=GUARDS)
-    p.add_argument("--reference", nargs="*", default=list(REFERENCE_METHODS), choices=REFERENCE_METHODS,
+    p.add_argument("--reference", nargs="*", default=list(REFERENCE_METHODS), choices=REFERENCE_CHOICES,
                    help="reference-anchored methods to run (none: only the JAQ methods)")
     p.add_argument("--batch", type=int, default=None,
                    help="images per network call when a search's points are evaluated together (default: 2560 on "

@@ -190,10 +190,11 @@ class ShapeGenerator:
         return torch.stack([self._text[p] for p in prompts])
 
     def denoiser(self, prompts: Sequence[str]):
+        """The k-diffusion model for that batch, with ``model_wrapper`` (e.g. PTQD's correction) applied: the
+        model the sampler runs (and the reference fit probes)."""
         text = self.encode(list(prompts))
-        if self.parameterization == "eps":
-            return EpsDenoiser(self.net, text)
-        return FlowDenoiser(self.net, text)
+        model = (EpsDenoiser if self.parameterization == "eps" else FlowDenoiser)(self.net, text)
+        return model if self.model_wrapper is None else self.model_wrapper(model, self.sigmas)
 
     def start(self, seeds: Sequence[int]) -> torch.Tensor:
         noise = initial_noise(seeds, self.device)
@@ -215,8 +216,6 @@ class ShapeGenerator:
 
         prompts, seeds = check_generate_args(coefficients, prompts, seeds, self.steps)
         model = self.denoiser(prompts)
-        if self.model_wrapper is not None:
-            model = self.model_wrapper(model, self.sigmas)
         fn = samplers.SAMPLERS[self.sampler]
         return fn(model, self.start(seeds), self.sigmas.to(self.device), None, disable=True,
                   coefficients=coefficients, **self.sampler_kwargs(seeds))

@@ -62,7 +62,8 @@ class QuantReport:
             fmts: dict[str, int] = {}
             for f in self.native.values():
                 fmts[f] = fmts.get(f, 0) + 1
-            lines.append(f"  read from a ComfyUI-native file (dequantized by comfy-kitchen): {fmts}")
+            lines.append("  read from a ComfyUI-native file (dequantized by comfy-kitchen): "
+                         + ", ".join(f"{n} {f}" for f, n in sorted(fmts.items())))
         if self.scaled_fp8:
             lines.append(f"  read from a scaled fp8 file: {self.scaled_fp8} layers (float8 weight x scale_weight)")
         lines += [f"  fallback {n}: {why}" for n, why in self.fallbacks.items()]

@@ -110,13 +110,31 @@ function nodeById(id) {
   return app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
 }
 
+// ComfyUI's own refusal of a value that is not in a list input's choices reads "precision: 'w2a2' not in ['w8a8',
+// ...]" (a Python list); the artist gets the input, the value and the choices in words.
+const MAX_CHOICES = 12;
+
+function errorText(e) {
+  const x = e.extra_info ?? {};
+  if (e.type === "value_not_in_list" && x.input_name) {
+    const choices = Array.isArray(x.input_config?.[0]) ? x.input_config[0].map(String) : null;
+    let list = "";
+    if (choices?.length) {
+      list = " (" + choices.slice(0, MAX_CHOICES).join(", ") +
+        (choices.length > MAX_CHOICES ? `, and ${choices.length - MAX_CHOICES} more` : "") + ")";
+    }
+    return `input '${x.input_name}': '${x.received_value}' is not one of its choices${list}; pick one from the list`;
+  }
+  return (e.details || e.message || "").replace(/^[A-Za-z_]+ - (?=Q-Sched )/, "");
+}
+
 function showNodeErrors(nodeErrors) {
   for (const [id, info] of Object.entries(nodeErrors ?? {})) {
     const node = nodeById(id);
     if (!node || !isOurs(node)) continue;
     const seen = new Set();
     for (const e of info.errors ?? []) {
-      const text = (e.details || e.message || "").replace(/^[A-Za-z_]+ - (?=Q-Sched )/, "");
+      const text = errorText(e);
       if (text) seen.add(text);
     }
     if (seen.size) show(node, "⚠ " + [...seen].join("\n⚠ "), true);
