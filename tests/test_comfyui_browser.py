@@ -407,15 +407,24 @@ def test_template_browser_shows_titles_descriptions_thumbnails(page):
         const it = items.find(e => e.textContent.trim() === arguments[0]);
         if (it) it.click();
     """, PACK_DIR_NAME)
+    # The dialog loads a card's thumbnail while the card is in view and may drop it again when it scrolls out (as the
+    # artist scrolls): each card is scrolled into view in turn and its loaded thumbnail noted.
+    page.js("window.__qs.thumbs = {};")
     cards = page.wait("""
         const cards = [...document.querySelectorAll('[data-testid^="template-workflow-qsched_"]')];
         if (cards.length < arguments[0]) return null;
-        const imgs = cards.map(c => c.querySelector('img'));
-        if (!imgs.every(i => i && i.naturalWidth > 0)) return null;
+        const seen = window.__qs.thumbs;
+        for (const c of cards) {
+            const img = c.querySelector('img');
+            if (img?.naturalWidth > 0) seen[c.dataset.testid] = {img: img.src, w: img.naturalWidth};
+        }
+        const pending = cards.find(c => !seen[c.dataset.testid]);
+        if (pending) { pending.scrollIntoView({block: 'center'}); return null; }
         return cards.map(c => ({name: c.dataset.testid.replace('template-workflow-', ''),
                                 titles: [...c.querySelectorAll('[title]')].map(e => e.textContent.trim()),
-                                img: c.querySelector('img').src, w: c.querySelector('img').naturalWidth}));
+                                ...seen[c.dataset.testid]}));
     """.replace("arguments[0]", str(len(TEMPLATES))), 60, "the template cards with loaded thumbnails")
+    page.js("document.querySelector('[data-testid^=\"template-workflow-qsched_\"]').scrollIntoView({block: 'nearest'})")
     time.sleep(1.0)
     page.screenshot(SHOTS / "templates.png")
     by_name = {}

@@ -764,7 +764,7 @@ def test_sdxl_turbo_reference_calibration_interrupt_and_run_again(server, object
     the preset names the objective, the reference's fingerprint and the held-out numbers; the preview has the
     full-precision row. Then the same settings under another preset name, interrupted with POST /interrupt while it
     runs: nothing is written, the node says so, and queueing again gives the uninterrupted run's preset."""
-    settings = dict(prompts=REF_PROMPTS, batch=5, steps=2)  # 2 steps: the CPU test's cost (74 model evaluations)
+    settings = dict(prompts=REF_PROMPTS, batch=5, steps=2)  # 2 steps: the CPU test's cost (84 model evaluations)
     p = _without_test_render(calib_prompt(object_info, "qsched_sdxl_turbo_w4a8_calibrate.json", "it_sdxl_ref",
                                           **settings))
     entry = server.run(p, timeout=1800)
@@ -779,7 +779,9 @@ def test_sdxl_turbo_reference_calibration_interrupt_and_run_again(server, object
     assert meta["objective"] == "reference" and isinstance(meta["accepted"], bool) and meta["acceptance"]
     assert meta["reference"]["quant"] is None and meta["model"]["quant"] == "w4a8"
     assert meta["reference"]["model_hash"] != meta["model"]["model_hash"]
-    assert meta["heldout"]["pairs"] == 5 and meta["images_spent"] == 2 * 5 + 3 * 5
+    from qsched_pack.calibration.reference import images_per_fit_prompt
+
+    assert meta["heldout"]["pairs"] == 5 and meta["images_spent"] == images_per_fit_prompt() * 5 + 3 * 5
     if not meta["accepted"]:
         assert preset["c_x"] == [1.0] * 2 and preset["c_eps"] == [1.0] * 2
     landscape, preview = _preview_pngs(server, entry, p)

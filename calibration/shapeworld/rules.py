@@ -49,6 +49,10 @@ RULES = {
     "stats (iv)": (("stats",), ("iv",), 0.05),
     "pixel|stats (iv)": (("pixel", "stats"), ("iv",), 0.05),
     "pixel (fit|iv)": (("pixel",), ("fit", "iv"), 0.05),
+    "lowpass4 (iv)": (("lowpass4",), ("iv",), 0.05),
+    "pixel|lowpass4 (iv)": (("pixel", "lowpass4"), ("iv",), 0.05),
+    "lowpass4|pixel (iv)": (("lowpass4", "pixel"), ("iv",), 0.05),
+    "lowpass8|lowpass4 (iv)": (("lowpass8", "lowpass4"), ("iv",), 0.05),
     "no test (iv)": ((), ("iv",), 0.05),
     "no test (iv-tf)": ((), ("iv-tf",), 0.05),
     "no test (fit)": ((), ("fit",), 0.05),
@@ -102,7 +106,8 @@ def rule_rows(rows, rule, name, seeds) -> list[dict]:
 def tally(result, seeds, key="fd_heldout") -> list[str]:
     rows, cfg = result["rows"], result["config"]
     lines = ["| rule | better than naive (4-bit) | worse than naive (all) | better than PTQD (4-bit) | worse than "
-             "PTQD (4-bit) | kept (per candidate, then naive) |", "|---|---|---|---|---|---|"]
+             "PTQD (4-bit) | FD gap closed, 4-bit mean (PTQD) | kept (per candidate, then naive) |",
+             "|---|---|---|---|---|---|---|"]
     for name, rule in RULES.items():
         extra = rule_rows(rows, rule, "rule", seeds)
         allrows = [x for x in rows if x["seed"] in seeds] + extra
@@ -125,11 +130,67 @@ def tally(result, seeds, key="fd_heldout") -> list[str]:
                         p4 += vp == "better"
                         if vp == "worse":
                             pw4.append(f"{fam} {fmt} {steps}")
+        gap = _gap(allrows, extra, key)
         kept = [x["kept"] for x in extra]
         kc = " / ".join(str(sum(k == c for k in kept)) for c in (*CANDIDATES, None))
         lines.append(f"| {name} | {n4} | {len(w)} of {total}{' (' + ', '.join(w) + ')' if w else ''} | {p4} | "
-                     f"{len(pw4)} | {kc} |")
+                     f"{len(pw4)} | {gap} | {kc} |")
     return lines
+
+
+def _gap(rows, rule_rows_, key) -> str:
+    """Mean over the 4-bit (setting, seed) rows of the share of the FP -> naive FD gap closed, the rule's and PTQD's."""
+    fp = {(x["family"], x["steps"], x["seed"]): x[key] for x in rows if x["method"] == "fp"}
+    ptqd = {(x["family"], x["steps"], x["seed"], x["format"]): x[key] for x in rows if x["method"] == "ptqd"}
+    ours, theirs = [], []
+    for x in rule_rows_:
+        k3, k4 = (x["family"], x["steps"], x["seed"]), (x["family"], x["steps"], x["seed"], x["format"])
+        naive = next(y[key] for y in rows if y["method"] == "naive" and
+                     (y["family"], y["steps"], y["seed"], y["format"]) == k4)
+        if x["format"] == "w8a8" or k3 not in fp or k4 not in ptqd or naive - fp[k3] <= 0:
+            continue
+        ours.append((naive - x[key]) / (naive - fp[k3]))
+        theirs.append((naive - ptqd[k4]) / (naive - fp[k3]))
+    if not ours:
+        return "–"
+    return f"{100 * sum(ours) / len(ours):.0f}% ({100 * sum(theirs) / len(theirs):.0f}%)"
+
+
+TABLE_METHODS = (("naive", "naive"), ("ptqd", "PTQD"), ("qsched-reference", "least squares (tested)"),
+                 ("qsched-reference-unchecked", "least squares, unchecked"),
+                 ("qsched-reference-iv", "instrumental (tested)"),
+                 ("qsched-reference-iv-unchecked", "instrumental, unchecked"))
+
+
+def setting_table(result, key="fd_heldout") -> str:
+    """Held-out FD per setting, mean over the seeds run: naive, PTQD and both fits with and without the shipped
+    test, (x%) = share of the FP -> naive gap closed, [k/n kept] = seeds whose test kept the fit."""
+    rows, cfg = result["rows"], result["config"]
+    head = ["family", "steps", "format", "seeds", "FP"] + [label for _, label in TABLE_METHODS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for fam in cfg["families"]:
+        for steps in cfg["steps"]:
+            fp = E_mean(rows, fam, steps, "fp32", "fp", key)
+            for fmt in cfg["formats"]:
+                naive = E_mean(rows, fam, steps, fmt, "naive", key)
+                if naive is None:
+                    continue
+                seeds = sorted({x["seed"] for x in rows if (x["family"], x["steps"], x.get("format"), x["method"])
+                                == (fam, steps, fmt, "naive")})
+                cells = []
+                for m, _ in TABLE_METHODS:
+                    v = E_mean(rows, fam, steps, fmt, m, key)
+                    sel = [x for x in rows if (x["family"], x["steps"], x.get("format"), x["method"]) ==
+                           (fam, steps, fmt, m)]
+                    text = "–" if v is None else f"{v:.1f}"
+                    if v is not None and m != "naive" and fp is not None and naive - fp > 0.05 * fp:
+                        text += f" ({100 * (naive - v) / (naive - fp):.0f}%)"
+                    if sel and "accepted" in sel[0]:
+                        text += f" [{sum(bool(x['accepted']) for x in sel)}/{len(sel)} kept]"
+                    cells.append(text)
+                lines.append(f"| {fam} | {steps} | {fmt.upper()} | {','.join(map(str, seeds))} | "
+                             f"{'–' if fp is None else f'{fp:.1f}'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def E_mean(rows, fam, steps, fmt, method, key):
@@ -145,6 +206,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     with open(a.results, encoding="utf-8") as f:
         result = json.load(f)
+    print(setting_table(result))
     for title, seeds in (("explore", a.explore), ("confirm", a.confirm)):
         if seeds:
             print(f"\n### seeds {seeds} ({title})\n")
