@@ -175,7 +175,9 @@ def with_setting(model):
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
     ms = model.get_model_object("model_sampling")
-    return ModelSamplingSD3().patch(model, SETTING["shift"], multiplier=float(ms.multiplier))[0]
+    # Wan: the model's own multiplier (1000). Qwen-Image samples as FLUX (timestep = sigma, no multiplier): its
+    # workflows set the shift with ModelSamplingAuraFlow, which is this patch with multiplier 1.
+    return ModelSamplingSD3().patch(model, SETTING["shift"], multiplier=float(getattr(ms, "multiplier", 1.0)))[0]
 
 
 # ------------------------------------------------------------------------------------------------------ checks
@@ -252,16 +254,14 @@ def check_load():
                 return comfy.sample.sample_custom(m, noise, cfg, smp, sigmas, pos, neg, latent["samples"], seed=7,
                                                   disable_pbar=True)
 
-            # bf16: Q-Sched Sampler (identity) in core's SamplerCustom == core's SamplerCustom == core KSampler, and a
-            # coefficient ramp changes the latent. The quantized models run the comparison that depends on the model
-            # (Q-Sched KSampler == core KSampler above): each run is `steps` model calls, this check's cost on a CPU.
+            # bf16: Q-Sched Sampler (identity) in core's SamplerCustom == core KSampler, and a coefficient ramp
+            # changes the latent. The quantized models run the comparison that depends on the model (Q-Sched KSampler
+            # == core KSampler above): each run is `steps` model calls, this check's cost on a CPU.
             if key == "bf16":
-                a = custom(comfy.samplers.sampler_object(sampler))
-                assert torch.equal(a, y_core), (key, "SamplerCustom != KSampler", rel(a, y_core))
                 b = custom(QSchedSampler().get_sampler(sampler, 1.0, identity)[0])
-                assert torch.equal(b, a), (key, rel(b, a))
+                assert torch.equal(b, y_core), (key, rel(b, y_core))
                 r = custom(QSchedSampler().get_sampler(sampler, 1.0, ramp)[0])
-                assert not torch.equal(r, a), key
+                assert not torch.equal(r, y_core), key
         sampled[key] = y_core.float()
         mm.unload_all_models()
     out["sampling"] = {"setting": C["setting"], **SETTING, "identity_equals_core": True,

@@ -129,6 +129,9 @@ def build_sd35(seed: int) -> dict:
                 adm_in_channels=2048, num_patches=256, pos_embed_max_size=16, qk_norm="rms",
                 context_embedder_config={"target": "torch.nn.Linear",
                                          "params": {"in_features": 4096, "out_features": 128}})
+    # pos_embed is a buffer ComfyUI allocates with torch.empty (real files carry it): without a value of its own the
+    # file held whatever memory was there (once 1.6e22: NaN outputs)
+    sd["pos_embed"] = torch.randn(sd["pos_embed"].shape, generator=torch.Generator().manual_seed(seed)) * 0.02
     return {f"model.diffusion_model.{k}": v for k, v in sd.items()}
 
 
