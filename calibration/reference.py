@@ -329,8 +329,9 @@ def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], se
         offsets.append(o)
         o += len(ps)
     models = [quantized.denoiser(ps) for ps, _ in chunks]
-    ref_models = [reference.denoiser(ps) for ps, _ in chunks] if match == "iv" else None
     recorded = match == "iv" and mode == "teacher" and len(getattr(target, "raw", ())) == steps
+    # the FP model is only called where the FP run's recorded output cannot serve (free-running)
+    ref_models = [reference.denoiser(ps) for ps, _ in chunks] if match == "iv" and not recorded else None
     kwargs = []
     for _, ss in chunks:
         kw = quantized.sampler_kwargs(ss)
