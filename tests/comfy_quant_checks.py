@@ -14,8 +14,9 @@ import gc
 import json
 import os
 import sys
+from pathlib import Path
 
-from comfy_env import enter_comfyui, report
+from comfy_env import REPO, enter_comfyui, report
 
 SHIM, WORK, CHECK = enter_comfyui()
 
@@ -388,6 +389,16 @@ def prequant_spec(name):
     return QuantSpec.parse(name)
 
 
+def _in_pack(filename: str) -> bool:
+    """Whether a frame's file is the pack's own code (qsched/, calibration/, nodes/ of this checkout), whatever the
+    path of the ComfyUI checkout (CI's lives under ~/.cache/qsched, so a substring test would count ComfyUI)."""
+    try:
+        rel = Path(filename).resolve().relative_to(REPO)
+    except ValueError:
+        return False
+    return rel.parts[0] in ("qsched", "calibration", "nodes")
+
+
 def check_compile(kind="sd"):
     """Dynamo over the whole diffusion model: the quantized layers add no graph break (same count as bf16)."""
     import torch._dynamo
@@ -403,7 +414,7 @@ def check_compile(kind="sd"):
         torch._dynamo.reset()
         explain = torch._dynamo.explain(base.apply_model)(x, t, **c)
         pack = [str(r.reason).splitlines()[0] for r in explain.break_reasons
-                if any("qsched" in f.filename for f in (r.user_stack or []))]
+                if any(_in_pack(f.filename) for f in (r.user_stack or []))]
         res[name] = {"graph_breaks": explain.graph_break_count, "in_pack": pack}
         mm.unload_all_models()
     # ComfyUI's own breaks (psutil free-memory queries in CPU attention) are the same for every model; none of the
