@@ -55,11 +55,17 @@ MATCHES = ("state", "x0", "state+x0", "iv")
 MATCH = "iv"
 
 
+def fp_pass_at_fit_states(mode: str = "free", match: str = MATCH, recorded: bool = True) -> bool:
+    """Whether the fit calls the FP model once more per image and step, at the states it fits: the instrumental fit
+    needs the FP model's output there; teacher-forced with the FP run's raw outputs ``recorded``
+    (:func:`trajectory` records them), that output serves."""
+    return match == "iv" and not (mode == "teacher" and recorded)
+
+
 def images_per_fit_prompt(mode: str = "free", match: str = MATCH) -> int:
     """Network passes per step and fit prompt, counted in images: the FP run and the quantized run, plus the FP
-    model at the quantized run's states for the free-running instrumental fit (teacher-forced: the FP run's own
-    recorded output serves)."""
-    return 3 if match == "iv" and mode == "free" else 2
+    model at the fitted states where :func:`fp_pass_at_fit_states`."""
+    return 2 + fp_pass_at_fit_states(mode, match)
 
 
 @runtime_checkable
@@ -329,9 +335,8 @@ def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], se
         offsets.append(o)
         o += len(ps)
     models = [quantized.denoiser(ps) for ps, _ in chunks]
-    recorded = match == "iv" and mode == "teacher" and len(getattr(target, "raw", ())) == steps
-    # the FP model is only called where the FP run's recorded output cannot serve (free-running)
-    ref_models = [reference.denoiser(ps) for ps, _ in chunks] if match == "iv" and not recorded else None
+    fp_pass = fp_pass_at_fit_states(mode, match, recorded=len(getattr(target, "raw", ())) == steps)
+    ref_models = [reference.denoiser(ps) for ps, _ in chunks] if fp_pass else None
     kwargs = []
     for _, ss in chunks:
         kw = quantized.sampler_kwargs(ss)
@@ -358,10 +363,10 @@ def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], se
             d = model(x, sig[i] * x.new_ones([x.shape[0]]))
             state, est = step_basis(fn, sig, i, x, d, kwargs[k], x0=True)
             if match == "iv":
-                if recorded:  # teacher-forced: the FP run's own output at its own state
-                    d_ref = target.raw[i][offsets[k]:offsets[k] + len(ps)].to(x.device, x.dtype)
-                else:
+                if fp_pass:
                     d_ref = ref_models[k](x, sig[i] * x.new_ones([x.shape[0]]))
+                else:  # teacher-forced: the FP run's own output at its own state
+                    d_ref = target.raw[i][offsets[k]:offsets[k] + len(ps)].to(x.device, x.dtype)
                 u, v, w = state
                 w_ref = stock_step(fn, sig, i, torch.zeros_like(x), d_ref - x, kwargs[k]) - u
                 g.add_iv(u, v, w, w_ref, u + v + w_ref)
@@ -377,9 +382,7 @@ def fit_to_trajectory(quantized: TrajectoryGenerator, prompts: Sequence[str], se
         res_fit.append(g.loss(a, b))
         for k, (x, d) in enumerate(saved):
             xs[k] = qsched_step(fn, sig, i, x, d, a, b, kwargs[k])
-    # free "iv": one FP pass per image and step at the quantized states (teacher: the FP run's recorded output)
-    images = len(prompts) * (2 if match == "iv" and not recorded else 1)  # + the FP run: images_per_fit_prompt
-    return ReferenceFit(Coefficients(c_x, c_eps), mode, res_id, res_fit, images=images)
+    return ReferenceFit(Coefficients(c_x, c_eps), mode, res_id, res_fit, images=len(prompts) * (1 + fp_pass))
 
 
 def fit_reference(quantized: TrajectoryGenerator, reference: TrajectoryGenerator, prompts: Sequence[str],
@@ -387,7 +390,7 @@ def fit_reference(quantized: TrajectoryGenerator, reference: TrajectoryGenerator
                   box: tuple[float, float] = FIT_RANGE, interrupt: Callable[[], None] | None = None,
                   match: str = MATCH) -> ReferenceFit:
     """Fit per-step (c_x, c_eps) so ``quantized`` follows ``reference`` (the FP model) on these prompts/seeds: the
-    FP run once, then :func:`fit_to_trajectory`. Images spent: 2 per prompt (one FP, one quantized)."""
+    FP run once, then :func:`fit_to_trajectory`. Images spent: :func:`images_per_fit_prompt` per prompt."""
     prompts, seeds = list(prompts), list(seeds)
     check_pair(quantized, reference, prompts, seeds)
     target = trajectory(reference, prompts, seeds)

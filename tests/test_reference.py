@@ -78,7 +78,7 @@ def test_iv_fit_undoes_a_scaled_prediction_exactly(sampler, param, eta, mode):
     assert fit.coefficients.c_x == pytest.approx([1.0] * 4, abs=1e-4)
     assert fit.coefficients.c_eps == pytest.approx([1 / k for k in q.k], abs=1e-4)
     # FP run + quantized run (+ free-running: the FP model at the quantized states; teacher: the FP run's output)
-    assert fit.images == (3 if mode == "free" else 2) * len(PROMPTS)
+    assert fit.images == (3 if mode == "free" else 2) * len(PROMPTS) == R.images_per_fit_prompt(mode) * len(PROMPTS)
     with pytest.raises(ValueError, match="needs the reference"):
         R.fit_to_trajectory(q, PROMPTS, SEEDS, R.trajectory(fp, PROMPTS, SEEDS), match="iv")
 
