@@ -103,15 +103,20 @@ class QuantSpec:
         return s
 
     def describe(self) -> str:
-        g = "per-channel" if self.group_size is None else f"group {self.group_size}"
+        """One line in words for the loaders' boxes and the CLI, e.g. ``w4a8: 4-bit integer weights, a scale per 64
+        weights; 8-bit integer activations, a scale per token``."""
+        per = "a scale per output channel" if self.group_size is None else f"a scale per {self.group_size} weights"
         if self.fp8_folded:
-            g = f"as float8 (power-of-two scales per {g}, float scale per channel)"
-            return f"{self.name}: weights int4 {g}; activations fp8 per-token sym"
-        bits = lambda dtype, b: dtype if dtype == "fp8" else f"{dtype}{b}"  # noqa: E731 - "fp8", not "fp88"
-        a = "none" if self.a_bits == 16 else (
-            f"{bits(self.a_dtype, self.a_bits)} per-token {'sym' if self.act_symmetric else 'asym'}")
-        w = bits(self.w_dtype, self.w_bits)
-        return f"{self.name}: weights {w} {g}; activations {a}"
+            return (f"{self.name}: 4-bit integer weights multiplied as float8 ({per}); float8 activations, a scale "
+                    "per token")
+        def kind(dtype, bits):
+            return "float8" if dtype == "fp8" else f"{bits}-bit " + {"int": "integer", "nf4": "NF4", "fp4": "FP4"}[dtype]
+
+        w = f"{kind(self.w_dtype, self.w_bits)} weights, {per}"
+        if self.a_bits == 16:
+            return f"{self.name}: {w}; activations in 16 bit"
+        scale = "a scale" if self.act_symmetric else "a scale and an offset"
+        return f"{self.name}: {w}; {kind(self.a_dtype, self.a_bits)} activations, {scale} per token"
 
 
 def _check(ok: bool, field: str, value, allowed) -> None:
